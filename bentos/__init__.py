@@ -1,0 +1,1 @@
+"""BentoML service classes: they mount Tiffin's transports and host its runners. Nothing else."""

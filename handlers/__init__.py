@@ -1,0 +1,26 @@
+"""Serverless-style handlers: `async def fn(event, ctx)`, shared by every transport.
+
+They are registered by name through the `register_handlers` hook (below, Tiffin's own); the
+route table in `conf/handlers/` maps paths to these names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from handlers import integrations
+from hooks import hookimpl
+
+
+class BuiltinHandlers:
+    """Registers Tiffin's own handlers; `trylast` so a plugin may replace any of them."""
+
+    @hookimpl(trylast=True)
+    def register_handlers(self, register: Callable[..., None]) -> None:
+        register("integrations.status", integrations.status)
+        register("integrations.health", integrations.health)
+        register("integrations.get", integrations.get)
+
+
+def builtin_plugins() -> list[object]:
+    return [BuiltinHandlers()]

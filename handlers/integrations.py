@@ -1,0 +1,58 @@
+"""Handlers for the integration endpoints of the platform guide:
+`/integrations/status`, `/integrations/health` and `/integrations/{name}/status`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runtime.dispatch import Context, Event, HandlerError, Reply
+from runtime.integrations import IntegrationStatus
+
+
+async def status(event: Event, ctx: Context) -> dict[str, Any]:
+    """Every configured integration with its status, health and (masked) settings."""
+    manager = ctx.integrations
+    return {
+        **manager.summary(),
+        "integrations": {name: i.describe() for name, i in manager.integrations.items()},
+    }
+
+
+async def health(event: Event, ctx: Context) -> Reply:
+    """200 when every required integration is up, 503 otherwise; the body lists each one.
+
+    Overall `status` is `healthy` (all active), `degraded` (serving, something optional down)
+    or `unhealthy` (a required integration is down).
+    """
+    manager = ctx.integrations
+    entries = {}
+    for name, integration in manager.integrations.items():
+        last = integration.last_health
+        entries[name] = {
+            "status": integration.status.value,
+            "required": integration.config.required,
+            "healthy": integration.status is IntegrationStatus.active,
+            "detail": integration.describe()["last_error"] or (last.detail if last else ""),
+            "checked_at": last.checked_at if last else None,
+        }
+    all_active = all(e["healthy"] for e in entries.values())
+    overall = "healthy" if all_active else "degraded" if manager.ready else "unhealthy"
+    body = {"status": overall, "ready": manager.ready, "integrations": entries}
+    return Reply(body, status=200 if manager.ready else 503)
+
+
+async def get(event: Event, ctx: Context) -> dict[str, Any]:
+    """One integration's status; 404 when no integration of that name is configured."""
+    name = event.path_params.get("name", "")
+    try:
+        integration = ctx.integrations.get_integration(name)
+    except KeyError:
+        known = ", ".join(ctx.integrations.integrations) or "(none)"
+        raise HandlerError(
+            404,
+            f"integration {name!r} is not configured; configured: {known}",
+            type="not_found_error",
+            code="integration_not_found",
+            param="name",
+        ) from None
+    return integration.describe()

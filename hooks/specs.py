@@ -1,0 +1,110 @@
+"""Every extension point of Tiffin, as pluggy hookspecs.
+
+Implement any of these in a plugin module or object with `@hookimpl` and list it under
+`plugins:` in the config, or publish it in the `tiffin` entry-point group. Tiffin's own
+behaviour is registered the same way (with `trylast=True`), so a plugin can override it.
+
+Request hooks may return a value or an awaitable; Tiffin awaits whichever it gets
+(`hooks.resolve`). Hooks marked "first result wins" stop at the first non-None result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+PROJECT = "tiffin"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_integrations(register: Callable[..., None]) -> None:
+    """Called once while a Runtime is built, before integrations are created.
+
+    Call `register(cls, alias=None)` for each BaseIntegration subclass the plugin provides; only
+    registered classes (and this project's own) may be named by an integration's `_target_`.
+    Returns nothing.
+    """
+
+
+@hookspec
+def register_engines(register: Callable[..., None]) -> None:
+    """Called once while a Runtime is built, to collect local inference engines.
+
+    Call `register(name, factory)`: `name` is what a model's `engine:` setting says
+    (`llama_cpp`, `exllamav2`...), `factory(model_config)` returns an Engine. Returns nothing.
+    """
+
+
+@hookspec
+def register_handlers(register: Callable[..., None]) -> None:
+    """Called once while a Runtime is built, to collect handler functions.
+
+    Call `register(name, fn)` where `fn` is `async def fn(event, ctx)`; the route table in
+    `conf/handlers/` refers to handlers by these names. The first registration of a name wins;
+    user plugins run before Tiffin's `trylast` built-ins, so they can replace any handler.
+    Returns nothing.
+    """
+
+
+@hookspec
+def runtime_started(runtime: Any) -> None:
+    """Called after the Runtime has started its integrations and is about to take traffic.
+
+    `runtime` is the Runtime. May return an awaitable, which is awaited. Return value ignored.
+    """
+
+
+@hookspec
+def runtime_stopping(runtime: Any) -> None:
+    """Called when the Runtime begins to stop, before integrations are shut down.
+
+    `runtime` is the Runtime. May return an awaitable, which is awaited. Return value ignored.
+    """
+
+
+@hookspec(firstresult=True)
+def before_request(event: Any, ctx: Any) -> Any:
+    """Called for every request on every transport, after it is decoded, before the handler.
+
+    `event` is the decoded Event (body, headers, params, transport), `ctx` the Context.
+    Return None to continue, or a result (a dict, a `Reply`, or raise a HandlerError) to answer
+    the request without calling the handler. First result wins. May return an awaitable.
+    """
+
+
+@hookspec(firstresult=True)
+def before_generate(request: Any, ctx: Any) -> Any:
+    """Called before a generation request goes to a model provider.
+
+    `request` is the validated generation request, `ctx` the Context. Return None to leave it
+    as is, or a replacement request. First result wins. May return an awaitable.
+    """
+
+
+@hookspec
+def after_generate(request: Any, response: Any, ctx: Any) -> None:
+    """Called after a generation finished (or failed), with its request and final response
+    (text, usage, finish reason, or the error). Observational: return values are ignored.
+    May return an awaitable.
+    """
+
+
+@hookspec
+def on_event(event: Any) -> None:
+    """Called for every event published on the runtime's event bus (`integration.started`,
+    `integration.health_changed`, ...). `event` is a BusEvent. May return an awaitable.
+    Return value ignored; exceptions are logged and do not reach the publisher.
+    """
+
+
+@hookspec(firstresult=True)
+def estimate_cost(model: str, prompt_tokens: int, completion_tokens: int, prices: Any) -> Any:
+    """Called after a generation to price it. `prices` is the model's configured price table
+    (per 1k prompt and completion tokens) or None. Return the cost as a float in the
+    configured currency. First result wins; the built-in plugin prices from config.
+    """

@@ -1,0 +1,174 @@
+"""The Runtime: built from one composed config, it owns every long-lived object (plugins, event
+bus, integration manager, handler table) and nothing else in the process holds state.
+
+    runtime = Runtime(compose(["integrations=ollama"]), builtins=handlers.builtin_plugins())
+    await runtime.start()      # integrations in dependency order; raises StartupError
+    ...                        # transports call runtime.dispatcher.dispatch(route, event)
+    await runtime.stop()       # reverse order
+
+Construction does no I/O, so the CLI's `plan` and BentoML's import of the service can build one
+cheaply; `start()` is where connections are made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
+
+import structlog
+from omegaconf import DictConfig, OmegaConf
+
+import hooks.builtin
+from hooks import make_plugin_manager, resolve, resolve_all
+from runtime.config import IntegrationConfig, TiffinConfig
+from runtime.dispatch import Dispatcher, Handler
+from runtime.errors import ConfigError
+from runtime.events import BusEvent, EventBus
+from runtime.integrations import IntegrationManager, IntegrationRegistry
+from runtime.integrations.manager import Sleep
+from runtime.secrets import redact
+
+
+def to_settings(cfg: DictConfig) -> TiffinConfig:
+    """The composed DictConfig as typed dataclasses (interpolations resolved)."""
+    return cast(TiffinConfig, OmegaConf.to_object(cfg))
+
+
+class Runtime:
+    """One serving runtime. A test can build one, start it, and throw it away."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        *,
+        builtins: Iterable[object] = (),
+        sleep: Sleep | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.settings = to_settings(cfg)
+        self.log = structlog.get_logger("tiffin.runtime")
+        self.plugins = make_plugin_manager(
+            [*hooks.builtin.builtin_plugins(), *builtins],
+            self.settings.plugins,
+            load_entrypoints=self.settings.load_entrypoint_plugins,
+        )
+        self.events = EventBus()
+        self.events.subscribe("*", self._forward_event)
+        self.registry = IntegrationRegistry()
+        self.plugins.hook.register_integrations(register=self.registry.register)
+        self.handlers = self._collect_handlers()
+        # Engine factories by name; the model router (issue 4) builds engines from these.
+        self.engine_factories: dict[str, Callable[..., Any]] = {}
+        self.plugins.hook.register_engines(register=self.engine_factories.setdefault)
+        self.integrations = IntegrationManager(
+            self._integration_configs(),
+            self.registry,
+            self.events,
+            **({"sleep": sleep} if sleep else {}),
+        )
+        self.dispatcher = Dispatcher(
+            self,
+            self.handlers,
+            {name: route.handler for name, route in self.settings.handlers.routes.items()},
+            request_timeout_s=self.settings.server.request_timeout_s,
+        )
+        self.started = False
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start integrations (raises StartupError if a required one fails), then tell plugins."""
+        self.log.info("runtime starting", env=self.settings.env, integrations=self.integrations.order)
+        await self.integrations.start_all()
+        self.started = True
+        await resolve_all(self.plugins.hook.runtime_started(runtime=self))
+        self.log.info("runtime started", **self.integrations.summary())
+
+    async def stop(self) -> None:
+        """Tell plugins, then stop integrations in reverse start order. Safe to call twice."""
+        if self.started:
+            await resolve_all(self.plugins.hook.runtime_stopping(runtime=self))
+        self.started = False
+        await self.integrations.stop_all()
+        self.log.info("runtime stopped")
+
+    @property
+    def ready(self) -> bool:
+        """Started, and every required integration is up (what `/readyz` reports)."""
+        return self.started and self.integrations.ready
+
+    # --- descriptions ---------------------------------------------------------------------------
+
+    def plan(self) -> dict[str, Any]:
+        """The resolved start plan that `python -m runtime plan` prints; starts nothing."""
+        server = self.settings.server
+        integrations = []
+        for name, cfg in self.settings.integrations.items():
+            entry: dict[str, Any] = {
+                "name": name,
+                "type": cfg.type.value,
+                "enabled": cfg.enabled,
+                "required": cfg.required,
+                "priority": cfg.priority,
+                "dependencies": list(cfg.dependencies),
+                "target": cfg._target_,
+            }
+            if cfg.because:
+                entry["because"] = cfg.because
+            integrations.append(entry)
+        return {
+            "env": self.settings.env,
+            "integrations": integrations,
+            "start_order": list(self.integrations.order),
+            "models": [],
+            "endpoints": {
+                "http": f"{server.host}:{server.http_port}",
+                "grpc": f"{server.host}:{server.grpc_port}",
+                "routes": {
+                    name: f"{route.http.method} {route.http.path}"
+                    for name, route in self.settings.handlers.routes.items()
+                    if route.http is not None
+                },
+            },
+            "workers": server.workers,
+            "plugins": sorted(name for name, _ in self.plugins.list_name_plugin()),
+        }
+
+    def redacted_config(self) -> dict[str, Any]:
+        container = OmegaConf.to_container(self.cfg, resolve=True)
+        return cast(dict[str, Any], redact(container))
+
+    # --- wiring ---------------------------------------------------------------------------------
+
+    def _integration_configs(self) -> dict[str, IntegrationConfig]:
+        return dict(self.settings.integrations)
+
+    def _collect_handlers(self) -> dict[str, Handler]:
+        found: dict[str, Handler] = {}
+
+        def register(name: str, fn: Callable[..., Any]) -> None:
+            found.setdefault(name, fn)
+
+        self.plugins.hook.register_handlers(register=register)
+        for route_name, route in self.settings.handlers.routes.items():
+            if route.handler not in found:
+                raise ConfigError(
+                    f"handlers.routes.{route_name}.handler",
+                    route.handler,
+                    f"a registered handler: {', '.join(sorted(found)) or '(none)'}",
+                )
+        return found
+
+    async def _forward_event(self, event: BusEvent) -> None:
+        await resolve_all(self.plugins.hook.on_event(event=event))
+
+    async def call_first(self, hook: str, **kwargs: Any) -> Any:
+        """Call a first-result hook by name and await its result if needed."""
+        return await resolve(getattr(self.plugins.hook, hook)(**kwargs))
+
+
+def compose_runtime(overrides: Sequence[str] = (), **kwargs: Any) -> Runtime:
+    """Compose `conf/` with overrides and build a Runtime (convenience for scripts and tests)."""
+    from runtime.config import compose
+
+    return Runtime(compose(overrides), **kwargs)

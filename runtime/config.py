@@ -1,0 +1,329 @@
+"""Structured-config schema for Tiffin and the one place that composes `conf/`.
+
+The dataclasses here are stored in Hydra's ConfigStore as `schema`; `conf/config.yaml` lists it
+first in its defaults, so every YAML layer merged on top is type-checked against them.
+`compose()` is what the CLI, the BentoML service and the tests call.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, cast
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, Override
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from runtime.errors import ConfigError
+from runtime.graph import close_dependencies, start_order
+
+CONFIG_MODULE = "conf"
+CONFIG_NAME = "config"
+INTEGRATIONS = "integrations"
+
+
+class IntegrationType(str, Enum):
+    """What kind of system an integration connects (the platform guide's `IntegrationType`)."""
+
+    model_platform = "model_platform"
+    monitoring = "monitoring"
+    api = "api"
+    external_service = "external_service"
+    dev_tool = "dev_tool"
+    # The platform guide spells the members in upper case; these are aliases of the same values.
+    MODEL_PLATFORM = "model_platform"
+    MONITORING = "monitoring"
+    API = "api"
+    EXTERNAL_SERVICE = "external_service"
+    DEV_TOOL = "dev_tool"
+
+
+class LogFormat(str, Enum):
+    console = "console"
+    json = "json"
+
+
+@dataclass
+class RetryConfig:
+    """How `initialize()` is retried: waits grow by `backoff_factor`, capped at `max_backoff`."""
+
+    max_retries: int = 3
+    backoff_factor: float = 2.0
+    max_backoff: float = 300.0
+    initial_delay: float = 1.0
+
+
+@dataclass
+class IntegrationConfig:
+    """One integration, as declared in `conf/integrations/<name>.yaml`."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    type: IntegrationType = IntegrationType.external_service
+    enabled: bool = True
+    required: bool = False
+    priority: int = 100
+    dependencies: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    health_check_interval: float = 60.0
+    health_check_timeout: float = 10.0
+    retry_config: RetryConfig = field(default_factory=RetryConfig)
+    # Filled in by dependency resolution: why an integration nobody selected was enabled.
+    because: str | None = None
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    http_port: int = 3000
+    grpc_port: int = 50051
+    workers: int = 1
+    request_timeout_s: float = 300.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    graceful_timeout_s: float = 30.0
+    # Where `python -m runtime` writes the resolved config and start record of each run.
+    run_dir: str = ".tiffin/runs"
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "INFO"
+    format: LogFormat = LogFormat.console
+    access_log: bool = True
+
+
+@dataclass
+class AuthConfig:
+    required: bool = False
+
+
+@dataclass
+class TelemetryConfig:
+    metrics: bool = True
+    tracing: bool = False
+    exporters: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HttpRoute:
+    method: str = "GET"
+    path: str = MISSING
+
+
+@dataclass
+class RouteConfig:
+    """One row of the route table: a handler and where each transport exposes it."""
+
+    handler: str = MISSING
+    http: HttpRoute | None = None
+    description: str = ""
+
+
+@dataclass
+class HandlersConfig:
+    routes: dict[str, RouteConfig] = field(default_factory=dict)
+
+
+@dataclass
+class TiffinConfig:
+    env: str = "dev"
+    server: ServerConfig = field(default_factory=ServerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    integrations: dict[str, IntegrationConfig] = field(default_factory=dict)
+    handlers: HandlersConfig = field(default_factory=HandlersConfig)
+    # Dotted module names whose plugin objects are registered with the hook manager.
+    plugins: list[str] = field(default_factory=list)
+    # Also load plugins from the `tiffin` entry-point group (off in the test env).
+    load_entrypoint_plugins: bool = True
+
+
+def register_schema(store: ConfigStore | None = None) -> None:
+    """Store the schema under the name `schema` that `conf/config.yaml` lists first."""
+    store = store or ConfigStore.instance()
+    store.store(name="schema", node=TiffinConfig)
+
+
+# --- composition -------------------------------------------------------------------------------
+
+
+@contextmanager
+def _hydra() -> Iterator[None]:
+    """Use the caller's Hydra context if there is one (tests), else open one on `conf`."""
+    register_schema()
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_module(CONFIG_MODULE, version_base=None):
+        yield
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose `conf/` with command-line style overrides into one validated config.
+
+    The `integrations` group is multi-select: `integrations=a,b`, `integrations=[a,b]`,
+    `+integrations=c` and `~integrations=c` are folded into one selection, which is then closed
+    over its dependencies (pulled-in ones get `because`) and checked for cycles.
+    Raises ConfigError for anything that would not run.
+    """
+    with _hydra():
+        other, selection = _split_selection(overrides)
+        searchpath = [o for o in other if o.startswith("hydra.")]
+        available = group_options(INTEGRATIONS, searchpath)
+        loaded: dict[str, DictConfig] = {}
+
+        def dependencies_of(name: str) -> list[str] | None:
+            if name not in available:
+                return None
+            if name not in loaded:
+                # Only this integration is composed, so drop overrides aimed at the others.
+                own = [o for o in other if not _targets_other_integration(o, name)]
+                loaded[name] = _compose([*own, f"{INTEGRATIONS}=[{name}]"])[INTEGRATIONS][name]
+            return list(loaded[name].dependencies)
+
+        for name in selection:
+            if name not in available:
+                raise ConfigError(INTEGRATIONS, name, f"one of: {', '.join(available) or '(none)'}")
+        because = close_dependencies(selection, dependencies_of)
+        cfg = _compose([*other, f"{INTEGRATIONS}=[{','.join(because)}]"])
+    _validate_integrations(cfg, because)
+    return cfg
+
+
+def group_options(group: str, overrides: Sequence[str] = ()) -> list[str]:
+    """The options of a config group (e.g. the integrations one can select)."""
+    with _hydra():
+        loader = GlobalHydra.instance().config_loader()
+        return sorted(loader.get_group_options(group, config_name=CONFIG_NAME, overrides=list(overrides)))
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Every user-facing config group and its options, for `--help`."""
+    with _hydra():
+        loader = GlobalHydra.instance().config_loader()
+        groups = [g for g in loader.list_groups("") if g not in ("hydra", "schema")]
+        return {g: group_options(g) for g in sorted(groups)}
+
+
+def load_config_file(path: str | Path) -> DictConfig:
+    """Load a resolved config written by the CLI (`TIFFIN_CONFIG`) and validate it again."""
+    try:
+        loaded = OmegaConf.load(path)
+        cfg = OmegaConf.merge(OmegaConf.structured(TiffinConfig), loaded)
+    except OmegaConfBaseException as exc:
+        raise _config_error(exc) from None
+    return cast(DictConfig, cfg)
+
+
+def _split_selection(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate overrides of the integrations group from the rest and fold them into a list."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as exc:
+        raise ConfigError("overrides", " ".join(overrides), f"key=value overrides ({str(exc).splitlines()[0]})") from None
+    other: list[str] = []
+    selection: list[str] = []
+    for text, override in zip(overrides, parsed, strict=True):
+        if override.key_or_group != INTEGRATIONS or override.package is not None:
+            other.append(text)
+            continue
+        names = _names(override)
+        if override.is_delete():
+            selection = [n for n in selection if names and n not in names]
+        elif override.is_add() or override.is_force_add():
+            selection += [n for n in names if n not in selection]
+        else:
+            selection = list(dict.fromkeys(names))
+    return other, selection
+
+
+def _targets_other_integration(override: str, name: str) -> bool:
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key.startswith(f"{INTEGRATIONS}.") and not key.startswith(f"{INTEGRATIONS}.{name}.")
+
+
+def _names(override: Override) -> list[str]:
+    value = override.value()
+    if value is None:
+        return []
+    if isinstance(value, ChoiceSweep):
+        value = value.list
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list):
+        raise ConfigError(INTEGRATIONS, value, "integration names, e.g. integrations=ollama,grafana")
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+def _compose(overrides: Sequence[str]) -> DictConfig:
+    try:
+        return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+    except MissingConfigException as exc:
+        raise _missing_option_error(exc, overrides) from None
+    except ConfigCompositionException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OmegaConfBaseException):
+            raise _config_error(cause) from None
+        raise ConfigError("overrides", " ".join(overrides), str(exc).splitlines()[0]) from None
+    except OmegaConfBaseException as exc:
+        raise _config_error(exc) from None
+
+
+def _missing_option_error(exc: MissingConfigException, overrides: Sequence[str]) -> ConfigError:
+    missing = exc.missing_cfg_file or ""
+    if "/" not in missing:
+        return ConfigError("config", missing, str(exc).splitlines()[0])
+    group, option = missing.rsplit("/", 1)
+    searchpath = [o for o in overrides if o.startswith("hydra.")]
+    options = group_options(group, searchpath)
+    return ConfigError(group, option, f"one of: {', '.join(options) or '(none)'}")
+
+
+_CONVERT = re.compile(r"Value '(?P<value>.*?)' (?:of type '.*' )?could not be converted to (?P<type>\w+)")
+_ENUM = re.compile(r"Invalid value '(?P<value>.*)', expected one of (?P<options>\[.*\])")
+_KEY = re.compile(r"Key '(?P<value>.*?)' (?:is )?not in '?(?P<type>\w+)'?")
+
+
+def _config_error(exc: OmegaConfBaseException) -> ConfigError:
+    key = str(getattr(exc, "full_key", None) or "config")
+    message = str(getattr(exc, "msg", exc)).splitlines()[0]
+    if m := _CONVERT.search(message):
+        return ConfigError(key, m["value"], f"a value of type {m['type']}")
+    if m := _ENUM.search(message):
+        # IntegrationType has upper-case aliases for the platform guide; list each value once.
+        options = dict.fromkeys(o.strip().lower() for o in m["options"].strip("[]").split(","))
+        return ConfigError(key, m["value"], f"one of: {', '.join(options)}")
+    if m := _KEY.search(message):
+        where = "the config" if m["type"] == "struct" else m["type"]
+        return ConfigError(key, m["value"], f"a key that {where} defines (add one with +{key}=...)")
+    return ConfigError(key, message, "a value the schema accepts")
+
+
+def _validate_integrations(cfg: DictConfig, because: dict[str, str | None]) -> None:
+    integrations = cfg[INTEGRATIONS]
+    for name, reason in because.items():
+        node = integrations[name]
+        if node.name != name:
+            raise ConfigError(f"integrations.{name}.name", node.name, f"{name!r} (its file name)")
+        node.because = reason
+        for dep in node.dependencies:
+            if node.enabled and not integrations[dep].enabled:
+                raise ConfigError(
+                    f"integrations.{name}.dependencies", dep, "an integration with enabled=true"
+                )
+    start_order(
+        {n: list(integrations[n].dependencies) for n in because},
+        {n: int(integrations[n].priority) for n in because},
+    )

@@ -1,0 +1,142 @@
+"""What every transport shares: the Event a request becomes, the Context a handler gets, the
+reply and error types, and the Dispatcher that runs `before_request` and calls the handler.
+
+Transports decode their wire format into an `Event`, call `Dispatcher.dispatch(route, event)`,
+and encode whatever comes back: a dict (JSON), a `Reply` (status + body), or an async
+iterator (a stream). Handlers raise `HandlerError` for expected failures; transports map its
+`status` to their own codes (HTTP status, gRPC code, GraphQL error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+import structlog
+
+from hooks import resolve
+from runtime.integrations.manager import IntegrationManager, current_manager
+
+if TYPE_CHECKING:
+    from runtime.events import EventBus
+
+Handler = Callable[["Event", "Context"], Awaitable[Any]]
+
+
+@dataclass
+class Event:
+    """One request, whatever transport it came in on."""
+
+    body: Any = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    path_params: Mapping[str, str] = field(default_factory=dict)
+    query: Mapping[str, str] = field(default_factory=dict)
+    transport: str = "http"
+    route: str = ""
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    principal: Any = None
+
+
+@dataclass
+class Context:
+    """What a handler may use. Handlers never reach transports or engines directly."""
+
+    runtime: Any
+    integrations: IntegrationManager
+    events: EventBus
+    hooks: pluggy.HookRelay
+    log: Any
+    deadline: float | None = None
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def remaining(self) -> float | None:
+        """Seconds left before the request's deadline, or None without one."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+@dataclass
+class Reply:
+    """A handler result with an explicit status (e.g. 503 from a health check)."""
+
+    body: Any
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class HandlerError(Exception):
+    """An expected failure, in OpenAI's error vocabulary; transports map `status` to theirs."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class Dispatcher:
+    """Runs a route's handler for an Event: context, deadline, `before_request`, the call."""
+
+    def __init__(
+        self,
+        runtime: Any,
+        handlers: Mapping[str, Handler],
+        routes: Mapping[str, str],
+        *,
+        request_timeout_s: float | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.handlers = dict(handlers)
+        self.routes = dict(routes)  # route name -> handler name
+        self.request_timeout_s = request_timeout_s
+
+    def context(self, event: Event) -> Context:
+        runtime = self.runtime
+        deadline = time.monotonic() + self.request_timeout_s if self.request_timeout_s else None
+        return Context(
+            runtime=runtime,
+            integrations=runtime.integrations,
+            events=runtime.events,
+            hooks=runtime.plugins.hook,
+            log=structlog.get_logger("tiffin.handler").bind(
+                request_id=event.request_id, route=event.route, transport=event.transport
+            ),
+            deadline=deadline,
+        )
+
+    async def dispatch(self, route: str, event: Event, ctx: Context | None = None) -> Any:
+        handler = self.handlers[self.routes[route]]
+        event.route = route
+        ctx = ctx or self.context(event)
+        current_manager.set(ctx.integrations)
+        early = await resolve(ctx.hooks.before_request(event=event, ctx=ctx))
+        if early is not None:
+            return early
+        return await handler(event, ctx)

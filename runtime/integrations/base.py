@@ -1,0 +1,106 @@
+"""The contract every integration implements, as the platform guide describes it."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import structlog
+
+from runtime.config import IntegrationConfig
+from runtime.events import BusEvent, EventBus
+from runtime.secrets import redact, redact_text
+
+
+class IntegrationStatus(str, Enum):
+    """Lifecycle of one integration, as `/integrations/status` reports it."""
+
+    inactive = "inactive"  # configured, not started (yet)
+    initializing = "initializing"
+    active = "active"  # initialized and healthy, and so is everything it depends on
+    degraded = "degraded"  # running, or waiting to start, while a dependency is down
+    error = "error"  # failed to initialize, or its health check fails
+    stopped = "stopped"
+
+
+UP = (IntegrationStatus.active, IntegrationStatus.degraded)
+
+
+@dataclass(frozen=True)
+class Health:
+    """Result of one health check."""
+
+    healthy: bool
+    detail: str = ""
+    latency_s: float = 0.0
+    data: dict[str, Any] = field(default_factory=dict)
+    checked_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "healthy": self.healthy,
+            "detail": redact_text(self.detail),
+            "latency_s": round(self.latency_s, 6),
+            "checked_at": self.checked_at,
+            "data": redact(self.data),
+        }
+
+
+class BaseIntegration(ABC):
+    """Base class for integrations: subclass, implement `initialize` and `health_check`.
+
+    `initialize()` may be called again after it failed (retries, background recovery), so it must
+    leave nothing half-open when it raises. `shutdown()` must be safe to call at any time.
+    The manager owns `status`; integrations report through exceptions and `Health`.
+    """
+
+    def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.settings: dict[str, Any] = dict(config.settings)
+        self.bus = bus or EventBus()
+        self.status = IntegrationStatus.inactive
+        self.initialized = False
+        self.last_error: str | None = None
+        self.last_health: Health | None = None
+        self.started_at: float | None = None
+        self.restarts = 0
+        self.log = structlog.get_logger("tiffin.integration").bind(integration=self.name)
+
+    @abstractmethod
+    async def initialize(self) -> None:
+        """Connect, load, or verify whatever the integration needs; raise on failure."""
+
+    @abstractmethod
+    async def health_check(self) -> Health:
+        """Report whether the integration can do its work now; may raise (counts as unhealthy)."""
+
+    async def shutdown(self) -> None:  # noqa: B027 - optional for integrations holding nothing
+        """Release what `initialize` acquired. The default holds nothing."""
+
+    async def emit(self, event_type: str, data: dict[str, Any] | None = None) -> None:
+        """Publish `<event_type>` from this integration on the event bus (e.g. `ollama.pull`)."""
+        await self.bus.publish(BusEvent(type=event_type, source=self.name, data=data or {}))
+
+    def describe(self) -> dict[str, Any]:
+        """What `/integrations/{name}/status` shows: config and state, secrets masked."""
+        cfg = self.config
+        return {
+            "name": self.name,
+            "type": cfg.type.value,
+            "status": self.status.value,
+            "enabled": cfg.enabled,
+            "required": cfg.required,
+            "priority": cfg.priority,
+            "dependencies": list(cfg.dependencies),
+            "because": cfg.because,
+            "started_at": self.started_at,
+            "restarts": self.restarts,
+            "last_error": redact_text(self.last_error) if self.last_error else None,
+            "health": self.last_health.to_dict() if self.last_health else None,
+            "health_check_interval": cfg.health_check_interval,
+            "settings": redact(self.settings),
+        }

@@ -1,0 +1,231 @@
+"""HTTP transport: a FastAPI app built from the route table. It decodes a request into an Event,
+hands it to the Dispatcher, and encodes the result (dict or Reply -> JSON, async iterator ->
+server-sent events). Every error, including 404/405 and bad JSON, is JSON in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from runtime.dispatch import Event, HandlerError, Reply
+from runtime.telemetry.logging import bind_request
+
+if TYPE_CHECKING:
+    from runtime.app import Runtime
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_response(
+    status: int, message: str, *, code: str | None = None, param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    error = HandlerError(
+        status, message, type=_ERROR_TYPES.get(status, "server_error"), code=code, param=param
+    )
+    return JSONResponse(error.to_dict(), status_code=status, headers=headers)
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (honouring a sane `x-request-id`), binds it to the logs, echoes
+    it in the response, and refuses bodies over `max_body_bytes` with 413 before reading them."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        bind_request(request_id)
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            await self._too_large(scope, receive, send, request_id)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        except _BodyTooLarge:
+            await self._too_large(scope, receive, send, request_id)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        response = error_response(
+            413, f"request body is larger than the limit of {self.max_body_bytes} bytes",
+            code="request_too_large", headers={"x-request-id": request_id},
+        )
+        await response(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    """The HTTP app of one Runtime: one route per row of the route table with an `http` column."""
+    app = FastAPI(title="Tiffin", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app.state.runtime = runtime
+    for name, route in runtime.settings.handlers.routes.items():
+        if route.http is None:
+            continue
+        app.add_api_route(
+            route.http.path,
+            _endpoint(runtime, name),
+            methods=[route.http.method.upper()],
+            name=name,
+            description=route.description,
+        )
+    # Last route: every other path and method answers in JSON too, also when BentoML mounts this
+    # app (it only forwards paths that some route of the app matches).
+    app.add_api_route("/{path:path}", _fallback(app), methods=_METHODS, include_in_schema=False)
+    _install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=runtime.settings.server.max_body_bytes)
+    return app
+
+
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def _fallback(app: FastAPI) -> Callable[[Request], Awaitable[Response]]:
+    async def not_found(request: Request) -> Response:
+        allowed = sorted(
+            method
+            for route in app.router.routes
+            if isinstance(route, APIRoute) and route.name != "not_found"
+            and route.path_regex.match(request.url.path)
+            for method in (route.methods or ())
+        )
+        if allowed:
+            return error_response(
+                405, f"method {request.method} is not allowed on {request.url.path}",
+                headers={"allow": ", ".join(allowed)},
+            )
+        return error_response(404, f"no route for {request.method} {request.url.path}")
+
+    return not_found
+
+
+def _endpoint(runtime: Runtime, route: str) -> Callable[[Request], Awaitable[Response]]:
+    dispatcher = runtime.dispatcher
+
+    async def endpoint(request: Request) -> Response:
+        event = Event(
+            body=await _read_body(request),
+            headers=request.headers,
+            path_params=request.path_params,
+            query=request.query_params,
+            transport="http",
+            request_id=request.state.request_id,
+        )
+        result = await dispatcher.dispatch(route, event)
+        return encode(result)
+
+    endpoint.__name__ = route
+    return endpoint
+
+
+async def _read_body(request: Request) -> Any:
+    if request.method in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        return None
+    raw = await request.body()
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HandlerError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def encode(result: Any) -> Response:
+    """Turn a handler's result into an HTTP response."""
+    if isinstance(result, Response):
+        return result
+    if isinstance(result, Reply):
+        return JSONResponse(result.body, status_code=result.status, headers=dict(result.headers))
+    if hasattr(result, "__aiter__"):
+        return StreamingResponse(_sse(result), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    return JSONResponse(result)
+
+
+async def _sse(chunks: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in chunks:
+            data = chunk if isinstance(chunk, str) else json.dumps(chunk, separators=(",", ":"))
+            yield f"data: {data}\n\n".encode()
+    except HandlerError as exc:
+        yield f"data: {json.dumps(exc.to_dict())}\n\n".encode()
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    yield b"data: [DONE]\n\n"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    log = structlog.get_logger("tiffin.http")
+
+    @app.exception_handler(HandlerError)
+    async def handler_error(request: Request, exc: HandlerError) -> Response:
+        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route for {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        return error_response(exc.status_code, message, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return error_response(400, str(first.get("msg", "invalid request")), param=param)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        request_id = getattr(request.state, "request_id", "")
+        log.exception("unhandled error", path=request.url.path)
+        return error_response(500, f"internal server error (request id {request_id})")
