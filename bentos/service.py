@@ -30,8 +30,6 @@ from runtime.telemetry.logging import configure_logging
 from runtime.transports.http import create_app
 
 
-
-
 def load_config() -> DictConfig:
     """The config this process serves (see the module docstring)."""
     path = os.environ.get("TIFFIN_CONFIG")

@@ -10,8 +10,8 @@ from typing import Any
 import pluggy
 
 from hooks import specs
-from runtime.errors import ConfigError
 from hooks.specs import PROJECT, hookimpl, hookspec
+from runtime.errors import ConfigError
 
 __all__ = ["PROJECT", "hookimpl", "hookspec", "make_plugin_manager", "resolve", "resolve_all"]
 

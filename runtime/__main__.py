@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import handlers
-from runtime.app import Runtime
+from runtime.app import Runtime, to_settings
 from runtime.config import compose, config_groups
 from runtime.errors import STARTUP_FAILURE_FILE, ConfigError, StartupError
 from runtime.telemetry.logging import configure_logging
@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         cfg = compose(overrides)
+        configure_logging(to_settings(cfg).logging)
         runtime = Runtime(cfg, builtins=handlers.builtin_plugins())
     except ConfigError as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -67,7 +68,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if show_info:
         print(json.dumps(_info(runtime), indent=2))
         return 0
-    configure_logging(runtime.settings.logging)
     if verb == "plan":
         print(json.dumps(runtime.plan(), indent=2))
         return 0
@@ -102,7 +102,9 @@ def _help() -> str:
         lines.append(f"  {group}: {', '.join(options) or '(none)'}{multi}")
     lines.append("")
     lines.append("Environment: LOG_LEVEL, PROMETHEUS_ENABLED, OLLAMA_BASE_URL, HUGGINGFACE_TOKEN,")
-    lines.append("  DATABASE_URL, REDIS_URL, TIFFIN_HOST, TIFFIN_ENV, TIFFIN_OVERRIDES, TIFFIN_CONFIG")
+    lines.append(
+        "  DATABASE_URL, REDIS_URL, TIFFIN_HOST, TIFFIN_ENV, TIFFIN_OVERRIDES, TIFFIN_CONFIG"
+    )
     return "\n".join(lines)
 
 
@@ -128,12 +130,23 @@ async def _check(runtime: Runtime) -> int:
         health = integration.last_health
         detail = integration.describe()["last_error"] or (health.detail if health else "")
         latency = f"{health.latency_s * 1000:.1f}" if health else "-"
-        rows.append((name, str(integration.config.required).lower(),
-                     integration.status.value, latency, detail))
+        rows.append(
+            (
+                name,
+                str(integration.config.required).lower(),
+                integration.status.value,
+                latency,
+                detail,
+            )
+        )
     await runtime.stop()
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4])
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+            + "  "
+            + row[4]
+        )
     if failure is not None:
         print(f"tiffin: {failure}", file=sys.stderr)
         return 1
@@ -159,11 +172,19 @@ def _serve(cfg: DictConfig, runtime: Runtime) -> int:
         "BENTOML_DO_NOT_TRACK": "true",
     }
     command = [
-        sys.executable, "-m", "bentoml", "serve", "bentos.service:Tiffin",
-        "--working-dir", str(PROJECT_ROOT),
-        "--host", server.host,
-        "--port", str(server.http_port),
-        "--timeout-graceful-shutdown", str(int(server.graceful_timeout_s)),
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "bentos.service:Tiffin",
+        "--working-dir",
+        str(PROJECT_ROOT),
+        "--host",
+        server.host,
+        "--port",
+        str(server.http_port),
+        "--timeout-graceful-shutdown",
+        str(int(server.graceful_timeout_s)),
     ]
     child = subprocess.Popen(command, env=env)
 

@@ -78,7 +78,9 @@ class Runtime:
 
     async def start(self) -> None:
         """Start integrations (raises StartupError if a required one fails), then tell plugins."""
-        self.log.info("runtime starting", env=self.settings.env, integrations=self.integrations.order)
+        self.log.info(
+            "runtime starting", env=self.settings.env, integrations=self.integrations.order
+        )
         await self.integrations.start_all()
         self.started = True
         await resolve_all(self.plugins.hook.runtime_started(runtime=self))

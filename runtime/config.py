@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,7 +33,7 @@ CONFIG_NAME = "config"
 INTEGRATIONS = "integrations"
 
 
-class IntegrationType(str, Enum):
+class IntegrationType(StrEnum):
     """What kind of system an integration connects (the platform guide's `IntegrationType`)."""
 
     model_platform = "model_platform"
@@ -49,7 +49,7 @@ class IntegrationType(str, Enum):
     DEV_TOOL = "dev_tool"
 
 
-class LogFormat(str, Enum):
+class LogFormat(StrEnum):
     console = "console"
     json = "json"
 
@@ -206,7 +206,9 @@ def group_options(group: str, overrides: Sequence[str] = ()) -> list[str]:
     """The options of a config group (e.g. the integrations one can select)."""
     with _hydra():
         loader = GlobalHydra.instance().config_loader()
-        return sorted(loader.get_group_options(group, config_name=CONFIG_NAME, overrides=list(overrides)))
+        return sorted(
+            loader.get_group_options(group, config_name=CONFIG_NAME, overrides=list(overrides))
+        )
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -232,7 +234,9 @@ def _split_selection(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except OverrideParseException as exc:
-        raise ConfigError("overrides", " ".join(overrides), f"key=value overrides ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(
+            "overrides", " ".join(overrides), f"key=value overrides ({str(exc).splitlines()[0]})"
+        ) from None
     other: list[str] = []
     selection: list[str] = []
     for text, override in zip(overrides, parsed, strict=True):
@@ -263,7 +267,9 @@ def _names(override: Override) -> list[str]:
     if isinstance(value, str):
         value = value.split(",")
     if not isinstance(value, list):
-        raise ConfigError(INTEGRATIONS, value, "integration names, e.g. integrations=ollama,grafana")
+        raise ConfigError(
+            INTEGRATIONS, value, "integration names, e.g. integrations=ollama,grafana"
+        )
     return [str(v).strip() for v in value if str(v).strip()]
 
 
@@ -291,7 +297,9 @@ def _missing_option_error(exc: MissingConfigException, overrides: Sequence[str])
     return ConfigError(group, option, f"one of: {', '.join(options) or '(none)'}")
 
 
-_CONVERT = re.compile(r"Value '(?P<value>.*?)' (?:of type '.*' )?could not be converted to (?P<type>\w+)")
+_CONVERT = re.compile(
+    r"Value '(?P<value>.*?)' (?:of type '.*' )?could not be converted to (?P<type>\w+)"
+)
 _ENUM = re.compile(r"Invalid value '(?P<value>.*)', expected one of (?P<options>\[.*\])")
 _KEY = re.compile(r"Key '(?P<value>.*?)' (?:is )?not in '?(?P<type>\w+)'?")
 

@@ -77,7 +77,7 @@ class HandlerError(Exception):
         status: int,
         message: str,
         *,
-        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
+        type: str = "invalid_request_error",
         code: str | None = None,
         param: str | None = None,
         headers: Mapping[str, str] | None = None,

@@ -32,7 +32,12 @@ class BusEvent:
     time: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "source": self.source, "data": dict(self.data), "time": self.time}
+        return {
+            "type": self.type,
+            "source": self.source,
+            "data": dict(self.data),
+            "time": self.time,
+        }
 
 
 class EventBus:
@@ -67,7 +72,9 @@ class EventBus:
                 self._log.exception("event subscriber failed", event_type=event.type)
 
     @asynccontextmanager
-    async def stream(self, pattern: str = "*", maxsize: int = 1000) -> AsyncIterator[AsyncIterator[BusEvent]]:
+    async def stream(
+        self, pattern: str = "*", maxsize: int = 1000
+    ) -> AsyncIterator[AsyncIterator[BusEvent]]:
         """Subscribe for the duration of the block; iterate to receive events in order.
 
         A slow reader loses the oldest events rather than blocking publishers.

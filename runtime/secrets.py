@@ -18,7 +18,9 @@ _SECRET_KEY = re.compile(
     re.IGNORECASE,
 )
 # scheme://user:password@host -> scheme://user:***@host
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@")
+_URL_CREDENTIALS = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@"
+)
 # Bearer tokens and obvious key material inside free text.
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _KEY_IN_TEXT = re.compile(r"(?i)\b(api[_-]?key|token|password|secret)(\s*[=:]\s*)([^\s,;&]+)")
@@ -37,8 +39,11 @@ def redact_text(text: str) -> str:
 
 def redact(value: Any, key: str = "") -> Any:
     """Return a copy of `value` with secrets masked; mappings and lists are walked."""
-    if key and is_secret_key(key) and value not in (None, "", [], {}) and not isinstance(
-        value, Mapping | list | tuple | bool
+    if (
+        key
+        and is_secret_key(key)
+        and value not in (None, "", [], {})
+        and not isinstance(value, Mapping | list | tuple | bool)
     ):
         return MASK
     if isinstance(value, Mapping):

@@ -83,9 +83,9 @@ async def make_runtime(
         await runtime.stop()
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
     """Wait until `condition()` holds (background tasks need a few loop turns)."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while not condition():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")

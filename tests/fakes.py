@@ -28,9 +28,8 @@ class Scripted(BaseIntegration):
         self.initialize_calls += 1
         failures = int(self.settings.get("fail_initialize", 0))
         if failures < 0 or self.initialize_calls <= failures:
-            raise ConnectionError(
-                f"cannot reach {self.settings.get('url', 'upstream')} (attempt {self.initialize_calls})"
-            )
+            where = self.settings.get("url", "upstream")
+            raise ConnectionError(f"cannot reach {where} (attempt {self.initialize_calls})")
 
     async def health_check(self) -> Health:
         return Health(self.healthy, "ok" if self.healthy else "upstream not answering")

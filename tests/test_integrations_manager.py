@@ -57,8 +57,11 @@ def test_a_dependency_cycle_is_a_config_error(compose_test: Callable[..., object
 async def test_initialize_is_retried_with_exponential_backoff(
     make_runtime: MakeRuntime, sleep: RecordingSleep
 ) -> None:
-    runtime = make_runtime("integrations=db", "+integrations.db.settings.fail_initialize=3",
-                           "integrations.db.retry_config.max_backoff=3")
+    runtime = make_runtime(
+        "integrations=db",
+        "+integrations.db.settings.fail_initialize=3",
+        "integrations.db.retry_config.max_backoff=3",
+    )
     await runtime.start()
     db = scripted(runtime, "db")
     assert db.status is IntegrationStatus.active
@@ -70,8 +73,11 @@ async def test_initialize_is_retried_with_exponential_backoff(
 async def test_a_required_integration_that_keeps_failing_aborts_startup(
     make_runtime: MakeRuntime, sleep: RecordingSleep
 ) -> None:
-    runtime = make_runtime("integrations=db", "integrations.db.required=true",
-                           "+integrations.db.settings.fail_initialize=-1")
+    runtime = make_runtime(
+        "integrations=db",
+        "integrations.db.required=true",
+        "+integrations.db.settings.fail_initialize=-1",
+    )
     events = recorder(runtime)
     with pytest.raises(StartupError) as raised:
         await runtime.start()
@@ -85,9 +91,12 @@ async def test_a_required_integration_that_keeps_failing_aborts_startup(
 async def test_a_required_integration_whose_dependency_fails_aborts_startup(
     make_runtime: MakeRuntime,
 ) -> None:
-    runtime = make_runtime("integrations=cache", "integrations.cache.required=true",
-                           "+integrations.db.settings.fail_initialize=-1",
-                           "integrations.db.retry_config.max_retries=0")
+    runtime = make_runtime(
+        "integrations=cache",
+        "integrations.cache.required=true",
+        "+integrations.db.settings.fail_initialize=-1",
+        "integrations.db.retry_config.max_retries=0",
+    )
     with pytest.raises(StartupError) as raised:
         await runtime.start()
     assert raised.value.name == "cache"
@@ -98,8 +107,9 @@ async def test_a_required_integration_whose_dependency_fails_aborts_startup(
 async def test_an_optional_failure_degrades_dependents_and_serving_continues(
     make_runtime: MakeRuntime,
 ) -> None:
-    runtime = make_runtime("integrations=[dashboards,queue]",
-                           "+integrations.metrics.settings.fail_initialize=-1")
+    runtime = make_runtime(
+        "integrations=[dashboards,queue]", "+integrations.metrics.settings.fail_initialize=-1"
+    )
     events = recorder(runtime)
     await runtime.start()
     assert runtime.ready  # nothing required is down
@@ -120,8 +130,9 @@ async def test_a_failed_optional_integration_recovers_in_the_background(
     make_runtime: MakeRuntime, sleep: RecordingSleep
 ) -> None:
     # 3 attempts at startup (max_retries 2) fail; the background task's 2nd attempt succeeds.
-    runtime = make_runtime("integrations=dashboards",
-                           "+integrations.metrics.settings.fail_initialize=4")
+    runtime = make_runtime(
+        "integrations=dashboards", "+integrations.metrics.settings.fail_initialize=4"
+    )
     events = recorder(runtime)
     await runtime.start()
     metrics, dashboards = scripted(runtime, "metrics"), scripted(runtime, "dashboards")
@@ -153,8 +164,9 @@ async def test_health_checks_mark_errors_degrade_dependents_and_recover(
     metrics.healthy = True
     await eventually(lambda: dashboards.status is IntegrationStatus.active)
     assert metrics.status is IntegrationStatus.active
-    changes = [(e.data["name"], e.data["status"]) for e in events
-               if e.type == "integration.health_changed"]
+    changes = [
+        (e.data["name"], e.data["status"]) for e in events if e.type == "integration.health_changed"
+    ]
     assert ("metrics", "error") in changes
     assert ("dashboards", "degraded") in changes
     assert changes.index(("metrics", "error")) < changes.index(("dashboards", "degraded"))
@@ -182,7 +194,9 @@ async def test_stop_shuts_down_in_reverse_start_order(make_runtime: MakeRuntime)
     await runtime.stop()
     assert names(events, "integration.stopped") == list(reversed(started))
     assert all(scripted(runtime, n).shutdown_calls == 1 for n in started)
-    assert all(i.status is IntegrationStatus.stopped for i in runtime.integrations.integrations.values())
+    assert all(
+        i.status is IntegrationStatus.stopped for i in runtime.integrations.integrations.values()
+    )
 
 
 async def test_the_platform_guide_calls(make_runtime: MakeRuntime) -> None:
@@ -212,5 +226,5 @@ def test_a_plugin_class_is_refused_unless_the_plugin_registered_it(
     compose_test: Callable[..., object],
 ) -> None:
     cfg = compose_test("integrations=db", "plugins=[]")
-    with pytest.raises(ConfigError, match="tests.fakes.Scripted"):
+    with pytest.raises(ConfigError, match=r"tests\.fakes\.Scripted"):
         Runtime(cfg, builtins=handlers.builtin_plugins())  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -15,7 +15,7 @@ from runtime.events import BusEvent, EventBus
 from runtime.secrets import redact, redact_text
 
 
-class IntegrationStatus(str, Enum):
+class IntegrationStatus(StrEnum):
     """Lifecycle of one integration, as `/integrations/status` reports it."""
 
     inactive = "inactive"  # configured, not started (yet)

@@ -105,7 +105,9 @@ class IntegrationManager:
                 try:
                     await asyncio.wait_for(integration.shutdown(), timeout=30)
                 except Exception as exc:
-                    self._log.warning("shutdown failed", integration=name, error=redact_text(str(exc)))
+                    self._log.warning(
+                        "shutdown failed", integration=name, error=redact_text(str(exc))
+                    )
             integration.initialized = False
             previous = integration.status
             integration.status = IntegrationStatus.stopped
@@ -115,9 +117,7 @@ class IntegrationManager:
     @property
     def ready(self) -> bool:
         """True when every required integration is up (the service may take traffic)."""
-        return all(
-            i.status in UP for i in self._integrations.values() if i.config.required
-        )
+        return all(i.status in UP for i in self._integrations.values() if i.config.required)
 
     def summary(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
@@ -237,7 +237,9 @@ class IntegrationManager:
         except Exception as exc:
             return Health(False, f"{type(exc).__name__}: {exc}", time.perf_counter() - started)
         if not health.latency_s:
-            health = Health(health.healthy, health.detail, time.perf_counter() - started, health.data)
+            health = Health(
+                health.healthy, health.detail, time.perf_counter() - started, health.data
+            )
         return health
 
     async def _watch_health(self, name: str) -> None:

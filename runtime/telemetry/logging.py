@@ -14,7 +14,9 @@ from runtime.config import LogFormat, LoggingConfig
 from runtime.secrets import is_secret_key, redact, redact_text
 
 
-def _mask_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def _mask_secrets(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     for key, value in list(event_dict.items()):
         if key == "event" and isinstance(value, str):
             event_dict[key] = redact_text(value)

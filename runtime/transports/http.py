@@ -38,7 +38,11 @@ _ERROR_TYPES = {
 
 
 def error_response(
-    status: int, message: str, *, code: str | None = None, param: str | None = None,
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     error = HandlerError(
@@ -81,7 +85,10 @@ class RequestContextMiddleware:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
             await send(message)
 
         try:
@@ -91,8 +98,10 @@ class RequestContextMiddleware:
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         response = error_response(
-            413, f"request body is larger than the limit of {self.max_body_bytes} bytes",
-            code="request_too_large", headers={"x-request-id": request_id},
+            413,
+            f"request body is larger than the limit of {self.max_body_bytes} bytes",
+            code="request_too_large",
+            headers={"x-request-id": request_id},
         )
         await response(scope, receive, send)
 
@@ -119,7 +128,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     # app (it only forwards paths that some route of the app matches).
     app.add_api_route("/{path:path}", _fallback(app), methods=_METHODS, include_in_schema=False)
     _install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=runtime.settings.server.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware, max_body_bytes=runtime.settings.server.max_body_bytes
+    )
     return app
 
 
@@ -131,13 +142,15 @@ def _fallback(app: FastAPI) -> Callable[[Request], Awaitable[Response]]:
         allowed = sorted(
             method
             for route in app.router.routes
-            if isinstance(route, APIRoute) and route.name != "not_found"
+            if isinstance(route, APIRoute)
+            and route.name != "not_found"
             and route.path_regex.match(request.url.path)
             for method in (route.methods or ())
         )
         if allowed:
             return error_response(
-                405, f"method {request.method} is not allowed on {request.url.path}",
+                405,
+                f"method {request.method} is not allowed on {request.url.path}",
                 headers={"allow": ", ".join(allowed)},
             )
         return error_response(404, f"no route for {request.method} {request.url.path}")
@@ -173,7 +186,9 @@ async def _read_body(request: Request) -> Any:
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HandlerError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        raise HandlerError(
+            400, f"request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
 
 
 def encode(result: Any) -> Response:
@@ -183,8 +198,11 @@ def encode(result: Any) -> Response:
     if isinstance(result, Reply):
         return JSONResponse(result.body, status_code=result.status, headers=dict(result.headers))
     if hasattr(result, "__aiter__"):
-        return StreamingResponse(_sse(result), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        return StreamingResponse(
+            _sse(result),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
     return JSONResponse(result)
 
 

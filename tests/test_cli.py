@@ -1,0 +1,140 @@
+"""`python -m runtime` as a subprocess: plan, check, errors, --help, --cfg."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import PYTHON, ROOT, TEST_OVERRIDES, cli_env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "runtime", *args],
+        cwd=ROOT,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_plan_prints_the_resolved_graph_for_a_comma_selection() -> None:
+    result = run_cli("plan", *TEST_OVERRIDES, "integrations=dashboards,queue")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["env"] == "test"
+    by_name = {i["name"]: i for i in plan["integrations"]}
+    assert set(by_name) == {"dashboards", "queue", "metrics"}
+    assert by_name["metrics"]["because"] == "dependency of dashboards"
+    assert by_name["dashboards"] == {
+        "name": "dashboards",
+        "type": "monitoring",
+        "enabled": True,
+        "required": False,
+        "priority": 1,
+        "dependencies": ["metrics"],
+        "target": "scripted",
+    }
+    assert plan["start_order"] == ["metrics", "dashboards", "queue"]
+    assert plan["endpoints"]["http"] == "127.0.0.1:3000"
+    assert plan["endpoints"]["grpc"] == "127.0.0.1:50051"
+    assert plan["models"] == []
+
+
+def test_plan_takes_key_overrides() -> None:
+    result = run_cli("plan", "server.http_port=9000", "env=prod")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["endpoints"]["http"].endswith(":9000")
+    assert plan["env"] == "prod"
+    assert plan["workers"] == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["integrations=ollama,grafana"],
+            "tiffin: config error: integrations: got 'ollama', expected one of: (none)",
+        ),
+        (
+            [*TEST_OVERRIDES, "integrations=cache", "integrations.db.dependencies=[cache]"],
+            "tiffin: config error: integrations.cache.dependencies: got 'cache -> db -> cache', "
+            "expected dependencies without a cycle",
+        ),
+        (
+            ["server.http_port=abc"],
+            "tiffin: config error: server.http_port: got 'abc', expected a value of type Integer",
+        ),
+    ],
+)
+def test_an_invalid_config_exits_2_with_one_line(args: list[str], message: str) -> None:
+    result = run_cli("plan", *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.strip() == message
+    assert "Traceback" not in result.stderr
+
+
+def test_hydra_full_error_shows_the_traceback() -> None:
+    env = {**cli_env(), "HYDRA_FULL_ERROR": "1"}
+    result = run_cli("plan", "integrations=ollama", env=env)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+
+
+def test_help_lists_every_config_group() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "env: dev, prod, staging, test" in result.stdout
+    assert "handlers: default" in result.stdout
+    assert "integrations:" in result.stdout
+
+
+def test_cfg_job_prints_the_config_with_secrets_masked() -> None:
+    result = run_cli(*TEST_OVERRIDES, "integrations=dashboards", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "api_key: '***'" in result.stdout
+    assert "http://admin:***@127.0.0.1:9/grafana" in result.stdout
+    assert "hunter2" not in result.stdout and "sk-dashboards-secret" not in result.stdout
+
+
+def test_check_passes_when_everything_is_healthy() -> None:
+    result = run_cli("check", *TEST_OVERRIDES, "integrations=dashboards")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["integration", "required", "status", "latency_ms"]
+    assert lines[1].split()[:3] == ["metrics", "false", "active"]
+    assert lines[2].split()[:3] == ["dashboards", "false", "active"]
+
+
+def test_check_fails_when_a_required_integration_fails() -> None:
+    result = run_cli(
+        "check",
+        *TEST_OVERRIDES,
+        "integrations=[db,queue]",
+        "integrations.db.required=true",
+        "+integrations.db.settings.fail_initialize=-1",
+        "integrations.db.retry_config.max_retries=0",
+    )
+    assert result.returncode == 1
+    db = next(line for line in result.stdout.splitlines() if line.startswith("db "))
+    assert db.split()[:3] == ["db", "true", "error"]
+    assert "cannot reach upstream" in db
+    assert "required integration 'db' failed to start" in result.stderr
+
+
+def test_check_passes_when_only_an_optional_integration_fails() -> None:
+    result = run_cli(
+        "check",
+        *TEST_OVERRIDES,
+        "integrations=queue",
+        "+integrations.queue.settings.fail_initialize=-1",
+        "integrations.queue.retry_config.max_retries=0",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "queue" in result.stdout and "error" in result.stdout
