@@ -138,3 +138,21 @@ def test_check_passes_when_only_an_optional_integration_fails() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "queue" in result.stdout and "error" in result.stdout
+
+
+def test_info_lists_hooks_handlers_and_plugins() -> None:
+    result = run_cli("--info", *TEST_OVERRIDES)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert "before_generate" in info["hooks"]
+    assert "integrations.health" in info["handlers"]
+    assert "tests.fakes" in info["plugins"]
+    assert "scripted" in info["integration_targets"]
+
+
+def test_the_readme_error_example_is_true() -> None:
+    readme = (ROOT / "README.md").read_text().splitlines()
+    start = readme.index("$ python -m runtime server.http_port=abc")
+    result = run_cli("server.http_port=abc")
+    assert result.returncode == 2
+    assert result.stderr.strip() == readme[start + 1]
