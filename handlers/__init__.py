@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from handlers import integrations
+from handlers import admin, integrations, openai
 from hooks import hookimpl
 
 
@@ -20,6 +20,13 @@ class BuiltinHandlers:
         register("integrations.status", integrations.status)
         register("integrations.health", integrations.health)
         register("integrations.get", integrations.get)
+        register("openai.list_models", openai.list_models)
+        register("openai.get_model", openai.get_model)
+        register("openai.chat_completions", openai.chat_completions)
+        register("openai.completions", openai.completions)
+        register("openai.embeddings", openai.embeddings)
+        register("admin.load_model", admin.load_model)
+        register("admin.unload_model", admin.unload_model)
 
 
 def builtin_plugins() -> list[object]:

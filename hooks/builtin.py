@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from hooks.specs import hookimpl
@@ -22,5 +22,26 @@ class CostFromConfig:
         return (prompt_tokens * prompt + completion_tokens * completion) / 1000.0
 
 
+class BuiltinEngines:
+    """Tiffin's local engines, by the names a model's `engine:` uses. Each engine module imports
+    its heavy library (llama_cpp, torch, exllamav2) only when a model is loaded."""
+
+    @hookimpl(trylast=True)
+    def register_engines(self, register: Callable[..., None]) -> None:
+        from runtime.engines import embeddings, exllamav2, llama_cpp, transformers
+
+        register("llama_cpp", lambda spec: llama_cpp.LlamaCppEngine(spec.path, spec.config))
+        register(
+            "embeddings",
+            lambda spec: embeddings.SentenceTransformerEngine(
+                spec.path, dict(spec.config.engine_settings)
+            ),
+        )
+        register(
+            "transformers", lambda spec: transformers.TransformersEngine(spec.path, spec.config)
+        )
+        register("exllamav2", lambda spec: exllamav2.ExLlamaV2Engine(spec.path, spec.config))
+
+
 def builtin_plugins() -> list[object]:
-    return [CostFromConfig()]
+    return [CostFromConfig(), BuiltinEngines()]

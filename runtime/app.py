@@ -26,6 +26,7 @@ from runtime.errors import ConfigError
 from runtime.events import BusEvent, EventBus
 from runtime.integrations import IntegrationManager, IntegrationRegistry
 from runtime.integrations.manager import Sleep
+from runtime.models import ModelRouter
 from runtime.secrets import redact
 
 
@@ -60,6 +61,7 @@ class Runtime:
         # Engine factories by name; the model router (issue 4) builds engines from these.
         self.engine_factories: dict[str, Callable[..., Any]] = {}
         self.plugins.hook.register_engines(register=self.engine_factories.setdefault)
+        self.models = ModelRouter(self.events, self.engine_factories)
         self.integrations = IntegrationManager(
             self._integration_configs(),
             self.registry,
@@ -82,6 +84,11 @@ class Runtime:
             "runtime starting", env=self.settings.env, integrations=self.integrations.order
         )
         await self.integrations.start_all()
+        for integration in self.integrations.integrations.values():
+            offer = getattr(integration, "models", None)
+            if callable(offer) and integration.initialized:
+                self.models.register_all(offer())
+        await self.models.start()
         self.started = True
         await resolve_all(self.plugins.hook.runtime_started(runtime=self))
         self.log.info("runtime started", **self.integrations.summary())
@@ -91,13 +98,14 @@ class Runtime:
         if self.started:
             await resolve_all(self.plugins.hook.runtime_stopping(runtime=self))
         self.started = False
+        await self.models.stop()
         await self.integrations.stop_all()
         self.log.info("runtime stopped")
 
     @property
     def ready(self) -> bool:
-        """Started, and every required integration is up (what `/readyz` reports)."""
-        return self.started and self.integrations.ready
+        """Started, every required integration up, every preloaded model loaded (`/readyz`)."""
+        return self.started and self.integrations.ready and self.models.ready
 
     # --- descriptions ---------------------------------------------------------------------------
 
@@ -122,7 +130,7 @@ class Runtime:
             "env": self.settings.env,
             "integrations": integrations,
             "start_order": list(self.integrations.order),
-            "models": [],
+            "models": self._planned_models(),
             "endpoints": {
                 "http": f"{server.host}:{server.http_port}",
                 "grpc": f"{server.host}:{server.grpc_port}",
@@ -135,6 +143,14 @@ class Runtime:
             "workers": server.workers,
             "plugins": sorted(name for name, _ in self.plugins.list_name_plugin()),
         }
+
+    def _planned_models(self) -> list[dict[str, Any]]:
+        planned: list[dict[str, Any]] = []
+        for name, integration in self.integrations.integrations.items():
+            describe = getattr(integration, "planned_models", None)
+            if callable(describe):
+                planned += [{"provider": name, **entry} for entry in describe()]
+        return planned
 
     def redacted_config(self) -> dict[str, Any]:
         container = OmegaConf.to_container(self.cfg, resolve=True)

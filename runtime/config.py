@@ -8,7 +8,7 @@ first in its defaults, so every YAML layer merged on top is type-checked against
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -81,6 +81,31 @@ class IntegrationConfig:
     retry_config: RetryConfig = field(default_factory=RetryConfig)
     # Filled in by dependency resolution: why an integration nobody selected was enabled.
     because: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    """One local model, as declared under `integrations.custom_models.settings.models`."""
+
+    id: str = MISSING
+    # A path, a file or directory name under models_dir, or `pkg:<python package>`.
+    source: str = MISSING
+    # auto: from the files (.gguf -> llama_cpp, HF dir -> transformers, EXL2/GPTQ -> exllamav2).
+    engine: str = "auto"
+    aliases: list[str] = field(default_factory=list)
+    # Prompt format when the weights carry no chat template (llama.cpp names: gemma, chatml...).
+    chat_format: str | None = None
+    context_length: int = 4096
+    # Default request parameters (temperature, top_p, max_tokens...), overridden per request.
+    defaults: dict[str, Any] = field(default_factory=dict)
+    preload: bool = False
+    idle_unload_s: float = 0.0  # 0: stay loaded
+    max_queue: int = 16  # requests waiting beyond the one running; more get 429
+    timeout_s: float = 300.0
+    # Price per 1k tokens for the estimate_cost hook: {prompt_per_1k, completion_per_1k}.
+    prices: dict[str, float] = field(default_factory=dict)
+    # Passed to the engine: n_threads, n_batch, gpu_split, cache_size, device, batch_size...
+    engine_settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -179,7 +204,7 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     Raises ConfigError for anything that would not run.
     """
     with _hydra():
-        other, selection = _split_selection(overrides)
+        other, selection = _split_selection(overrides, _default_selection)
         searchpath = [o for o in other if o.startswith("hydra.")]
         available = group_options(INTEGRATIONS, searchpath)
         loaded: dict[str, DictConfig] = {}
@@ -229,8 +254,13 @@ def load_config_file(path: str | Path) -> DictConfig:
     return cast(DictConfig, cfg)
 
 
-def _split_selection(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate overrides of the integrations group from the rest and fold them into a list."""
+def _split_selection(
+    overrides: Sequence[str], defaults: Callable[[list[str]], list[str]]
+) -> tuple[list[str], list[str]]:
+    """Separate overrides of the integrations group from the rest and fold them into a list.
+
+    The fold starts from the config's default selection (`defaults(other_overrides)`), unless
+    the first integrations override replaces it (`integrations=...`)."""
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except OverrideParseException as exc:
@@ -238,11 +268,17 @@ def _split_selection(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
             "overrides", " ".join(overrides), f"key=value overrides ({str(exc).splitlines()[0]})"
         ) from None
     other: list[str] = []
-    selection: list[str] = []
+    mine: list[tuple[str, Override]] = []
     for text, override in zip(overrides, parsed, strict=True):
-        if override.key_or_group != INTEGRATIONS or override.package is not None:
+        if override.key_or_group == INTEGRATIONS and override.package is None:
+            mine.append((text, override))
+        else:
             other.append(text)
-            continue
+    replaces = bool(mine) and not (
+        mine[0][1].is_add() or mine[0][1].is_force_add() or mine[0][1].is_delete()
+    )
+    selection: list[str] = [] if replaces else defaults(other)
+    for _, override in mine:
         names = _names(override)
         if override.is_delete():
             selection = [n for n in selection if names and n not in names]
@@ -251,6 +287,13 @@ def _split_selection(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
         else:
             selection = list(dict.fromkeys(names))
     return other, selection
+
+
+def _default_selection(overrides: list[str]) -> list[str]:
+    """The integrations config.yaml selects, composed without overrides of integration keys
+    (which may name integrations the defaults do not include)."""
+    rest = [o for o in overrides if not _targets_other_integration(o, "")]
+    return list(_compose(rest)[INTEGRATIONS])
 
 
 def _targets_other_integration(override: str, name: str) -> bool:

@@ -24,6 +24,7 @@ from runtime.integrations.manager import IntegrationManager, current_manager
 
 if TYPE_CHECKING:
     from runtime.events import EventBus
+    from runtime.models import ModelRouter
 
 Handler = Callable[["Event", "Context"], Awaitable[Any]]
 
@@ -48,6 +49,7 @@ class Context:
 
     runtime: Any
     integrations: IntegrationManager
+    models: ModelRouter
     events: EventBus
     hooks: pluggy.HookRelay
     log: Any
@@ -123,6 +125,7 @@ class Dispatcher:
         return Context(
             runtime=runtime,
             integrations=runtime.integrations,
+            models=runtime.models,
             events=runtime.events,
             hooks=runtime.plugins.hook,
             log=structlog.get_logger("tiffin.handler").bind(

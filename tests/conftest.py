@@ -21,7 +21,7 @@ from runtime.config import compose
 ROOT = Path(__file__).resolve().parent.parent
 TEST_CONF = Path(__file__).resolve().parent / "conf"
 SEARCHPATH = f"hydra.searchpath=[file://{TEST_CONF}]"
-TEST_OVERRIDES = ["env=test", SEARCHPATH, "plugins=[tests.fakes]"]
+TEST_OVERRIDES = ["env=test", SEARCHPATH, "plugins=[tests.fakes]", "~integrations"]
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def test_plan_takes_key_overrides() -> None:
     [
         (
             ["integrations=ollama,grafana"],
-            "tiffin: config error: integrations: got 'ollama', expected one of: (none)",
+            "tiffin: config error: integrations: got 'ollama', expected one of: custom_models",
         ),
         (
             [*TEST_OVERRIDES, "integrations=cache", "integrations.db.dependencies=[cache]"],

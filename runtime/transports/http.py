@@ -5,10 +5,12 @@ server-sent events). Every error, including 404/405 and bad JSON, is JSON in Ope
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -170,11 +172,30 @@ def _endpoint(runtime: Runtime, route: str) -> Callable[[Request], Awaitable[Res
             transport="http",
             request_id=request.state.request_id,
         )
-        result = await dispatcher.dispatch(route, event)
-        return encode(result)
+        ctx = dispatcher.context(event)
+        work = asyncio.ensure_future(dispatcher.dispatch(route, event, ctx))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():
+            # The client went away before the answer was ready: stop the work (a generation
+            # frees its engine) instead of finishing it for nobody.
+            ctx.cancelled.set()
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            return Response(status_code=499)
+        return encode(work.result())
 
     endpoint.__name__ = route
     return endpoint
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _read_body(request: Request) -> Any:
@@ -198,21 +219,40 @@ def encode(result: Any) -> Response:
     if isinstance(result, Reply):
         return JSONResponse(result.body, status_code=result.status, headers=dict(result.headers))
     if hasattr(result, "__aiter__"):
-        return StreamingResponse(
-            _sse(result),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
+        return EventStreamResponse(_sse(result))
     return JSONResponse(result)
 
 
-async def _sse(chunks: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events that always close their source: however the response ends (done,
+    client gone, send failed), the handler's stream is closed, which stops the generation."""
+
+    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+
+
+async def _sse(chunks: AsyncIterator[Any]) -> AsyncGenerator[bytes, None]:
     try:
         async for chunk in chunks:
             data = chunk if isinstance(chunk, str) else json.dumps(chunk, separators=(",", ":"))
             yield f"data: {data}\n\n".encode()
     except HandlerError as exc:
         yield f"data: {json.dumps(exc.to_dict())}\n\n".encode()
+    except Exception:
+        structlog.get_logger("tiffin.http").exception("stream failed")
+        failure = HandlerError(500, "internal server error while streaming", type="server_error")
+        yield f"data: {json.dumps(failure.to_dict())}\n\n".encode()
     finally:
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:

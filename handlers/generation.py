@@ -1,0 +1,197 @@
+"""What every generating handler shares, whatever API shape it answers in: request validation,
+parameter defaults, the `before_generate` / `after_generate` / `estimate_cost` hooks, starting a
+stream so that errors surface before the first byte, and mapping failures to HandlerErrors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from hooks import resolve_all
+from runtime.dispatch import Context, HandlerError
+from runtime.engines.base import (
+    Chunk,
+    ContextLengthExceeded,
+    EngineError,
+    GenerationRequest,
+    TokenLogprob,
+    UnsupportedRequest,
+    Usage,
+)
+from runtime.models import GenerationTimeout, LocalModel, ModelNotFound, QueueFull
+
+M = TypeVar("M", bound=BaseModel)
+SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "max_tokens",
+    "seed",
+)
+NEUTRAL: dict[str, Any] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repeat_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+
+
+def parse(model: type[M], body: Any) -> M:
+    """Validate a JSON body; any problem is a 400 naming the parameter."""
+    if not isinstance(body, dict):
+        raise HandlerError(400, "the request body must be a JSON object", code="invalid_body")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        where = f"{param}: " if param else ""
+        raise HandlerError(400, f"{where}{message}", param=param, code="invalid_value") from None
+
+
+def resolve_model(ctx: Context, model_id: str, capability: str) -> LocalModel:
+    try:
+        model = ctx.models.get(model_id)
+    except ModelNotFound as exc:
+        raise HandlerError(404, str(exc), param="model", code="model_not_found") from None
+    if capability not in model.capabilities:
+        can = ", ".join(sorted(model.capabilities))
+        raise HandlerError(
+            400,
+            f"{model.id} does not support {capability} (it supports: {can})",
+            param="model",
+            code="model_not_supported",
+        )
+    return model
+
+
+def sampling(model: LocalModel, fields: BaseModel) -> dict[str, Any]:
+    """The model's configured defaults, then whatever the request set."""
+    values = {**NEUTRAL, **{k: v for k, v in model.spec.config.defaults.items() if k in SAMPLING}}
+    for name in SAMPLING:
+        value = getattr(fields, name, None)
+        if value is not None:
+            values[name] = value
+    return values
+
+
+def error_for(exc: Exception) -> HandlerError:
+    """A generation failure in OpenAI's vocabulary."""
+    if isinstance(exc, HandlerError):
+        return exc
+    if isinstance(exc, ModelNotFound):
+        return HandlerError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, QueueFull):
+        return HandlerError(
+            429,
+            str(exc),
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"retry-after": str(exc.retry_after)},
+        )
+    if isinstance(exc, ContextLengthExceeded):
+        return HandlerError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, UnsupportedRequest):
+        return HandlerError(400, str(exc), param=exc.param, code="unsupported_parameter")
+    if isinstance(exc, GenerationTimeout):
+        return HandlerError(504, str(exc), type="server_error", code="timeout")
+    if isinstance(exc, EngineError):
+        return HandlerError(503, str(exc), type="server_error", code="model_unavailable")
+    raise exc
+
+
+@dataclass
+class Outcome:
+    """What a finished generation produced, per choice."""
+
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    finish: dict[int, str] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
+    cost: float = 0.0
+    error: str | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        self.texts.setdefault(chunk.index, []).append(chunk.text)
+        self.logprobs.setdefault(chunk.index, []).extend(chunk.logprobs)
+        if chunk.finish_reason:
+            self.finish[chunk.index] = chunk.finish_reason
+        if chunk.usage:
+            self.usage = chunk.usage
+
+    def text(self, index: int) -> str:
+        return "".join(self.texts.get(index, []))
+
+
+async def start_generation(
+    ctx: Context, request: GenerationRequest, on_done: Callable[[Outcome], None] | None = None
+) -> tuple[AsyncIterator[Chunk], Outcome]:
+    """Run `before_generate`, open the model's stream and wait for its first chunk, so that
+    unknown models, full queues and over-long prompts become errors before anything is sent.
+    The returned iterator fills the Outcome as it goes; `after_generate` runs when it ends."""
+    replaced = await ctx.runtime.call_first("before_generate", request=request, ctx=ctx)
+    if isinstance(replaced, GenerationRequest):
+        request = replaced
+    stream = ctx.models.generate(request)
+    outcome = Outcome()
+    started = time.perf_counter()
+    try:
+        first: Chunk | None = await anext(stream)
+    except StopAsyncIteration:
+        first = None
+    except Exception as exc:
+        await stream.aclose()  # type: ignore[attr-defined]
+        raise error_for(exc) from None
+
+    async def chunks() -> AsyncIterator[Chunk]:
+        try:
+            if first is not None:
+                outcome.add(first)
+                yield first
+            async for chunk in stream:
+                outcome.add(chunk)
+                yield chunk
+        except Exception as exc:
+            outcome.error = str(exc)
+            raise error_for(exc) from None
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+            await _finish(ctx, request, outcome, time.perf_counter() - started)
+            if on_done is not None:
+                on_done(outcome)
+
+    return chunks(), outcome
+
+
+async def _finish(
+    ctx: Context, request: GenerationRequest, outcome: Outcome, seconds: float
+) -> None:
+    model = ctx.models.get(request.model)
+    cost = await ctx.runtime.call_first(
+        "estimate_cost",
+        model=model.id,
+        prompt_tokens=outcome.usage.prompt_tokens,
+        completion_tokens=outcome.usage.completion_tokens,
+        prices=model.spec.config.prices,
+    )
+    outcome.cost = float(cost or 0.0)
+    response = {
+        "usage": outcome.usage,
+        "finish_reasons": outcome.finish,
+        "cost": outcome.cost,
+        "error": outcome.error,
+        "seconds": seconds,
+    }
+    await resolve_all(ctx.hooks.after_generate(request=request, response=response, ctx=ctx))

@@ -1,0 +1,116 @@
+"""The OpenAI-compatible API: `/v1/models`, `/v1/chat/completions`, `/v1/completions`,
+`/v1/embeddings`. Each handler validates, asks the router (`ctx.models`), and answers in
+OpenAI's shapes; a streamed answer is an async iterator of chunk dicts (the transport frames it)."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from typing import Any
+
+from handlers import openai_shapes as shapes
+from handlers.generation import error_for, parse, resolve_model, sampling, start_generation
+from handlers.openai_types import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from runtime.dispatch import Context, Event, HandlerError
+from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationRequest
+from runtime.models import ModelNotFound
+
+
+async def list_models(event: Event, ctx: Context) -> dict[str, Any]:
+    """Every servable model, with Tiffin's details (provider, state, capabilities) beside
+    OpenAI's fields."""
+    return {"object": "list", "data": [shapes.model_card(m) for m in ctx.models.models.values()]}
+
+
+async def get_model(event: Event, ctx: Context) -> dict[str, Any]:
+    model_id = event.path_params.get("model", "")
+    try:
+        return shapes.model_card(ctx.models.get(model_id))
+    except ModelNotFound as exc:
+        raise HandlerError(404, str(exc), param="model", code="model_not_found") from None
+
+
+async def chat_completions(event: Event, ctx: Context) -> Any:
+    body = parse(ChatCompletionRequest, event.body)
+    model = resolve_model(ctx, body.model, CHAT)
+    values = sampling(model, body)
+    if body.max_completion_tokens is not None:
+        values["max_tokens"] = body.max_completion_tokens
+    fmt = body.response_format
+    request = GenerationRequest(
+        model=model.id,
+        messages=[
+            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+            for m in body.messages
+        ],
+        stop=body.stop_list(),
+        n=body.n,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        json_mode=fmt is not None and fmt.type == "json_object",
+        json_schema=fmt.json_schema.schema_
+        if fmt and fmt.json_schema and fmt.type == "json_schema"
+        else None,
+        tools=body.tools,
+        request_id=event.request_id,
+        **values,
+    )
+    chunks, outcome = await start_generation(ctx, request)
+    meta = shapes.Meta(f"chatcmpl-{event.request_id}", int(time.time()), model.id)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return shapes.chat_stream(chunks, outcome, meta, body.n, include_usage)
+    async for _ in chunks:
+        pass
+    return shapes.chat_response(outcome, meta, body.n, with_logprobs=body.logprobs)
+
+
+async def completions(event: Event, ctx: Context) -> Any:
+    body = parse(CompletionRequest, event.body)
+    model = resolve_model(ctx, body.model, COMPLETION)
+    values = sampling(model, body)
+    prompts = body.prompts()
+    meta = shapes.Meta(f"cmpl-{event.request_id}", int(time.time()), model.id)
+    runs = []
+    for offset, prompt in enumerate(prompts):
+        request = GenerationRequest(
+            model=model.id,
+            prompt=prompt,
+            stop=body.stop_list(),
+            n=body.n,
+            logprobs=body.logprobs,
+            request_id=event.request_id,
+            **values,
+        )
+        runs.append((offset * body.n, prompt, await start_generation(ctx, request)))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return shapes.completion_stream(runs, meta, body.echo, include_usage)
+    for _, _, (chunks, _) in runs:
+        async for _ in chunks:
+            pass
+    return shapes.completion_response(runs, meta, body.n, body.echo, body.logprobs is not None)
+
+
+async def embeddings(event: Event, ctx: Context) -> dict[str, Any]:
+    body = parse(EmbeddingRequest, event.body)
+    model = resolve_model(ctx, body.model, EMBEDDINGS)
+    if body.dimensions is not None:
+        raise HandlerError(
+            400,
+            "dimensions is not supported by this model",
+            param="dimensions",
+            code="unsupported_parameter",
+        )
+    try:
+        result = await ctx.models.embed(model.id, body.inputs())
+    except Exception as exc:
+        raise error_for(exc) from None
+    data = []
+    for index, vector in enumerate(result.vectors):
+        embedding: Any = vector
+        if body.encoding_format == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+    return {"object": "list", "data": data, "model": model.id, "usage": usage}

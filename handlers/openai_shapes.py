@@ -1,0 +1,215 @@
+"""OpenAI's response shapes, built from engine chunks: model cards, chat and text completions,
+whole or as stream chunks (with the role first, `finish_reason` last, and the optional usage
+chunk), and logprobs in each API's own layout."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from handlers.generation import Outcome
+from runtime.engines.base import Chunk, TokenLogprob, Usage
+from runtime.models import LocalModel
+
+
+@dataclass(frozen=True)
+class Meta:
+    id: str
+    created: int
+    model: str
+
+
+def model_card(model: LocalModel) -> dict[str, Any]:
+    described = model.describe()
+    return {
+        "id": model.id,
+        "object": "model",
+        "created": model.created,
+        "owned_by": model.spec.provider,
+        **{
+            k: described[k]
+            for k in ("provider", "engine", "state", "capabilities", "aliases", "context_length")
+        },
+    }
+
+
+def usage(value: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": value.prompt_tokens,
+        "completion_tokens": value.completion_tokens,
+        "total_tokens": value.total_tokens,
+    }
+
+
+# --- chat ---------------------------------------------------------------------------------------
+
+
+def chat_logprobs(items: Sequence[TokenLogprob]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": t.logprob,
+                "bytes": t.bytes,
+                "top_logprobs": [
+                    {"token": tok, "logprob": lp, "bytes": list(tok.encode())} for tok, lp in t.top
+                ],
+            }
+            for t in items
+        ]
+    }
+
+
+def chat_response(outcome: Outcome, meta: Meta, n: int, *, with_logprobs: bool) -> dict[str, Any]:
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": outcome.text(i)},
+            "logprobs": chat_logprobs(outcome.logprobs.get(i, [])) if with_logprobs else None,
+            "finish_reason": outcome.finish.get(i, "stop"),
+        }
+        for i in range(n)
+    ]
+    return {
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+        "usage": usage(outcome.usage),
+        "system_fingerprint": None,
+    }
+
+
+async def chat_stream(
+    chunks: AsyncIterator[Chunk], outcome: Outcome, meta: Meta, n: int, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
+    def frame(
+        index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
+    ) -> dict[str, Any]:
+        body = {
+            "id": meta.id,
+            "object": "chat.completion.chunk",
+            "created": meta.created,
+            "model": meta.model,
+            "system_fingerprint": None,
+            "choices": [
+                {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            ],
+        }
+        if include_usage:
+            body["usage"] = None
+        return body
+
+    for index in range(n):
+        yield frame(index, {"role": "assistant", "content": ""})
+    async for chunk in chunks:
+        logprobs = chat_logprobs(chunk.logprobs) if chunk.logprobs else None
+        if chunk.text or logprobs:
+            yield frame(chunk.index, {"content": chunk.text}, logprobs=logprobs)
+        if chunk.finish_reason:
+            yield frame(chunk.index, {}, chunk.finish_reason)
+    if include_usage:
+        yield {
+            "id": meta.id,
+            "object": "chat.completion.chunk",
+            "created": meta.created,
+            "model": meta.model,
+            "system_fingerprint": None,
+            "choices": [],
+            "usage": usage(outcome.usage),
+        }
+
+
+# --- text completions ---------------------------------------------------------------------------
+
+Run = tuple[int, str, tuple[AsyncIterator[Chunk], Outcome]]
+
+
+def completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
+    offsets, position = [], offset
+    for item in items:
+        offsets.append(position)
+        position += len(item.token)
+    return {
+        "tokens": [t.token for t in items],
+        "token_logprobs": [t.logprob for t in items],
+        "top_logprobs": [dict(t.top) for t in items],
+        "text_offset": offsets,
+    }
+
+
+def completion_response(
+    runs: Sequence[Run], meta: Meta, n: int, echo: bool, with_logprobs: bool
+) -> dict[str, Any]:
+    choices, total = [], Usage()
+    for base, prompt, (_, outcome) in runs:
+        total.prompt_tokens += outcome.usage.prompt_tokens
+        total.completion_tokens += outcome.usage.completion_tokens
+        for i in range(n):
+            prefix = prompt if echo else ""
+            choices.append(
+                {
+                    "index": base + i,
+                    "text": prefix + outcome.text(i),
+                    "logprobs": completion_logprobs(outcome.logprobs.get(i, []), len(prefix))
+                    if with_logprobs
+                    else None,
+                    "finish_reason": outcome.finish.get(i, "stop"),
+                }
+            )
+    return {
+        "id": meta.id,
+        "object": "text_completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+        "usage": usage(total),
+        "system_fingerprint": None,
+    }
+
+
+async def completion_stream(
+    runs: Sequence[Run], meta: Meta, echo: bool, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
+    def frame(
+        index: int, text: str, finish: str | None = None, logprobs: Any = None
+    ) -> dict[str, Any]:
+        body = {
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "system_fingerprint": None,
+            "choices": [
+                {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            ],
+        }
+        if include_usage:
+            body["usage"] = None
+        return body
+
+    total = Usage()
+    for base, prompt, (chunks, outcome) in runs:
+        echoed: set[int] = set()
+        async for chunk in chunks:
+            index = base + chunk.index
+            text = chunk.text
+            if echo and index not in echoed:
+                echoed.add(index)
+                text = prompt + text
+            logprobs = completion_logprobs(chunk.logprobs, 0) if chunk.logprobs else None
+            if text or logprobs or chunk.finish_reason:
+                yield frame(index, text, chunk.finish_reason, logprobs)
+        total.prompt_tokens += outcome.usage.prompt_tokens
+        total.completion_tokens += outcome.usage.completion_tokens
+    if include_usage:
+        yield {
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [],
+            "usage": usage(total),
+        }

@@ -1,0 +1,134 @@
+"""The Engine protocol every local inference engine implements, and the types that cross it.
+
+An engine knows one loaded model. The ModelRouter (runtime/models.py) owns engines, loads them
+on demand, bounds their queues, and is the only caller. `generate()` returns an async iterator
+of Chunks; closing it (or abandoning it) stops the work and frees the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from runtime.config import ModelConfig
+
+CHAT = "chat"
+COMPLETION = "completion"
+EMBEDDINGS = "embeddings"
+
+
+@dataclass
+class ModelSpec:
+    """A local model ready to be loaded: its config, its files, and the engine that serves it."""
+
+    config: ModelConfig
+    path: Path
+    engine: str
+    provider: str = "custom_models"
+
+
+@dataclass
+class GenerationRequest:
+    """One generation, already validated: either `prompt` (completions) or `messages` (chat)."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: off; N: the chosen token's logprob plus N alternatives
+    n: int = 1
+    json_schema: dict[str, Any] | None = None
+    json_mode: bool = False
+    tools: list[dict[str, Any]] | None = None
+    request_id: str = ""
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Chunk:
+    """A piece of one choice's output. The last chunk of a choice has `finish_reason`;
+    the last chunk of the whole generation carries `usage`."""
+
+    index: int = 0
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length"
+    usage: Usage | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Embeddings:
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+class EngineError(Exception):
+    """The engine failed; the message is safe to show a client."""
+
+
+class ContextLengthExceeded(EngineError):
+    def __init__(
+        self, prompt_tokens: int, context_length: int, max_tokens: int | None = None
+    ) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+        wanted = f" plus max_tokens {max_tokens}" if max_tokens else ""
+        super().__init__(
+            f"this model's maximum context length is {context_length} tokens, but the request "
+            f"needs {prompt_tokens} prompt tokens{wanted}"
+        )
+
+
+class UnsupportedRequest(EngineError):
+    """The engine cannot do what was asked (a parameter it does not support)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded (or loadable) model behind one interface."""
+
+    capabilities: frozenset[str]
+
+    async def load(self) -> None: ...
+
+    async def unload(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]: ...
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def stats(self) -> dict[str, Any]: ...

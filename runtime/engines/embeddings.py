@@ -1,0 +1,110 @@
+"""Embeddings with sentence-transformers. Concurrent requests are batched: one consumer task
+collects what arrived within `batch_window_ms` (up to `batch_size` texts) and encodes it in
+one call on a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from runtime.engines.base import EMBEDDINGS, Chunk, Embeddings, EngineError, GenerationRequest
+
+_Pending = tuple[list[str], "asyncio.Future[list[list[float]]]"]
+
+
+class SentenceTransformerEngine:
+    """A sentence-transformers model directory (e.g. the packaged all-MiniLM-L6-v2)."""
+
+    capabilities = frozenset({EMBEDDINGS})
+
+    def __init__(self, path: Path, settings: dict[str, Any] | None = None) -> None:
+        settings = settings or {}
+        self.path = path
+        self.device = str(settings.get("device", "cpu"))
+        self.batch_size = int(settings.get("batch_size", 64))
+        self.batch_window_s = float(settings.get("batch_window_ms", 2.0)) / 1000
+        self.normalize = bool(settings.get("normalize", False))
+        self._model: Any = None
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._consumer: asyncio.Task[None] | None = None
+        self._batches = 0
+        self._texts = 0
+
+    async def load(self) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self._model = await asyncio.to_thread(
+            SentenceTransformer, str(self.path), device=self.device
+        )
+        self._queue = asyncio.Queue()
+        self._consumer = asyncio.get_running_loop().create_task(self._consume())
+
+    async def unload(self) -> None:
+        if self._consumer is not None:
+            self._consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._consumer
+        self._consumer = None
+        self._model = None
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        raise EngineError(f"{request.model} is an embedding model; it cannot generate text")
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
+        if self._queue is None:
+            raise EngineError("embedding model is not loaded")
+        future: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
+        await self._queue.put((list(texts), future))
+        vectors = await future
+        tokens = sum(len(self.tokenize(t)) for t in texts)
+        return Embeddings(vectors=vectors, prompt_tokens=tokens)
+
+    def stats(self) -> dict[str, Any]:
+        return {"device": self.device, "batches": self._batches, "texts": self._texts}
+
+    async def _consume(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            size = len(batch[0][0])
+            deadline = time.monotonic() + self.batch_window_s
+            while size < self.batch_size:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), max(remaining, 0))
+                except TimeoutError:
+                    break
+                batch.append(item)
+                size += len(item[0])
+            await self._encode(batch)
+
+    async def _encode(self, batch: list[_Pending]) -> None:
+        texts = [text for item, _ in batch for text in item]
+        try:
+            matrix = await asyncio.to_thread(
+                self._model.encode,
+                texts,
+                batch_size=self.batch_size,
+                normalize_embeddings=self.normalize,
+                convert_to_numpy=True,
+            )
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(EngineError(f"embedding failed: {exc}"))
+            return
+        self._batches += 1
+        self._texts += len(texts)
+        offset = 0
+        for item, future in batch:
+            rows = matrix[offset : offset + len(item)]
+            offset += len(item)
+            if not future.done():
+                future.set_result([row.tolist() for row in rows])

@@ -1,0 +1,301 @@
+"""EXL2/GPTQ (and FP16) Hugging Face checkpoints on CUDA with ExLlamaV2's dynamic generator:
+a paged cache shared by every request, continuous batching (each request is one job), streaming,
+and `job.cancel()` when the client goes away.
+
+exllamav2 is imported only when a model is loaded, so CPU installs never need it. The request
+mapping (`sampler_fields`, `job_fields`, `finish_reason`, `logprobs_of`) is plain code, tested on
+any machine; the rest runs where CUDA is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from runtime.config import ModelConfig
+from runtime.engines.base import (
+    CHAT,
+    COMPLETION,
+    Chunk,
+    ContextLengthExceeded,
+    Embeddings,
+    EngineError,
+    GenerationRequest,
+    TokenLogprob,
+    UnsupportedRequest,
+    Usage,
+)
+from runtime.engines.text import render_chat
+
+PAGE = 256  # the dynamic generator allocates its cache in pages of this many tokens
+FINISH = {
+    "stop_token": "stop",
+    "stop_string": "stop",
+    "end_filter": "stop",
+    "max_new_tokens": "length",
+}
+
+
+def sampler_fields(request: GenerationRequest) -> dict[str, Any]:
+    """ExLlamaV2Sampler.Settings fields for an OpenAI request. Every field is set, because the
+    library's defaults are not neutral (repetition penalty 1.025, top_k 50, top_p 0.8)."""
+    if request.temperature <= 0:
+        return {
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 0.0,
+            "min_p": 0.0,
+            "token_repetition_penalty": request.repeat_penalty,
+            "token_presence_penalty": request.presence_penalty,
+            "token_frequency_penalty": request.frequency_penalty,
+        }
+    return {
+        "temperature": request.temperature,
+        "top_k": request.top_k,  # 0 disables
+        "top_p": request.top_p if request.top_p < 1.0 else 0.0,  # 0 disables
+        "min_p": request.min_p,
+        "token_repetition_penalty": request.repeat_penalty,
+        "token_presence_penalty": request.presence_penalty,
+        "token_frequency_penalty": request.frequency_penalty,
+    }
+
+
+def job_fields(
+    request: GenerationRequest, max_new_tokens: int, eos_ids: Sequence[int], index: int = 0
+) -> dict[str, Any]:
+    """Keyword arguments of ExLlamaV2DynamicJob(Async) besides input_ids and gen_settings.
+    EOS is not a stop condition unless given, so the model's EOS ids are added."""
+    seed = request.seed + index if request.seed is not None else random.getrandbits(31)
+    fields: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "stop_conditions": [*request.stop, *eos_ids],
+        "seed": seed,
+        "identifier": (request.request_id, index),
+        "decode_special_tokens": False,
+    }
+    if request.logprobs is not None:
+        fields["return_probs"] = True
+        fields["return_top_tokens"] = request.logprobs
+    return fields
+
+
+def finish_reason(result: dict[str, Any]) -> str:
+    return FINISH.get(str(result.get("eos_reason", "")), "stop")
+
+
+def logprobs_of(result: dict[str, Any], pieces: Sequence[str]) -> list[TokenLogprob]:
+    """Per-token logprobs from a streaming result with return_probs/return_top_tokens."""
+    if "token_ids" not in result or "token_probs" not in result:
+        return []
+    ids = result["token_ids"][0].tolist()
+    probs = result["token_probs"][0].tolist()
+    tops = result.get("top_k_tokens")
+    top_probs = result.get("top_k_probs")
+    items = []
+    for position, (token, prob) in enumerate(zip(ids, probs, strict=False)):
+        top: list[tuple[str, float]] = []
+        if tops is not None and top_probs is not None:
+            top = [
+                (pieces[int(t)], math.log(max(float(p), 1e-45)))
+                for t, p in zip(
+                    tops[0][position].tolist(), top_probs[0][position].tolist(), strict=False
+                )
+            ]
+        items.append(
+            TokenLogprob(token=pieces[int(token)], logprob=math.log(max(prob, 1e-45)), top=top)
+        )
+    return items
+
+
+class ExLlamaV2Engine:
+    capabilities = frozenset({CHAT, COMPLETION})
+
+    def __init__(self, path: Path, config: ModelConfig) -> None:
+        self.path = path
+        self.config = config
+        settings = config.engine_settings
+        self.cache_tokens = _round_up(int(settings.get("cache_size", config.context_length)), PAGE)
+        self.cache_type = str(settings.get("cache_type", "fp16"))
+        self.gpu_split: list[float] | None = settings.get("gpu_split")
+        self.max_batch_size = int(settings.get("max_batch_size", 16))
+        self.paged = bool(settings.get("paged", True))
+        self._model: Any = None
+        self._cache: Any = None
+        self._tokenizer: Any = None
+        self._generator: Any = None
+        self._pieces: list[str] = []
+        self._eos_ids: list[int] = []
+        self._template: str | None = None
+        self.active_jobs = 0
+
+    async def load(self) -> None:
+        await asyncio.to_thread(self._load_weights)
+        from exllamav2.generator import ExLlamaV2DynamicGeneratorAsync
+
+        # The async generator starts its own task, so it is made on the event loop.
+        self._generator = ExLlamaV2DynamicGeneratorAsync(
+            model=self._model,
+            cache=self._cache,
+            tokenizer=self._tokenizer,
+            max_batch_size=self.max_batch_size,
+            paged=self.paged,
+        )
+
+    def _load_weights(self) -> None:
+        try:
+            import exllamav2
+        except ImportError as exc:
+            raise EngineError(
+                "exllamav2 is not installed; install the gpu extra "
+                "(pip install 'tiffin[gpu]') on a machine with CUDA"
+            ) from exc
+        config = exllamav2.ExLlamaV2Config(str(self.path))
+        config.arch_compat_overrides()
+        config.max_seq_len = (
+            min(self.config.context_length, config.max_seq_len) or config.max_seq_len
+        )
+        model = exllamav2.ExLlamaV2(config)
+        caches = {
+            "fp16": exllamav2.ExLlamaV2Cache,
+            "q4": exllamav2.ExLlamaV2Cache_Q4,
+            "q6": exllamav2.ExLlamaV2Cache_Q6,
+            "q8": exllamav2.ExLlamaV2Cache_Q8,
+        }
+        if self.cache_type not in caches:
+            raise EngineError(
+                f"cache_type {self.cache_type!r}: expected one of {', '.join(caches)}"
+            )
+        if self.gpu_split:
+            model.load(gpu_split=list(self.gpu_split))
+            cache = caches[self.cache_type](model, max_seq_len=self.cache_tokens)
+        else:
+            cache = caches[self.cache_type](model, max_seq_len=self.cache_tokens, lazy=True)
+            model.load_autosplit(cache)
+        tokenizer = exllamav2.ExLlamaV2Tokenizer(config)
+        self._model, self._cache, self._tokenizer = model, cache, tokenizer
+        self._pieces = tokenizer.get_id_to_piece_list(True)
+        eos = (getattr(config, "generation_config", None) or {}).get("eos_token_id") or []
+        self._eos_ids = sorted({tokenizer.eos_token_id, *_as_list(eos)} - {None})
+        self._template = (tokenizer.tokenizer_config_dict or {}).get("chat_template")
+
+    async def unload(self) -> None:
+        if self._generator is not None:
+            await self._generator.close()
+        if self._model is not None:
+            self._model.unload()
+        self._generator = self._model = self._cache = self._tokenizer = None
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text)[0].tolist())
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
+        raise EngineError(f"{self.config.id} is a text generation model; it has no embeddings")
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {
+            "engine": "exllamav2",
+            "cache_tokens": self.cache_tokens,
+            "cache_type": self.cache_type,
+            "active_jobs": self.active_jobs,
+        }
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                stats["gpu_memory_bytes"] = {
+                    str(i): torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())
+                }
+        except ImportError:
+            pass
+        if self._cache is not None:
+            stats["cache_bytes"] = sum(self._cache.footprint())
+        return stats
+
+    def prompt_ids(self, request: GenerationRequest) -> Any:
+        if request.messages is not None:
+            try:
+                text = render_chat(
+                    self._template,
+                    request.messages,
+                    bos_token=self._tokenizer.bos_token or "",
+                    eos_token=self._tokenizer.eos_token or "",
+                )
+            except Exception as exc:
+                raise UnsupportedRequest(
+                    f"messages cannot be formatted: {exc}", "messages"
+                ) from None
+            return self._tokenizer.encode(text, encode_special_tokens=True)
+        return self._tokenizer.encode(request.prompt or "", add_bos=True)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if self._generator is None:
+            raise EngineError(f"{self.config.id} is not loaded")
+        if request.json_mode or request.json_schema is not None:
+            raise UnsupportedRequest(
+                "response_format json is not supported by the exllamav2 engine",
+                param="response_format",
+            )
+        from exllamav2.generator import ExLlamaV2DynamicJobAsync, ExLlamaV2Sampler
+
+        ids = self.prompt_ids(request)
+        prompt_tokens = int(ids.shape[-1])
+        room = self.cache_tokens - prompt_tokens - 1
+        # Checked here: a job the generator rejects at enqueue time wedges its queue.
+        if room <= 0 or (request.max_tokens is not None and request.max_tokens > room):
+            raise ContextLengthExceeded(prompt_tokens, self.cache_tokens, request.max_tokens)
+        budget = request.max_tokens if request.max_tokens is not None else room
+        settings = ExLlamaV2Sampler.Settings(**sampler_fields(request))
+        completion_total = 0
+        for index in range(request.n):
+            job = ExLlamaV2DynamicJobAsync(
+                self._generator,
+                input_ids=ids,
+                gen_settings=settings,
+                **job_fields(request, budget, self._eos_ids, index),
+            )
+            self.active_jobs += 1
+            finished = False
+            try:
+                async for result in job:
+                    text = result.get("text", "")
+                    logprobs = (
+                        logprobs_of(result, self._pieces) if request.logprobs is not None else []
+                    )
+                    if result.get("eos"):
+                        finished = True
+                        completion_total += int(result.get("new_tokens", 0))
+                        last = index == request.n - 1
+                        yield Chunk(
+                            index=index,
+                            text=text,
+                            logprobs=logprobs,
+                            finish_reason=finish_reason(result),
+                            usage=Usage(prompt_tokens, completion_total) if last else None,
+                        )
+                    elif text or logprobs:
+                        yield Chunk(index=index, text=text, logprobs=logprobs)
+            finally:
+                self.active_jobs -= 1
+                if not finished and not job.job.is_finished:
+                    await job.cancel()
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, -(-value // multiple) * multiple)
+
+
+def _as_list(value: Any) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]

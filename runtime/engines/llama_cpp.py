@@ -1,0 +1,290 @@
+"""GGUF models on the CPU with llama-cpp-python.
+
+One worker thread per loaded model runs generations one at a time, driving llama.cpp's token
+generator directly: each token is turned into text (UTF-8 safe, stop strings held back) and sent
+to the event loop as it is produced; closing the stream stops generation before the next token.
+Chat prompts use the GGUF's own chat template when it has one, else the configured
+`chat_format` (llama-cpp-python's formats: gemma, chatml, llama-3...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.config import ModelConfig
+from runtime.engines.base import (
+    CHAT,
+    COMPLETION,
+    Chunk,
+    ContextLengthExceeded,
+    Embeddings,
+    EngineError,
+    GenerationRequest,
+    TokenLogprob,
+    UnsupportedRequest,
+    Usage,
+)
+from runtime.engines.text import TextAssembler
+from runtime.engines.worker import Emit, ThreadWorker
+
+MAX_TOP_LOGPROBS = 20
+
+
+class LlamaCppEngine:
+    capabilities = frozenset({CHAT, COMPLETION})
+
+    def __init__(self, path: Path, config: ModelConfig) -> None:
+        self.path = path
+        self.config = config
+        settings = dict(config.engine_settings)
+        threads = int(settings.pop("n_threads", 0) or os.cpu_count() or 1)
+        self._llama_args: dict[str, Any] = {
+            "n_ctx": config.context_length,
+            "n_threads": threads,
+            "n_threads_batch": int(settings.pop("n_threads_batch", threads)),
+            "n_batch": int(settings.pop("n_batch", 512)),
+            "n_gpu_layers": int(settings.pop("n_gpu_layers", 0)),
+            "verbose": bool(settings.pop("verbose", False)),
+            **settings,
+        }
+        self._llm: Any = None
+        self._worker: ThreadWorker[Chunk] | None = None
+        self._format: Callable[..., Any] | None = None
+        self._tokens_generated = 0
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        import asyncio
+
+        self._llm = await asyncio.to_thread(self._create)
+        self._format = self._chat_formatter()
+        self._worker = ThreadWorker(f"llama-cpp:{self.config.id}")
+
+    def _create(self) -> Any:
+        from llama_cpp import Llama
+
+        try:
+            return Llama(model_path=str(self.path), **self._llama_args)
+        except (ValueError, RuntimeError) as exc:
+            raise EngineError(f"llama.cpp could not load {self.path.name}: {exc}") from exc
+
+    async def unload(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker.join(timeout=30)
+        self._worker = None
+        if self._llm is not None:
+            self._llm.close()
+        self._llm = None
+
+    # --- the Engine protocol ------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        return int(self._llama_args["n_ctx"])
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._llm.tokenize(text.encode(), add_bos=False, special=False))
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
+        raise EngineError(f"{self.config.id} is a text generation model; it has no embeddings")
+
+    def stats(self) -> dict[str, Any]:
+        worker = self._worker
+        return {
+            "engine": "llama_cpp",
+            "context_length": self.context_length,
+            "n_threads": self._llama_args["n_threads"],
+            "queued": worker.queued if worker else 0,
+            "busy": worker.busy if worker else False,
+            "tokens_generated": self._tokens_generated,
+        }
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if self._worker is None:
+            raise EngineError(f"{self.config.id} is not loaded")
+        prompt, stop = self._prompt(request)
+        budget = self._budget(request, len(prompt))
+        grammar = self._grammar(request)
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+            raise UnsupportedRequest(
+                f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs"
+            )
+
+        stop_ids = self._stop_tokens(stop)
+
+        def job(emit: Emit, cancelled: threading.Event) -> None:
+            self._run(request, prompt, (stop, stop_ids), budget, grammar, emit, cancelled)
+
+        return self._worker.stream(job)
+
+    # --- preparing a request (event loop) ----------------------------------------------------
+
+    def _prompt(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
+        stop = list(request.stop)
+        if request.messages is not None:
+            assert self._format is not None
+            try:
+                formatted = self._format(messages=request.messages, tools=request.tools)
+            except Exception as exc:  # a template's raise_exception, bad roles...
+                raise UnsupportedRequest(
+                    f"messages cannot be formatted: {exc}", "messages"
+                ) from None
+            extra = formatted.stop or []
+            stop += [extra] if isinstance(extra, str) else list(extra)
+            text, add_bos = formatted.prompt, not formatted.added_special
+            tokens = self._llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+        else:
+            tokens = self._llm.tokenize(
+                (request.prompt or "").encode(), add_bos=True, special=False
+            )
+        return list(tokens), [s for s in stop if s]
+
+    def _stop_tokens(self, stop: list[str]) -> set[int]:
+        """Stop strings that are single special tokens (`<end_of_turn>`) never appear in the
+        detokenized text, so they are matched by id."""
+        ids = set()
+        for text in stop:
+            tokens = self._llm.tokenize(text.strip().encode(), add_bos=False, special=True)
+            if len(tokens) == 1 and not self._llm.detokenize(tokens):
+                ids.add(tokens[0])
+        return ids
+
+    def _budget(self, request: GenerationRequest, prompt_tokens: int) -> int:
+        room = self.context_length - prompt_tokens
+        if room <= 0 or (request.max_tokens is not None and request.max_tokens > room):
+            raise ContextLengthExceeded(prompt_tokens, self.context_length, request.max_tokens)
+        return request.max_tokens if request.max_tokens is not None else room
+
+    def _grammar(self, request: GenerationRequest) -> Any:
+        if request.json_schema is None and not request.json_mode:
+            return None
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        if request.json_schema is not None:
+            try:
+                return LlamaGrammar.from_json_schema(json.dumps(request.json_schema), verbose=False)
+            except Exception as exc:
+                raise UnsupportedRequest(
+                    f"response_format.json_schema is not supported: {exc}", "response_format"
+                ) from None
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+
+    def _chat_formatter(self) -> Callable[..., Any]:
+        from llama_cpp import llama_chat_format
+
+        llm = self._llm
+        template = llm.metadata.get("tokenizer.chat_template")
+        if template and not self.config.chat_format:
+            eos, bos = llm.token_eos(), llm.token_bos()
+            return llama_chat_format.Jinja2ChatFormatter(
+                template=template,
+                eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+                bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+                stop_token_ids=[eos],
+            )
+        name = self.config.chat_format or "chatml"
+        for candidate in (name.replace("-", "_"), name.replace("-", "")):
+            formatter = getattr(llama_chat_format, f"format_{candidate}", None)
+            if callable(formatter):
+                return formatter  # type: ignore[no-any-return]
+        raise EngineError(f"unknown chat_format {name!r} for {self.config.id}")
+
+    # --- generation (worker thread) --------------------------------------------------------------
+
+    def _run(
+        self,
+        request: GenerationRequest,
+        prompt: list[int],
+        stops: tuple[list[str], set[int]],
+        budget: int,
+        grammar: Any,
+        emit: Emit,
+        cancelled: threading.Event,
+    ) -> None:
+        import llama_cpp
+
+        llm = self._llm
+        vocab = llm._model.vocab
+        stop, stop_ids = stops
+        completion_total = 0
+        for index in range(request.n):
+            seed = request.seed + index if request.seed is not None else random.getrandbits(31)
+            llm.set_seed(seed)
+            text = TextAssembler(stop)
+            pending: list[TokenLogprob] = []
+            produced, finish = 0, "length"
+            tokens = llm.generate(
+                prompt,
+                temp=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                min_p=request.min_p,
+                repeat_penalty=request.repeat_penalty,
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
+                grammar=grammar,
+            )
+            try:
+                for token in tokens:
+                    if cancelled.is_set():
+                        return
+                    if token in stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token):
+                        finish = "stop"
+                        break
+                    produced += 1
+                    if request.logprobs is not None:
+                        pending.append(self._logprob(token, request.logprobs))
+                    piece = text.feed(llm.detokenize([token]))
+                    if piece or text.stopped:
+                        emit(Chunk(index=index, text=piece, logprobs=pending))
+                        pending = []
+                    if text.stopped:
+                        finish = "stop"
+                        break
+                    if produced >= budget:
+                        break
+            finally:
+                tokens.close()
+            self._tokens_generated += produced
+            completion_total += produced
+            last = index == request.n - 1
+            emit(
+                Chunk(
+                    index=index,
+                    text=text.flush(),
+                    logprobs=pending,
+                    finish_reason=finish,
+                    usage=Usage(len(prompt), completion_total) if last else None,
+                )
+            )
+
+    def _logprob(self, token: int, top: int) -> TokenLogprob:
+        llm = self._llm
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        piece = llm.detokenize([token])
+        alternatives: list[tuple[str, float]] = []
+        if top:
+            best = np.argpartition(-logprobs, top)[:top]
+            best = best[np.argsort(-logprobs[best])]
+            alternatives = [
+                (llm.detokenize([int(t)]).decode("utf-8", "replace"), float(logprobs[t]))
+                for t in best
+            ]
+        return TokenLogprob(
+            token=piece.decode("utf-8", "replace"),
+            logprob=float(logprobs[token]),
+            bytes=list(piece),
+            top=alternatives,
+        )

@@ -1,0 +1,177 @@
+"""custom_models: local model files served by Tiffin's own engines.
+
+Declared models (`settings.models`, each a ModelConfig) name a `source`: an absolute path, a file
+or directory under `models_dir`, or `pkg:<python package>` for a model shipped as a package (the
+packaged Gemma is assembled from its chunks once, into `cache_dir`). With `scan: true`, every
+servable file or directory in `models_dir` that no declared model uses is offered too, under its
+file name. The engine comes from the files unless `engine` is set (runtime/engines/detect.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from pathlib import Path
+from typing import Any, cast
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from runtime.config import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
+from runtime.engines.base import ModelSpec
+from runtime.engines.detect import ENGINES, ModelFormatError, detect_engine
+from runtime.errors import ConfigError
+from runtime.events import EventBus
+from runtime.integrations.base import BaseIntegration, Health
+
+DEFAULT_CUSTOMMODELSINTEGRATION_CONFIG = IntegrationConfig(
+    _target_="runtime.integrations.custom_models.CustomModelsIntegration",
+    name="custom_models",
+    type=IntegrationType.model_platform,
+    required=True,
+    priority=20,
+    retry_config=RetryConfig(max_retries=0),
+    settings={
+        "models_dir": "models",
+        "cache_dir": "~/.cache/tiffin/models",
+        "scan": True,
+        "models": [],
+    },
+)
+
+
+class CustomModelsIntegration(BaseIntegration):
+    """Offers local models (`models()`) to the ModelRouter."""
+
+    def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
+        super().__init__(config, bus)
+        self.models_dir = Path(str(self.settings.get("models_dir", "models"))).expanduser()
+        self.cache_dir = Path(str(self.settings.get("cache_dir", "~/.cache/tiffin"))).expanduser()
+        self.scan = bool(self.settings.get("scan", True))
+        self.declared = [
+            self._validate(i, raw) for i, raw in enumerate(self.settings.get("models") or [])
+        ]
+        self.specs: list[ModelSpec] = []
+        self.rejected: dict[str, str] = {}
+
+    def _validate(self, index: int, raw: Any) -> ModelConfig:
+        key = f"integrations.{self.name}.settings.models[{index}]"
+        try:
+            node = OmegaConf.merge(OmegaConf.structured(ModelConfig), raw)
+            model = cast(ModelConfig, OmegaConf.to_object(node))
+        except OmegaConfBaseException as exc:
+            field = getattr(exc, "full_key", "") or ""
+            raise ConfigError(f"{key}.{field}".rstrip("."), raw, str(exc).splitlines()[0]) from None
+        if model.engine not in ("auto", *ENGINES):
+            raise ConfigError(
+                f"{key}.engine", model.engine, f"auto or one of: {', '.join(ENGINES)}"
+            )
+        return model
+
+    async def initialize(self) -> None:
+        specs = [await asyncio.to_thread(self._resolve, model) for model in self.declared]
+        used = {spec.path.resolve() for spec in specs}
+        if self.scan and self.models_dir.is_dir():
+            specs += self._scan(used, {s.config.id for s in specs})
+        self.specs = specs
+
+    async def health_check(self) -> Health:
+        missing = [spec.config.id for spec in self.specs if not spec.path.exists()]
+        if missing:
+            return Health(False, f"model files missing: {', '.join(missing)}")
+        return Health(True, f"{len(self.specs)} models", data={"rejected": self.rejected})
+
+    def models(self) -> list[ModelSpec]:
+        return list(self.specs)
+
+    def planned_models(self) -> list[dict[str, Any]]:
+        """The declared models, for `plan` (nothing is resolved or loaded)."""
+        return [
+            {
+                "id": m.id,
+                "source": m.source,
+                "engine": m.engine,
+                "preload": m.preload,
+                "aliases": list(m.aliases),
+            }
+            for m in self.declared
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        described["models"] = [
+            {"id": s.config.id, "engine": s.engine, "path": s.path.name} for s in self.specs
+        ]
+        described["rejected"] = self.rejected
+        return described
+
+    # --- sources --------------------------------------------------------------------------------
+
+    def _resolve(self, model: ModelConfig) -> ModelSpec:
+        path = self._source_path(model)
+        try:
+            engine = detect_engine(path) if model.engine == "auto" else model.engine
+        except ModelFormatError as exc:
+            raise ModelFormatError(f"model {model.id}: {exc}") from None
+        if engine == "llama_cpp" and path.is_dir():
+            path = sorted(path.glob("*.gguf"))[0]
+        return ModelSpec(config=model, path=path, engine=engine, provider=self.name)
+
+    def _source_path(self, model: ModelConfig) -> Path:
+        source = model.source
+        if source.startswith("pkg:"):
+            return self._from_package(source[4:], model.id)
+        path = Path(source).expanduser()
+        if path.is_absolute():
+            if not path.exists():
+                raise ModelFormatError(f"model {model.id}: {path} does not exist")
+            return path
+        root = self.models_dir.resolve()
+        resolved = (root / path).resolve()
+        if not resolved.is_relative_to(root):
+            raise ModelFormatError(f"model {model.id}: source {source!r} leaves models_dir {root}")
+        if not resolved.exists():
+            raise ModelFormatError(f"model {model.id}: {source!r} not found in models_dir {root}")
+        return resolved
+
+    def _from_package(self, package: str, model_id: str) -> Path:
+        """A model shipped as a Python package: `assemble(path)` for chunked files (the GGUF
+        packages), else a `get_model_path()` / `MODEL_DIR` directory inside the package."""
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            raise ModelFormatError(
+                f"model {model_id}: package {package!r} is not installed (pip install {package})"
+            ) from None
+        if hasattr(module, "assemble"):
+            name = getattr(module, "MODEL_NAME", f"{package}.gguf")
+            return Path(module.assemble(self.cache_dir / package / name))
+        if hasattr(module, "get_model_path"):
+            return Path(module.get_model_path())
+        if hasattr(module, "MODEL_DIR"):
+            return Path(module.MODEL_DIR)
+        raise ModelFormatError(f"model {model_id}: package {package!r} does not expose a model")
+
+    def _scan(self, used: set[Path], taken: set[str]) -> list[ModelSpec]:
+        found: list[ModelSpec] = []
+        for entry in sorted(self.models_dir.iterdir()):
+            if entry.name.startswith(".") or entry.resolve() in used:
+                continue
+            model_id = entry.stem if entry.is_file() else entry.name
+            if model_id in taken:
+                continue
+            try:
+                engine = detect_engine(entry)
+            except ModelFormatError as exc:
+                self.rejected[entry.name] = str(exc)
+                self.log.warning("model file skipped", file=entry.name, reason=str(exc))
+                continue
+            path = (
+                sorted(entry.glob("*.gguf"))[0]
+                if engine == "llama_cpp" and entry.is_dir()
+                else entry
+            )
+            found.append(
+                ModelSpec(ModelConfig(id=model_id, source=str(entry)), path, engine, self.name)
+            )
+        return found

@@ -1,0 +1,291 @@
+"""ModelRouter: model id -> the model that serves it, with aliases, on-demand loading, idle
+unloading, a bounded queue per model, and per-request timeouts.
+
+Handlers only ever talk to the router (`ctx.models`); it is the one owner of engines.
+Model-platform integrations (custom_models now; Ollama and OpenAI-compatible upstreams later)
+offer `ModelSpec`s through a `models()` method, and the router registers them at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from enum import StrEnum
+from typing import Any
+
+import structlog
+
+from runtime.engines.base import (
+    Chunk,
+    Embeddings,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    ModelSpec,
+)
+from runtime.events import BusEvent, EventBus
+
+EngineFactory = Callable[[ModelSpec], Engine]
+
+
+class ModelState(StrEnum):
+    unloaded = "unloaded"
+    loading = "loading"
+    loaded = "loaded"
+    failed = "failed"
+
+
+class ModelNotFound(LookupError):
+    def __init__(self, model: str, known: Iterable[str]) -> None:
+        self.model = model
+        close = difflib.get_close_matches(model, list(known), n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        super().__init__(f"the model {model!r} does not exist{hint}")
+
+
+class QueueFull(Exception):
+    def __init__(self, model: str, limit: int, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"{model} has {limit} requests waiting; try again in {retry_after}s")
+
+
+class GenerationTimeout(EngineError):
+    pass
+
+
+class LocalModel:
+    """One local model: its engine (once loaded), its state and its queue."""
+
+    def __init__(self, spec: ModelSpec, factory: EngineFactory, bus: EventBus) -> None:
+        self.spec = spec
+        self.id = spec.config.id
+        self._factory = factory
+        self._bus = bus
+        self._lock = asyncio.Lock()
+        self.engine: Engine | None = None
+        self.state = ModelState.unloaded
+        self.error: str | None = None
+        self.in_flight = 0  # admitted requests: running or waiting for the engine
+        self.last_used = time.monotonic()
+        self.loads = 0
+        self.created = int(time.time())
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        if self.engine is not None:
+            return self.engine.capabilities
+        from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS
+
+        return frozenset({EMBEDDINGS} if self.spec.engine == "embeddings" else {CHAT, COMPLETION})
+
+    async def ensure_loaded(self) -> Engine:
+        if self.engine is not None:
+            return self.engine
+        async with self._lock:
+            if self.engine is not None:
+                return self.engine
+            self.state = ModelState.loading
+            started = time.perf_counter()
+            engine = self._factory(self.spec)
+            try:
+                await engine.load()
+            except Exception as exc:
+                self.state, self.error = ModelState.failed, f"{type(exc).__name__}: {exc}"
+                await self._emit("model.load_failed", error=self.error)
+                raise EngineError(f"model {self.id} failed to load: {exc}") from exc
+            self.engine, self.state, self.error = engine, ModelState.loaded, None
+            self.loads += 1
+            self.last_used = time.monotonic()
+            await self._emit("model.loaded", seconds=round(time.perf_counter() - started, 3))
+            return engine
+
+    async def unload(self) -> bool:
+        async with self._lock:
+            if self.engine is None:
+                return False
+            engine, self.engine = self.engine, None
+            self.state = ModelState.unloaded
+            await engine.unload()
+            await self._emit("model.unloaded")
+            return True
+
+    def admit(self) -> None:
+        limit = self.spec.config.max_queue
+        if self.in_flight > limit:  # one running plus `max_queue` waiting
+            raise QueueFull(
+                self.id, limit, retry_after=max(1, int(self.spec.config.timeout_s // 60))
+            )
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.last_used = time.monotonic()
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.spec.config
+        return {
+            "id": self.id,
+            "provider": self.spec.provider,
+            "engine": self.spec.engine,
+            "state": self.state.value,
+            "capabilities": sorted(self.capabilities),
+            "aliases": list(cfg.aliases),
+            "context_length": cfg.context_length,
+            "in_flight": self.in_flight,
+            "error": self.error,
+            "stats": self.engine.stats() if self.engine is not None else None,
+        }
+
+    async def _emit(self, event_type: str, **data: Any) -> None:
+        payload = {"model": self.id, "engine": self.spec.engine, "state": self.state.value, **data}
+        await self._bus.publish(BusEvent(event_type, source="models", data=payload))
+
+
+class ModelRouter:
+    """Every servable model, by id and alias."""
+
+    def __init__(self, bus: EventBus, factories: Mapping[str, EngineFactory]) -> None:
+        self._bus = bus
+        self._factories = factories
+        self._models: dict[str, LocalModel] = {}
+        self._aliases: dict[str, str] = {}
+        self._idle_task: asyncio.Task[None] | None = None
+        self._log = structlog.get_logger("tiffin.models")
+
+    # --- registration -------------------------------------------------------------------------
+
+    def register(self, spec: ModelSpec) -> LocalModel:
+        factory = self._factories.get(spec.engine)
+        if factory is None:
+            raise EngineError(
+                f"no engine {spec.engine!r} for model {spec.config.id}; "
+                f"available: {', '.join(sorted(self._factories)) or '(none)'}"
+            )
+        model = LocalModel(spec, factory, self._bus)
+        self._models[model.id] = model
+        for alias in spec.config.aliases:
+            self._aliases[alias] = model.id
+        return model
+
+    def register_all(self, specs: Iterable[ModelSpec]) -> None:
+        for spec in specs:
+            self.register(spec)
+
+    # --- lookup -------------------------------------------------------------------------------
+
+    def get(self, model_id: str) -> LocalModel:
+        model = self._models.get(self._aliases.get(model_id, model_id))
+        if model is None:
+            raise ModelNotFound(model_id, [*self._models, *self._aliases])
+        return model
+
+    @property
+    def models(self) -> Mapping[str, LocalModel]:
+        return self._models
+
+    def describe_all(self) -> list[dict[str, Any]]:
+        return [model.describe() for model in self._models.values()]
+
+    def defaults(self, model_id: str) -> dict[str, Any]:
+        return dict(self.get(model_id).spec.config.defaults)
+
+    @property
+    def ready(self) -> bool:
+        """Every model marked `preload` is loaded."""
+        return all(
+            m.state is ModelState.loaded for m in self._models.values() if m.spec.config.preload
+        )
+
+    # --- work ---------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Stream chunks for `request`. Raises ModelNotFound, QueueFull, EngineError (and
+        ContextLengthExceeded) before the first chunk; GenerationTimeout when the model's
+        `timeout_s` runs out. Closing the iterator stops the generation."""
+        model = self.get(request.model)
+        model.admit()
+        try:
+            engine = await model.ensure_loaded()
+            deadline = asyncio.get_running_loop().time() + model.spec.config.timeout_s
+            stream = engine.generate(request)
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            chunk = await anext(stream)
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError:
+                        limit = model.spec.config.timeout_s
+                        message = f"generation on {model.id} took longer than {limit}s"
+                        raise GenerationTimeout(message) from None
+                    yield chunk
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+        finally:
+            model.release()
+
+    async def embed(self, model_id: str, texts: Sequence[str]) -> Embeddings:
+        model = self.get(model_id)
+        model.admit()
+        try:
+            engine = await model.ensure_loaded()
+            async with asyncio.timeout(model.spec.config.timeout_s):
+                return await engine.embed(texts)
+        finally:
+            model.release()
+
+    def tokenize(self, model_id: str, text: str) -> list[int]:
+        engine = self.get(model_id).engine
+        if engine is None:
+            raise EngineError(f"model {model_id} is not loaded")
+        return engine.tokenize(text)
+
+    async def load(self, model_id: str) -> LocalModel:
+        model = self.get(model_id)
+        await model.ensure_loaded()
+        return model
+
+    async def unload(self, model_id: str) -> LocalModel:
+        model = self.get(model_id)
+        await model.unload()
+        return model
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the `preload` models (a failure is logged and leaves the service unready),
+        then watch for idle ones."""
+        for model in self._models.values():
+            if model.spec.config.preload:
+                try:
+                    await model.ensure_loaded()
+                except EngineError as exc:
+                    self._log.error("preload failed", model=model.id, error=str(exc))
+        if any(m.spec.config.idle_unload_s > 0 for m in self._models.values()):
+            self._idle_task = asyncio.get_running_loop().create_task(self._unload_idle())
+
+    async def stop(self) -> None:
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._idle_task
+            self._idle_task = None
+        for model in self._models.values():
+            await model.unload()
+
+    async def _unload_idle(self) -> None:
+        idle_limits = [m.spec.config.idle_unload_s for m in self._models.values()]
+        interval = max(0.05, min(t for t in idle_limits if t > 0) / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for model in self._models.values():
+                limit = model.spec.config.idle_unload_s
+                idle = now - model.last_used
+                if limit > 0 and model.engine is not None and model.in_flight == 0 and idle > limit:
+                    self._log.info("unloading idle model", model=model.id, idle_s=round(idle, 1))
+                    await model.unload()
