@@ -218,8 +218,14 @@ class LlamaCppEngine:
         stop, stop_ids = stops
         completion_total = 0
         for index in range(request.n):
-            seed = request.seed + index if request.seed is not None else random.getrandbits(31)
-            llm.set_seed(seed)
+            if request.seed is not None or request.temperature <= 0:
+                # A reproducible run (greedy or seeded) evaluates the whole prompt: logits from a
+                # reused cache prefix are computed in other batch shapes and differ in the last
+                # bits, which flips near-ties, so the answer would depend on earlier requests.
+                llm.reset()
+            llm.set_seed(
+                request.seed + index if request.seed is not None else random.getrandbits(31)
+            )
             text = TextAssembler(stop)
             pending: list[TokenLogprob] = []
             produced, finish = 0, "length"

@@ -1,0 +1,67 @@
+"""A scriptable engine for tests of the router and handlers (never of an engine itself):
+`enqueue(["Hel", "lo"])` sets what the next generation yields; `gate` can hold a generation
+open so tests can fill queues or time out deterministically."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from runtime.engines.base import (
+    CHAT,
+    COMPLETION,
+    Chunk,
+    Embeddings,
+    EngineError,
+    GenerationRequest,
+    ModelSpec,
+    Usage,
+)
+
+
+class ScriptedEngine:
+    capabilities = frozenset({CHAT, COMPLETION})
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.script: list[list[str]] = []
+        self.loaded = False
+        self.loads = 0
+        self.requests: list[GenerationRequest] = []
+        self.gate: asyncio.Event | None = None
+        self.closed = 0
+        self.fail_load: str | None = None
+
+    def enqueue(self, pieces: list[str]) -> None:
+        self.script.append(pieces)
+
+    async def load(self) -> None:
+        if self.fail_load:
+            raise EngineError(self.fail_load)
+        self.loaded = True
+        self.loads += 1
+
+    async def unload(self) -> None:
+        self.loaded = False
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        self.requests.append(request)
+        pieces = self.script.pop(0) if self.script else ["ok"]
+        try:
+            for piece in pieces:
+                if self.gate is not None:
+                    await self.gate.wait()
+                yield Chunk(text=piece)
+            yield Chunk(finish_reason="stop", usage=Usage(3, len(pieces)))
+        finally:
+            self.closed += 1
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
+        return Embeddings([[float(len(t))] for t in texts], sum(len(t) for t in texts))
+
+    def tokenize(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def stats(self) -> dict[str, Any]:
+        return {"engine": "scripted", "requests": len(self.requests)}
