@@ -1,6 +1,7 @@
 """A scriptable engine for tests of the router and handlers (never of an engine itself):
-`enqueue(["Hel", "lo"])` sets what the next generation yields; `gate` can hold a generation
-open so tests can fill queues or time out deterministically."""
+`enqueue(["Hel", "lo"])` sets what the next generation yields (an exception in the list is raised
+at that point, as an engine failing mid-stream would); `gate` can hold a generation open so tests
+can fill queues or time out deterministically."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class ScriptedEngine:
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self.script: list[list[str]] = []
+        self.script: list[list[str | Exception]] = []
         self.loaded = False
         self.loads = 0
         self.requests: list[GenerationRequest] = []
@@ -33,7 +34,7 @@ class ScriptedEngine:
         self.closed = 0
         self.fail_load: str | None = None
 
-    def enqueue(self, pieces: list[str]) -> None:
+    def enqueue(self, pieces: list[str | Exception]) -> None:
         self.script.append(pieces)
 
     async def load(self) -> None:
@@ -47,11 +48,13 @@ class ScriptedEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         self.requests.append(request)
-        pieces = self.script.pop(0) if self.script else ["ok"]
+        pieces: list[str | Exception] = self.script.pop(0) if self.script else ["ok"]
         try:
             for piece in pieces:
                 if self.gate is not None:
                     await self.gate.wait()
+                if isinstance(piece, Exception):
+                    raise piece
                 yield Chunk(text=piece)
             yield Chunk(finish_reason="stop", usage=Usage(3, len(pieces)))
         finally:

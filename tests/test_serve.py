@@ -2,81 +2,37 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import PYTHON, ROOT, TEST_OVERRIDES, cli_env, free_port
+from tests.conftest import TEST_OVERRIDES
+from tests.served import Served
 
 pytestmark = pytest.mark.slow
 
 
-class Served:
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-        self.process = process
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-
-    def wait_for(self, path: str, status: int, timeout: float = 90) -> httpx.Response:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited: {self.log.read_text()[-3000:]}")
-            try:
-                response = httpx.get(self.url + path, timeout=5)
-                if response.status_code == status:
-                    return response
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"{path} never answered {status}: {self.log.read_text()[-3000:]}")
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
+Serve = Callable[..., Served]
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[object]:
+def serve(tmp_path: Path) -> Iterator[Serve]:
     started: list[Served] = []
 
     def _serve(*overrides: str) -> Served:
-        port = free_port()
-        log = tmp_path / f"serve-{port}.log"
-        process = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "runtime",
-                *TEST_OVERRIDES,
-                f"server.http_port={port}",
-                f"server.run_dir={tmp_path / 'runs'}",
-                "logging.level=INFO",
-                *overrides,
-            ],
-            cwd=ROOT,
-            env=cli_env(),
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        served = Served(process, port, log)
+        served = Served.start(tmp_path, *TEST_OVERRIDES, *overrides)
         started.append(served)
         return served
 
     yield _serve
     for served in started:
-        if served.process.poll() is None:
-            served.process.kill()
-            served.process.wait()
+        served.kill()
 
 
-def test_serves_integrations_and_stops_cleanly_on_sigterm(serve: object, tmp_path: Path) -> None:
-    served = serve("integrations=dashboards")  # type: ignore[operator]
+def test_serves_integrations_and_stops_cleanly_on_sigterm(serve: Serve, tmp_path: Path) -> None:
+    served = serve("integrations=dashboards")
     served.wait_for("/readyz", 200)
     assert httpx.get(served.url + "/livez").status_code == 200
     status = httpx.get(served.url + "/integrations/status").json()
@@ -102,10 +58,12 @@ def test_serves_integrations_and_stops_cleanly_on_sigterm(serve: object, tmp_pat
     assert "hunter2" not in log
 
 
-def test_readyz_is_503_while_a_required_integration_is_unhealthy(serve: object) -> None:
+def test_readyz_is_503_while_a_required_integration_is_unhealthy(
+    serve: Serve,
+) -> None:
     served = serve(
         "integrations=db",
-        "integrations.db.required=true",  # type: ignore[operator]
+        "integrations.db.required=true",
         "+integrations.db.settings.healthy=false",
     )
     response = served.wait_for("/readyz", 503)
@@ -116,10 +74,12 @@ def test_readyz_is_503_while_a_required_integration_is_unhealthy(serve: object) 
     assert served.stop() == 0
 
 
-def test_a_failing_required_integration_stops_the_server_with_its_reason(serve: object) -> None:
+def test_a_failing_required_integration_stops_the_server_with_its_reason(
+    serve: Serve,
+) -> None:
     served = serve(
         "integrations=db",
-        "integrations.db.required=true",  # type: ignore[operator]
+        "integrations.db.required=true",
         "+integrations.db.settings.fail_initialize=-1",
         "integrations.db.retry_config.max_retries=1",
         "integrations.db.retry_config.initial_delay=0.1",

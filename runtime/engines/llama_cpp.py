@@ -261,7 +261,7 @@ class LlamaCppEngine:
                         break
             finally:
                 tokens.close()
-            self._tokens_generated += produced
+                self._tokens_generated += produced  # cancelled runs count too (see stats)
             completion_total += produced
             last = index == request.n - 1
             emit(

@@ -71,11 +71,12 @@ class ThreadWorker(Generic[T]):
             def emit(item: Any, work: _Work = work) -> None:
                 work.loop.call_soon_threadsafe(work.out.put_nowait, item)
 
+            outcome: object = _DONE
             try:
                 work.job(emit, work.cancelled)
-                emit(_DONE)
             except BaseException as exc:  # delivered to the caller, who re-raises it
-                emit(exc)
-            finally:
-                self.busy = False
-                self.completed += 1
+                outcome = exc
+            # Idle before the caller hears the end, so stats read after a stream are settled.
+            self.busy = False
+            self.completed += 1
+            emit(outcome)

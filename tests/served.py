@@ -1,0 +1,65 @@
+"""A real `python -m runtime` in a subprocess on a free loopback port, for tests about processes
+and for clients (the official `openai` package) that talk to a served Tiffin."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import PYTHON, ROOT, cli_env, free_port
+
+
+class Served:
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.process = process
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+
+    @classmethod
+    def start(cls, workdir: Path, *overrides: str) -> Served:
+        """Serve with `overrides` on a free port, logging to a file in `workdir`."""
+        port = free_port()
+        log = workdir / f"serve-{port}.log"
+        process = subprocess.Popen(
+            [
+                PYTHON,
+                "-m",
+                "runtime",
+                f"server.http_port={port}",
+                f"server.run_dir={workdir / 'runs'}",
+                "logging.level=INFO",
+                *overrides,
+            ],
+            cwd=ROOT,
+            env=cli_env(),
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        return cls(process, port, log)
+
+    def wait_for(self, path: str, status: int, timeout: float = 90) -> httpx.Response:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited: {self.log.read_text()[-3000:]}")
+            try:
+                response = httpx.get(self.url + path, timeout=5)
+                if response.status_code == status:
+                    return response
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{path} never answered {status}: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -1,0 +1,210 @@
+"""The official `openai` client, sync and async, against a served `python -m runtime` with the
+default models: the packaged Gemma 3 270M on llama.cpp and all-MiniLM-L6-v2 for embeddings."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from tests.served import Served
+
+pytestmark = pytest.mark.slow
+
+CHAT_MODEL = "gemma-3-270m"
+EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    workdir: Path = tmp_path_factory.mktemp("served")
+    served = Served.start(
+        workdir,
+        "env=test",
+        f"integrations.custom_models.settings.cache_dir={workdir / 'models'}",
+        f"integrations.custom_models.settings.models_dir={workdir / 'none'}",
+    )
+    try:
+        served.wait_for("/readyz", 200, timeout=180)
+        yield served
+    finally:
+        assert served.stop() == 0
+
+
+@pytest.fixture
+def client(served: Served) -> OpenAI:
+    return OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def async_client(served: Served) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+
+
+def ask(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_models_are_listed_and_retrievable(client: OpenAI) -> None:
+    listed = {m.id: m for m in client.models.list().data}
+    assert set(listed) == {CHAT_MODEL, EMBEDDING_MODEL}
+    assert listed[CHAT_MODEL].owned_by == "custom_models"
+    assert client.models.retrieve(CHAT_MODEL).id == CHAT_MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gemma-3-27b")
+
+
+def test_chat_completion(client: OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=CHAT_MODEL, messages=ask("Name a colour."), max_tokens=8, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage is not None
+    assert 0 < reply.usage.completion_tokens <= 8
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_greedy_and_seeded_answers_repeat(client: OpenAI) -> None:
+    def answer(**fields: float | int) -> str:
+        reply = client.chat.completions.create(
+            model=CHAT_MODEL, messages=ask("Tell me a story."), max_tokens=24, **fields
+        )
+        return reply.choices[0].message.content or ""
+
+    assert answer(temperature=0) == answer(temperature=0)
+    seeded = answer(temperature=1.0, seed=11)
+    assert seeded == answer(temperature=1.0, seed=11)
+
+
+async def test_async_streaming_chat_with_usage(async_client: AsyncOpenAI) -> None:
+    stream = await async_client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=ask("Count to ten."),
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, finish, usage = [], None, None
+    async for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert len(pieces) > 3
+    assert finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens <= 12
+    whole = await async_client.chat.completions.create(
+        model=CHAT_MODEL, messages=ask("Count to ten."), max_tokens=12, temperature=0
+    )
+    assert "".join(pieces) == whole.choices[0].message.content
+
+
+def test_text_completions_sync_and_streamed(client: OpenAI) -> None:
+    whole = client.completions.create(
+        model=CHAT_MODEL, prompt="The capital of France is", max_tokens=6, temperature=0
+    )
+    assert whole.choices[0].text
+    assert whole.usage is not None and whole.usage.completion_tokens <= 6
+    streamed = client.completions.create(
+        model=CHAT_MODEL,
+        prompt="The capital of France is",
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == whole.choices[0].text
+
+
+def test_n_choices_and_logprobs(client: OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=ask("Hello"),
+        max_tokens=4,
+        n=2,
+        seed=3,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    assert [c.index for c in reply.choices] == [0, 1]
+    for choice in reply.choices:
+        assert choice.logprobs is not None and choice.logprobs.content
+        first = choice.logprobs.content[0]
+        assert first.logprob <= 0 and len(first.top_logprobs) == 2
+
+
+async def test_json_mode_returns_parseable_json(async_client: AsyncOpenAI) -> None:
+    reply = await async_client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=ask("Return a JSON object with the sky's color."),
+        max_tokens=100,
+        temperature=0,
+        response_format={"type": "json_object"},
+        extra_body={"repeat_penalty": 1.5},  # lets a 270M model close the object
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+
+
+def test_embeddings(client: OpenAI) -> None:
+    # The client asks for base64 by default and decodes it: both encodings are exercised.
+    result = client.embeddings.create(
+        model=EMBEDDING_MODEL, input=["a cat sat on the mat", "a kitten on a rug", "tax law"]
+    )
+    vectors = [d.embedding for d in result.data]
+    assert [len(v) for v in vectors] == [384, 384, 384]
+    floats = client.embeddings.create(
+        model=EMBEDDING_MODEL, input="a cat sat on the mat", encoding_format="float"
+    )
+    assert floats.data[0].embedding == pytest.approx(vectors[0], abs=1e-5)
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
+    assert result.usage.prompt_tokens > 0
+
+
+def test_errors_arrive_as_openai_exceptions(client: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o", messages=ask("hi"))
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model=CHAT_MODEL, prompt="word " * 5000, max_tokens=4)
+    assert too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=CHAT_MODEL, messages=ask("hi"), temperature=3)
+    assert bad.value.param == "temperature"
+
+
+def test_aborted_streams_free_the_model(served: Served, client: OpenAI) -> None:
+    body = {
+        "model": CHAT_MODEL,
+        "messages": ask("Write a very long story."),
+        "max_tokens": 2000,
+        "stream": True,
+    }
+    with httpx.Client(base_url=served.url, timeout=30) as http:
+        for _ in range(10):
+            with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                next(response.iter_lines())  # the first frame, then the client goes away
+        started = time.monotonic()
+        reply = client.chat.completions.create(model=CHAT_MODEL, messages=ask("Hi"), max_tokens=3)
+        # Ten unaborted 2000-token stories would take minutes; aborted, they take nothing.
+        assert time.monotonic() - started < 20
+        assert reply.usage is not None and reply.usage.completion_tokens <= 3
+        card = http.get(f"/v1/models/{CHAT_MODEL}").json()
+        assert card["state"] == "loaded"
