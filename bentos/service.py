@@ -11,10 +11,13 @@ integrations start in the on_startup hook and stop, in reverse order, in on_shut
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shlex
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +26,9 @@ import structlog
 from omegaconf import DictConfig
 
 import handlers
+from bentos.runner import RunnerProxyClient, build_runner
 from runtime.app import Runtime
-from runtime.config import compose, load_config_file
+from runtime.config import ServingConfig, Topology, compose, load_config_file
 from runtime.errors import STARTUP_FAILURE_FILE, StartupError
 from runtime.telemetry.logging import configure_logging
 from runtime.transports.http import create_app
@@ -52,12 +56,30 @@ def report_startup_failure(error: StartupError) -> None:
     os.kill(os.getppid(), signal.SIGTERM)
 
 
+async def wait_for_runner(proxy: Any, serving: ServingConfig) -> None:
+    """Wait until the runner service answers ready (its preloaded models are loaded)."""
+    is_ready = getattr(proxy, "is_ready", None)
+    if is_ready is None:  # resolved in-process, outside `bentoml serve`
+        return
+    deadline = time.monotonic() + serving.runner_ready_timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # not listening yet
+            if await is_ready(timeout=5):
+                return
+        await asyncio.sleep(0.5)
+    raise StartupError(
+        "tiffin-runner", f"the runner service was not ready in {serving.runner_ready_timeout_s}s"
+    )
+
+
 def build_service(cfg: DictConfig) -> Any:
     """A BentoML service class bound to a Runtime built from `cfg`."""
     runtime = Runtime(cfg, builtins=handlers.builtin_plugins())
     server = runtime.settings.server
     app = create_app(runtime)
     log = structlog.get_logger("tiffin.service")
+    split = runtime.settings.serving.topology is Topology.split
+    runner = build_runner(runtime) if split else None
 
     @bentoml.service(
         name="tiffin",
@@ -69,6 +91,10 @@ def build_service(cfg: DictConfig) -> Any:
     class Tiffin:
         """Serves the Runtime's HTTP app; BentoML adds /livez, /readyz and /metrics."""
 
+        if runner is not None:
+            # Its own process (and GPU); BentoML starts it with this service.
+            gpu_runner = bentoml.depends(runner)
+
         def __init__(self) -> None:
             self.runtime = runtime
 
@@ -76,6 +102,9 @@ def build_service(cfg: DictConfig) -> Any:
         async def start_runtime(self) -> None:
             configure_logging(runtime.settings.logging)
             try:
+                if runner is not None:
+                    await wait_for_runner(self.gpu_runner, runtime.settings.serving)
+                    runtime.use_runner(RunnerProxyClient(self.gpu_runner))
                 await runtime.start()
             except StartupError as error:
                 log.error("startup failed", integration=error.name, reason=error.reason)

@@ -13,6 +13,7 @@ cheaply; `start()` is where connections are made.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any, cast
 
 import structlog
@@ -20,13 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 
 import hooks.builtin
 from hooks import make_plugin_manager, resolve, resolve_all
-from runtime.config import IntegrationConfig, TiffinConfig
+from runtime.config import IntegrationConfig, TiffinConfig, Topology
 from runtime.dispatch import Dispatcher, Handler
 from runtime.errors import ConfigError
 from runtime.events import BusEvent, EventBus
 from runtime.integrations import IntegrationManager, IntegrationRegistry
 from runtime.integrations.manager import Sleep
 from runtime.models import ModelRouter
+from runtime.runner import RemoteEngine, RunnerClient
 from runtime.secrets import redact
 
 
@@ -74,12 +76,24 @@ class Runtime:
             {name: route.handler for name, route in self.settings.handlers.routes.items()},
             request_timeout_s=self.settings.server.request_timeout_s,
         )
+        self.runner: RunnerClient | None = None
         self.started = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
+    def use_runner(self, client: RunnerClient) -> None:
+        """Under `serving.topology=split`: the models of `serving.runner_engines` run in the
+        runner service that `client` reaches (bentos/runner.py), not in this process."""
+        for engine in self.settings.serving.runner_engines:
+            self.engine_factories[engine] = partial(RemoteEngine, client=client)
+        self.runner = client
+
     async def start(self) -> None:
         """Start integrations (raises StartupError if a required one fails), then tell plugins."""
+        if self.settings.serving.topology is Topology.split and self.runner is None:
+            raise ConfigError(
+                "serving.topology", "split", "a runner service (serve through bentos.service)"
+            )
         self.log.info(
             "runtime starting", env=self.settings.env, integrations=self.integrations.order
         )

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,6 +47,14 @@ class IntegrationType(StrEnum):
     API = "api"
     EXTERNAL_SERVICE = "external_service"
     DEV_TOOL = "dev_tool"
+
+
+class Topology(Enum):
+    """Where GPU engines run: in the API process, or in their own BentoML runner service.
+    (A plain Enum: a str one could not have a member named `split`.)"""
+
+    embedded = "embedded"
+    split = "split"
 
 
 class LogFormat(StrEnum):
@@ -122,6 +130,19 @@ class ServerConfig:
 
 
 @dataclass
+class ServingConfig:
+    """`split`: models whose engine is in `runner_engines` run in the runner service (its own
+    process, `runner_gpus` GPUs), reached from the API service through `bentoml.depends`."""
+
+    topology: Topology = Topology.embedded
+    runner_engines: list[str] = field(default_factory=lambda: ["exllamav2"])
+    runner_gpus: int = 1
+    runner_workers: int = 1
+    # How long the API service waits at start for the runner to load its preloaded models.
+    runner_ready_timeout_s: float = 600.0
+
+
+@dataclass
 class LoggingConfig:
     level: str = "INFO"
     format: LogFormat = LogFormat.console
@@ -164,6 +185,7 @@ class HandlersConfig:
 class TiffinConfig:
     env: str = "dev"
     server: ServerConfig = field(default_factory=ServerConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)

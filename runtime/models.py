@@ -48,6 +48,8 @@ class ModelNotFound(LookupError):
 
 class QueueFull(Exception):
     def __init__(self, model: str, limit: int, retry_after: int) -> None:
+        self.model = model
+        self.limit = limit
         self.retry_after = retry_after
         super().__init__(f"{model} has {limit} requests waiting; try again in {retry_after}s")
 

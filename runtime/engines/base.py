@@ -100,6 +100,7 @@ class ContextLengthExceeded(EngineError):
     ) -> None:
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
+        self.max_tokens = max_tokens
         wanted = f" plus max_tokens {max_tokens}" if max_tokens else ""
         super().__init__(
             f"this model's maximum context length is {context_length} tokens, but the request "
