@@ -69,6 +69,7 @@ class CustomModelsIntegration(BaseIntegration):
         return model
 
     async def initialize(self) -> None:
+        self.rejected = {}  # a retry or rescan reports the files as they are now
         specs = [await asyncio.to_thread(self._resolve, model) for model in self.declared]
         used = {spec.path.resolve() for spec in specs}
         if self.scan and self.models_dir.is_dir():
@@ -114,7 +115,7 @@ class CustomModelsIntegration(BaseIntegration):
         except ModelFormatError as exc:
             raise ModelFormatError(f"model {model.id}: {exc}") from None
         if engine == "llama_cpp" and path.is_dir():
-            path = sorted(path.glob("*.gguf"))[0]
+            path = _first_gguf(path, model.id)
         return ModelSpec(config=model, path=path, engine=engine, provider=self.name)
 
     def _source_path(self, model: ModelConfig) -> Path:
@@ -167,11 +168,20 @@ class CustomModelsIntegration(BaseIntegration):
                 self.log.warning("model file skipped", file=entry.name, reason=str(exc))
                 continue
             path = (
-                sorted(entry.glob("*.gguf"))[0]
-                if engine == "llama_cpp" and entry.is_dir()
-                else entry
+                _first_gguf(entry, model_id) if engine == "llama_cpp" and entry.is_dir() else entry
             )
             found.append(
                 ModelSpec(ModelConfig(id=model_id, source=str(entry)), path, engine, self.name)
             )
         return found
+
+
+def _first_gguf(directory: Path, model_id: str) -> Path:
+    """The .gguf a llama_cpp model directory is served from (`engine` may be set by hand)."""
+    ggufs = sorted(directory.glob("*.gguf"))
+    if not ggufs:
+        raise ModelFormatError(
+            f"model {model_id}: engine llama_cpp needs a .gguf file, and {directory} has no .gguf "
+            "file; point source at the .gguf or let the engine be detected"
+        )
+    return ggufs[0]
