@@ -7,6 +7,8 @@ What is kept from the real thing, because the engine depends on it:
   that ends after the result with `eos: True`, and `await job.cancel()` asserts the job is still
   known to the generator (cancelling a finished job is an AssertionError there too).
 - The generator forgets a job when it emits its eos result and sets `job.job.is_finished`.
+- Text that may begin a stop string is held back; a `stop_token` eos emits no `text` and puts
+  the held text, followed by the stop token's piece, under `held`.
 - Result dicts: `text` (absent when there is none, and on a `stop_token` eos), `eos`,
   `eos_reason`, `new_tokens` (counting the sampled stop token), `identifier`, and with
   return_probs / return_top_tokens: token_ids [1,T], token_probs [1,T], top_k_tokens [1,T,K],
@@ -168,7 +170,7 @@ class FakeDynamicGeneratorAsync:
 
     async def _stream(self, async_job: FakeDynamicJobAsync) -> None:
         job = async_job.job
-        completion = ""
+        completion = held = ""
         for token in [*self.script, EOS_ID]:
             # Paced like a GPU slower than its consumer: one result waiting at a time.
             while not async_job.queue.empty():  # noqa: ASYNC110 (the queue is the library's)
@@ -180,16 +182,31 @@ class FakeDynamicGeneratorAsync:
             if job.identifier is not None:
                 result["identifier"] = job.identifier
             if token in job.stop_tokens:
-                # The stop token's text and logprob are not emitted with a stop_token eos.
+                # A stop_token eos emits no text: what was held back, and the stop token's own
+                # piece, go under "held".
                 result.update(eos=True, eos_reason="stop_token", eos_triggering_token_id=token)
+                if held + PIECES[token]:
+                    result["held"] = {"text": held + PIECES[token]}
             else:
-                piece = PIECES[token]
+                piece, held = held + PIECES[token], ""
                 hit = next((s for s in job.stop_strings if s in completion + piece), None)
                 if hit is not None:
                     piece = (completion + piece)[len(completion) : (completion + piece).index(hit)]
                     result.update(eos=True, eos_reason="stop_string", eos_triggering_string=hit)
                 elif job.new_tokens >= job.max_new_tokens:
                     result.update(eos=True, eos_reason="max_new_tokens")
+                else:
+                    # Hold back an ending that may grow into a stop string.
+                    size = max(
+                        (
+                            n
+                            for s in job.stop_strings
+                            for n in range(1, len(s))
+                            if piece.endswith(s[:n])
+                        ),
+                        default=0,
+                    )
+                    piece, held = piece[: len(piece) - size], piece[len(piece) - size :]
                 if piece:
                     result["text"] = piece
                 completion += piece

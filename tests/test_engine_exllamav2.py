@@ -26,6 +26,7 @@ from runtime.engines.exllamav2 import (
     ExLlamaV2Engine,
     chat_template_of,
     finish_reason,
+    held_text,
     job_fields,
     logprobs_of,
     sampler_fields,
@@ -184,7 +185,7 @@ def serve(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Served]:
         generator = FakeDynamicGeneratorAsync(script)
         tokenizer = FakeTokenizer()
         engine._generator, engine._tokenizer = generator, tokenizer
-        engine._eos_ids, engine._pieces = [EOS_ID], PIECES
+        engine._eos_ids, engine._pieces, engine._plain_pieces = [EOS_ID], PIECES, PIECES
         engine.cache_tokens, engine._context_length = cache_tokens, max_seq_len
         return Served(engine, generator, tokenizer)
 
@@ -230,6 +231,29 @@ async def test_a_stop_string_ends_with_stop_and_is_not_sent(serve: Callable[...,
     assert out.text() == "Hello world"
     assert out.finish == {0: "stop"}
     assert served.generator.made[0].stop_strings == {" END"}
+
+
+async def test_text_held_for_a_stop_string_is_sent_when_a_stop_token_ends_the_job(
+    serve: Callable[..., Served],
+) -> None:
+    # " END" may be the start of " END!", so the library holds it; then EOS is sampled.
+    served = serve(script=[3, 7])
+    out = await collect(served.engine.generate(request(prompt="Hi", stop=[" END!"])))
+    assert [c.text for c in out.chunks] == ["Hello", " END"]
+    assert out.finish == {0: "stop"}
+
+
+def test_held_text_drops_the_stop_tokens_piece_and_is_only_taken_from_stop_tokens() -> None:
+    pieces = ["a", "</s>", ""]
+    result = {"eos": True, "eos_reason": "stop_token", "eos_triggering_token_id": 1}
+    assert held_text({**result, "held": {"text": "\n</s>"}}, pieces) == "\n"
+    assert (
+        held_text({**result, "eos_triggering_token_id": 2, "held": {"text": "\n"}}, pieces) == "\n"
+    )
+    assert held_text(result, pieces) == ""
+    # After a stop string, "held" is the stop string and what followed it: never output.
+    stop_string = {"eos": True, "eos_reason": "stop_string", "held": {"text": "User: hi"}}
+    assert held_text(stop_string, pieces) == ""
 
 
 async def test_n_choices_run_as_seeded_jobs_and_usage_sums_them(

@@ -101,6 +101,18 @@ def finish_reason(result: dict[str, Any]) -> str:
     return FINISH.get(str(result.get("eos_reason", "")), "stop")
 
 
+def held_text(result: dict[str, Any], plain_pieces: Sequence[str]) -> str:
+    """Text the library was still holding back (a possible start of a stop string, or half a
+    character) when a stop token ended the job. It is not in `text` then but in
+    `held["text"]`, followed by the stop token's own piece, which is not output."""
+    if result.get("eos_reason") != "stop_token":
+        return ""  # every other eos emits the held text, and a stop string's rest is not output
+    held = str((result.get("held") or {}).get("text", ""))
+    token = result.get("eos_triggering_token_id")
+    piece = plain_pieces[token] if isinstance(token, int) and 0 <= token < len(plain_pieces) else ""
+    return held[: -len(piece)] if piece and held.endswith(piece) else held
+
+
 def logprobs_of(result: dict[str, Any], pieces: Sequence[str]) -> list[TokenLogprob]:
     """Per-token logprobs from a streaming result with return_probs/return_top_tokens."""
     if "token_ids" not in result or "token_probs" not in result:
@@ -142,6 +154,7 @@ class ExLlamaV2Engine:
         self._tokenizer: Any = None
         self._generator: Any = None
         self._pieces: list[str] = []
+        self._plain_pieces: list[str] = []  # as the generator decodes output text
         self._eos_ids: list[int] = []
         self._template: str | None = None
         # The model's max_seq_len once loaded. The cache (cache_size) may be larger, to hold
@@ -195,6 +208,7 @@ class ExLlamaV2Engine:
         tokenizer = exllamav2.ExLlamaV2Tokenizer(config)
         self._model, self._cache, self._tokenizer = model, cache, tokenizer
         self._pieces = tokenizer.get_id_to_piece_list(True)
+        self._plain_pieces = tokenizer.get_id_to_piece_list(False)
         eos = (getattr(config, "generation_config", None) or {}).get("eos_token_id") or []
         self._eos_ids = sorted({tokenizer.eos_token_id, *_as_list(eos)} - {None})
         self._template = chat_template_of(self.path, tokenizer.tokenizer_config_dict)
@@ -301,6 +315,7 @@ class ExLlamaV2Engine:
                         logprobs_of(result, self._pieces) if request.logprobs is not None else []
                     )
                     if result.get("eos"):
+                        text += held_text(result, self._plain_pieces)
                         finished = True
                         completion_total += int(result.get("new_tokens", 0))
                         last = index == request.n - 1
