@@ -281,3 +281,16 @@ async def test_llama_cpp_on_a_directory_without_gguf_says_so(
         await runtime.start()
     assert "ModelFormatError" in raised.value.reason
     assert "no .gguf file" in raised.value.reason
+
+
+async def test_a_declared_gguf_directory_is_not_offered_again_by_the_scan(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    models_dir = tmp_path / "models"
+    gguf_file(models_dir / "gemma-dir" / "gemma.gguf")
+    runtime = make_runtime(
+        *overrides(models_dir, tmp_path / "cache", "[{id:gemma,source:gemma-dir}]")
+    )
+    await runtime.start()
+    assert list(runtime.models.models) == ["gemma"]
+    assert runtime.models.get("gemma").spec.path.name == "gemma.gguf"

@@ -70,8 +70,10 @@ class CustomModelsIntegration(BaseIntegration):
 
     async def initialize(self) -> None:
         self.rejected = {}  # a retry or rescan reports the files as they are now
-        specs = [await asyncio.to_thread(self._resolve, model) for model in self.declared]
-        used = {spec.path.resolve() for spec in specs}
+        resolved = [await asyncio.to_thread(self._resolve, model) for model in self.declared]
+        specs = [spec for spec, _ in resolved]
+        # Both the source and the file served: a directory source is served from its .gguf.
+        used = {path.resolve() for spec, source in resolved for path in (spec.path, source)}
         if self.scan and self.models_dir.is_dir():
             specs += self._scan(used, {s.config.id for s in specs})
         self.specs = specs
@@ -108,15 +110,17 @@ class CustomModelsIntegration(BaseIntegration):
 
     # --- sources --------------------------------------------------------------------------------
 
-    def _resolve(self, model: ModelConfig) -> ModelSpec:
-        path = self._source_path(model)
+    def _resolve(self, model: ModelConfig) -> tuple[ModelSpec, Path]:
+        """The model's spec, and the path its source named."""
+        source = self._source_path(model)
         try:
-            engine = detect_engine(path) if model.engine == "auto" else model.engine
+            engine = detect_engine(source) if model.engine == "auto" else model.engine
         except ModelFormatError as exc:
             raise ModelFormatError(f"model {model.id}: {exc}") from None
-        if engine == "llama_cpp" and path.is_dir():
-            path = _first_gguf(path, model.id)
-        return ModelSpec(config=model, path=path, engine=engine, provider=self.name)
+        path = (
+            _first_gguf(source, model.id) if engine == "llama_cpp" and source.is_dir() else source
+        )
+        return ModelSpec(config=model, path=path, engine=engine, provider=self.name), source
 
     def _source_path(self, model: ModelConfig) -> Path:
         source = model.source
