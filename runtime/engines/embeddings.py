@@ -44,11 +44,15 @@ class SentenceTransformerEngine:
         self._consumer = asyncio.get_running_loop().create_task(self._consume())
 
     async def unload(self) -> None:
+        queue, self._queue = self._queue, None  # new calls fail from here on
         if self._consumer is not None:
             self._consumer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._consumer
         self._consumer = None
+        # Calls still queued would otherwise wait forever for a consumer that is gone.
+        while queue is not None and not queue.empty():
+            _fail([queue.get_nowait()], "the embedding model was unloaded")
         self._model = None
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -60,10 +64,11 @@ class SentenceTransformerEngine:
     async def embed(self, texts: Sequence[str]) -> Embeddings:
         if self._queue is None:
             raise EngineError("embedding model is not loaded")
+        # Counted first: the model may be unloaded while this call waits for its batch.
+        tokens = sum(len(self.tokenize(t)) for t in texts)
         future: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
         await self._queue.put((list(texts), future))
         vectors = await future
-        tokens = sum(len(self.tokenize(t)) for t in texts)
         return Embeddings(vectors=vectors, prompt_tokens=tokens)
 
     def stats(self) -> dict[str, Any]:
@@ -73,17 +78,21 @@ class SentenceTransformerEngine:
         assert self._queue is not None
         while True:
             batch = [await self._queue.get()]
-            size = len(batch[0][0])
-            deadline = time.monotonic() + self.batch_window_s
-            while size < self.batch_size:
-                remaining = deadline - time.monotonic()
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), max(remaining, 0))
-                except TimeoutError:
-                    break
-                batch.append(item)
-                size += len(item[0])
-            await self._encode(batch)
+            try:
+                size = len(batch[0][0])
+                deadline = time.monotonic() + self.batch_window_s
+                while size < self.batch_size:
+                    remaining = deadline - time.monotonic()
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), max(remaining, 0))
+                    except TimeoutError:
+                        break
+                    batch.append(item)
+                    size += len(item[0])
+                await self._encode(batch)
+            except asyncio.CancelledError:
+                _fail(batch, "the embedding model was unloaded")
+                raise
 
     async def _encode(self, batch: list[_Pending]) -> None:
         texts = [text for item, _ in batch for text in item]
@@ -96,9 +105,7 @@ class SentenceTransformerEngine:
                 convert_to_numpy=True,
             )
         except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(EngineError(f"embedding failed: {exc}"))
+            _fail(batch, f"embedding failed: {exc}")
             return
         self._batches += 1
         self._texts += len(texts)
@@ -108,3 +115,9 @@ class SentenceTransformerEngine:
             offset += len(item)
             if not future.done():
                 future.set_result([row.tolist() for row in rows])
+
+
+def _fail(batch: list[_Pending], reason: str) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(EngineError(reason))

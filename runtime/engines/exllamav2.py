@@ -83,8 +83,34 @@ def job_fields(
     return fields
 
 
+def chat_template_of(path: Path, tokenizer_config: dict[str, Any] | None) -> str | None:
+    """The checkpoint's chat template. transformers has saved it to `chat_template.jinja` since
+    4.43, and exllamav2 reads only tokenizer_config.json, so both places are looked at; a list
+    of named templates (the older multi-template form) yields its `default` one."""
+    template = (tokenizer_config or {}).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if isinstance(template, str) and template:
+        return template
+    jinja = path / "chat_template.jinja"
+    return jinja.read_text() if jinja.is_file() else None
+
+
 def finish_reason(result: dict[str, Any]) -> str:
     return FINISH.get(str(result.get("eos_reason", "")), "stop")
+
+
+def held_text(result: dict[str, Any], plain_pieces: Sequence[str]) -> str:
+    """Text the library was still holding back (a possible start of a stop string, or half a
+    character) when a stop token ended the job. It is not in `text` then but in
+    `held["text"]`, followed by the stop token's own piece, which is not output."""
+    if result.get("eos_reason") != "stop_token":
+        return ""  # every other eos emits the held text, and a stop string's rest is not output
+    held = str((result.get("held") or {}).get("text", ""))
+    token = result.get("eos_triggering_token_id")
+    piece = plain_pieces[token] if isinstance(token, int) and 0 <= token < len(plain_pieces) else ""
+    return held[: -len(piece)] if piece and held.endswith(piece) else held
 
 
 def logprobs_of(result: dict[str, Any], pieces: Sequence[str]) -> list[TokenLogprob]:
@@ -128,8 +154,12 @@ class ExLlamaV2Engine:
         self._tokenizer: Any = None
         self._generator: Any = None
         self._pieces: list[str] = []
+        self._plain_pieces: list[str] = []  # as the generator decodes output text
         self._eos_ids: list[int] = []
         self._template: str | None = None
+        # The model's max_seq_len once loaded. The cache (cache_size) may be larger, to hold
+        # several requests at once, but one sequence may not outgrow the model's positions.
+        self._context_length = config.context_length
         self.active_jobs = 0
 
     async def load(self) -> None:
@@ -178,9 +208,11 @@ class ExLlamaV2Engine:
         tokenizer = exllamav2.ExLlamaV2Tokenizer(config)
         self._model, self._cache, self._tokenizer = model, cache, tokenizer
         self._pieces = tokenizer.get_id_to_piece_list(True)
+        self._plain_pieces = tokenizer.get_id_to_piece_list(False)
         eos = (getattr(config, "generation_config", None) or {}).get("eos_token_id") or []
         self._eos_ids = sorted({tokenizer.eos_token_id, *_as_list(eos)} - {None})
-        self._template = (tokenizer.tokenizer_config_dict or {}).get("chat_template")
+        self._template = chat_template_of(self.path, tokenizer.tokenizer_config_dict)
+        self._context_length = int(config.max_seq_len)
 
     async def unload(self) -> None:
         if self._generator is not None:
@@ -209,6 +241,7 @@ class ExLlamaV2Engine:
             "engine": "exllamav2",
             "cache_tokens": self.cache_tokens,
             "cache_type": self.cache_type,
+            "context_length": self.context_limit,
             "active_jobs": self.active_jobs,
         }
         try:
@@ -223,6 +256,11 @@ class ExLlamaV2Engine:
         if self._cache is not None:
             stats["cache_bytes"] = sum(self._cache.footprint())
         return stats
+
+    @property
+    def context_limit(self) -> int:
+        """Prompt plus completion tokens one request may use."""
+        return min(self._context_length, self.cache_tokens)
 
     def prompt_ids(self, request: GenerationRequest) -> Any:
         if request.messages is not None:
@@ -252,10 +290,12 @@ class ExLlamaV2Engine:
 
         ids = self.prompt_ids(request)
         prompt_tokens = int(ids.shape[-1])
-        room = self.cache_tokens - prompt_tokens - 1
-        # Checked here: a job the generator rejects at enqueue time wedges its queue.
+        limit = self.context_limit
+        room = limit - prompt_tokens
+        # Checked here: a job the generator rejects at enqueue time wedges its queue, and one
+        # longer than the model's max_seq_len runs past its position embeddings.
         if room <= 0 or (request.max_tokens is not None and request.max_tokens > room):
-            raise ContextLengthExceeded(prompt_tokens, self.cache_tokens, request.max_tokens)
+            raise ContextLengthExceeded(prompt_tokens, limit, request.max_tokens)
         budget = request.max_tokens if request.max_tokens is not None else room
         settings = ExLlamaV2Sampler.Settings(**sampler_fields(request))
         completion_total = 0
@@ -275,6 +315,7 @@ class ExLlamaV2Engine:
                         logprobs_of(result, self._pieces) if request.logprobs is not None else []
                     )
                     if result.get("eos"):
+                        text += held_text(result, self._plain_pieces)
                         finished = True
                         completion_total += int(result.get("new_tokens", 0))
                         last = index == request.n - 1

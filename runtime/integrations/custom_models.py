@@ -69,8 +69,11 @@ class CustomModelsIntegration(BaseIntegration):
         return model
 
     async def initialize(self) -> None:
-        specs = [await asyncio.to_thread(self._resolve, model) for model in self.declared]
-        used = {spec.path.resolve() for spec in specs}
+        self.rejected = {}  # a retry or rescan reports the files as they are now
+        resolved = [await asyncio.to_thread(self._resolve, model) for model in self.declared]
+        specs = [spec for spec, _ in resolved]
+        # Both the source and the file served: a directory source is served from its .gguf.
+        used = {path.resolve() for spec, source in resolved for path in (spec.path, source)}
         if self.scan and self.models_dir.is_dir():
             specs += self._scan(used, {s.config.id for s in specs})
         self.specs = specs
@@ -107,15 +110,17 @@ class CustomModelsIntegration(BaseIntegration):
 
     # --- sources --------------------------------------------------------------------------------
 
-    def _resolve(self, model: ModelConfig) -> ModelSpec:
-        path = self._source_path(model)
+    def _resolve(self, model: ModelConfig) -> tuple[ModelSpec, Path]:
+        """The model's spec, and the path its source named."""
+        source = self._source_path(model)
         try:
-            engine = detect_engine(path) if model.engine == "auto" else model.engine
+            engine = detect_engine(source) if model.engine == "auto" else model.engine
         except ModelFormatError as exc:
             raise ModelFormatError(f"model {model.id}: {exc}") from None
-        if engine == "llama_cpp" and path.is_dir():
-            path = sorted(path.glob("*.gguf"))[0]
-        return ModelSpec(config=model, path=path, engine=engine, provider=self.name)
+        path = (
+            _first_gguf(source, model.id) if engine == "llama_cpp" and source.is_dir() else source
+        )
+        return ModelSpec(config=model, path=path, engine=engine, provider=self.name), source
 
     def _source_path(self, model: ModelConfig) -> Path:
         source = model.source
@@ -167,11 +172,20 @@ class CustomModelsIntegration(BaseIntegration):
                 self.log.warning("model file skipped", file=entry.name, reason=str(exc))
                 continue
             path = (
-                sorted(entry.glob("*.gguf"))[0]
-                if engine == "llama_cpp" and entry.is_dir()
-                else entry
+                _first_gguf(entry, model_id) if engine == "llama_cpp" and entry.is_dir() else entry
             )
             found.append(
                 ModelSpec(ModelConfig(id=model_id, source=str(entry)), path, engine, self.name)
             )
         return found
+
+
+def _first_gguf(directory: Path, model_id: str) -> Path:
+    """The .gguf a llama_cpp model directory is served from (`engine` may be set by hand)."""
+    ggufs = sorted(directory.glob("*.gguf"))
+    if not ggufs:
+        raise ModelFormatError(
+            f"model {model_id}: engine llama_cpp needs a .gguf file, and {directory} has no .gguf "
+            "file; point source at the .gguf or let the engine be detected"
+        )
+    return ggufs[0]

