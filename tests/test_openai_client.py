@@ -14,6 +14,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from tests.conftest import ROOT
 from tests.served import Served
 
 pytestmark = pytest.mark.slow
@@ -208,3 +209,11 @@ def test_aborted_streams_free_the_model(served: Served, client: OpenAI) -> None:
         assert reply.usage is not None and reply.usage.completion_tokens <= 3
         card = http.get(f"/v1/models/{CHAT_MODEL}").json()
         assert card["state"] == "loaded"
+
+
+def test_the_readme_example_runs(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "http://127.0.0.1:3000/v1" in example
+    exec(example.replace("http://127.0.0.1:3000", served.url), {})
+    assert capsys.readouterr().out.strip()
