@@ -154,6 +154,10 @@ class Runtime:
                     if route.http is not None
                 },
             },
+            "serving": {
+                "topology": self.settings.serving.topology.value,
+                "runner_engines": list(self.settings.serving.runner_engines),
+            },
             "workers": server.workers,
             "plugins": sorted(name for name, _ in self.plugins.list_name_plugin()),
         }

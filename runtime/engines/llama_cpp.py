@@ -184,7 +184,7 @@ class LlamaCppEngine:
 
         llm = self._llm
         template = llm.metadata.get("tokenizer.chat_template")
-        if template and not self.config.chat_format:
+        if template:  # the weights' own format wins; chat_format is the fallback
             eos, bos = llm.token_eos(), llm.token_bos()
             return llama_chat_format.Jinja2ChatFormatter(
                 template=template,
