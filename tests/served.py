@@ -20,6 +20,18 @@ class Served:
         self.log = log
 
     @classmethod
+    def start_default_models(cls, workdir: Path, *overrides: str) -> Served:
+        """The default config's packaged models (env=test), with the assembled GGUF kept in
+        `workdir` and no models_dir to scan."""
+        return cls.start(
+            workdir,
+            "env=test",
+            f"integrations.custom_models.settings.cache_dir={workdir / 'models'}",
+            f"integrations.custom_models.settings.models_dir={workdir / 'none'}",
+            *overrides,
+        )
+
+    @classmethod
     def start(cls, workdir: Path, *overrides: str) -> Served:
         """Serve with `overrides` on a free port, logging to a file in `workdir`."""
         port = free_port()

@@ -26,12 +26,7 @@ EMBEDDING_MODEL = "all-minilm-l6-v2"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     workdir: Path = tmp_path_factory.mktemp("served")
-    served = Served.start(
-        workdir,
-        "env=test",
-        f"integrations.custom_models.settings.cache_dir={workdir / 'models'}",
-        f"integrations.custom_models.settings.models_dir={workdir / 'none'}",
-    )
+    served = Served.start_default_models(workdir)
     try:
         served.wait_for("/readyz", 200, timeout=180)
         yield served

@@ -165,11 +165,8 @@ async def test_split_without_a_runner_refuses_to_start(make_runtime: MakeRuntime
 
 @pytest.mark.slow
 def test_served_split_topology_runs_the_model_in_the_runner_service(tmp_path: Path) -> None:
-    served = Served.start(
+    served = Served.start_default_models(
         tmp_path,
-        "env=test",
-        f"integrations.custom_models.settings.cache_dir={tmp_path / 'models'}",
-        f"integrations.custom_models.settings.models_dir={tmp_path / 'none'}",
         *SPLIT,
     )
     try:
