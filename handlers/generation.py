@@ -18,6 +18,7 @@ from runtime.engines.base import (
     ContextLengthExceeded,
     EngineError,
     GenerationRequest,
+    ProviderError,
     TokenLogprob,
     UnsupportedRequest,
     Usage,
@@ -103,6 +104,8 @@ def error_for(exc: Exception) -> HandlerError:
         )
     if isinstance(exc, ContextLengthExceeded):
         return HandlerError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, ProviderError):
+        return HandlerError(exc.status, str(exc), type=exc.type, code=exc.code, param=exc.param)
     if isinstance(exc, UnsupportedRequest):
         return HandlerError(400, str(exc), param=exc.param, code="unsupported_parameter")
     if isinstance(exc, GenerationTimeout):
@@ -120,6 +123,7 @@ class Outcome:
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     finish: dict[int, str] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
+    model: str = ""  # the model that answered: the requested one, or one of its fallbacks
     cost: float = 0.0
     error: str | None = None
 
@@ -154,6 +158,7 @@ async def start_generation(
     except Exception as exc:
         await stream.aclose()  # type: ignore[attr-defined]
         raise error_for(exc) from None
+    outcome.model = first.model if first is not None and first.model else request.model
 
     async def chunks() -> AsyncIterator[Chunk]:
         try:

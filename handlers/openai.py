@@ -53,10 +53,11 @@ async def chat_completions(event: Event, ctx: Context) -> Any:
         else None,
         tools=body.tools,
         request_id=event.request_id,
+        stream=body.stream,
         **values,
     )
     chunks, outcome = await start_generation(ctx, request)
-    meta = shapes.Meta(f"chatcmpl-{event.request_id}", int(time.time()), model.id)
+    meta = shapes.Meta(f"chatcmpl-{event.request_id}", int(time.time()), outcome.model)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return shapes.chat_stream(chunks, outcome, meta, body.n, include_usage)
@@ -70,7 +71,6 @@ async def completions(event: Event, ctx: Context) -> Any:
     model = resolve_model(ctx, body.model, COMPLETION)
     values = sampling(model, body)
     prompts = body.prompts()
-    meta = shapes.Meta(f"cmpl-{event.request_id}", int(time.time()), model.id)
     runs = []
     for offset, prompt in enumerate(prompts):
         request = GenerationRequest(
@@ -80,9 +80,12 @@ async def completions(event: Event, ctx: Context) -> Any:
             n=body.n,
             logprobs=body.logprobs,
             request_id=event.request_id,
+            stream=body.stream,
             **values,
         )
         runs.append((offset * body.n, prompt, await start_generation(ctx, request)))
+    answered = runs[0][2][1].model  # the requested model, or the fallback that answered
+    meta = shapes.Meta(f"cmpl-{event.request_id}", int(time.time()), answered)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return shapes.completion_stream(runs, meta, body.echo, include_usage)

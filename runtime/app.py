@@ -98,10 +98,11 @@ class Runtime:
             "runtime starting", env=self.settings.env, integrations=self.integrations.order
         )
         await self.integrations.start_all()
-        for integration in self.integrations.integrations.values():
-            offer = getattr(integration, "models", None)
-            if callable(offer) and integration.initialized:
-                self.models.register_all(offer())
+        for name in self.integrations.order:
+            await self._offer_models(name)
+        # A platform that comes up later, or whose model list changes, is synced as it happens.
+        for pattern in ("integration.started", "integration.recovered", "models.changed"):
+            self.events.subscribe(pattern, self._on_models_event)
         await self.models.start()
         self.started = True
         await resolve_all(self.plugins.hook.runtime_started(runtime=self))
@@ -194,6 +195,19 @@ class Runtime:
                     f"a registered handler: {', '.join(sorted(found)) or '(none)'}",
                 )
         return found
+
+    async def _offer_models(self, name: str) -> None:
+        """Register the models a model-platform integration offers (its `models()`)."""
+        integration = self.integrations.integrations.get(name)
+        offer = getattr(integration, "models", None)
+        if integration is not None and callable(offer) and integration.initialized:
+            await self.models.sync(name, offer())
+
+    async def _on_models_event(self, event: BusEvent) -> None:
+        # integration.* events name the integration in data; models.changed comes from it.
+        name = event.data.get("name") if event.source == "integrations" else event.source
+        if self.started and isinstance(name, str):
+            await self._offer_models(name)
 
     async def _forward_event(self, event: BusEvent) -> None:
         await resolve_all(self.plugins.hook.on_event(event=event))

@@ -101,6 +101,8 @@ class ModelConfig:
     # auto: from the files (.gguf -> llama_cpp, HF dir -> transformers, EXL2/GPTQ -> exllamav2).
     engine: str = "auto"
     aliases: list[str] = field(default_factory=list)
+    # Model ids tried in order when this one's provider fails before the first token.
+    fallbacks: list[str] = field(default_factory=list)
     # Prompt format when the weights carry no chat template (llama.cpp names: gemma, chatml...).
     chat_format: str | None = None
     context_length: int = 4096

@@ -13,6 +13,7 @@ import contextlib
 import difflib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from enum import StrEnum
 from typing import Any
 
@@ -20,11 +21,14 @@ import structlog
 
 from runtime.engines.base import (
     Chunk,
+    ContextLengthExceeded,
     Embeddings,
     Engine,
     EngineError,
     GenerationRequest,
     ModelSpec,
+    ProviderError,
+    UnsupportedRequest,
 )
 from runtime.events import BusEvent, EventBus
 
@@ -58,6 +62,15 @@ class GenerationTimeout(EngineError):
     pass
 
 
+def _worth_a_fallback(exc: Exception) -> bool:
+    """Provider trouble (down, overloaded, failing) is; a request it rightly refused is not."""
+    if isinstance(exc, ContextLengthExceeded | UnsupportedRequest | ModelNotFound):
+        return False
+    if isinstance(exc, ProviderError):
+        return exc.retryable
+    return isinstance(exc, EngineError | QueueFull)
+
+
 class LocalModel:
     """One local model: its engine (once loaded), its state and its queue."""
 
@@ -79,6 +92,8 @@ class LocalModel:
     def capabilities(self) -> frozenset[str]:
         if self.engine is not None:
             return self.engine.capabilities
+        if self.spec.capabilities is not None:
+            return self.spec.capabilities
         from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS
 
         return frozenset({EMBEDDINGS} if self.spec.engine == "embeddings" else {CHAT, COMPLETION})
@@ -160,7 +175,7 @@ class ModelRouter:
     # --- registration -------------------------------------------------------------------------
 
     def register(self, spec: ModelSpec) -> LocalModel:
-        factory = self._factories.get(spec.engine)
+        factory = spec.factory or self._factories.get(spec.engine)
         if factory is None:
             raise EngineError(
                 f"no engine {spec.engine!r} for model {spec.config.id}; "
@@ -175,6 +190,19 @@ class ModelRouter:
     def register_all(self, specs: Iterable[ModelSpec]) -> None:
         for spec in specs:
             self.register(spec)
+
+    async def sync(self, provider: str, specs: Iterable[ModelSpec]) -> None:
+        """Make `provider`'s models exactly `specs` (a platform's list changes while serving):
+        new ones are registered, vanished ones unloaded and dropped, the rest kept as they are."""
+        offered = {spec.config.id: spec for spec in specs}
+        for model_id, model in list(self._models.items()):
+            if model.spec.provider == provider and model_id not in offered:
+                await model.unload()
+                del self._models[model_id]
+                self._aliases = {a: m for a, m in self._aliases.items() if m != model_id}
+        for model_id, spec in offered.items():
+            if model_id not in self._models:
+                self.register(spec)
 
     # --- lookup -------------------------------------------------------------------------------
 
@@ -204,9 +232,37 @@ class ModelRouter:
     # --- work ---------------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Stream chunks for `request`. Raises ModelNotFound, QueueFull, EngineError (and
-        ContextLengthExceeded) before the first chunk; GenerationTimeout when the model's
-        `timeout_s` runs out. Closing the iterator stops the generation."""
+        """Stream chunks for `request`, each stamped with the model that answered. Raises
+        ModelNotFound, QueueFull, EngineError (and ContextLengthExceeded) before the first
+        chunk; GenerationTimeout when the model's `timeout_s` runs out. When the model fails
+        before its first chunk for a reason that is not the request's fault, its `fallbacks`
+        are tried in order. Closing the iterator stops the generation."""
+        chosen = self.get(request.model)
+        candidates = [chosen.id, *chosen.spec.config.fallbacks]
+        for position, model_id in enumerate(candidates):
+            attempt = replace(request, model=self.get(model_id).id)
+            stream = self._generate_on(attempt)
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                await stream.aclose()  # type: ignore[attr-defined]
+                if position == len(candidates) - 1 or not _worth_a_fallback(exc):
+                    raise
+                self._log.warning(
+                    "falling back", model=model_id, to=candidates[position + 1], error=str(exc)
+                )
+                continue
+            try:
+                yield first
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+            return
+
+    async def _generate_on(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         model = self.get(request.model)
         model.admit()
         try:
@@ -224,6 +280,7 @@ class ModelRouter:
                         limit = model.spec.config.timeout_s
                         message = f"generation on {model.id} took longer than {limit}s"
                         raise GenerationTimeout(message) from None
+                    chunk.model = model.id
                     yield chunk
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]

@@ -84,6 +84,7 @@ def chunk_from_record(record: dict[str, Any]) -> Chunk:
         ],
         finish_reason=record.get("finish_reason"),
         usage=Usage(**usage) if usage else None,
+        model=str(record.get("model", "")),
     )
 
 

@@ -59,7 +59,8 @@ def test_plan_takes_key_overrides() -> None:
     [
         (
             ["integrations=ollama,grafana"],
-            "tiffin: config error: integrations: got 'ollama', expected one of: custom_models",
+            "tiffin: config error: integrations: got 'ollama', "
+            "expected one of: custom_models, openai_compatible",
         ),
         (
             [*TEST_OVERRIDES, "integrations=cache", "integrations.db.dependencies=[cache]"],

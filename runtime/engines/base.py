@@ -7,7 +7,7 @@ of Chunks; closing it (or abandoning it) stops the work and frees the engine.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -21,12 +21,17 @@ EMBEDDINGS = "embeddings"
 
 @dataclass
 class ModelSpec:
-    """A local model ready to be loaded: its config, its files, and the engine that serves it."""
+    """A servable model: its config, its files (local models), and the engine that serves it.
+    A model-platform integration's models bring their own engine `factory` (a client of the
+    platform); local ones are built by the engine registered under `engine`."""
 
     config: ModelConfig
     path: Path
     engine: str
     provider: str = "custom_models"
+    factory: Callable[[ModelSpec], Engine] | None = None
+    # What it can do before it is loaded (a platform knows; for local ones the engine says).
+    capabilities: frozenset[str] | None = None
 
 
 @dataclass
@@ -52,6 +57,9 @@ class GenerationRequest:
     json_mode: bool = False
     tools: list[dict[str, Any]] | None = None
     request_id: str = ""
+    # Whether the client reads a stream. Local engines stream either way; a remote provider
+    # may answer a whole response in one call (and report exact usage).
+    stream: bool = True
 
 
 @dataclass
@@ -72,6 +80,7 @@ class Chunk:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length"
     usage: Usage | None = None
+    model: str = ""  # the model that answered (set by the router; a fallback may answer)
 
 
 @dataclass
@@ -106,6 +115,30 @@ class ContextLengthExceeded(EngineError):
             f"this model's maximum context length is {context_length} tokens, but the request "
             f"needs {prompt_tokens} prompt tokens{wanted}"
         )
+
+
+class ProviderError(EngineError):
+    """A remote provider refused or failed a request; its status and OpenAI-style fields are
+    passed on to the client (`retryable`: worth trying again, or another provider)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "server_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        self.status = status
+        self.type = type
+        self.code = code
+        self.param = param
+        super().__init__(message)
+
+    @property
+    def retryable(self) -> bool:
+        return self.status >= 500 or self.status in (408, 429)
 
 
 class UnsupportedRequest(EngineError):

@@ -38,10 +38,13 @@ class Health:
     latency_s: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
     checked_at: float = field(default_factory=time.time)
+    # Working, but not fully (e.g. a circuit breaker open on its upstream): status `degraded`.
+    degraded: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "healthy": self.healthy,
+            "degraded": self.degraded,
             "detail": redact_text(self.detail),
             "latency_s": round(self.latency_s, 6),
             "checked_at": self.checked_at,

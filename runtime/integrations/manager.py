@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -237,9 +238,7 @@ class IntegrationManager:
         except Exception as exc:
             return Health(False, f"{type(exc).__name__}: {exc}", time.perf_counter() - started)
         if not health.latency_s:
-            health = Health(
-                health.healthy, health.detail, time.perf_counter() - started, health.data
-            )
+            health = replace(health, latency_s=time.perf_counter() - started)
         return health
 
     async def _watch_health(self, name: str) -> None:
@@ -274,12 +273,15 @@ class IntegrationManager:
                 self._integrations[d].status is IntegrationStatus.active for d in self.graph[name]
             )
             deps_up = all(self._integrations[d].status in UP for d in self.graph[name])
-            healthy = integration.last_health is None or integration.last_health.healthy
+            health = integration.last_health
+            healthy = health is None or health.healthy
             if integration.initialized:
                 if not healthy:
                     status = IntegrationStatus.error
+                elif deps_active and not (health and health.degraded):
+                    status = IntegrationStatus.active
                 else:
-                    status = IntegrationStatus.active if deps_active else IntegrationStatus.degraded
+                    status = IntegrationStatus.degraded
             elif name in self._failed:
                 status = IntegrationStatus.error
             elif not deps_up:

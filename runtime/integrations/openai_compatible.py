@@ -1,0 +1,146 @@
+"""openai_compatible: any server that speaks OpenAI's API (vLLM, llama.cpp's server, LocalAI,
+text-generation-webui, OpenAI itself) behind Tiffin.
+
+Its models come from the upstream's `/v1/models`, re-read at every health check; each is
+served as `<model_prefix><upstream id>` (prefix `<name>/` by default), with per-model aliases,
+fallbacks and defaults from `settings.models`. Several upstreams are several config files with
+this `_target_` (the file name is the instance's name). A circuit breaker guards the upstream:
+while it is open, requests fail fast and the integration reports `degraded`; it closes again
+by itself once the upstream answers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+from omegaconf import OmegaConf
+
+from runtime.config import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
+from runtime.engines.base import ModelSpec
+from runtime.events import EventBus
+from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.circuit import CircuitBreaker
+from runtime.integrations.openai_upstream import UpstreamEngine
+
+DEFAULT_OPENAICOMPATIBLEINTEGRATION_CONFIG = IntegrationConfig(
+    _target_="runtime.integrations.openai_compatible.OpenAICompatibleIntegration",
+    name="openai_compatible",
+    type=IntegrationType.model_platform,
+    priority=40,
+    health_check_interval=30.0,
+    retry_config=RetryConfig(max_retries=3, backoff_factor=2.0, max_backoff=60.0),
+    settings={
+        "base_url": "http://localhost:8080/v1",
+        "api_key": "",
+        "timeout": 300.0,
+        "connect_timeout": 5.0,
+        "max_retries": 2,
+        "retry_backoff_s": 0.2,
+        "circuit": {"failure_threshold": 5, "reset_after_s": 30.0},
+        "models": {},
+    },
+)
+
+
+class OpenAICompatibleIntegration(BaseIntegration):
+    """Offers an OpenAI-compatible upstream's models to the ModelRouter."""
+
+    def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
+        super().__init__(config, bus)
+        settings = self.settings
+        self.base_url = str(settings.get("base_url", "")).rstrip("/")
+        self.prefix = str(settings.get("model_prefix") or f"{self.name}/")
+        self.max_retries = int(settings.get("max_retries", 2))
+        self.retry_backoff_s = float(settings.get("retry_backoff_s", 0.2))
+        circuit = dict(settings.get("circuit") or {})
+        self.circuit = CircuitBreaker(
+            int(circuit.get("failure_threshold", 5)), float(circuit.get("reset_after_s", 30.0))
+        )
+        self.overrides: dict[str, Any] = dict(settings.get("models") or {})
+        self._client: httpx.AsyncClient | None = None
+        self.upstream_models: list[str] = []
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError(f"{self.name} is not initialized")
+        return self._client
+
+    async def initialize(self) -> None:
+        key = str(self.settings.get("api_key") or "")
+        timeout = float(self.settings.get("timeout", 300.0))
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={"authorization": f"Bearer {key}"} if key else {},
+            timeout=httpx.Timeout(timeout, connect=float(self.settings.get("connect_timeout", 5))),
+        )
+        try:
+            self.upstream_models = await self._list_models()
+        except Exception:
+            await self.shutdown()
+            raise
+
+    async def health_check(self) -> Health:
+        """Re-reads the model list. An upstream that does not answer trips the circuit and
+        leaves the integration `degraded` (its models fail fast), not stopped."""
+        try:
+            found = await self._list_models()
+        except (httpx.HTTPError, ValueError) as exc:
+            self.circuit.failure()
+            detail = f"upstream not answering: {type(exc).__name__}: {exc}"
+            return Health(True, detail, degraded=True, data=self._health_data())
+        self.circuit.success()
+        if found != self.upstream_models:
+            self.upstream_models = found
+            await self.emit("models.changed", {"models": self.model_ids()})
+        return Health(True, f"{len(found)} models", data=self._health_data())
+
+    async def shutdown(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+        self._client = None
+
+    def _health_data(self) -> dict[str, Any]:
+        return {"circuit": self.circuit.state.value, "failures": self.circuit.failures}
+
+    async def _list_models(self) -> list[str]:
+        response = await self.client.get("/models", timeout=10.0)
+        response.raise_for_status()
+        return sorted(str(item["id"]) for item in response.json()["data"])
+
+    # --- models -------------------------------------------------------------------------------
+
+    def model_ids(self) -> list[str]:
+        return [self.prefix + upstream_id for upstream_id in self.upstream_models]
+
+    def models(self) -> list[ModelSpec]:
+        return [self._spec(upstream_id) for upstream_id in self.upstream_models]
+
+    def _spec(self, upstream_id: str) -> ModelSpec:
+        extra = self.overrides.get(upstream_id) or {}
+        node = OmegaConf.merge(
+            OmegaConf.structured(ModelConfig),
+            {"id": self.prefix + upstream_id, "source": f"{self.base_url}#{upstream_id}"},
+            extra,
+        )
+        config: ModelConfig = OmegaConf.to_object(node)  # type: ignore[assignment]
+
+        def engine(spec: ModelSpec) -> UpstreamEngine:
+            return UpstreamEngine(spec, self, upstream_id)
+
+        return ModelSpec(
+            config,
+            Path(upstream_id),
+            "openai_compatible",
+            self.name,
+            factory=engine,
+            capabilities=UpstreamEngine.capabilities,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        described["models"] = self.model_ids()
+        described["circuit"] = self._health_data()
+        return described

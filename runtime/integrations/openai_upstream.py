@@ -1,0 +1,252 @@
+"""An OpenAI-compatible upstream's model behind the Engine protocol: requests go out as OpenAI
+JSON, streamed answers come back as server-sent events and become Chunks.
+
+Failures before the first token are retried (transport errors, 5xx, 429) and counted by the
+upstream's circuit breaker; an open circuit fails fast. A failure after the first token ends
+the stream with a ProviderError: what was sent cannot be taken back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from runtime.engines.base import (
+    CHAT,
+    COMPLETION,
+    EMBEDDINGS,
+    Chunk,
+    Embeddings,
+    EngineError,
+    GenerationRequest,
+    ModelSpec,
+    ProviderError,
+    TokenLogprob,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from runtime.integrations.openai_compatible import OpenAICompatibleIntegration
+
+# llama.cpp's knobs that OpenAI lacks; sent only when set, since strict upstreams reject them.
+EXTRA_NEUTRAL = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
+
+
+def request_body(request: GenerationRequest, upstream_model: str) -> dict[str, Any]:
+    """The OpenAI request for a GenerationRequest (streamed with usage when the client
+    streams; whole otherwise)."""
+    body: dict[str, Any] = {
+        "model": upstream_model,
+        "stream": request.stream,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+        "n": request.n,
+    }
+    if request.stream:
+        body["stream_options"] = {"include_usage": True}
+    for name, neutral in EXTRA_NEUTRAL.items():
+        if getattr(request, name) != neutral:
+            body[name] = getattr(request, name)
+    optional = {"max_tokens": request.max_tokens, "seed": request.seed, "stop": request.stop}
+    body.update({k: v for k, v in optional.items() if v})
+    if request.messages is not None:
+        body["messages"] = request.messages
+        if request.logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = request.logprobs
+        if request.json_schema is not None:
+            schema = {"name": "response", "schema": request.json_schema}
+            body["response_format"] = {"type": "json_schema", "json_schema": schema}
+        elif request.json_mode:
+            body["response_format"] = {"type": "json_object"}
+        if request.tools:
+            body["tools"] = request.tools
+    else:
+        body["prompt"] = request.prompt or ""
+        if request.logprobs is not None:
+            body["logprobs"] = request.logprobs
+    return body
+
+
+def chunks_of(event: dict[str, Any]) -> list[Chunk]:
+    """The Chunks in one streamed event, or in a whole response (chat or text completion)."""
+    if isinstance(event.get("error"), dict):
+        raise provider_error(502, event)
+    found = []
+    for choice in event.get("choices") or []:
+        # A stream's delta, a whole chat response's message, or a text completion's text.
+        message = choice.get("delta", choice.get("message"))
+        text = (message or {}).get("content") if message is not None else choice.get("text")
+        found.append(
+            Chunk(
+                index=int(choice.get("index", 0)),
+                text=text or "",
+                logprobs=_logprobs(choice.get("logprobs")),
+                finish_reason=choice.get("finish_reason"),
+            )
+        )
+    usage = event.get("usage")
+    if usage:
+        found.append(Chunk(usage=Usage(usage["prompt_tokens"], usage["completion_tokens"])))
+    return found
+
+
+def _logprobs(value: Any) -> list[TokenLogprob]:
+    if not isinstance(value, dict):
+        return []
+    if isinstance(value.get("content"), list):  # chat
+        return [
+            TokenLogprob(
+                token=item["token"],
+                logprob=float(item["logprob"]),
+                bytes=item.get("bytes"),
+                top=[(t["token"], float(t["logprob"])) for t in item.get("top_logprobs") or []],
+            )
+            for item in value["content"]
+        ]
+    tokens = value.get("tokens") or []  # text completions
+    logprobs = value.get("token_logprobs") or []
+    tops = value.get("top_logprobs") or [None] * len(tokens)
+    return [
+        TokenLogprob(token=t, logprob=float(lp or 0.0), top=list((top or {}).items()))
+        for t, lp, top in zip(tokens, logprobs, tops, strict=False)
+    ]
+
+
+def provider_error(status: int, body: Any) -> ProviderError:
+    """An upstream's error body (OpenAI's shape, FastAPI's `detail`, or text) as ProviderError."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return ProviderError(
+            status,
+            str(error.get("message") or error),
+            type=str(error.get("type") or _type_for(status)),
+            code=error.get("code"),
+            param=error.get("param"),
+        )
+    detail = body.get("detail") if isinstance(body, dict) else body
+    return ProviderError(status, str(detail or f"HTTP {status}")[:500], type=_type_for(status))
+
+
+def _type_for(status: int) -> str:
+    return "invalid_request_error" if 400 <= status < 500 else "server_error"
+
+
+class UpstreamEngine:
+    """One model of an OpenAI-compatible upstream."""
+
+    capabilities = frozenset({CHAT, COMPLETION, EMBEDDINGS})
+
+    def __init__(
+        self, spec: ModelSpec, upstream: OpenAICompatibleIntegration, upstream_model: str
+    ) -> None:
+        self.spec = spec
+        self.upstream = upstream
+        self.upstream_model = upstream_model  # the upstream's own id for the model
+
+    async def load(self) -> None:
+        return None  # the upstream holds the weights
+
+    async def unload(self) -> None:
+        return None
+
+    def tokenize(self, text: str) -> list[int]:
+        raise EngineError(f"{self.spec.config.id} is served by {self.upstream.name}; no tokenizer")
+
+    def stats(self) -> dict[str, Any]:
+        return {"provider": self.upstream.name, "circuit": self.upstream.circuit.state.value}
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        path = "/chat/completions" if request.messages is not None else "/completions"
+        response = await self._open(path, request_body(request, self.upstream_model))
+        try:
+            if not request.stream:
+                for chunk in chunks_of(json.loads(await response.aread())):
+                    yield chunk
+                return
+            pieces, usage_seen, done = 0, False, False
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                for chunk in chunks_of(json.loads(data)):
+                    pieces += bool(chunk.text)
+                    usage_seen |= chunk.usage is not None
+                    yield chunk
+            if not done:  # the connection closed cleanly, but the answer is cut off
+                raise httpx.RemoteProtocolError("the stream ended before [DONE]")
+            if not usage_seen:
+                # Some servers ignore include_usage; they send a piece per token, so that count
+                # is the completion estimate (the prompt's size stays unknown).
+                yield Chunk(usage=Usage(0, pieces))
+        except (httpx.HTTPError, json.JSONDecodeError) as exc:
+            self.upstream.circuit.failure()
+            raise ProviderError(
+                502,
+                f"{self.upstream.name} failed mid-stream: {type(exc).__name__}: {exc}",
+                code="upstream_error",
+            ) from None
+        finally:
+            await response.aclose()
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
+        body = {"model": self.upstream_model, "input": list(texts)}
+        response = await self._open("/embeddings", body)
+        try:
+            payload = json.loads(await response.aread())
+        finally:
+            await response.aclose()
+        vectors = [item["embedding"] for item in sorted(payload["data"], key=lambda d: d["index"])]
+        usage = payload.get("usage") or {}
+        return Embeddings(vectors=vectors, prompt_tokens=int(usage.get("prompt_tokens", 0)))
+
+    async def _open(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        """Send the request and return the response once its status is a success, retrying
+        what is worth retrying. Raises ProviderError."""
+        upstream = self.upstream
+        attempts = upstream.max_retries + 1
+        for attempt in range(attempts):
+            if not upstream.circuit.allow():
+                raise ProviderError(
+                    503,
+                    f"{upstream.name} is unavailable (circuit open after repeated failures; "
+                    f"next try in {upstream.circuit.retry_in:.0f}s)",
+                    code="upstream_unavailable",
+                )
+            try:
+                client = upstream.client
+                outgoing = client.build_request("POST", path, json=body)
+                response = await client.send(outgoing, stream=True)
+            except httpx.HTTPError as exc:
+                upstream.circuit.failure()
+                error = ProviderError(
+                    503,
+                    f"{upstream.name} cannot be reached: {type(exc).__name__}: {exc}",
+                    code="upstream_unavailable",
+                )
+            else:
+                if response.is_success:
+                    upstream.circuit.success()
+                    return response
+                raw = await response.aread()
+                await response.aclose()
+                try:
+                    parsed: Any = json.loads(raw)
+                except ValueError:
+                    parsed = raw.decode(errors="replace")
+                error = provider_error(response.status_code, parsed)
+                if not error.retryable:
+                    raise error  # the request's fault: the upstream is fine
+                upstream.circuit.failure()
+            if attempt + 1 < attempts:
+                await asyncio.sleep(upstream.retry_backoff_s * 2**attempt)
+        raise error
