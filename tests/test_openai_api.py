@@ -39,6 +39,8 @@ class ScriptedEngines:
         engine = ScriptedEngine(spec)
         if spec.config.id == "embedder":
             engine.capabilities = frozenset({EMBEDDINGS})
+        if spec.config.id == "broken":
+            engine.fail_load = "the GPU fell off the bus"
         self.built[spec.config.id] = engine
         return engine
 
@@ -62,6 +64,7 @@ async def api(make_runtime: MakeRuntime) -> AsyncIterator[Api]:
     for config in (
         ModelConfig(id="m1", source="x", aliases=["first"], max_queue=0, timeout_s=5),
         ModelConfig(id="embedder", source="x"),
+        ModelConfig(id="broken", source="x", fallbacks=["m1"]),
     ):
         runtime.models.register(ModelSpec(config, Path("x"), "scripted"))
     transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
@@ -254,5 +257,26 @@ async def test_admin_load_and_unload(api: Api) -> None:
     missing = await api.http.post("/admin/models/zz/load")
     assert assert_openai_error(missing, 404, "invalid_request_error")["code"] == "model_not_found"
     listed = (await api.http.get("/v1/models")).json()
-    assert [m["id"] for m in listed["data"]] == ["m1", "embedder"]
+    assert [m["id"] for m in listed["data"]] == ["m1", "embedder", "broken"]
     assert listed["data"][0]["state"] == "unloaded"
+
+
+async def test_a_failing_model_falls_back_and_the_answer_names_who_answered(api: Api) -> None:
+    (await api.engine("m1")).enqueue(["from ", "m1"])
+    response = await api.http.post("/v1/chat/completions", json=chat(model="broken"))
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] == "m1"
+    assert body["choices"][0]["message"]["content"] == "from m1"
+    streamed = await api.http.post(
+        "/v1/completions", json={"model": "broken", "prompt": "x", "stream": True}
+    )
+    assert json.loads(sse_frames(streamed.text)[0])["model"] == "m1"
+    # When the last fallback refuses too (m1's queue is full), the client gets that refusal.
+    (await api.engine("m1")).gate = asyncio.Event()
+    held = asyncio.ensure_future(api.http.post("/v1/chat/completions", json=chat()))
+    await eventually(lambda: api.runtime.models.get("m1").in_flight == 1)
+    refused = await api.http.post("/v1/chat/completions", json=chat(model="broken"))
+    assert refused.status_code == 429
+    api.plugin.built["m1"].gate.set()  # type: ignore[union-attr]
+    await held
