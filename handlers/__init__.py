@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from handlers import admin, integrations, openai
+from handlers import admin, integrations, ollama, openai
 from hooks import hookimpl
 
 
@@ -27,6 +27,8 @@ class BuiltinHandlers:
         register("openai.embeddings", openai.embeddings)
         register("admin.load_model", admin.load_model)
         register("admin.unload_model", admin.unload_model)
+        for name in ("version", "tags", "ps", "chat", "generate", "embed"):
+            register(f"ollama.{name}", getattr(ollama, name))
 
 
 def builtin_plugins() -> list[object]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +69,15 @@ class Reply:
     body: Any
     status: int = 200
     headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class NdjsonStream:
+    """A streamed result framed as newline-delimited JSON (Ollama's API) rather than the
+    server-sent events a bare async iterator gets. Items are dicts; a HandlerError raised
+    mid-stream becomes a final `{"error": message}` line."""
+
+    items: AsyncIterator[Any]
 
 
 class HandlerError(Exception):

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.dispatch import Event, HandlerError, Reply
+from runtime.dispatch import Event, HandlerError, NdjsonStream, Reply
 from runtime.telemetry.logging import bind_request
 
 if TYPE_CHECKING:
@@ -218,19 +218,22 @@ def encode(result: Any) -> Response:
         return result
     if isinstance(result, Reply):
         return JSONResponse(result.body, status_code=result.status, headers=dict(result.headers))
+    if isinstance(result, NdjsonStream):
+        return ClosingStreamResponse(_ndjson(result.items), "application/x-ndjson")
     if hasattr(result, "__aiter__"):
-        return EventStreamResponse(_sse(result))
+        return ClosingStreamResponse(_sse(result), "text/event-stream")
     return JSONResponse(result)
 
 
-class EventStreamResponse(StreamingResponse):
-    """Server-sent events that always close their source: however the response ends (done,
-    client gone, send failed), the handler's stream is closed, which stops the generation."""
+class ClosingStreamResponse(StreamingResponse):
+    """A stream (server-sent events, NDJSON) that always closes its source: however the
+    response ends (done, client gone, send failed), the handler's stream is closed, which
+    stops the generation."""
 
-    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
+    def __init__(self, events: AsyncGenerator[bytes, None], media_type: str) -> None:
         super().__init__(
             events,
-            media_type="text/event-stream",
+            media_type=media_type,
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
         self._events = events
@@ -258,6 +261,21 @@ async def _sse(chunks: AsyncIterator[Any]) -> AsyncGenerator[bytes, None]:
         if aclose is not None:
             await aclose()
     yield b"data: [DONE]\n\n"
+
+
+async def _ndjson(items: AsyncIterator[Any]) -> AsyncGenerator[bytes, None]:
+    try:
+        async for item in items:
+            yield json.dumps(item, separators=(",", ":")).encode() + b"\n"
+    except HandlerError as exc:
+        yield json.dumps({"error": exc.message}).encode() + b"\n"
+    except Exception:
+        structlog.get_logger("tiffin.http").exception("stream failed")
+        yield b'{"error":"internal server error while streaming"}\n'
+    finally:
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -1,0 +1,229 @@
+"""Ollama's API on Tiffin's port (`/api/tags`, `/api/chat`, `/api/generate`, `/api/embed`,
+`/api/ps`, `/api/version`), so tools written for Ollama work against Tiffin. The same router
+and generation path as the OpenAI handlers; only the shapes differ: Ollama's `options`,
+NDJSON streaming (`stream` defaults to true), final lines with `done` and timings in
+nanoseconds, and errors as `{"error": "..."}`."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from handlers.generation import Outcome, error_for, parse, resolve_model, start_generation
+from runtime.dispatch import Context, Event, HandlerError, NdjsonStream, Reply
+from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationRequest
+from runtime.models import LocalModel, ModelState
+
+# The Ollama API version Tiffin answers for (clients check it before using newer endpoints).
+OLLAMA_API_VERSION = "0.11.0"
+# Ollama's option names -> GenerationRequest fields.
+OPTIONS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repeat_penalty": "repeat_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "seed": "seed",
+    "num_predict": "max_tokens",
+}
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    stream: bool = True
+    options: dict[str, Any] = Field(default_factory=dict)
+    format: Literal["json"] | dict[str, Any] | None = None
+    keep_alive: str | int | float | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+
+
+class ChatRequest(Request):
+    messages: list[Message] = Field(min_length=1)
+
+
+class GenerateRequest(Request):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    input: str | list[str] = Field(min_length=1)
+
+
+Handler = Callable[[Event, Context], Awaitable[Any]]
+
+
+def ollama_errors(handler: Handler) -> Handler:
+    """Errors in Ollama's shape: `{"error": "message"}` with the same status."""
+
+    @functools.wraps(handler)
+    async def wrapped(event: Event, ctx: Context) -> Any:
+        try:
+            return await handler(event, ctx)
+        except HandlerError as exc:
+            return Reply({"error": exc.message}, status=exc.status, headers=exc.headers)
+
+    return wrapped
+
+
+@ollama_errors
+async def version(event: Event, ctx: Context) -> dict[str, Any]:
+    return {"version": OLLAMA_API_VERSION}
+
+
+@ollama_errors
+async def tags(event: Event, ctx: Context) -> dict[str, Any]:
+    """Every servable model, as Ollama lists its local models."""
+    return {"models": [_model_entry(m) for m in ctx.models.models.values()]}
+
+
+@ollama_errors
+async def ps(event: Event, ctx: Context) -> dict[str, Any]:
+    """The models loaded now."""
+    loaded = [m for m in ctx.models.models.values() if m.state is ModelState.loaded]
+    return {"models": [{**_model_entry(m), "expires_at": None, "size_vram": 0} for m in loaded]}
+
+
+@ollama_errors
+async def chat(event: Event, ctx: Context) -> Any:
+    body = parse(ChatRequest, event.body)
+    model = resolve_model(ctx, body.model, CHAT)
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    request = _request(ctx, model, body, messages=messages)
+    return await _answer(ctx, request, body.stream, "message")
+
+
+@ollama_errors
+async def generate(event: Event, ctx: Context) -> Any:
+    """A prompt: templated as a user turn (after `system`) unless `raw`, as Ollama does."""
+    body = parse(GenerateRequest, event.body)
+    if body.raw:
+        model = resolve_model(ctx, body.model, COMPLETION)
+        request = _request(ctx, model, body, prompt=body.prompt)
+    else:
+        model = resolve_model(ctx, body.model, CHAT)
+        system = [{"role": "system", "content": body.system}] if body.system else []
+        messages = [*system, {"role": "user", "content": body.prompt}]
+        request = _request(ctx, model, body, messages=messages)
+    return await _answer(ctx, request, body.stream, "response")
+
+
+@ollama_errors
+async def embed(event: Event, ctx: Context) -> dict[str, Any]:
+    body = parse(EmbedRequest, event.body)
+    model = resolve_model(ctx, body.model, EMBEDDINGS)
+    started = time.perf_counter_ns()
+    texts = [body.input] if isinstance(body.input, str) else list(body.input)
+    try:
+        result = await ctx.models.embed(model.id, texts)
+    except Exception as exc:
+        raise error_for(exc) from None
+    return {
+        "model": model.id,
+        "embeddings": result.vectors,
+        "total_duration": time.perf_counter_ns() - started,
+        "prompt_eval_count": result.prompt_tokens,
+    }
+
+
+# --- shared -----------------------------------------------------------------------------------
+
+
+def _model_entry(model: LocalModel) -> dict[str, Any]:
+    spec = model.spec
+    size = spec.path.stat().st_size if spec.path.is_file() else 0
+    return {
+        "name": model.id,
+        "model": model.id,
+        "modified_at": datetime.fromtimestamp(model.created, UTC).isoformat(),
+        "size": size,
+        "digest": "",
+        "details": {
+            "format": "gguf" if spec.path.suffix == ".gguf" else spec.engine,
+            "family": spec.engine,
+            "families": [spec.engine],
+            "parameter_size": "",
+            "quantization_level": "",
+        },
+    }
+
+
+def _request(ctx: Context, model: LocalModel, body: Request, **fields: Any) -> GenerationRequest:
+    values = {**ctx.models.defaults(model.id), **fields}
+    for option, name in OPTIONS.items():
+        if body.options.get(option) is not None:
+            values[name] = body.options[option]
+    stop = body.options.get("stop")
+    if stop:
+        values["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    if body.format == "json":
+        values["json_mode"] = True
+    elif isinstance(body.format, dict):
+        values["json_schema"] = body.format
+    known = set(GenerationRequest.__dataclass_fields__)
+    try:
+        return GenerationRequest(
+            model=model.id, stream=body.stream, **{k: v for k, v in values.items() if k in known}
+        )
+    except TypeError as exc:
+        raise HandlerError(400, f"options: {exc}", code="invalid_value") from None
+
+
+async def _answer(
+    ctx: Context, request: GenerationRequest, stream: bool, field: Literal["message", "response"]
+) -> Any:
+    started = time.perf_counter_ns()
+    chunks, outcome = await start_generation(ctx, request)
+
+    def piece(text: str, done: bool) -> dict[str, Any]:
+        line: dict[str, Any] = {
+            "model": outcome.model,
+            "created_at": datetime.now(UTC).isoformat(),
+            field: {"role": "assistant", "content": text} if field == "message" else text,
+            "done": done,
+        }
+        if done:
+            line.update(_final(outcome, time.perf_counter_ns() - started))
+        return line
+
+    if not stream:
+        async for _ in chunks:
+            pass
+        return piece(outcome.text(0), done=True)
+
+    async def lines() -> AsyncIterator[dict[str, Any]]:
+        async for chunk in chunks:
+            if chunk.index == 0 and chunk.text:
+                yield piece(chunk.text, done=False)
+        yield piece("", done=True)
+
+    return NdjsonStream(lines())
+
+
+def _final(outcome: Outcome, elapsed_ns: int) -> dict[str, Any]:
+    return {
+        "done_reason": outcome.finish.get(0, "stop"),
+        "total_duration": elapsed_ns,
+        "load_duration": 0,
+        "prompt_eval_count": outcome.usage.prompt_tokens,
+        "eval_count": outcome.usage.completion_tokens,
+    }
