@@ -58,9 +58,9 @@ def test_plan_takes_key_overrides() -> None:
     ("args", "message"),
     [
         (
-            ["integrations=ollama,grafana"],
-            "tiffin: config error: integrations: got 'ollama', "
-            "expected one of: custom_models, openai_compatible",
+            ["integrations=nonesuch,ollama"],
+            "tiffin: config error: integrations: got 'nonesuch', "
+            "expected one of: custom_models, ollama, openai_compatible",
         ),
         (
             [*TEST_OVERRIDES, "integrations=cache", "integrations.db.dependencies=[cache]"],
@@ -83,7 +83,7 @@ def test_an_invalid_config_exits_2_with_one_line(args: list[str], message: str) 
 
 def test_hydra_full_error_shows_the_traceback() -> None:
     env = {**cli_env(), "HYDRA_FULL_ERROR": "1"}
-    result = run_cli("plan", "integrations=ollama", env=env)
+    result = run_cli("plan", "integrations=nonesuch", env=env)
     assert result.returncode != 0
     assert "Traceback" in result.stderr
 

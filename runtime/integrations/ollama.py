@@ -1,0 +1,167 @@
+"""ollama: the models of an Ollama server, served by Tiffin as `ollama/<name>`.
+
+The model list comes from `/api/tags` and is re-read at every health check (health itself is
+`/api/version`), so models pulled into Ollama appear without a restart. The platform guide's
+calls work as written: `await ollama.pull_model("llama2:7b")` (progress is published as
+`ollama.pull` events and returned), `await ollama.generate(model, prompt)`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+from omegaconf import OmegaConf
+
+from runtime.config import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
+from runtime.engines.base import ModelSpec
+from runtime.events import EventBus
+from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.ollama_engine import OllamaEngine, ollama_error
+
+DEFAULT_OLLAMAINTEGRATION_CONFIG = IntegrationConfig(
+    _target_="runtime.integrations.ollama.OllamaIntegration",
+    name="ollama",
+    type=IntegrationType.model_platform,
+    priority=30,
+    health_check_interval=30.0,
+    retry_config=RetryConfig(max_retries=3, backoff_factor=2.0, max_backoff=60.0),
+    settings={
+        "base_url": "http://localhost:11434",
+        "timeout": 300.0,
+        "model_prefix": "ollama/",
+        "models": {},
+    },
+)
+
+
+class OllamaIntegration(BaseIntegration):
+    """Offers an Ollama server's models to the ModelRouter, and its model management calls."""
+
+    def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
+        super().__init__(config, bus)
+        self.base_url = str(self.settings.get("base_url", "http://localhost:11434")).rstrip("/")
+        self.prefix = str(self.settings.get("model_prefix", "ollama/"))
+        self.overrides: dict[str, Any] = dict(self.settings.get("models") or {})
+        self.timeout = float(self.settings.get("timeout", 300.0))
+        self._client: httpx.AsyncClient | None = None
+        self.tags: dict[str, dict[str, Any]] = {}
+        self.version: str | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("the ollama integration is not initialized")
+        return self._client
+
+    async def initialize(self) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, timeout=httpx.Timeout(self.timeout, connect=5.0)
+        )
+        try:
+            self.version = (await self.request_json("/api/version", method="GET"))["version"]
+            self.tags = await self._list_tags()
+        except Exception:
+            await self.shutdown()
+            raise
+
+    async def health_check(self) -> Health:
+        self.version = (await self.request_json("/api/version", method="GET"))["version"]
+        tags = await self._list_tags()
+        if set(tags) != set(self.tags):
+            self.tags = tags
+            await self.emit("models.changed", {"models": self.model_ids()})
+        self.tags = tags
+        return Health(True, f"Ollama {self.version}, {len(tags)} models")
+
+    async def shutdown(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+        self._client = None
+
+    # --- the platform guide's calls -----------------------------------------------------------
+
+    async def pull_model(self, name: str) -> list[dict[str, Any]]:
+        """Pull `name` into Ollama; each progress line is published as an `ollama.pull` event
+        (status, digest, total, completed) and returned. Raises ProviderError on failure."""
+        progress: list[dict[str, Any]] = []
+        request = self.client.build_request("POST", "/api/pull", json={"model": name})
+        response = await self.client.send(request, stream=True)
+        try:
+            if not response.is_success:
+                raise ollama_error(response.status_code, await response.aread())
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if record.get("error"):
+                    raise ollama_error(500, line.encode())
+                progress.append(record)
+                await self.emit("ollama.pull", {"model": name, **record})
+        finally:
+            await response.aclose()
+        self.tags = await self._list_tags()
+        await self.emit("models.changed", {"models": self.model_ids()})
+        return progress
+
+    async def generate(self, model: str, prompt: str, **options: Any) -> dict[str, Any]:
+        """One whole `/api/generate` answer for `model` (Ollama's own name), as Ollama gives it."""
+        body = {"model": model, "prompt": prompt, "stream": False, "options": options}
+        answer: dict[str, Any] = await self.request_json("/api/generate", body)
+        return answer
+
+    async def chat(self, model: str, messages: list[dict[str, Any]], **options: Any) -> Any:
+        body = {"model": model, "messages": messages, "stream": False, "options": options}
+        return await self.request_json("/api/chat", body)
+
+    async def loaded_models(self) -> list[dict[str, Any]]:
+        """What Ollama has in memory now (`/api/ps`)."""
+        return list((await self.request_json("/api/ps", method="GET")).get("models", []))
+
+    async def request_json(
+        self, path: str, body: dict[str, Any] | None = None, method: str = "POST"
+    ) -> Any:
+        response = await self.client.request(method, path, json=body)
+        if not response.is_success:
+            raise ollama_error(response.status_code, response.content)
+        return response.json()
+
+    # --- models -------------------------------------------------------------------------------
+
+    async def _list_tags(self) -> dict[str, dict[str, Any]]:
+        listed = (await self.request_json("/api/tags", method="GET")).get("models", [])
+        return {str(m.get("model") or m["name"]): m for m in listed}
+
+    def model_ids(self) -> list[str]:
+        return [self.prefix + name for name in sorted(self.tags)]
+
+    def models(self) -> list[ModelSpec]:
+        return [self._spec(name) for name in sorted(self.tags)]
+
+    def _spec(self, name: str) -> ModelSpec:
+        node = OmegaConf.merge(
+            OmegaConf.structured(ModelConfig),
+            {"id": self.prefix + name, "source": f"ollama:{name}"},
+            self.overrides.get(name) or {},
+        )
+        config: ModelConfig = OmegaConf.to_object(node)  # type: ignore[assignment]
+
+        def engine(spec: ModelSpec) -> OllamaEngine:
+            return OllamaEngine(spec, self, name)
+
+        return ModelSpec(
+            config,
+            Path(name),
+            "ollama",
+            self.name,
+            factory=engine,
+            capabilities=OllamaEngine.capabilities,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        described["version"] = self.version
+        described["models"] = self.model_ids()
+        return described
