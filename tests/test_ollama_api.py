@@ -10,6 +10,7 @@ import httpx
 import ollama
 import pytest
 
+from tests.conftest import ROOT
 from tests.served import Served
 
 pytestmark = pytest.mark.slow
@@ -96,3 +97,10 @@ def test_ndjson_framing(served: Served) -> None:
         lines = [json.loads(line) for line in response.iter_lines() if line]
     assert [line["done"] for line in lines] == [False] * (len(lines) - 1) + [True]
     assert lines[-1]["eval_count"] == 4 and lines[-1]["done_reason"] == "length"
+
+
+def test_the_readme_example_runs(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
+    blocks = (ROOT / "README.md").read_text().split("```python\n")[1:]
+    [example] = [b.split("```", 1)[0] for b in blocks if "import ollama" in b]
+    exec(example.replace("http://127.0.0.1:3000", served.url), {})
+    assert capsys.readouterr().out.strip()
