@@ -45,6 +45,9 @@ class OllamaIntegration(BaseIntegration):
         self.base_url = str(self.settings.get("base_url", "http://localhost:11434")).rstrip("/")
         self.prefix = str(self.settings.get("model_prefix", "ollama/"))
         self.overrides: dict[str, Any] = dict(self.settings.get("models") or {})
+        # Requests waiting per model beyond those running; the server behind batches or queues
+        # them itself, so the bound is wider than a local engine's.
+        self.max_queue = int(self.settings.get("max_queue", 256))
         self.timeout = float(self.settings.get("timeout", 300.0))
         self._client: httpx.AsyncClient | None = None
         self.tags: dict[str, dict[str, Any]] = {}
@@ -143,7 +146,7 @@ class OllamaIntegration(BaseIntegration):
     def _spec(self, name: str) -> ModelSpec:
         node = OmegaConf.merge(
             OmegaConf.structured(ModelConfig),
-            {"id": self.prefix + name, "source": f"ollama:{name}"},
+            {"id": self.prefix + name, "source": f"ollama:{name}", "max_queue": self.max_queue},
             self.overrides.get(name) or {},
         )
         config: ModelConfig = OmegaConf.to_object(node)  # type: ignore[assignment]

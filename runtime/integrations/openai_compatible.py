@@ -59,6 +59,9 @@ class OpenAICompatibleIntegration(BaseIntegration):
             int(circuit.get("failure_threshold", 5)), float(circuit.get("reset_after_s", 30.0))
         )
         self.overrides: dict[str, Any] = dict(settings.get("models") or {})
+        # Requests waiting per model beyond those running; the upstream batches or queues them
+        # itself, so the bound is wider than a local engine's.
+        self.max_queue = int(settings.get("max_queue", 256))
         self._client: httpx.AsyncClient | None = None
         self.upstream_models: list[str] = []
 
@@ -122,7 +125,11 @@ class OpenAICompatibleIntegration(BaseIntegration):
         extra = self.overrides.get(upstream_id) or {}
         node = OmegaConf.merge(
             OmegaConf.structured(ModelConfig),
-            {"id": self.prefix + upstream_id, "source": f"{self.base_url}#{upstream_id}"},
+            {
+                "id": self.prefix + upstream_id,
+                "source": f"{self.base_url}#{upstream_id}",
+                "max_queue": self.max_queue,
+            },
             extra,
         )
         config: ModelConfig = OmegaConf.to_object(node)  # type: ignore[assignment]
