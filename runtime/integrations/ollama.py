@@ -9,17 +9,16 @@ calls work as written: `await ollama.pull_model("llama2:7b")` (progress is publi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import httpx
-from omegaconf import OmegaConf
 
-from runtime.config import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
+from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.engines.base import ModelSpec
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
 from runtime.integrations.ollama_engine import OllamaEngine, ollama_error
+from runtime.integrations.platform import platform_model
 
 DEFAULT_OLLAMAINTEGRATION_CONFIG = IntegrationConfig(
     _target_="runtime.integrations.ollama.OllamaIntegration",
@@ -144,21 +143,17 @@ class OllamaIntegration(BaseIntegration):
         return [self._spec(name) for name in sorted(self.tags)]
 
     def _spec(self, name: str) -> ModelSpec:
-        node = OmegaConf.merge(
-            OmegaConf.structured(ModelConfig),
-            {"id": self.prefix + name, "source": f"ollama:{name}", "max_queue": self.max_queue},
-            self.overrides.get(name) or {},
-        )
-        config: ModelConfig = OmegaConf.to_object(node)  # type: ignore[assignment]
-
         def engine(spec: ModelSpec) -> OllamaEngine:
             return OllamaEngine(spec, self, name)
 
-        return ModelSpec(
-            config,
-            Path(name),
-            "ollama",
-            self.name,
+        return platform_model(
+            provider=self.name,
+            engine="ollama",
+            model_id=self.prefix + name,
+            remote_name=name,
+            source=f"ollama:{name}",
+            max_queue=self.max_queue,
+            override=self.overrides.get(name),
             factory=engine,
             capabilities=OllamaEngine.capabilities,
         )

@@ -11,18 +11,17 @@ by itself once the upstream answers.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import httpx
-from omegaconf import OmegaConf
 
-from runtime.config import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
+from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.engines.base import ModelSpec
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
 from runtime.integrations.circuit import CircuitBreaker
 from runtime.integrations.openai_upstream import UpstreamEngine
+from runtime.integrations.platform import platform_model
 
 DEFAULT_OPENAICOMPATIBLEINTEGRATION_CONFIG = IntegrationConfig(
     _target_="runtime.integrations.openai_compatible.OpenAICompatibleIntegration",
@@ -122,26 +121,17 @@ class OpenAICompatibleIntegration(BaseIntegration):
         return [self._spec(upstream_id) for upstream_id in self.upstream_models]
 
     def _spec(self, upstream_id: str) -> ModelSpec:
-        extra = self.overrides.get(upstream_id) or {}
-        node = OmegaConf.merge(
-            OmegaConf.structured(ModelConfig),
-            {
-                "id": self.prefix + upstream_id,
-                "source": f"{self.base_url}#{upstream_id}",
-                "max_queue": self.max_queue,
-            },
-            extra,
-        )
-        config: ModelConfig = OmegaConf.to_object(node)  # type: ignore[assignment]
-
         def engine(spec: ModelSpec) -> UpstreamEngine:
             return UpstreamEngine(spec, self, upstream_id)
 
-        return ModelSpec(
-            config,
-            Path(upstream_id),
-            "openai_compatible",
-            self.name,
+        return platform_model(
+            provider=self.name,
+            engine="openai_compatible",
+            model_id=self.prefix + upstream_id,
+            remote_name=upstream_id,
+            source=f"{self.base_url}#{upstream_id}",
+            max_queue=self.max_queue,
+            override=self.overrides.get(upstream_id),
             factory=engine,
             capabilities=UpstreamEngine.capabilities,
         )
