@@ -6,6 +6,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -75,3 +77,14 @@ class Served:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+@contextmanager
+def serving_default_models(workdir: Path, *overrides: str) -> Iterator[Served]:
+    """A served process with the default models, ready; stopped cleanly (exit 0) at the end."""
+    served = Served.start_default_models(workdir, *overrides)
+    try:
+        served.wait_for("/readyz", 200, timeout=180)
+        yield served
+    finally:
+        assert served.stop() == 0

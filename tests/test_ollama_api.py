@@ -11,7 +11,7 @@ import ollama
 import pytest
 
 from tests.conftest import ROOT
-from tests.served import Served
+from tests.served import Served, serving_default_models
 
 pytestmark = pytest.mark.slow
 CHAT_MODEL = "gemma-3-270m"
@@ -19,12 +19,8 @@ CHAT_MODEL = "gemma-3-270m"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    served = Served.start_default_models(tmp_path_factory.mktemp("ollama"))
-    try:
-        served.wait_for("/readyz", 200, timeout=180)
+    with serving_default_models(tmp_path_factory.mktemp("ollama")) as served:
         yield served
-    finally:
-        assert served.stop() == 0
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
@@ -15,7 +14,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from tests.conftest import ROOT
-from tests.served import Served
+from tests.served import Served, serving_default_models
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +24,8 @@ EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    workdir: Path = tmp_path_factory.mktemp("served")
-    served = Served.start_default_models(workdir)
-    try:
-        served.wait_for("/readyz", 200, timeout=180)
+    with serving_default_models(tmp_path_factory.mktemp("served")) as served:
         yield served
-    finally:
-        assert served.stop() == 0
 
 
 @pytest.fixture
