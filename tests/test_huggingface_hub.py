@@ -18,6 +18,7 @@ import handlers
 from runtime.app import Runtime
 from runtime.events import BusEvent
 from runtime.integrations.hub_files import (
+    HubError,
     HubNotCached,
     HubNotFound,
     HubSourceError,
@@ -200,9 +201,12 @@ async def test_offline_mode_serves_from_the_cache_without_the_hub(
         )
         await runtime.start()
         await hub_of(runtime).download_model(REPO, allow_patterns=["*Q8_0*", "*.md"])
+        online.stop()  # from here on, any request to the Hub fails
+        with pytest.raises(HubError, match="did not answer"):
+            await hub_of(runtime).get_model_info(REPO)
         await runtime.stop()
     finally:
-        online.stop()  # from here on, any request to the Hub would fail
+        online.stop()
     offline = "integrations.huggingface_hub.settings.offline=true"
     runtime = Runtime(
         hub_config(compose_test, online.url, cache, offline), builtins=handlers.builtin_plugins()

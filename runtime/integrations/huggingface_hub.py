@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import httpx2
 import huggingface_hub as hub
 from huggingface_hub import errors as hub_errors
 from omegaconf import OmegaConf
@@ -307,6 +308,10 @@ class HuggingFaceHubIntegration(BaseIntegration):
             ) from None
         except hub_errors.HfHubHTTPError as exc:
             raise HubError(f"{what}: the Hub answered {_first_line(exc)}") from None
+        except httpx2.TransportError as exc:
+            raise HubError(
+                f"{what}: the Hub at {self.endpoint} did not answer ({type(exc).__name__})"
+            ) from None
         except OSError as exc:
             raise HubError(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from None
 
