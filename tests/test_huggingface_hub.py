@@ -216,6 +216,7 @@ async def test_offline_mode_serves_from_the_cache_without_the_hub(
         hf = hub_of(runtime)
         assert hf.initialized and (await hf.health_check()).healthy
         assert runtime.models.get(REPO).spec.path.name == Q8  # the cache is served at start
+        assert hf.describe()["models"] == [{"id": REPO, "engine": "llama_cpp", "file": Q8}]
         got = await hf.download_model(REPO, allow_patterns=["*.md"])
         assert [p.name for p in got.files] == ["README.md"]
         spec = await hf.pull(f"hf://{REPO}/{Q8}")
@@ -229,8 +230,32 @@ async def test_offline_mode_serves_from_the_cache_without_the_hub(
 
 
 async def test_pull_over_the_admin_api_then_chat_with_the_model(
-    runtime: Runtime, compose_test: Callable[..., DictConfig]
+    compose_test: Callable[..., DictConfig], fake: FakeHub, tmp_path: Path
 ) -> None:
+    config = hub_config(compose_test, fake.url, tmp_path / "hf")
+    earlier = Runtime(config, builtins=handlers.builtin_plugins())
+    await earlier.start()
+    await hub_of(earlier).download_model(REPO, Q8)  # a run before this one cached only Q8
+    await earlier.stop()
+    runtime = Runtime(config, builtins=handlers.builtin_plugins())
+    await runtime.start()
+    try:
+        assert runtime.models.get(REPO).spec.path.name == Q8
+        await pull_and_chat(runtime)
+    finally:
+        await runtime.stop()
+    bare = Runtime(compose_test(), builtins=handlers.builtin_plugins())
+    await bare.start()
+    try:
+        async with http(bare) as client:
+            reply = await client.post("/admin/models/pull", json={"source": f"hf://{REPO}"})
+        assert reply.status_code == 409
+        assert "integrations=huggingface_hub" in reply.json()["error"]["message"]
+    finally:
+        await bare.stop()
+
+
+async def pull_and_chat(runtime: Runtime) -> None:
     events: list[BusEvent] = []
     runtime.events.subscribe("huggingface_hub.download", events.append)
     async with http(runtime) as client:
@@ -245,6 +270,8 @@ async def test_pull_over_the_admin_api_then_chat_with_the_model(
             "provider": "huggingface_hub",
         }
         assert {e.data["file"] for e in events} == {Q4, "README.md", "config.json"}
+        # The pulled Q4_K_M replaced the Q8_0 that the cache served under the same id.
+        assert runtime.models.get(REPO).spec.path.name == Q4
         listed = (await client.get("/v1/models")).json()["data"]
         assert [m["id"] for m in listed] == [REPO]
         chat = {
@@ -268,15 +295,6 @@ async def test_pull_over_the_admin_api_then_chat_with_the_model(
         assert status == 404 and "tiffin-test/nope" in message
         status, message = await error({"source": f"hf://{REPO}/missing.gguf"})
         assert status == 404 and "missing.gguf" in message
-    bare = Runtime(compose_test(), builtins=handlers.builtin_plugins())
-    await bare.start()
-    try:
-        async with http(bare) as client:
-            reply = await client.post("/admin/models/pull", json={"source": f"hf://{REPO}"})
-        assert reply.status_code == 409
-        assert "integrations=huggingface_hub" in reply.json()["error"]["message"]
-    finally:
-        await bare.stop()
 
 
 def test_offline_setting_follows_hf_hub_offline(

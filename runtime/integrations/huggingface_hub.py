@@ -185,6 +185,11 @@ class HuggingFaceHubIntegration(BaseIntegration):
         parsed = parse_source(source)
         download = await self.download_model(parsed.repo_id, parsed.filename)
         spec = self._spec(parsed.repo_id, download.snapshot, download.gguf, parsed.filename)
+        served = self.specs.get(spec.config.id)
+        if served is not None and served.path != spec.path:
+            # The router keeps a model id it already has; withdraw the old file's model first.
+            del self.specs[spec.config.id]
+            await self.emit("models.changed", {"models": sorted(self.specs)})
         self.specs[spec.config.id] = spec
         await self.emit("models.changed", {"models": sorted(self.specs)})
         return spec
