@@ -27,6 +27,7 @@ class BuiltinHandlers:
         register("openai.embeddings", openai.embeddings)
         register("admin.load_model", admin.load_model)
         register("admin.unload_model", admin.unload_model)
+        register("admin.pull_model", admin.pull_model)
         for name in ("version", "tags", "ps", "chat", "generate", "embed"):
             register(f"ollama.{name}", getattr(ollama, name))
 

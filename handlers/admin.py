@@ -1,4 +1,5 @@
-"""Admin handlers: load and unload a model (`POST /admin/models/{model}/load|unload`)."""
+"""Admin handlers: load and unload a model (`POST /admin/models/{model}/load|unload`), and pull
+one from the Hugging Face Hub (`POST /admin/models/pull`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ from typing import Any
 
 from handlers.generation import error_for
 from runtime.dispatch import Context, Event, HandlerError
+from runtime.engines.detect import ModelFormatError
+from runtime.integrations.hub_files import HubError
+from runtime.integrations.huggingface_hub import HuggingFaceHubIntegration
 from runtime.models import ModelNotFound
 
 
@@ -29,3 +33,41 @@ async def unload_model(event: Event, ctx: Context) -> dict[str, Any]:
     except ModelNotFound as exc:
         raise HandlerError(404, str(exc), param="model", code="model_not_found") from None
     return model.describe()
+
+
+async def pull_model(event: Event, ctx: Context) -> dict[str, Any]:
+    """Download a model from the Hugging Face Hub (`{"source": "hf://org/repo[/file.gguf]"}`)
+    and make it servable; returns the model's id, engine and the file chosen."""
+    body = event.body if isinstance(event.body, dict) else {}
+    source = body.get("source")
+    if not isinstance(source, str) or not source:
+        raise HandlerError(
+            400,
+            'source: expected "hf://org/repo[/file.gguf]"',
+            param="source",
+            code="invalid_value",
+        )
+    hub = ctx.integrations.integrations.get("huggingface_hub")
+    if not isinstance(hub, HuggingFaceHubIntegration) or not hub.initialized:
+        state = "not enabled" if hub is None else f"not running ({hub.status.value})"
+        raise HandlerError(
+            409,
+            f"the huggingface_hub integration is {state}; start Tiffin with "
+            "integrations=huggingface_hub to pull hf:// models",
+            param="source",
+            code="integration_unavailable",
+        )
+    try:
+        spec = await hub.pull(source)
+    except HubError as exc:
+        raise HandlerError(exc.status, str(exc), param="source", code=exc.code) from None
+    except ModelFormatError as exc:
+        raise HandlerError(422, str(exc), param="source", code="unsupported_model") from None
+    return {
+        "id": spec.config.id,
+        "object": "model",
+        "source": spec.config.source,
+        "engine": spec.engine,
+        "file": spec.path.name,
+        "provider": spec.provider,
+    }

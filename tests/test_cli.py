@@ -60,7 +60,7 @@ def test_plan_takes_key_overrides() -> None:
         (
             ["integrations=nonesuch,ollama"],
             "tiffin: config error: integrations: got 'nonesuch', "
-            "expected one of: custom_models, ollama, openai_compatible",
+            "expected one of: custom_models, huggingface_hub, ollama, openai_compatible",
         ),
         (
             [*TEST_OVERRIDES, "integrations=cache", "integrations.db.dependencies=[cache]"],

@@ -1,0 +1,168 @@
+"""Pure helpers of the huggingface_hub integration: `hf://` sources, which files of a repo to
+download (GGUF quant selection), the cache's layout, and the progress reporter the library's
+downloads drive. No network and no event loop here, so each is easy to test and to reason about."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+SCHEME = "hf://"
+
+
+class HubError(Exception):
+    """An expected failure of a Hub call, with the HTTP status a handler should answer."""
+
+    status = 502
+    code = "hub_error"
+
+
+class HubSourceError(HubError):
+    status = 400
+    code = "invalid_source"
+
+
+class HubNotFound(HubError):
+    status = 404
+    code = "not_found"
+
+
+class HubNotCached(HubError):
+    """Offline, and the cache does not hold what was asked for."""
+
+    status = 409
+    code = "not_cached"
+
+
+@dataclass(frozen=True)
+class Source:
+    """`hf://org/repo[/file.gguf]`: a repo, and optionally one file of it."""
+
+    repo_id: str
+    filename: str | None = None
+
+
+def parse_source(source: str) -> Source:
+    if not source.startswith(SCHEME):
+        raise HubSourceError(
+            f"source {source!r} is not a Hugging Face source; expected hf://org/repo or "
+            "hf://org/repo/file.gguf"
+        )
+    parts = [p for p in source[len(SCHEME) :].split("/") if p]
+    if len(parts) < 2 or any(p in (".", "..") for p in parts):
+        raise HubSourceError(
+            f"source {source!r} names no repository; expected hf://org/repo[/file.gguf]"
+        )
+    filename = "/".join(parts[2:]) or None
+    return Source(f"{parts[0]}/{parts[1]}", filename)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The files to download, and which GGUF was chosen among several (and why)."""
+
+    files: list[str]
+    gguf: str | None = None
+    reason: str = ""
+
+
+def select_files(
+    names: Sequence[str],
+    sizes: dict[str, int],
+    *,
+    filename: str | None,
+    allow_patterns: Sequence[str] | None,
+    prefer_quant: str,
+    repo_id: str,
+) -> Selection:
+    """One file when `filename` is given; else the files matching `allow_patterns` (all when
+    None), keeping only one .gguf: a repo usually ships one per quantisation and serving needs
+    one. The chosen one names `prefer_quant` (case-insensitive), else it is the smallest."""
+    if filename is not None:
+        if filename not in names:
+            raise HubNotFound(f"{repo_id} has no file {filename!r}; it has: {', '.join(names)}")
+        return Selection([filename], filename if _is_gguf(filename) else None, "named in source")
+    matched = [n for n in names if _matches(n, allow_patterns)]
+    if not matched:
+        raise HubNotFound(
+            f"no file of {repo_id} matches {list(allow_patterns or [])}; it has: {', '.join(names)}"
+        )
+    ggufs = [n for n in matched if _is_gguf(n)]
+    if len(ggufs) <= 1:
+        return Selection(matched, ggufs[0] if ggufs else None, "the only .gguf" if ggufs else "")
+    preferred = [n for n in ggufs if prefer_quant.lower() in n.lower()]
+    if preferred:
+        chosen, reason = preferred[0], f"its name contains {prefer_quant}"
+    else:
+        chosen = min(ggufs, key=lambda n: (sizes.get(n, 0), n))
+        reason = f"no .gguf names {prefer_quant}; the smallest of {len(ggufs)}"
+    return Selection([n for n in matched if not _is_gguf(n) or n == chosen], chosen, reason)
+
+
+def _is_gguf(name: str) -> bool:
+    return name.lower().endswith(".gguf")
+
+
+def _matches(name: str, patterns: Sequence[str] | None) -> bool:
+    return patterns is None or any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def repo_folder(cache_dir: Path, repo_id: str) -> Path:
+    """The library's cache folder for a model repo: `models--org--repo`."""
+    return cache_dir / ("models--" + repo_id.replace("/", "--"))
+
+
+def cached_snapshot(cache_dir: Path, repo_id: str, revision: str = "main") -> Path | None:
+    """The snapshot folder `refs/<revision>` points at, when the cache has one."""
+    folder = repo_folder(cache_dir, repo_id)
+    ref = folder / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = folder / "snapshots" / commit
+    return snapshot if snapshot.is_dir() else None
+
+
+def cached_repos(cache_dir: Path) -> list[str]:
+    """The model repos the cache holds a `main` snapshot of, as org/repo ids."""
+    found = []
+    for folder in sorted(cache_dir.glob("models--*--*")):
+        repo_id = folder.name.removeprefix("models--").replace("--", "/", 1)
+        if cached_snapshot(cache_dir, repo_id) is not None:
+            found.append(repo_id)
+    return found
+
+
+Report = Callable[[int, int | None], None]
+
+
+def progress_class(report: Report) -> type[Any]:
+    """A stand-in for tqdm that the library's `tqdm_class` hook instantiates for each file:
+    every `update(n)` reports (bytes so far, total). It draws nothing, as a server should not."""
+
+    class Progress:
+        def __init__(self, *args: Any, total: int | None = None, initial: int = 0, **_: Any):
+            self.total = total
+            self.n = initial
+
+        def update(self, n: int | float | None = 1) -> None:
+            self.n += int(n or 0)
+            report(self.n, self.total)
+
+        def close(self) -> None:
+            pass
+
+        def __enter__(self) -> Progress:
+            return self
+
+        def __exit__(
+            self,
+            kind: type[BaseException] | None,
+            value: BaseException | None,
+            traceback: TracebackType | None,
+        ) -> None:
+            pass
+
+    return Progress
