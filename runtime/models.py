@@ -212,6 +212,17 @@ class ModelRouter:
             raise ModelNotFound(model_id, [*self._models, *self._aliases])
         return model
 
+    def _known(self, model_ids: Iterable[str]) -> list[str]:
+        """The ids (or aliases) that name a model now; a platform's model may have gone away."""
+        known = []
+        for model_id in model_ids:
+            resolved = self._aliases.get(model_id, model_id)
+            if resolved in self._models:
+                known.append(resolved)
+            else:
+                self._log.warning("fallback model not found", model=model_id)
+        return known
+
     @property
     def models(self) -> Mapping[str, LocalModel]:
         return self._models
@@ -238,9 +249,9 @@ class ModelRouter:
         before its first chunk for a reason that is not the request's fault, its `fallbacks`
         are tried in order. Closing the iterator stops the generation."""
         chosen = self.get(request.model)
-        candidates = [chosen.id, *chosen.spec.config.fallbacks]
+        candidates = [chosen.id, *self._known(chosen.spec.config.fallbacks)]
         for position, model_id in enumerate(candidates):
-            attempt = replace(request, model=self.get(model_id).id)
+            attempt = replace(request, model=model_id)
             stream = self._generate_on(attempt)
             try:
                 first = await anext(stream)

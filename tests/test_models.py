@@ -135,3 +135,10 @@ async def test_embeddings_and_tokenize_go_through_the_router() -> None:
     result = await router.embed("m1", ["ab", "c"])
     assert result.vectors == [[2.0], [1.0]]
     assert router.tokenize("m1", "hi") == [104, 105]
+
+
+async def test_fallbacks_that_do_not_exist_are_skipped() -> None:
+    router, _, _ = router_with(fail_load="weights are corrupt", fallbacks=["gone"])
+    # The model's own failure is what the client hears, not a 404 about its fallback.
+    with pytest.raises(EngineError, match="weights are corrupt"):
+        await collect(router)
