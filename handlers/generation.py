@@ -183,13 +183,14 @@ async def start_generation(
 async def _finish(
     ctx: Context, request: GenerationRequest, outcome: Outcome, seconds: float
 ) -> None:
-    model = ctx.models.get(request.model)
+    # The model that answered (a fallback's prices apply); a platform may have dropped it since.
+    model = ctx.models.models.get(outcome.model or request.model)
     cost = await ctx.runtime.call_first(
         "estimate_cost",
-        model=model.id,
+        model=outcome.model or request.model,
         prompt_tokens=outcome.usage.prompt_tokens,
         completion_tokens=outcome.usage.completion_tokens,
-        prices=model.spec.config.prices,
+        prices=model.spec.config.prices if model is not None else {},
     )
     outcome.cost = float(cost or 0.0)
     response = {

@@ -211,10 +211,13 @@ async def _answer(
         return piece(outcome.text(0), done=True)
 
     async def lines() -> AsyncIterator[dict[str, Any]]:
-        async for chunk in chunks:
-            if chunk.index == 0 and chunk.text:
-                yield piece(chunk.text, done=False)
-        yield piece("", done=True)
+        try:
+            async for chunk in chunks:
+                if chunk.index == 0 and chunk.text:
+                    yield piece(chunk.text, done=False)
+            yield piece("", done=True)
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]  # frees the engine at once
 
     return NdjsonStream(lines())
 

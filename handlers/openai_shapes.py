@@ -102,14 +102,17 @@ async def chat_stream(
             body["usage"] = None
         return body
 
-    for index in range(n):
-        yield frame(index, {"role": "assistant", "content": ""})
-    async for chunk in chunks:
-        logprobs = chat_logprobs(chunk.logprobs) if chunk.logprobs else None
-        if chunk.text or logprobs:
-            yield frame(chunk.index, {"content": chunk.text}, logprobs=logprobs)
-        if chunk.finish_reason:
-            yield frame(chunk.index, {}, chunk.finish_reason)
+    try:
+        for index in range(n):
+            yield frame(index, {"role": "assistant", "content": ""})
+        async for chunk in chunks:
+            logprobs = chat_logprobs(chunk.logprobs) if chunk.logprobs else None
+            if chunk.text or logprobs:
+                yield frame(chunk.index, {"content": chunk.text}, logprobs=logprobs)
+            if chunk.finish_reason:
+                yield frame(chunk.index, {}, chunk.finish_reason)
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]  # a client gone frees the engine now
     if include_usage:
         yield {
             "id": meta.id,
@@ -191,19 +194,23 @@ async def completion_stream(
         return body
 
     total = Usage()
-    for base, prompt, (chunks, outcome) in runs:
-        echoed: set[int] = set()
-        async for chunk in chunks:
-            index = base + chunk.index
-            text = chunk.text
-            if echo and index not in echoed:
-                echoed.add(index)
-                text = prompt + text
-            logprobs = completion_logprobs(chunk.logprobs, 0) if chunk.logprobs else None
-            if text or logprobs or chunk.finish_reason:
-                yield frame(index, text, chunk.finish_reason, logprobs)
-        total.prompt_tokens += outcome.usage.prompt_tokens
-        total.completion_tokens += outcome.usage.completion_tokens
+    try:
+        for base, prompt, (chunks, outcome) in runs:
+            echoed: set[int] = set()
+            async for chunk in chunks:
+                index = base + chunk.index
+                text = chunk.text
+                if echo and index not in echoed:
+                    echoed.add(index)
+                    text = prompt + text
+                logprobs = completion_logprobs(chunk.logprobs, 0) if chunk.logprobs else None
+                if text or logprobs or chunk.finish_reason:
+                    yield frame(index, text, chunk.finish_reason, logprobs)
+            total.prompt_tokens += outcome.usage.prompt_tokens
+            total.completion_tokens += outcome.usage.completion_tokens
+    finally:
+        for _, _, (chunks, _) in runs:  # a client gone frees every prompt's engine now
+            await chunks.aclose()  # type: ignore[attr-defined]
     if include_usage:
         yield {
             "id": meta.id,

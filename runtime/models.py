@@ -198,7 +198,7 @@ class ModelRouter:
         for model_id, model in list(self._models.items()):
             if model.spec.provider == provider and model_id not in offered:
                 await model.unload()
-                del self._models[model_id]
+                self._models.pop(model_id, None)  # a concurrent sync may have dropped it
                 self._aliases = {a: m for a, m in self._aliases.items() if m != model_id}
         for model_id, spec in offered.items():
             if model_id not in self._models:
@@ -303,8 +303,14 @@ class ModelRouter:
         model.admit()
         try:
             engine = await model.ensure_loaded()
-            async with asyncio.timeout(model.spec.config.timeout_s):
-                return await engine.embed(texts)
+            try:
+                async with asyncio.timeout(model.spec.config.timeout_s):
+                    return await engine.embed(texts)
+            except TimeoutError:
+                limit = model.spec.config.timeout_s
+                raise GenerationTimeout(
+                    f"embedding on {model.id} took longer than {limit}s"
+                ) from None
         finally:
             model.release()
 

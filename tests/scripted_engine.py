@@ -61,6 +61,8 @@ class ScriptedEngine:
             self.closed += 1
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
+        if self.gate is not None:
+            await self.gate.wait()
         return Embeddings([[float(len(t))] for t in texts], sum(len(t) for t in texts))
 
     def tokenize(self, text: str) -> list[int]:

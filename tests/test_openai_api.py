@@ -280,3 +280,11 @@ async def test_a_failing_model_falls_back_and_the_answer_names_who_answered(api:
     assert refused.status_code == 429
     api.plugin.built["m1"].gate.set()  # type: ignore[union-attr]
     await held
+
+
+async def test_an_embedding_past_its_timeout_is_504(api: Api) -> None:
+    engine = await api.engine("embedder")
+    engine.gate = asyncio.Event()  # never opens
+    api.runtime.models.get("embedder").spec.config.timeout_s = 0.05
+    response = await api.http.post("/v1/embeddings", json={"model": "embedder", "input": "x"})
+    assert assert_openai_error(response, 504, "server_error")["code"] == "timeout"

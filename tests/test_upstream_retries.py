@@ -12,13 +12,13 @@ import pytest
 from omegaconf import DictConfig
 
 from runtime.config import IntegrationConfig
-from runtime.engines.base import GenerationRequest, ProviderError
+from runtime.engines.base import GenerationRequest, ProviderError, UnsupportedRequest
 from runtime.integrations.circuit import CircuitBreaker, CircuitState
 from runtime.integrations.openai_compatible import (
     DEFAULT_OPENAICOMPATIBLEINTEGRATION_CONFIG,
     OpenAICompatibleIntegration,
 )
-from runtime.integrations.openai_upstream import UpstreamEngine
+from runtime.integrations.openai_upstream import UpstreamEngine, request_body
 
 Reply = Callable[[httpx.Request], httpx.Response]
 
@@ -123,3 +123,34 @@ def test_the_breaker_half_opens_after_its_wait_and_closes_on_success() -> None:
 def test_config_composes(compose_test: Callable[..., DictConfig]) -> None:
     cfg = compose_test("integrations=[openai_compatible]")
     assert cfg.integrations.openai_compatible.settings.circuit.failure_threshold == 5
+
+
+def test_seed_zero_is_sent_and_tools_are_refused() -> None:
+    request = GenerationRequest(model="m", prompt="x", seed=0, max_tokens=0)
+    body = request_body(request, "m")
+    assert body["seed"] == 0 and body["max_tokens"] == 0
+
+
+async def test_tool_requests_are_refused_not_silently_dropped() -> None:
+    engine = upstream_with([stream_of("never")])
+    request = GenerationRequest(
+        model="m", messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]
+    )
+    with pytest.raises(UnsupportedRequest) as refused:
+        await anext(engine.generate(request))  # type: ignore[arg-type]
+    assert refused.value.param == "tools"
+
+
+async def test_a_half_open_trial_that_the_upstream_refuses_closes_the_circuit() -> None:
+    bad = httpx.Response(400, json={"error": {"message": "bad request"}})
+    engine = upstream_with(
+        [refuse, bad, stream_of("ok")],
+        max_retries=0,
+        circuit={"failure_threshold": 1, "reset_after_s": 0},
+    )
+    with pytest.raises(ProviderError, match="cannot be reached"):
+        await text_of(engine)  # opens the circuit
+    with pytest.raises(ProviderError, match="bad request"):
+        await text_of(engine)  # the half-open trial: the upstream answered, so it closes
+    assert engine.upstream.circuit.state is CircuitState.closed
+    assert await text_of(engine) == "ok"

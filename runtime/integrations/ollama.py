@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.base import ModelSpec, ProviderError
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
 from runtime.integrations.ollama_engine import OllamaEngine, ollama_error
@@ -125,10 +125,19 @@ class OllamaIntegration(BaseIntegration):
     async def request_json(
         self, path: str, body: dict[str, Any] | None = None, method: str = "POST"
     ) -> Any:
-        response = await self.client.request(method, path, json=body)
+        try:
+            response = await self.client.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            reason = f"Ollama cannot be reached: {type(exc).__name__}: {exc}"
+            raise ProviderError(503, reason, code="upstream_unavailable") from None
         if not response.is_success:
             raise ollama_error(response.status_code, response.content)
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            raise ProviderError(
+                502, f"Ollama sent no JSON for {path}", code="upstream_error"
+            ) from None
 
     # --- models -------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from runtime.engines.base import (
     GenerationRequest,
     ModelSpec,
     ProviderError,
+    UnsupportedRequest,
     Usage,
 )
 
@@ -96,6 +97,9 @@ class OllamaEngine:
         return {"provider": self.ollama.name, "model": self.ollama_model}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if request.tools:
+            # Chunks cannot carry tool calls yet: refuse rather than drop them silently.
+            raise UnsupportedRequest("tools are not supported through Ollama yet", param="tools")
         if request.n != 1:
             raise ProviderError(400, "Ollama answers one choice per request (n=1)", param="n")
         path = "/api/chat" if request.messages is not None else "/api/generate"
@@ -147,7 +151,11 @@ class OllamaEngine:
                 code="upstream_unavailable",
             ) from None
         if not response.is_success:
-            raw = await response.aread()
-            await response.aclose()
+            try:
+                raw = await response.aread()
+            except httpx.HTTPError:
+                raw = b""  # the error body broke off; the status still says what happened
+            finally:
+                await response.aclose()
             raise ollama_error(response.status_code, raw)
         return response

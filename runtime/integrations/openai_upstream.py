@@ -26,8 +26,10 @@ from runtime.engines.base import (
     ModelSpec,
     ProviderError,
     TokenLogprob,
+    UnsupportedRequest,
     Usage,
 )
+from runtime.integrations.circuit import CircuitState
 
 if TYPE_CHECKING:
     from runtime.integrations.openai_compatible import OpenAICompatibleIntegration
@@ -53,8 +55,10 @@ def request_body(request: GenerationRequest, upstream_model: str) -> dict[str, A
     for name, neutral in EXTRA_NEUTRAL.items():
         if getattr(request, name) != neutral:
             body[name] = getattr(request, name)
-    optional = {"max_tokens": request.max_tokens, "seed": request.seed, "stop": request.stop}
-    body.update({k: v for k, v in optional.items() if v})
+    optional = {"max_tokens": request.max_tokens, "seed": request.seed}
+    body.update({k: v for k, v in optional.items() if v is not None})  # seed 0 is a seed
+    if request.stop:
+        body["stop"] = request.stop
     if request.messages is not None:
         body["messages"] = request.messages
         if request.logprobs is not None:
@@ -92,8 +96,9 @@ def chunks_of(event: dict[str, Any]) -> list[Chunk]:
             )
         )
     usage = event.get("usage")
-    if usage:
-        found.append(Chunk(usage=Usage(usage["prompt_tokens"], usage["completion_tokens"])))
+    if usage:  # some servers report only part of it
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        found.append(Chunk(usage=Usage(int(prompt or 0), int(completion or 0))))
     return found
 
 
@@ -163,6 +168,11 @@ class UpstreamEngine:
         return {"provider": self.upstream.name, "circuit": self.upstream.circuit.state.value}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if request.tools:
+            # Chunks cannot carry tool calls yet: refuse rather than drop them silently.
+            raise UnsupportedRequest(
+                f"tools are not supported through {self.upstream.name} yet", param="tools"
+            )
         path = "/chat/completions" if request.messages is not None else "/completions"
         response = await self._open(path, request_body(request, self.upstream_model))
         try:
@@ -203,9 +213,14 @@ class UpstreamEngine:
         response = await self._open("/embeddings", body)
         try:
             payload = json.loads(await response.aread())
+            data = sorted(payload["data"], key=lambda d: d["index"])
+            vectors = [item["embedding"] for item in data]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            raise ProviderError(
+                502, f"{self.upstream.name} sent no usable embeddings: {exc}", code="upstream_error"
+            ) from None
         finally:
             await response.aclose()
-        vectors = [item["embedding"] for item in sorted(payload["data"], key=lambda d: d["index"])]
         usage = payload.get("usage") or {}
         return Embeddings(vectors=vectors, prompt_tokens=int(usage.get("prompt_tokens", 0)))
 
@@ -226,8 +241,14 @@ class UpstreamEngine:
                 client = upstream.client
                 outgoing = client.build_request("POST", path, json=body)
                 response = await client.send(outgoing, stream=True)
-            except httpx.HTTPError as exc:
-                upstream.circuit.failure()
+            except BaseException as exc:
+                cancelled = not isinstance(exc, httpx.HTTPError)  # (or a bug of ours)
+                # A half-open circuit's trial must end in a verdict, even when the client went
+                # away mid-connect; otherwise a cancellation is not the upstream's failure.
+                if not cancelled or upstream.circuit.state is CircuitState.half_open:
+                    upstream.circuit.failure()
+                if cancelled:
+                    raise
                 error = ProviderError(
                     503,
                     f"{upstream.name} cannot be reached: {type(exc).__name__}: {exc}",
@@ -237,16 +258,26 @@ class UpstreamEngine:
                 if response.is_success:
                     upstream.circuit.success()
                     return response
-                raw = await response.aread()
-                await response.aclose()
-                try:
-                    parsed: Any = json.loads(raw)
-                except ValueError:
-                    parsed = raw.decode(errors="replace")
-                error = provider_error(response.status_code, parsed)
+                error = await _error_of(response)
                 if not error.retryable:
-                    raise error  # the request's fault: the upstream is fine
+                    upstream.circuit.success()  # it answered: the request was at fault
+                    raise error
                 upstream.circuit.failure()
             if attempt + 1 < attempts:
                 await asyncio.sleep(upstream.retry_backoff_s * 2**attempt)
         raise error
+
+
+async def _error_of(response: httpx.Response) -> ProviderError:
+    """An upstream's error response as a ProviderError (also when its body breaks off)."""
+    try:
+        raw = await response.aread()
+    except httpx.HTTPError:
+        raw = b""
+    finally:
+        await response.aclose()
+    try:
+        parsed: Any = json.loads(raw)
+    except ValueError:
+        parsed = raw.decode(errors="replace")
+    return provider_error(response.status_code, parsed)
