@@ -9,21 +9,18 @@ as a dropped connection does, so resuming can be tested."""
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.conftest import free_port
+from tests.thread_server import ThreadServer
 
 CHUNK = 1 << 20
 
@@ -52,33 +49,15 @@ class HubRepo:
     tags: list[str] = field(default_factory=lambda: ["gguf", "text-generation"])
 
 
-class FakeHub:
+class FakeHub(ThreadServer):
     def __init__(self, repos: list[HubRepo], port: int | None = None) -> None:
         self.repos = {repo.repo_id: repo for repo in repos}
-        self.port = port or free_port()
+        super().__init__(port)
         self.requests: list[dict[str, Any]] = []  # method, path, range, authorization
         self.drop_after: dict[str, int] = {}
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        config = uvicorn.Config(self.app(), host="127.0.0.1", port=self.port, log_level="error")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            assert time.monotonic() < deadline, "fake Hub did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=10)
+        self.serve(self.app(), "fake Hub")
 
     def app(self) -> Starlette:
         return Starlette(

@@ -14,48 +14,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.conftest import free_port
+from tests.thread_server import ThreadServer
 
 KNOWN_REMOTE = {"tinyllama:1b"}  # names /api/pull can find in the "registry"
 
 
-class FakeOllama:
+class FakeOllama(ThreadServer):
     def __init__(self, gguf: Path, port: int | None = None) -> None:
         from llama_cpp import Llama
 
         self.llm = Llama(str(gguf), n_ctx=1024, n_threads=2, chat_format="gemma", verbose=False)
         self.lock = threading.Lock()  # one generation at a time, as one Ollama runner does
         self.models = {"gemma3:270m": gguf.stat().st_size}
-        self.port = port or free_port()
+        super().__init__(port)
         self.requests: list[dict[str, Any]] = []
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        config = uvicorn.Config(self.app(), host="127.0.0.1", port=self.port, log_level="warning")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            assert time.monotonic() < deadline, "fake Ollama did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=10)
+        self.serve(self.app(), "fake Ollama")
 
     def app(self) -> Starlette:
         return Starlette(
