@@ -72,10 +72,10 @@ class OllamaIntegration(BaseIntegration):
     async def health_check(self) -> Health:
         self.version = (await self.request_json("/api/version", method="GET"))["version"]
         tags = await self._list_tags()
-        if set(tags) != set(self.tags):
-            self.tags = tags
+        changed = set(tags) != set(self.tags)
+        self.tags = tags  # details (sizes, digests) refresh even when the names stay
+        if changed:
             await self.emit("models.changed", {"models": self.model_ids()})
-        self.tags = tags
         return Health(True, f"Ollama {self.version}, {len(tags)} models")
 
     async def shutdown(self) -> None:
