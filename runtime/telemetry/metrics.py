@@ -249,5 +249,5 @@ class Metrics:
         if directory is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged, path=directory)
+        multiprocess.MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
         return generate_latest(merged), CONTENT_TYPE_LATEST
