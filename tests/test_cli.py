@@ -9,6 +9,9 @@ import pytest
 
 from tests.conftest import PYTHON, ROOT, TEST_OVERRIDES, cli_env
 
+# Every selectable integration: one YAML file each under conf/integrations/.
+INTEGRATION_FILES = list((ROOT / "conf" / "integrations").glob("*.yaml"))
+
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -60,7 +63,7 @@ def test_plan_takes_key_overrides() -> None:
         (
             ["integrations=nonesuch,ollama"],
             "tiffin: config error: integrations: got 'nonesuch', "
-            "expected one of: custom_models, huggingface_hub, ollama, openai_compatible",
+            f"expected one of: {', '.join(sorted(p.stem for p in INTEGRATION_FILES))}",
         ),
         (
             [*TEST_OVERRIDES, "integrations=cache", "integrations.db.dependencies=[cache]"],
