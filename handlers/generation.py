@@ -5,7 +5,7 @@ stream so that errors surface before the first byte, and mapping failures to Han
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -67,6 +67,7 @@ def resolve_model(ctx: Context, model_id: str, capability: str) -> LocalModel:
         model = ctx.models.get(model_id)
     except ModelNotFound as exc:
         raise HandlerError(404, str(exc), param="model", code="model_not_found") from None
+    ctx.model, ctx.provider = model.id, model.spec.provider
     if capability not in model.capabilities:
         can = ", ".join(sorted(model.capabilities))
         raise HandlerError(
@@ -124,6 +125,7 @@ class Outcome:
     finish: dict[int, str] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
     model: str = ""  # the model that answered: the requested one, or one of its fallbacks
+    ttft_s: float | None = None  # from the start to the first chunk
     cost: float = 0.0
     error: str | None = None
 
@@ -159,8 +161,16 @@ async def start_generation(
         await stream.aclose()  # type: ignore[attr-defined]
         raise error_for(exc) from None
     outcome.model = first.model if first is not None and first.model else request.model
+    if first is not None:
+        outcome.ttft_s = time.perf_counter() - started
 
-    async def chunks() -> AsyncIterator[Chunk]:
+    async def end() -> None:
+        await stream.aclose()  # type: ignore[attr-defined]
+        await _finish(ctx, request, outcome, time.perf_counter() - started)
+        if on_done is not None:
+            on_done(outcome)
+
+    async def chunks() -> AsyncGenerator[Chunk, None]:
         try:
             if first is not None:
                 outcome.add(first)
@@ -172,12 +182,38 @@ async def start_generation(
             outcome.error = str(exc)
             raise error_for(exc) from None
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
-            await _finish(ctx, request, outcome, time.perf_counter() - started)
-            if on_done is not None:
-                on_done(outcome)
+            await end()
 
-    return chunks(), outcome
+    generation = GenerationStream(chunks(), end)
+    ctx.closers.append(generation.aclose)
+    return generation, outcome
+
+
+class GenerationStream:
+    """The chunks of one started generation. Closing it ends the generation even when nobody
+    read a chunk yet (a client gone right after the first frame): a bare async generator
+    closed before its first `anext` never runs its `finally`, and would leave the model's
+    stream open until garbage collection."""
+
+    def __init__(self, body: AsyncGenerator[Chunk, None], end: Callable[[], Awaitable[None]]):
+        self._body = body
+        self._end = end
+        self._started = False
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        self._started = True
+        return await anext(self._body)
+
+    async def aclose(self) -> None:
+        if self._started:
+            await self._body.aclose()
+            return
+        self._started = True
+        await self._body.aclose()  # never started: this only marks it closed
+        await self._end()
 
 
 async def _finish(
@@ -199,5 +235,8 @@ async def _finish(
         "cost": outcome.cost,
         "error": outcome.error,
         "seconds": seconds,
+        "ttft_s": outcome.ttft_s,
+        "model": outcome.model or request.model,
+        "provider": model.spec.provider if model is not None else ctx.provider,
     }
     await resolve_all(ctx.hooks.after_generate(request=request, response=response, ctx=ctx))

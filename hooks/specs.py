@@ -77,6 +77,25 @@ def before_request(event: Any, ctx: Any) -> Any:
     """
 
 
+@hookspec
+def request_started(event: Any, ctx: Any) -> None:
+    """Called for every request on every transport when it arrives, before `before_request`.
+
+    Observational (metrics count requests in flight here): return values are ignored, and
+    `request_finished` is always called later for the same event.
+    """
+
+
+@hookspec
+def request_finished(event: Any, ctx: Any, status: int, seconds: float, error: Any) -> None:
+    """Called once when a request is over: its answer was sent, or its stream ended, or the
+    client went away. `status` is HTTP's vocabulary whatever the transport (200, 4xx, 5xx;
+    499 when the client left first), `seconds` the time since arrival, `error` the
+    HandlerError it ended with (or None). `ctx.model` / `ctx.provider` name the model the
+    request used, when it used one. Observational: return values are ignored.
+    """
+
+
 @hookspec(firstresult=True)
 def before_generate(request: Any, ctx: Any) -> Any:
     """Called before a generation request goes to a model provider.
@@ -88,9 +107,19 @@ def before_generate(request: Any, ctx: Any) -> Any:
 
 @hookspec
 def after_generate(request: Any, response: Any, ctx: Any) -> None:
-    """Called after a generation finished (or failed), with its request and final response
-    (text, usage, finish reason, or the error). Observational: return values are ignored.
-    May return an awaitable.
+    """Called after a generation finished (or failed), with its request and final response, a
+    dict: `usage` (prompt/completion tokens), `finish_reasons` (by choice), `cost`, `error`
+    (text or None), `seconds` (whole generation), `ttft_s` (to the first chunk, or None),
+    `model` and `provider` (the model that answered: the requested one or a fallback).
+    Observational: return values are ignored. May return an awaitable.
+    """
+
+
+@hookspec
+def after_health_check(name: str, health: Any) -> None:
+    """Called after every health check of an integration (at start, periodically, on
+    recovery). `name` is the integration, `health` its `Health` (healthy, detail,
+    latency_s). Observational: return values are ignored; keep it cheap.
     """
 
 

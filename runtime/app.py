@@ -21,15 +21,18 @@ from omegaconf import DictConfig, OmegaConf
 
 import hooks.builtin
 from hooks import make_plugin_manager, resolve, resolve_all
+from hooks.metrics import MetricsPlugin
 from runtime.config import IntegrationConfig, TiffinConfig, Topology
 from runtime.dispatch import Dispatcher, Handler
 from runtime.errors import ConfigError
 from runtime.events import BusEvent, EventBus
 from runtime.integrations import IntegrationManager, IntegrationRegistry
+from runtime.integrations.base import Health
 from runtime.integrations.manager import Sleep
 from runtime.models import ModelRouter
 from runtime.runner import RemoteEngine, RunnerClient
 from runtime.secrets import redact
+from runtime.telemetry.metrics import Metrics
 
 
 def to_settings(cfg: DictConfig) -> TiffinConfig:
@@ -50,8 +53,13 @@ class Runtime:
         self.cfg = cfg
         self.settings = to_settings(cfg)
         self.log = structlog.get_logger("tiffin.runtime")
+        telemetry = self.settings.telemetry
+        self.metrics = Metrics()
+        recorders: list[object] = []
+        if telemetry.metrics:
+            recorders.append(MetricsPlugin(self.metrics, telemetry.sample_interval_s))
         self.plugins = make_plugin_manager(
-            [*hooks.builtin.builtin_plugins(), *builtins],
+            [*hooks.builtin.builtin_plugins(), *recorders, *builtins],
             self.settings.plugins,
             load_entrypoints=self.settings.load_entrypoint_plugins,
         )
@@ -68,6 +76,7 @@ class Runtime:
             self._integration_configs(),
             self.registry,
             self.events,
+            on_check=self._health_checked,
             **({"sleep": sleep} if sleep else {}),
         )
         self.dispatcher = Dispatcher(
@@ -208,6 +217,9 @@ class Runtime:
         name = event.data.get("name") if event.source == "integrations" else event.source
         if self.started and isinstance(name, str):
             await self._offer_models(name)
+
+    async def _health_checked(self, name: str, health: Health) -> None:
+        await resolve_all(self.plugins.hook.after_health_check(name=name, health=health))
 
     async def _forward_event(self, event: BusEvent) -> None:
         await resolve_all(self.plugins.hook.on_event(event=event))

@@ -159,6 +159,8 @@ class AuthConfig:
 @dataclass
 class TelemetryConfig:
     metrics: bool = True
+    # How often state gauges (CPU, memory, GPU, queue depth, models, integrations) are read.
+    sample_interval_s: float = 5.0
     tracing: bool = False
     exporters: list[str] = field(default_factory=list)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 import structlog
 
-from hooks import resolve
+from hooks import resolve, resolve_all
 from runtime.integrations.manager import IntegrationManager, current_manager
 
 if TYPE_CHECKING:
@@ -55,6 +55,12 @@ class Context:
     log: Any
     deadline: float | None = None
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    # The model the request used (set when a handler resolves one), for metrics and traces.
+    model: str = ""
+    provider: str = ""
+    # Called when the request is over, however it ended: streams the handler opened are
+    # closed here even if no transport ever read them.
+    closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
 
     @property
     def remaining(self) -> float | None:
@@ -144,11 +150,90 @@ class Dispatcher:
         )
 
     async def dispatch(self, route: str, event: Event, ctx: Context | None = None) -> Any:
+        """Call the route's handler. `request_started` and `request_finished` bracket the
+        request: for a streamed result, it finishes when the stream ends or is closed."""
         handler = self.handlers[self.routes[route]]
         event.route = route
         ctx = ctx or self.context(event)
         current_manager.set(ctx.integrations)
-        early = await resolve(ctx.hooks.before_request(event=event, ctx=ctx))
-        if early is not None:
-            return early
-        return await handler(event, ctx)
+        finish = _Finish(event, ctx)
+        await resolve_all(ctx.hooks.request_started(event=event, ctx=ctx))
+        try:
+            result = await resolve(ctx.hooks.before_request(event=event, ctx=ctx))
+            if result is None:
+                result = await handler(event, ctx)
+        except HandlerError as exc:
+            await finish(exc.status, exc)
+            raise
+        except asyncio.CancelledError:
+            await finish(499, None)
+            raise
+        except Exception:
+            await finish(500, None)
+            raise
+        if isinstance(result, NdjsonStream):
+            return NdjsonStream(FinishingStream(result.items, finish))
+        if hasattr(result, "__aiter__") and not isinstance(result, Mapping):
+            return FinishingStream(result, finish)
+        await finish(result.status if isinstance(result, Reply) else 200, None)
+        return result
+
+
+class _Finish:
+    """Calls `request_finished` once for an event, however the request ends."""
+
+    def __init__(self, event: Event, ctx: Context) -> None:
+        self.event = event
+        self.ctx = ctx
+        self.started = time.perf_counter()
+        self.done = False
+
+    async def __call__(self, status: int, error: HandlerError | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        seconds = time.perf_counter() - self.started
+        for close in reversed(self.ctx.closers):
+            await close()
+        await resolve_all(
+            self.ctx.hooks.request_finished(
+                event=self.event, ctx=self.ctx, status=status, seconds=seconds, error=error
+            )
+        )
+
+
+class FinishingStream:
+    """A handler's stream that reports how the request ended: 200 when it ran out, the
+    error's status when it raised, 499 when the transport closed it early (client gone).
+    Closing it closes the handler's stream, which stops the generation."""
+
+    def __init__(self, inner: AsyncIterator[Any], finish: _Finish) -> None:
+        self._inner = inner
+        self._finish = finish
+
+    def __aiter__(self) -> FinishingStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await anext(self._inner)
+        except StopAsyncIteration:
+            await self._finish(200, None)
+            raise
+        except HandlerError as exc:
+            await self._finish(exc.status, exc)
+            raise
+        except asyncio.CancelledError:
+            await self._finish(499, None)
+            raise
+        except Exception:
+            await self._finish(500, None)
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            aclose = getattr(self._inner, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            await self._finish(499, None)

@@ -157,7 +157,13 @@ class LocalModel:
         }
 
     async def _emit(self, event_type: str, **data: Any) -> None:
-        payload = {"model": self.id, "engine": self.spec.engine, "state": self.state.value, **data}
+        payload = {
+            "model": self.id,
+            "provider": self.spec.provider,
+            "engine": self.spec.engine,
+            "state": self.state.value,
+            **data,
+        }
         await self._bus.publish(BusEvent(event_type, source="models", data=payload))
 
 

@@ -36,8 +36,11 @@ def test_the_expected_hooks_exist() -> None:
                 "register_handlers",
                 "runtime_started",
                 "runtime_stopping",
+                "request_started",
                 "before_request",
+                "request_finished",
                 "before_generate",
+                "after_health_check",
                 "after_generate",
                 "on_event",
                 "estimate_cost",
@@ -98,6 +101,20 @@ class Recorder:
         return Reply({"teapot": True}, status=418) if event.headers.get("x-teapot") else None
 
     @hookimpl
+    def request_started(self, event: Event, ctx: Any) -> None:
+        self.calls.append("request_started")
+
+    @hookimpl
+    async def request_finished(
+        self, event: Event, ctx: Any, status: int, seconds: float, error: Any
+    ) -> None:
+        self.calls.append(f"request_finished:{event.route}:{status}")
+
+    @hookimpl
+    def after_health_check(self, name: str, health: Health) -> None:
+        self.calls.append(f"after_health_check:{name}")
+
+    @hookimpl
     async def before_generate(self, request: dict[str, Any], ctx: Any) -> dict[str, Any]:
         self.calls.append("before_generate")
         return {**request, "max_tokens": 8}
@@ -145,6 +162,10 @@ async def test_every_hook_is_called(make_runtime: MakeRuntime) -> None:
     passed = await runtime.dispatcher.dispatch("integrations_health", Event())
     assert isinstance(passed, Reply) and passed.status == 200
     assert plugin.calls.count("before_request") == 2
+    assert plugin.calls.count("request_started") == 2
+    assert "request_finished:integrations_health:418" in plugin.calls
+    assert "request_finished:integrations_health:200" in plugin.calls
+    assert "after_health_check:db" in plugin.calls
 
     ctx = runtime.dispatcher.context(Event())
     request = {"model": "m", "max_tokens": 100}

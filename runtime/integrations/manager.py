@@ -32,6 +32,8 @@ from runtime.integrations.registry import IntegrationRegistry
 from runtime.secrets import redact_text
 
 Sleep = Callable[[float], Awaitable[None]]
+# Told of every health check (name, result): metrics observe durations through it.
+CheckObserver = Callable[[str, Health], Awaitable[object]]
 
 # The manager of the runtime serving the current task, for the platform guide's
 # `await get_integration_manager()`. Set by `start_all` and by every transport per request.
@@ -50,9 +52,11 @@ class IntegrationManager:
         bus: EventBus,
         *,
         sleep: Sleep = asyncio.sleep,
+        on_check: CheckObserver | None = None,
     ) -> None:
         self.bus = bus
         self._sleep = sleep
+        self._on_check = on_check
         self._log = structlog.get_logger("tiffin.integrations")
         enabled = {name: cfg for name, cfg in configs.items() if cfg.enabled}
         self.configs = dict(configs)
@@ -210,7 +214,7 @@ class IntegrationManager:
             integration.restarts += 1
             integration.last_error = None
             integration.last_health = await self._check(integration)
-            await self._emit("integration.recovered", name)
+            await self._emit("integration.recovered", name, restart=True)
             async with self._lock:
                 await self._settle()
             await self._start_waiting()
@@ -228,6 +232,15 @@ class IntegrationManager:
     # --- health -----------------------------------------------------------------------------------
 
     async def _check(self, integration: BaseIntegration) -> Health:
+        health = await self._run_check(integration)
+        if self._on_check is not None:
+            try:
+                await self._on_check(integration.name, health)
+            except Exception:
+                self._log.exception("health check observer failed", integration=integration.name)
+        return health
+
+    async def _run_check(self, integration: BaseIntegration) -> Health:
         started = time.perf_counter()
         try:
             health = await asyncio.wait_for(

@@ -126,6 +126,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             name=name,
             description=route.description,
         )
+    app.add_api_route("/metrics", _metrics(runtime), methods=["GET"], include_in_schema=False)
     # Last route: every other path and method answers in JSON too, also when BentoML mounts this
     # app (it only forwards paths that some route of the app matches).
     app.add_api_route("/{path:path}", _fallback(app), methods=_METHODS, include_in_schema=False)
@@ -158,6 +159,17 @@ def _fallback(app: FastAPI) -> Callable[[Request], Awaitable[Response]]:
         return error_response(404, f"no route for {request.method} {request.url.path}")
 
     return not_found
+
+
+def _metrics(runtime: Runtime) -> Callable[[Request], Awaitable[Response]]:
+    """Prometheus' text format. (Under BentoML its own /metrics answers first, from the same
+    multiprocess files, with BentoML's families beside ours.)"""
+
+    async def metrics(request: Request) -> Response:
+        body, content_type = runtime.metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    return metrics
 
 
 def _endpoint(runtime: Runtime, route: str) -> Callable[[Request], Awaitable[Response]]:
@@ -219,9 +231,9 @@ def encode(result: Any) -> Response:
     if isinstance(result, Reply):
         return JSONResponse(result.body, status_code=result.status, headers=dict(result.headers))
     if isinstance(result, NdjsonStream):
-        return ClosingStreamResponse(_ndjson(result.items), "application/x-ndjson")
+        return ClosingStreamResponse(_ndjson(result.items), "application/x-ndjson", result.items)
     if hasattr(result, "__aiter__"):
-        return ClosingStreamResponse(_sse(result), "text/event-stream")
+        return ClosingStreamResponse(_sse(result), "text/event-stream", result)
     return JSONResponse(result)
 
 
@@ -230,19 +242,27 @@ class ClosingStreamResponse(StreamingResponse):
     response ends (done, client gone, send failed), the handler's stream is closed, which
     stops the generation."""
 
-    def __init__(self, events: AsyncGenerator[bytes, None], media_type: str) -> None:
+    def __init__(
+        self, events: AsyncGenerator[bytes, None], media_type: str, source: AsyncIterator[Any]
+    ) -> None:
         super().__init__(
             events,
             media_type=media_type,
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
         self._events = events
+        self._source = source
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self._events.aclose()
+            # Also when the framing generator never started (the client left before the
+            # first byte), whose own `finally` then never ran.
+            aclose = getattr(self._source, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 async def _sse(chunks: AsyncIterator[Any]) -> AsyncGenerator[bytes, None]:

@@ -1,0 +1,224 @@
+"""Prometheus metrics in-process, on the scripted engine: each family by the platform guide's
+name, counted per request, generation, model load and health check, and read back from
+/metrics in Prometheus' text format. The same metrics scraped by a real Prometheus from a
+served process with two workers are in tests/test_prometheus.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from runtime.app import Runtime
+from runtime.config import ModelConfig
+from runtime.dispatch import Event, FinishingStream
+from runtime.engines.base import ModelSpec
+from runtime.telemetry.metrics import Metrics
+from runtime.transports.http import create_app
+from tests.test_openai_api import ScriptedEngines, chat
+
+MakeRuntime = Callable[..., Runtime]
+CHAT = "chat_completions"
+
+
+class Scrape:
+    """One /metrics answer, parsed: `value(name, **labels)` sums the matching samples."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples = [
+            sample for family in text_string_to_metric_families(text) for sample in family.samples
+        ]
+
+    def value(self, metric: str, **labels: str) -> float:
+        matching = [
+            s.value
+            for s in self.samples
+            if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+        return float(sum(matching))
+
+    def has(self, metric: str, **labels: str) -> bool:
+        return any(
+            s.name == metric and all(s.labels.get(k) == v for k, v in labels.items())
+            for s in self.samples
+        )
+
+
+class Api:
+    def __init__(self, runtime: Runtime, http: httpx.AsyncClient, plugin: ScriptedEngines) -> None:
+        self.runtime = runtime
+        self.http = http
+        self.plugin = plugin
+
+    async def scrape(self) -> Scrape:
+        response = await self.http.get("/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        return Scrape(response.text)
+
+
+@pytest.fixture
+async def api(make_runtime: MakeRuntime) -> AsyncIterator[Api]:
+    plugin = ScriptedEngines()
+    runtime = make_runtime("integrations=db", builtins=[plugin])
+    prices = {"prompt_per_1k": 2.0, "completion_per_1k": 10.0}
+    for config in (
+        ModelConfig(id="m1", source="x", prices=prices, timeout_s=5),
+        ModelConfig(id="embedder", source="x"),
+        ModelConfig(id="broken", source="x"),
+    ):
+        runtime.models.register(ModelSpec(config, Path("x"), "scripted", provider="local"))
+    await runtime.start()
+    transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://tiffin.test") as http:
+        yield Api(runtime, http, plugin)
+
+
+async def test_requests_are_counted_by_route_transport_model_and_status(api: Api) -> None:
+    for _ in range(3):
+        assert (await api.http.post("/v1/chat/completions", json=chat())).status_code == 200
+    streamed = await api.http.post("/v1/chat/completions", json=chat(stream=True))
+    assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+    assert (await api.http.post("/v1/chat/completions", json=chat(model="nope"))).status_code == 404
+    assert (await api.http.post("/v1/chat/completions", json={"model": 1})).status_code == 400
+    assert (await api.http.get("/v1/models")).status_code == 200
+
+    m = await api.scrape()
+    ok = {"endpoint": CHAT, "transport": "http", "status": "200"}
+    assert m.value("llm_requests_total", **ok, model="m1", provider="local") == 4
+    assert m.value("llm_request_duration_seconds_count", **ok, model="m1") == 4
+    # An unknown model is not a label value: user text never becomes a series.
+    assert m.value("llm_requests_total", endpoint=CHAT, status="404", model="") == 1
+    assert not m.has("llm_requests_total", model="nope")
+    assert m.value("llm_requests_total", endpoint=CHAT, status="400") == 1
+    assert m.value("llm_requests_total", endpoint="models_list", status="200") == 1
+    assert m.value("llm_requests_total") == 7
+    assert m.value("llm_errors_total", endpoint=CHAT, status="404") == 1
+    assert m.value("llm_errors_total", type="invalid_request_error") == 2
+    assert m.value("llm_requests_in_flight") == 0
+
+
+async def test_generations_record_tokens_latency_and_cost(api: Api) -> None:
+    engine = api.plugin
+    await api.runtime.models.load("m1")
+    engine.built["m1"].enqueue(["a", "b", "c", "d"])  # usage: 3 prompt, 4 completion tokens
+    assert (await api.http.post("/v1/chat/completions", json=chat())).status_code == 200
+
+    m = await api.scrape()
+    labels = {"model": "m1", "provider": "local"}
+    assert m.value("llm_tokens_total", **labels, kind="prompt") == 3
+    assert m.value("llm_tokens_total", **labels, kind="completion") == 4
+    assert m.value("llm_time_to_first_token_seconds_count", **labels) == 1
+    assert m.value("llm_time_per_output_token_seconds_count", **labels) == 1
+    # 3 prompt tokens at 2.0 per 1k, 4 completion tokens at 10.0 per 1k.
+    assert m.value("llm_cost_total", **labels) == pytest.approx(0.046)
+
+
+async def test_model_loads_and_failures_are_counted(api: Api) -> None:
+    await api.runtime.models.load("m1")
+    api.plugin.build = _failing(api.plugin.build, "broken")
+    response = await api.http.post("/v1/chat/completions", json=chat(model="broken"))
+    assert response.status_code == 503
+
+    m = await api.scrape()
+    assert m.value("llm_model_loads_total", model="m1", status="success") == 1
+    assert m.value("llm_model_loads_total", model="broken", status="failure") == 1
+    assert m.value("llm_active_models") == 1
+    assert m.value("llm_errors_total", endpoint=CHAT, status="503", type="server_error") == 1
+
+
+def _failing(build: Callable[[ModelSpec], Any], model: str) -> Callable[[ModelSpec], Any]:
+    def wrapped(spec: ModelSpec) -> Any:
+        engine = build(spec)
+        if spec.config.id == model:
+            engine.fail_load = "out of memory"
+        return engine
+
+    return wrapped
+
+
+async def test_a_stream_is_in_flight_until_it_ends_and_a_closed_one_is_a_499(api: Api) -> None:
+    engine = await _loaded(api, "m1")
+    engine.enqueue(["one", "two", "three"])
+    event = Event(body=chat(stream=True), transport="http")
+    stream = await api.runtime.dispatcher.dispatch(CHAT, event)
+    assert isinstance(stream, FinishingStream)
+    await anext(stream)
+    assert (await api.scrape()).value("llm_requests_in_flight", endpoint=CHAT) == 1
+    await stream.aclose()  # the client went away mid-stream
+
+    m = await api.scrape()
+    assert m.value("llm_requests_in_flight", endpoint=CHAT) == 0
+    assert m.value("llm_requests_total", endpoint=CHAT, status="499") == 1
+    assert m.value("llm_errors_total", endpoint=CHAT, status="499", type="cancelled") == 1
+    assert engine.closed == 1  # closing the request stopped the generation
+
+
+async def _loaded(api: Api, model: str) -> Any:
+    await api.runtime.models.load(model)
+    return api.plugin.built[model]
+
+
+async def test_integrations_and_resources_are_sampled(api: Api) -> None:
+    m = await api.scrape()
+    assert m.value("integration_up", name="db") == 1
+    assert m.value("integration_health_check_duration_seconds_count", name="db") >= 1
+    assert m.has("integration_restarts_total", name="db")
+    assert 0 <= m.value("llm_cpu_usage_percent") <= 100
+    assert m.value("llm_process_resident_memory_bytes") > 10_000_000
+    assert m.has("llm_queue_depth", model="m1")
+    # No GPU here: no GPU series, and no error either.
+    assert not m.has("llm_gpu_memory_usage_bytes")
+
+
+async def test_metrics_can_be_turned_off(make_runtime: MakeRuntime) -> None:
+    runtime = make_runtime("telemetry.metrics=false")
+    await runtime.start()
+    await runtime.dispatcher.dispatch("models_list", Event())
+    body, _ = runtime.metrics.exposition()
+    assert b"llm_requests_total{" not in body
+
+
+def test_each_runtime_has_its_own_registry() -> None:
+    first, second = Metrics(), Metrics()  # would raise "Duplicated timeseries" on a shared one
+    first.model_load("m", "local", ok=True)
+    assert b'llm_model_loads_total{model="m"' in first.exposition()[0]
+    assert b'llm_model_loads_total{model="m"' not in second.exposition()[0]
+
+
+async def test_exposition_adds_up_every_worker_under_multiprocess_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What BentoML's workers do: each process writes to PROMETHEUS_MULTIPROC_DIR; one scrape
+    sums them. Two child processes stand in for two workers."""
+    script = (
+        "from runtime.telemetry.metrics import Metrics, RequestRecord\n"
+        "m = Metrics()\n"
+        "for _ in range({n}):\n"
+        "    m.request_started('chat_completions', 'http')\n"
+        "    record = RequestRecord('chat_completions', 'http', 200, 0.1, 'm1', 'local')\n"
+        "    m.request_finished(record)\n"
+    )
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for n in (2, 3):
+        process = await asyncio.create_subprocess_exec(
+            _python(), "-c", script.format(n=n), env=env, cwd=str(Path(__file__).parent.parent)
+        )
+        assert await process.wait() == 0
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    body, _ = Metrics().exposition()
+    m = Scrape(body.decode())
+    assert m.value("llm_requests_total", endpoint=CHAT, status="200") == 5
+    assert m.value("llm_request_duration_seconds_count", endpoint=CHAT) == 5
+
+
+def _python() -> str:
+    import sys
+
+    return sys.executable
