@@ -166,6 +166,10 @@ def _serve(cfg: DictConfig, runtime: Runtime) -> int:
     config_file.write_text(OmegaConf.to_yaml(cfg))
     (run_dir / "plan.json").write_text(json.dumps(runtime.plan(), indent=2))
     env = {
+        # BentoML keeps the Prometheus multiprocess files of its workers under its home and
+        # wipes them when a server starts: a home per run keeps two servers on one machine
+        # from erasing each other's metrics. An operator's own BENTOML_HOME wins.
+        "BENTOML_HOME": str((run_dir / "bentoml").resolve()),
         **os.environ,
         "TIFFIN_CONFIG": str(config_file.resolve()),
         "TIFFIN_RUN_DIR": str(run_dir.resolve()),
