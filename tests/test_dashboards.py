@@ -1,0 +1,142 @@
+"""The Grafana dashboards built in runtime/telemetry/dashboards.py: the checked-in files are
+what the code generates, every query is valid PromQL (promtool), every metric family is shown."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from prometheus_client.metrics_core import Metric
+
+from runtime.telemetry.dashboards import UIDS, build_dashboards, promql_expressions
+from runtime.telemetry.metrics import Metrics
+from runtime.telemetry.panels import (
+    DATASOURCE_UID,
+    GRID_WIDTH,
+    PROMETHEUS,
+    content_hash,
+    content_marker,
+    panel_expressions,
+)
+from runtime.telemetry.provisioning import REGENERATE
+from tests.conftest import PYTHON, ROOT, cli_env
+
+MONITORING = ROOT / "monitoring"
+TITLES = ["LLM Platform Overview", "Model Performance", "Resource Monitoring", "Cost Analysis"]
+
+
+def binary(name: str) -> str:
+    """A binary from a Debian package: missing is a failure in CI, a skip elsewhere."""
+    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is missing: install the Debian package `prometheus`")
+        pytest.skip(f"{name} is not installed (Debian package `prometheus`)")
+    return path
+
+
+def test_the_checked_in_files_are_what_the_code_generates(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [PYTHON, "-m", "runtime.telemetry.dashboards", str(tmp_path)],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    checked_in = sorted(
+        p.relative_to(MONITORING) for p in (MONITORING / "grafana").rglob("*") if p.is_file()
+    )
+    advice = f"run `{REGENERATE}` from the repository root and commit the result"
+    assert checked_in == generated, f"monitoring/grafana differs from the generated set: {advice}"
+    for relative in generated:
+        fresh = (tmp_path / relative).read_bytes()
+        assert (MONITORING / relative).read_bytes() == fresh, (
+            f"monitoring/{relative} is stale: {advice}"
+        )
+        assert fresh.endswith(b"\n") and not fresh.endswith(b"\n\n")
+
+
+def test_every_expression_is_valid_promql(tmp_path: Path) -> None:
+    promtool = binary("promtool")
+    expressions = promql_expressions()
+    assert expressions and not [e for e in expressions if "$" in e]
+    rules = {
+        "groups": [
+            {
+                "name": "tiffin-dashboards",
+                "rules": [
+                    {"record": f"tiffin:dashboard_expression_{i}", "expr": expr}
+                    for i, expr in enumerate(expressions)
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "dashboards.rules.yml"
+    path.write_text(json.dumps(rules, indent=2))  # JSON is YAML
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(expressions)} rules found" in result.stdout
+
+
+def test_the_four_dashboards() -> None:
+    dashboards = build_dashboards()
+    assert [d["title"] for d in dashboards] == TITLES
+    assert [d["uid"] for d in dashboards] == list(UIDS)
+    assert build_dashboards() == dashboards  # deterministic
+    for model in dashboards:
+        assert "tiffin" in model["tags"]
+        assert content_marker(model) == f"tiffin-content-{content_hash(model)}"
+        [datasource] = [v for v in model["templating"]["list"] if v["name"] == "datasource"]
+        assert datasource["current"]["value"] == DATASOURCE_UID
+        ids = [p["id"] for p in model["panels"]]
+        assert len(ids) == len(set(ids))
+        for panel in model["panels"]:
+            grid = panel["gridPos"]
+            assert grid["x"] + grid["w"] <= GRID_WIDTH, panel["title"]
+            if panel["type"] == "row":
+                continue
+            assert panel["datasource"] == PROMETHEUS and panel["targets"], panel["title"]
+            for query in panel["targets"]:
+                assert query["datasource"] == PROMETHEUS
+                if "[" in query["expr"] and "$__range" not in query["expr"]:
+                    assert "[$__rate_interval]" in query["expr"], query["expr"]
+        assert promql_expressions(model)
+        if any("$model" in e for e in panel_expressions(model)):
+            assert "model" in [v["name"] for v in model["templating"]["list"]]
+
+
+def test_every_metric_family_is_on_a_dashboard() -> None:
+    used = " ".join(promql_expressions())
+    families: list[Metric] = list(Metrics().registry.collect())
+    assert len(families) == 18
+    for family in families:
+        name = {"counter": f"{family.name}_total", "histogram": f"{family.name}_bucket"}.get(
+            family.type, family.name
+        )
+        assert re.search(rf"\b{name}\b", used), f"{name} is on no dashboard"
+
+
+def test_the_content_marker_follows_the_content() -> None:
+    model = build_dashboards()[0]
+    assert content_hash({**model, "id": 7, "version": 3}) == content_hash(model)
+    edited = {**model, "panels": [{**model["panels"][0], "title": "Edited"}, *model["panels"][1:]]}
+    assert content_hash(edited) != content_hash(model)
+
+
+def test_the_provisioning_files_name_the_datasource_the_dashboards_use() -> None:
+    datasources = (MONITORING / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    assert f"uid: {DATASOURCE_UID}" in datasources
+    assert "url: http://prometheus:9090" in datasources
+    provider = (MONITORING / "grafana/provisioning/dashboards/tiffin.yml").read_text()
+    assert "type: file" in provider and "path: /var/lib/grafana/dashboards/tiffin" in provider
