@@ -4,13 +4,10 @@ what the code generates, every query is valid PromQL (promtool), every metric fa
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from prometheus_client.metrics_core import Metric
 
 from runtime.telemetry.dashboards import UIDS, build_dashboards, promql_expressions
@@ -25,19 +22,10 @@ from runtime.telemetry.panels import (
 )
 from runtime.telemetry.provisioning import REGENERATE
 from tests.conftest import PYTHON, ROOT, cli_env
+from tests.prometheus_server import debian_binary
 
 MONITORING = ROOT / "monitoring"
 TITLES = ["LLM Platform Overview", "Model Performance", "Resource Monitoring", "Cost Analysis"]
-
-
-def binary(name: str) -> str:
-    """A binary from a Debian package: missing is a failure in CI, a skip elsewhere."""
-    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is missing: install the Debian package `prometheus`")
-        pytest.skip(f"{name} is not installed (Debian package `prometheus`)")
-    return path
 
 
 def test_the_checked_in_files_are_what_the_code_generates(tmp_path: Path) -> None:
@@ -66,7 +54,7 @@ def test_the_checked_in_files_are_what_the_code_generates(tmp_path: Path) -> Non
 
 
 def test_every_expression_is_valid_promql(tmp_path: Path) -> None:
-    promtool = binary("promtool")
+    promtool = debian_binary("promtool")
     expressions = promql_expressions()
     assert expressions and not [e for e in expressions if "$" in e]
     rules = {
