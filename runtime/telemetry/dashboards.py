@@ -17,7 +17,6 @@ from typing import Any
 
 from runtime.telemetry.panels import (
     Json,
-    concrete,
     dashboard,
     gauge,
     label_variable,
@@ -28,9 +27,8 @@ from runtime.telemetry.panels import (
     thresholds,
     timeseries,
 )
+from runtime.telemetry.promql import RANGE, concrete, increase, quantile, rate, ratio
 
-R = "$__rate_interval"
-RANGE = "$__range"
 MODEL = 'model=~"$model"'
 # Route names (conf/handlers/default.yaml) that generate text.
 GENERATION = 'endpoint=~"chat_completions|completions|ollama_chat|ollama_generate"'
@@ -40,29 +38,6 @@ COST_NOTE = " In the currency of the per-model prices in the config (`prices`)."
 UIDS = ("tiffin-overview", "tiffin-models", "tiffin-resources", "tiffin-cost")
 
 
-# --- PromQL helpers -------------------------------------------------------------------------------
-
-
-def _selector(metric: str, matchers: str) -> str:
-    return f"{metric}{{{matchers}}}" if matchers else metric
-
-
-def _sum(inner: str, by: Sequence[str]) -> str:
-    return f"sum by ({', '.join(by)}) ({inner})" if by else f"sum({inner})"
-
-
-def rate(metric: str, matchers: str = "", by: Sequence[str] = (), window: str = R) -> str:
-    return _sum(f"rate({_selector(metric, matchers)}[{window}])", by)
-
-
-def increase(metric: str, matchers: str = "", by: Sequence[str] = (), window: str = R) -> str:
-    return _sum(f"increase({_selector(metric, matchers)}[{window}])", by)
-
-
-def quantile(q: float, histogram: str, matchers: str = "", by: Sequence[str] = ()) -> str:
-    return f"histogram_quantile({q}, {rate(histogram + '_bucket', matchers, (*by, 'le'))})"
-
-
 def quantiles(histogram: str, matchers: str = "", by: Sequence[str] = ()) -> list[Json]:
     """p50, p95 and p99 of a histogram, one target each."""
     prefix = " ".join(f"{{{{{label}}}}}" for label in by)
@@ -70,10 +45,6 @@ def quantiles(histogram: str, matchers: str = "", by: Sequence[str] = ()) -> lis
         target(quantile(q, histogram, matchers, by), f"{prefix} p{round(q * 100)}".strip())
         for q in (0.5, 0.95, 0.99)
     ]
-
-
-def ratio(numerator: str, denominator: str) -> str:
-    return f"{numerator} / {denominator}"
 
 
 # --- the dashboards ---------------------------------------------------------------------------

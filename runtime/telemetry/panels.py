@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -26,15 +25,6 @@ PROMETHEUS: Json = {"type": "prometheus", "uid": "${datasource}"}
 SCHEMA_VERSION = 39
 GRID_WIDTH = 24
 CONTENT_TAG_PREFIX = "tiffin-content-"
-
-# What promql_expressions() puts in place of Grafana's variables: concrete, valid PromQL.
-CONCRETE_VALUES: Mapping[str, str] = {
-    "__rate_interval": "1m",
-    "__interval": "1m",
-    "__range": "1h",
-    "model": ".*",
-}
-_VARIABLE = re.compile(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))")
 
 
 # --- targets and panels ---------------------------------------------------------------------------
@@ -360,15 +350,3 @@ def panel_expressions(model: Mapping[str, Any]) -> list[str]:
     for panel in model.get("panels", []):
         panels += [panel, *panel.get("panels", [])]
     return [t["expr"] for p in panels for t in p.get("targets", []) if t.get("expr")]
-
-
-def concrete(expr: str, values: Mapping[str, str] = CONCRETE_VALUES) -> str:
-    """`expr` with each Grafana variable replaced by a concrete value; unknown ones raise."""
-
-    def value(match: re.Match[str]) -> str:
-        name = match[1] or match[2]
-        if name not in values:
-            raise KeyError(f"no concrete value for ${name} in {expr!r}")
-        return values[name]
-
-    return _VARIABLE.sub(value, expr)

@@ -37,7 +37,8 @@ datasources:
     type: prometheus
     access: proxy
     url: {PROMETHEUS_URL}
-    isDefault: true
+    # Not the default: the dashboards name it by uid, and Grafana refuses two defaults.
+    isDefault: false
     editable: false
     jsonData:
       httpMethod: POST
