@@ -22,7 +22,7 @@ from runtime.telemetry.panels import (
 )
 from runtime.telemetry.provisioning import REGENERATE
 from tests.conftest import PYTHON, ROOT, cli_env
-from tests.prometheus_server import debian_binary
+from tests.real_prometheus import require_binary
 
 MONITORING = ROOT / "monitoring"
 TITLES = ["LLM Platform Overview", "Model Performance", "Resource Monitoring", "Cost Analysis"]
@@ -54,7 +54,7 @@ def test_the_checked_in_files_are_what_the_code_generates(tmp_path: Path) -> Non
 
 
 def test_every_expression_is_valid_promql(tmp_path: Path) -> None:
-    promtool = debian_binary("promtool")
+    promtool = require_binary("promtool")
     expressions = promql_expressions()
     assert expressions and not [e for e in expressions if "$" in e]
     rules = {

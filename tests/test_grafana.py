@@ -28,7 +28,7 @@ from runtime.telemetry.panels import DATASOURCE_UID
 from runtime.transports.http import create_app
 from tests.conftest import free_port
 from tests.fake_grafana import VERSION, FakeGrafana
-from tests.prometheus_server import PrometheusServer
+from tests.real_prometheus import running_prometheus
 
 API_KEY = "glsa_tiffin_test_9f8e7d6c5b4a"
 Compose = Callable[..., DictConfig]
@@ -36,10 +36,9 @@ Compose = Callable[..., DictConfig]
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"))
-    server.start()
-    yield server.url
-    server.stop()
+    # Nothing to scrape: the grafana integration only needs its dependency up.
+    with running_prometheus(tmp_path_factory.mktemp("prometheus"), []) as server:
+        yield server.url
 
 
 @pytest.fixture
