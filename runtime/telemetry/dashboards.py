@@ -56,7 +56,7 @@ def overview() -> Json:
         stat("Requests/s", [target(rate(requests))], unit="reqps"),
         stat(
             "Error ratio",
-            [target(ratio(f"({rate(errors)} or vector(0))", rate(requests)))],
+            [target(ratio(rate(errors), rate(requests)))],
             unit="percentunit",
             colours=thresholds((0.01, "orange"), (0.1, "red")),
             description="Requests that ended in an error, over all requests.",

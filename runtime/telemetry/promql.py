@@ -48,7 +48,9 @@ def quantile(q: float, histogram: str, matchers: str = "", by: Sequence[str] = (
 
 
 def ratio(numerator: str, denominator: str) -> str:
-    return f"{numerator} / {denominator}"
+    """numerator / denominator, and 0 (not no data) where the denominator has a series and the
+    numerator none: an endpoint without errors has an error ratio of 0."""
+    return f"({numerator} or 0 * {denominator}) / {denominator}"
 
 
 def concrete(expr: str, values: Mapping[str, str] = CONCRETE_VALUES) -> str:
