@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from handlers import admin, integrations, ollama, openai
+from handlers import admin, alerts, integrations, ollama, openai
 from hooks import hookimpl
 
 
@@ -20,6 +20,7 @@ class BuiltinHandlers:
         register("integrations.status", integrations.status)
         register("integrations.health", integrations.health)
         register("integrations.get", integrations.get)
+        register("alerts.webhook", alerts.webhook)
         register("openai.list_models", openai.list_models)
         register("openai.get_model", openai.get_model)
         register("openai.chat_completions", openai.chat_completions)
