@@ -12,7 +12,7 @@ import pytest
 import yaml
 from omegaconf import DictConfig
 
-from tests.binaries import run_binary
+from tests.binaries import require_binary, run_binary
 from tests.conftest import ROOT
 
 MONITORING = ROOT / "monitoring"
@@ -101,3 +101,15 @@ def test_the_configs_point_at_tiffin_as_it_is_configured(
     [hook] = tiffin["webhook_configs"]
     assert hook["url"] == f"http://localhost:{cfg.server.http_port}{webhook.path}"
     assert hook["send_resolved"] is True
+
+
+def test_a_missing_binary_fails_in_ci_and_is_skipped_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="promtool is not installed"):
+        require_binary("promtool")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="scripts/setup-system installs it"):
+        require_binary("promtool")
