@@ -113,7 +113,7 @@ def test_integration_types_accept_the_platform_guide_spelling(compose_test: Comp
 @pytest.mark.parametrize(
     ("overrides", "key", "value", "expected"),
     [
-        (["integrations=nope"], "integrations", "nope", "one of: cache, custom_models, dashboards"),
+        (["integrations=nope"], "integrations", "nope", "cache, custom_models, dashboards"),
         (["env=nope"], "env", "nope", "one of: dev, prod, staging, test"),
         (["server.http_port=abc"], "server.http_port", "abc", "a value of type Integer"),
         (["server.nope=1"], "server.nope", "nope", "a key that ServerConfig defines"),
