@@ -4,8 +4,6 @@ elsewhere it skips (scripts/setup-system installs it)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -14,21 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import yaml
 
+from tests.binaries import require_binary
 from tests.conftest import free_port
-
-
-def require_binary(name: str) -> str:
-    """The path of a system binary the test needs: a failure in CI, a skip elsewhere."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (scripts/setup-system installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 class Prometheus:

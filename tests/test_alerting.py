@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -44,8 +42,9 @@ from runtime.integrations import IntegrationStatus
 from runtime.integrations.alertmanager import AlertmanagerIntegration
 from runtime.integrations.prometheus import PrometheusIntegration
 from runtime.transports.http import create_app
-from tests.binaries import require_binary
 from tests.conftest import free_port
+from tests.real_alertmanager import Alertmanager, running_alertmanager
+from tests.real_prometheus import Prometheus, running_prometheus
 from tests.test_monitoring import ALERTMANAGER_YML, MONITORING, PROMETHEUS_YML
 from tests.thread_server import ThreadServer
 
@@ -76,42 +75,19 @@ TEST_RULES = {
 }
 
 
-class Server:
-    """A real server process logging to a file; stopped (then killed) by `stop`."""
-
-    def __init__(self, name: str, args: list[str], port: int, log: Path) -> None:
-        self.name = name
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @dataclass
 class Stack:
     """Prometheus and Alertmanager, set up to scrape and notify a Tiffin on `tiffin_port`."""
 
     tiffin_port: int
     switch_port: int
-    prometheus: Server
-    alertmanager: Server
+    prometheus: Prometheus
+    alertmanager: Alertmanager
 
     def logs(self) -> str:
-        return "\n".join(
-            f"--- {s.name} log:\n{s.log_tail()}" for s in (self.prometheus, self.alertmanager)
-        )
+        prometheus = self.prometheus.log.read_text(errors="replace")[-3000:]
+        alertmanager = self.alertmanager.log_tail()
+        return f"--- prometheus log:\n{prometheus}\n--- alertmanager log:\n{alertmanager}"
 
 
 def alertmanager_config(webhook: str) -> dict[str, Any]:
@@ -124,90 +100,41 @@ def alertmanager_config(webhook: str) -> dict[str, Any]:
     return config
 
 
-def prometheus_config(
-    tiffin_port: int, switch_port: int, alertmanager_port: int, test_rules: Path
-) -> dict[str, Any]:
-    """monitoring/prometheus.yml with 1 s intervals and the test's ports, plus the switch
-    target and the test rule."""
+def prometheus_config(tiffin_port: int, switch_port: int, alertmanager: str) -> dict[str, Any]:
+    """monitoring/prometheus.yml's scrape job and alerting, with the test's ports and 1 s
+    scrapes, plus the switch target. (running_prometheus sets 1 s intervals and the rule files.)"""
     config: dict[str, Any] = yaml.safe_load(PROMETHEUS_YML.read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     [job] = config["scrape_configs"]
     job["scrape_interval"] = "1s"
     job["static_configs"] = [{"targets": [f"127.0.0.1:{tiffin_port}"]}]
     switch = {"job_name": SWITCH_JOB, "static_configs": [{"targets": [f"127.0.0.1:{switch_port}"]}]}
-    config["scrape_configs"].append(switch)
-    config["rule_files"] = [str(MONITORING / name) for name in config["rule_files"]]
-    config["rule_files"].append(str(test_rules))
     [alertmanagers] = config["alerting"]["alertmanagers"]
-    alertmanagers["static_configs"] = [{"targets": [f"127.0.0.1:{alertmanager_port}"]}]
-    return config
-
-
-def wait_sync(condition: Callable[[], Any], what: str, logs: Callable[[], str]) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if condition():
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within 30 s\n{logs()}")
-        time.sleep(0.1)
-
-
-def answers(url: str) -> bool:
-    return httpx.get(url, timeout=2).status_code == 200
+    alertmanagers["static_configs"] = [{"targets": [alertmanager]}]
+    return {"scrape_configs": [job, switch], "alerting": config["alerting"]}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    prometheus_bin = require_binary("prometheus")
-    alertmanager_bin = require_binary("prometheus-alertmanager")
     root = tmp_path_factory.mktemp("alerting")
     tiffin_port, switch_port = free_port(), free_port()
-    alertmanager_port, prometheus_port = free_port(), free_port()
     webhook = f"http://127.0.0.1:{tiffin_port}{WEBHOOK_PATH}"
-    (root / "alertmanager.yml").write_text(yaml.safe_dump(alertmanager_config(webhook)))
     test_rules = root / "test_rules.yml"
     test_rules.write_text(yaml.safe_dump(TEST_RULES))
-    config = prometheus_config(tiffin_port, switch_port, alertmanager_port, test_rules)
-    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
-    with ExitStack() as cleanup:
-        alertmanager = Server(
-            "alertmanager",
-            [
-                alertmanager_bin,
-                f"--config.file={root / 'alertmanager.yml'}",
-                f"--storage.path={root / 'alertmanager-data'}",
-                f"--web.listen-address=127.0.0.1:{alertmanager_port}",
-                f"--web.external-url=http://127.0.0.1:{alertmanager_port}",
-                "--cluster.listen-address=",  # no gossip: one instance, no extra port
-            ],
-            alertmanager_port,
-            root / "alertmanager.log",
-        )
-        cleanup.callback(alertmanager.stop)
-        prometheus = Server(
-            "prometheus",
-            [
-                prometheus_bin,
-                f"--config.file={root / 'prometheus.yml'}",
-                f"--storage.tsdb.path={root / 'prometheus-data'}",
-                f"--web.listen-address=127.0.0.1:{prometheus_port}",
-                # Links in alerts (generatorURL) name this, not the machine's hostname.
-                f"--web.external-url=http://127.0.0.1:{prometheus_port}",
-            ],
-            prometheus_port,
-            root / "prometheus.log",
-        )
-        cleanup.callback(prometheus.stop)
-        stack = Stack(tiffin_port, switch_port, prometheus, alertmanager)
-        for server in (alertmanager, prometheus):
-            wait_sync(lambda s=server: answers(s.url + "/-/ready"), f"{server.name}", stack.logs)
-        # Prometheus drops the alerts it fires before discovery has named its Alertmanager.
-        wait_sync(lambda: prometheus_alertmanagers(stack), "alertmanager known", stack.logs)
-        yield stack
+    rule_files = [
+        MONITORING / name for name in yaml.safe_load(PROMETHEUS_YML.read_text())["rule_files"]
+    ]
+    with running_alertmanager(root / "alertmanager", alertmanager_config(webhook)) as alertmanager:
+        extra = prometheus_config(tiffin_port, switch_port, alertmanager.address)
+        with running_prometheus(
+            root / "prometheus",
+            [f"127.0.0.1:{tiffin_port}"],
+            rule_files=[*rule_files, test_rules],
+            extra=extra,
+        ) as prometheus:
+            stack = Stack(tiffin_port, switch_port, prometheus, alertmanager)
+            # Prometheus drops the alerts it fires before discovery names its Alertmanager.
+            prometheus.wait_until(lambda: bool(prometheus_alertmanagers(stack)), "alertmanager")
+            yield stack
 
 
 def prometheus_alertmanagers(stack: Stack) -> list[Any]:
@@ -313,9 +240,17 @@ async def test_the_alertmanager_integration_checks_the_real_server(
     assert status["health"]["healthy"] is True
     assert status["dependencies"] == ["prometheus"]
 
-    # Prometheus scrapes this Tiffin as the llm-platform job of monitoring/prometheus.yml.
-    targets = await until(prometheus.scrape_targets, "scrape of Tiffin", stack, 30)
+    # Prometheus scrapes this Tiffin as the llm-platform job of monitoring/prometheus.yml, and
+    # evaluates monitoring/'s rule files beside the test's.
+    async def scraped() -> list[dict[str, Any]]:
+        return [t for t in await prometheus.scrape_targets() if t["value"] == "1"]
+
+    targets = await until(scraped, "successful scrape of Tiffin", stack, 30)
     assert [t["instance"] for t in targets] == [f"127.0.0.1:{stack.tiffin_port}"]
+    async with httpx.AsyncClient(base_url=stack.prometheus.url) as http:
+        rules = (await http.get("/api/v1/rules")).json()["data"]
+    groups = {g["name"]: len(g["rules"]) for g in rules["groups"]}
+    assert groups == {"llm-platform": 8, "llm-platform-recording": 7, "tiffin-end-to-end": 1}
 
 
 async def test_a_firing_rule_reaches_tiffin_through_alertmanager_and_then_resolves(
@@ -355,7 +290,8 @@ async def test_a_firing_rule_reaches_tiffin_through_alertmanager_and_then_resolv
     assert event.data["annotations"]["summary"] == "Tiffin end-to-end test alert"
     assert event.data["endsAt"] is None
     assert datetime.fromisoformat(event.data["startsAt"]).tzinfo is not None
-    assert event.data["generatorURL"].startswith(stack.prometheus.url)
+    prometheus_port = stack.prometheus.url.rsplit(":", 1)[1]
+    assert f":{prometheus_port}/graph?g0.expr=" in event.data["generatorURL"]
     assert event.data["fingerprint"] == firing["on-call"].data["fingerprint"]
     assert event.data["externalURL"] == stack.alertmanager.url
     assert TEST_ALERT in health.data["active_alertnames"]

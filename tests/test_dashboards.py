@@ -21,8 +21,8 @@ from runtime.telemetry.panels import (
     panel_expressions,
 )
 from runtime.telemetry.provisioning import REGENERATE
+from tests.binaries import require_binary
 from tests.conftest import PYTHON, ROOT, cli_env
-from tests.real_prometheus import require_binary
 
 MONITORING = ROOT / "monitoring"
 TITLES = ["LLM Platform Overview", "Model Performance", "Resource Monitoring", "Cost Analysis"]
