@@ -312,3 +312,21 @@ async def test_a_firing_rule_reaches_tiffin_through_alertmanager_and_then_resolv
     assert (latest["alertname"], latest["status"]) == (TEST_ALERT, "resolved")
     assert latest["summary"] == "Tiffin end-to-end test alert"
     print(f"\nalert fired after {fired_after:.1f} s, resolved after {resolved_after:.1f} s")
+
+    # The recording rules work on Tiffin's real series (their labels match): the webhook's own
+    # requests show up.
+    prometheus = tiffin.integration("prometheus")
+    webhook_rate = (
+        'llm:requests_per_second:rate1m{job="llm-platform",endpoint="alertmanager_webhook",'
+        'status="200"}'
+    )
+    # (Its value may be 0: a counter series born with all its requests shows no increase.)
+    [recorded] = await until(lambda: prometheus.query(webhook_rate), "recorded rate", stack, 30)
+    assert float(recorded["value"][1]) >= 0
+    ratio = await until(
+        lambda: prometheus.query('llm:request_error_ratio:rate5m{job="llm-platform"}'),
+        "recorded error ratio",
+        stack,
+        30,
+    )
+    assert [float(r["value"][1]) for r in ratio] == [0.0]
