@@ -135,6 +135,10 @@ class MetricsPlugin:
         for model in runtime.models.models.values():
             waiting = model.in_flight if model.engine is None else _queued(model.engine)
             m.queue_depth.labels(model.id, model.spec.provider).set(waiting)
+            # Load counters exist at 0 before the first load, so increase() sees its first
+            # failure (a series born at 1 has no earlier sample to increase from).
+            for status in ("success", "failure"):
+                m.model_loads.labels(model.id, model.spec.provider, status)
         self._count_active_models()
         for name, integration in runtime.integrations.integrations.items():
             m.integration_up.labels(name).set(integration.status.value in UP_VALUES)

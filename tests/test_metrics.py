@@ -173,6 +173,9 @@ async def test_integrations_and_resources_are_sampled(api: Api) -> None:
     assert 0 <= m.value("llm_cpu_usage_percent") <= 100
     assert m.value("llm_process_resident_memory_bytes") > 10_000_000
     assert m.has("llm_queue_depth", model="m1")
+    # Load counters exist at 0 before any load, so a first failure is an increase.
+    assert m.has("llm_model_loads_total", model="m1", status="failure")
+    assert m.value("llm_model_loads_total", model="m1") == 0
     # No GPU here: no GPU series, and no error either.
     assert not m.has("llm_gpu_memory_usage_bytes")
 

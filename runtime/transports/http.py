@@ -182,6 +182,7 @@ def _endpoint(runtime: Runtime, route: str) -> Callable[[Request], Awaitable[Res
             path_params=request.path_params,
             query=request.query_params,
             transport="http",
+            route=route,
             request_id=request.state.request_id,
         )
         ctx = dispatcher.context(event)
