@@ -27,9 +27,11 @@ from runtime.errors import ConfigError
 from runtime.events import BusEvent, EventBus
 from runtime.integrations import IntegrationManager, IntegrationRegistry
 from runtime.integrations.manager import Sleep
+from runtime.integrations.opentelemetry import tracing_settings
 from runtime.models import ModelRouter
 from runtime.runner import RemoteEngine, RunnerClient
 from runtime.secrets import redact
+from runtime.telemetry.tracing import Tracing
 
 
 def to_settings(cfg: DictConfig) -> TiffinConfig:
@@ -50,6 +52,7 @@ class Runtime:
         self.cfg = cfg
         self.settings = to_settings(cfg)
         self.log = structlog.get_logger("tiffin.runtime")
+        self.tracing = Tracing(tracing_settings(self.settings))
         self.plugins = make_plugin_manager(
             [*hooks.builtin.builtin_plugins(), *builtins],
             self.settings.plugins,
@@ -70,6 +73,8 @@ class Runtime:
             self.events,
             **({"sleep": sleep} if sleep else {}),
         )
+        for integration in self.integrations.integrations.values():
+            integration.tracing = self.tracing  # their HTTP clients are traced through it
         self.dispatcher = Dispatcher(
             self,
             self.handlers,
@@ -97,6 +102,7 @@ class Runtime:
         self.log.info(
             "runtime starting", env=self.settings.env, integrations=self.integrations.order
         )
+        self.tracing.start()
         await self.integrations.start_all()
         for name in self.integrations.order:
             await self._offer_models(name)
@@ -116,6 +122,7 @@ class Runtime:
         await self.models.stop()
         await self.integrations.stop_all()
         self.log.info("runtime stopped")
+        await self.tracing.shutdown()  # last: flushes the spans of everything above
 
     @property
     def ready(self) -> bool:
