@@ -21,6 +21,7 @@ import structlog
 
 from hooks import resolve
 from runtime.integrations.manager import IntegrationManager, current_manager
+from runtime.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
     from runtime.events import EventBus
@@ -53,6 +54,7 @@ class Context:
     events: EventBus
     hooks: pluggy.HookRelay
     log: Any
+    tracer: Tracing = field(default_factory=Tracing.disabled)
     deadline: float | None = None
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -140,6 +142,7 @@ class Dispatcher:
             log=structlog.get_logger("tiffin.handler").bind(
                 request_id=event.request_id, route=event.route, transport=event.transport
             ),
+            tracer=runtime.tracing,
             deadline=deadline,
         )
 
@@ -151,4 +154,33 @@ class Dispatcher:
         early = await resolve(ctx.hooks.before_request(event=event, ctx=ctx))
         if early is not None:
             return early
-        return await handler(event, ctx)
+        return await self._traced(handler, event, ctx)
+
+    async def _traced(self, handler: Handler, event: Event, ctx: Context) -> Any:
+        """The handler call, in a `handler <route>` span when tracing is on. A streamed result
+        keeps the span open until the stream ends or is closed."""
+        if not ctx.tracer.enabled:
+            return await handler(event, ctx)
+        tracer = ctx.tracer
+        span = tracer.start_span(f"handler {event.route}")
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "tiffin.route": event.route,
+                    "tiffin.handler": self.routes[event.route],
+                    "tiffin.transport": event.transport,
+                    "tiffin.request_id": event.request_id,
+                }
+            )
+        try:
+            with tracer.current(span):
+                result = await handler(event, ctx)
+        except BaseException as exc:
+            tracer.end(span, exc)
+            raise
+        if isinstance(result, NdjsonStream):
+            return NdjsonStream(tracer.stream(result.items, span))
+        if hasattr(result, "__aiter__"):
+            return tracer.stream(result, span)
+        tracer.end(span)
+        return result
