@@ -16,6 +16,7 @@ from runtime.dispatch import Context, HandlerError
 from runtime.engines.base import (
     Chunk,
     ContextLengthExceeded,
+    Embeddings,
     EngineError,
     GenerationRequest,
     ProviderError,
@@ -24,6 +25,7 @@ from runtime.engines.base import (
     Usage,
 )
 from runtime.models import GenerationTimeout, LocalModel, ModelNotFound, QueueFull
+from runtime.telemetry.genai import embedding_span, record_embeddings, trace_generation
 
 M = TypeVar("M", bound=BaseModel)
 SAMPLING = (
@@ -150,7 +152,9 @@ async def start_generation(
     replaced = await ctx.runtime.call_first("before_generate", request=request, ctx=ctx)
     if isinstance(replaced, GenerationRequest):
         request = replaced
-    stream = ctx.models.generate(request)
+    stream = trace_generation(
+        ctx.tracer, request, ctx.models.generate(request), _provider(ctx, request.model)
+    )
     outcome = Outcome()
     started = time.perf_counter()
     try:
@@ -214,6 +218,24 @@ class GenerationStream:
         self._started = True
         await self._body.aclose()  # never started: this only marks it closed
         await self._end()
+
+
+async def embed_texts(ctx: Context, model: LocalModel, texts: list[str]) -> Embeddings:
+    """Embed `texts` on `model` (in an `embeddings <model>` span when tracing is on); a
+    failure becomes a HandlerError."""
+    with embedding_span(ctx.tracer, model.id, model.spec.provider) as span:
+        try:
+            result = await ctx.models.embed(model.id, texts)
+        except Exception as exc:
+            raise error_for(exc) from None
+        record_embeddings(span, model.id, result)
+    return result
+
+
+def _provider(ctx: Context, model_id: str) -> str:
+    """Which provider serves `model_id` (for traces); "" for a model that is not there."""
+    model = ctx.models.models.get(model_id)
+    return model.spec.provider if model is not None else ""
 
 
 async def _finish(

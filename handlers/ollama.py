@@ -14,7 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from handlers.generation import Outcome, error_for, parse, resolve_model, start_generation
+from handlers.generation import (
+    Outcome,
+    embed_texts,
+    parse,
+    resolve_model,
+    start_generation,
+)
 from runtime.dispatch import Context, Event, HandlerError, NdjsonStream, Reply
 from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationRequest
 from runtime.models import LocalModel, ModelState
@@ -133,10 +139,7 @@ async def embed(event: Event, ctx: Context) -> dict[str, Any]:
     model = resolve_model(ctx, body.model, EMBEDDINGS)
     started = time.perf_counter_ns()
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
-    try:
-        result = await ctx.models.embed(model.id, texts)
-    except Exception as exc:
-        raise error_for(exc) from None
+    result = await embed_texts(ctx, model, texts)
     return {
         "model": model.id,
         "embeddings": result.vectors,

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from handlers import openai_shapes as shapes
-from handlers.generation import error_for, parse, resolve_model, sampling, start_generation
+from handlers.generation import embed_texts, parse, resolve_model, sampling, start_generation
 from handlers.openai_types import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from runtime.dispatch import Context, Event, HandlerError
 from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationRequest
@@ -105,10 +105,7 @@ async def embeddings(event: Event, ctx: Context) -> dict[str, Any]:
             param="dimensions",
             code="unsupported_parameter",
         )
-    try:
-        result = await ctx.models.embed(model.id, body.inputs())
-    except Exception as exc:
-        raise error_for(exc) from None
+    result = await embed_texts(ctx, model, body.inputs())
     data = []
     for index, vector in enumerate(result.vectors):
         embedding: Any = vector

@@ -29,10 +29,12 @@ from runtime.events import BusEvent, EventBus
 from runtime.integrations import IntegrationManager, IntegrationRegistry
 from runtime.integrations.base import Health
 from runtime.integrations.manager import Sleep
+from runtime.integrations.opentelemetry import tracing_settings
 from runtime.models import ModelRouter
 from runtime.runner import RemoteEngine, RunnerClient
 from runtime.secrets import redact
 from runtime.telemetry.metrics import Metrics
+from runtime.telemetry.tracing import Tracing
 
 
 def to_settings(cfg: DictConfig) -> TiffinConfig:
@@ -55,6 +57,7 @@ class Runtime:
         self.log = structlog.get_logger("tiffin.runtime")
         telemetry = self.settings.telemetry
         self.metrics = Metrics()
+        self.tracing = Tracing(tracing_settings(self.settings))
         recorders: list[object] = []
         if telemetry.metrics:
             recorders.append(MetricsPlugin(self.metrics, telemetry.sample_interval_s))
@@ -79,6 +82,8 @@ class Runtime:
             on_check=self._health_checked,
             **({"sleep": sleep} if sleep else {}),
         )
+        for integration in self.integrations.integrations.values():
+            integration.tracing = self.tracing  # their HTTP clients are traced through it
         self.dispatcher = Dispatcher(
             self,
             self.handlers,
@@ -106,6 +111,7 @@ class Runtime:
         self.log.info(
             "runtime starting", env=self.settings.env, integrations=self.integrations.order
         )
+        self.tracing.start()
         await self.integrations.start_all()
         for name in self.integrations.order:
             await self._offer_models(name)
@@ -125,6 +131,7 @@ class Runtime:
         await self.models.stop()
         await self.integrations.stop_all()
         self.log.info("runtime stopped")
+        await self.tracing.shutdown()  # last: flushes the spans of everything above
 
     @property
     def ready(self) -> bool:

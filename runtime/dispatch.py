@@ -21,6 +21,7 @@ import structlog
 
 from hooks import resolve, resolve_all
 from runtime.integrations.manager import IntegrationManager, current_manager
+from runtime.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
     from runtime.events import EventBus
@@ -53,6 +54,7 @@ class Context:
     events: EventBus
     hooks: pluggy.HookRelay
     log: Any
+    tracer: Tracing = field(default_factory=Tracing.disabled)
     deadline: float | None = None
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     # The model the request used (set when a handler resolves one), for metrics and traces.
@@ -146,6 +148,7 @@ class Dispatcher:
             log=structlog.get_logger("tiffin.handler").bind(
                 request_id=event.request_id, route=event.route, transport=event.transport
             ),
+            tracer=runtime.tracing,
             deadline=deadline,
         )
 
@@ -161,7 +164,7 @@ class Dispatcher:
         try:
             result = await resolve(ctx.hooks.before_request(event=event, ctx=ctx))
             if result is None:
-                result = await handler(event, ctx)
+                result = await self._traced(handler, event, ctx)
         except HandlerError as exc:
             await finish(exc.status, exc)
             raise
@@ -176,6 +179,35 @@ class Dispatcher:
         if hasattr(result, "__aiter__") and not isinstance(result, Mapping):
             return FinishingStream(result, finish)
         await finish(result.status if isinstance(result, Reply) else 200, None)
+        return result
+
+    async def _traced(self, handler: Handler, event: Event, ctx: Context) -> Any:
+        """The handler call, in a `handler <route>` span when tracing is on. A streamed result
+        keeps the span open until the stream ends or is closed."""
+        if not ctx.tracer.enabled:
+            return await handler(event, ctx)
+        tracer = ctx.tracer
+        span = tracer.start_span(f"handler {event.route}")
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "tiffin.route": event.route,
+                    "tiffin.handler": self.routes[event.route],
+                    "tiffin.transport": event.transport,
+                    "tiffin.request_id": event.request_id,
+                }
+            )
+        try:
+            with tracer.current(span):
+                result = await handler(event, ctx)
+        except BaseException as exc:
+            tracer.end(span, exc)
+            raise
+        if isinstance(result, NdjsonStream):
+            return NdjsonStream(tracer.stream(result.items, span))
+        if hasattr(result, "__aiter__"):
+            return tracer.stream(result, span)
+        tracer.end(span)
         return result
 
 

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import httpx
 import structlog
 
 from runtime.config import IntegrationConfig
 from runtime.events import BusEvent, EventBus
 from runtime.secrets import redact, redact_text
+from runtime.telemetry.tracing import Tracing
 
 
 class IntegrationStatus(StrEnum):
@@ -72,6 +74,8 @@ class BaseIntegration(ABC):
         self.started_at: float | None = None
         self.restarts = 0
         self.log = structlog.get_logger("tiffin.integration").bind(integration=self.name)
+        # The Runtime's tracing (the Runtime sets it); off for an integration built on its own.
+        self.tracing = Tracing.disabled()
 
     @abstractmethod
     async def initialize(self) -> None:
@@ -83,6 +87,13 @@ class BaseIntegration(ABC):
 
     async def shutdown(self) -> None:  # noqa: B027 - optional for integrations holding nothing
         """Release what `initialize` acquired. The default holds nothing."""
+
+    def http_client(self, **options: Any) -> httpx.AsyncClient:
+        """An httpx client for this integration's outgoing calls (`options` as httpx takes
+        them). With tracing on, each request gets a client span and carries `traceparent`."""
+        client = httpx.AsyncClient(**options)
+        self.tracing.instrument_http_client(client)
+        return client
 
     async def emit(self, event_type: str, data: dict[str, Any] | None = None) -> None:
         """Publish `<event_type>` from this integration on the event bus (e.g. `ollama.pull`)."""

@@ -59,7 +59,7 @@ class OllamaIntegration(BaseIntegration):
         return self._client
 
     async def initialize(self) -> None:
-        self._client = httpx.AsyncClient(
+        self._client = self.http_client(
             base_url=self.base_url, timeout=httpx.Timeout(self.timeout, connect=5.0)
         )
         try:

@@ -73,7 +73,7 @@ class OpenAICompatibleIntegration(BaseIntegration):
     async def initialize(self) -> None:
         key = str(self.settings.get("api_key") or "")
         timeout = float(self.settings.get("timeout", 300.0))
-        self._client = httpx.AsyncClient(
+        self._client = self.http_client(
             base_url=self.base_url,
             headers={"authorization": f"Bearer {key}"} if key else {},
             timeout=httpx.Timeout(timeout, connect=float(self.settings.get("connect_timeout", 5))),

@@ -1,5 +1,6 @@
 """structlog setup from the config: console lines in dev, JSON in prod, request ids bound per
-request (through contextvars), and secrets masked in every event before it is rendered."""
+request (through contextvars), the current trace and span ids on every line logged inside a
+traced request, and secrets masked in every event before it is rendered."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from opentelemetry import trace
 
 from runtime.config import LogFormat, LoggingConfig
 from runtime.secrets import is_secret_key, redact, redact_text
@@ -27,6 +29,18 @@ def _mask_secrets(
     return event_dict
 
 
+def _add_trace_ids(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The ids of the current span, when there is one and its trace is sampled: a line then
+    links to a trace the backend has (BentoML's own span, never exported, is not sampled)."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid and context.trace_flags.sampled:
+        event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(context.span_id, "016x"))
+    return event_dict
+
+
 def configure_logging(config: LoggingConfig, *, stream: Any = None) -> None:
     """Configure structlog and the stdlib root logger (BentoML, uvicorn and Hydra log there)."""
     level = logging.getLevelName(str(config.level).upper())
@@ -42,6 +56,7 @@ def configure_logging(config: LoggingConfig, *, stream: Any = None) -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_trace_ids,
         _mask_secrets,
     ]
     structlog.configure(

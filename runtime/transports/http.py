@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import re
 import uuid
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.dispatch import Event, HandlerError, NdjsonStream, Reply
 from runtime.telemetry.logging import bind_request
+from runtime.transports.tracing import TracingMiddleware
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -114,7 +116,9 @@ class _BodyTooLarge(Exception):
 
 def create_app(runtime: Runtime) -> FastAPI:
     """The HTTP app of one Runtime: one route per row of the route table with an `http` column."""
-    app = FastAPI(title="Tiffin", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app = FastAPI(
+        title="Tiffin", version="0.1.0", docs_url="/docs", redoc_url=None, **_no_native_telemetry()
+    )
     app.state.runtime = runtime
     for name, route in runtime.settings.handlers.routes.items():
         if route.http is None:
@@ -134,10 +138,21 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.add_middleware(
         RequestContextMiddleware, max_body_bytes=runtime.settings.server.max_body_bytes
     )
+    if runtime.tracing.enabled:  # outermost: the server span covers everything, 413s too
+        app.add_middleware(TracingMiddleware, tracing=runtime.tracing)
     return app
 
 
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def _no_native_telemetry() -> dict[str, Any]:
+    """Newer FastAPI traces and measures requests itself as soon as a process-global
+    OpenTelemetry provider exists (auto-instrumentation sets one). Tiffin's own spans
+    (runtime/transports/tracing.py) and metrics cover that; twice would cost twice."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
 def _fallback(app: FastAPI) -> Callable[[Request], Awaitable[Response]]:
