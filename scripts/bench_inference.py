@@ -7,6 +7,12 @@ seed, so neither Tiffin nor the direct loop resets the KV cache (Tiffin resets f
 seeded requests); every system then re-evaluates only the last prompt token, as llama.cpp's
 prefix reuse does for a repeated prompt. Prints a table, then one JSON line.
 
+Tiffin runs twice at once, as two servers whose requests alternate (so drift of the machine
+hits both alike): with metrics and tracing on (every request traced, spans exported over
+OTLP/HTTP to a stand-in collector, scripts/otlp_sink.py), and with both off. Their throughput
+ratio is the cost of telemetry (DESIGN.md: under 3%). The table's Tiffin rows are the server
+with telemetry on.
+
 Tiffin is measured after one chat and one embeddings request. With the default models that
 matters: llama.cpp is built with OpenMP, torch (the embeddings engine) shares the same libgomp,
 and once torch has run on another thread libgomp manages more threads than there are CPUs and
@@ -145,16 +151,20 @@ def http_once(client: httpx.Client, url: str, settings: Settings, stream: bool) 
     return Sample(tokens, time.perf_counter() - start, first - start, last - first)
 
 
-def run_http(base: str, settings: Settings) -> dict[str, list[Sample]]:
-    url = f"{base}/v1/completions"
+def run_http(bases: dict[str, str], settings: Settings) -> dict[str, list[Sample]]:
+    """Each mode (streamed, then whole responses) against every server in `bases`, one request
+    at a time, taking turns; results keyed `<server>_<mode>`."""
     results: dict[str, list[Sample]] = {}
     with httpx.Client(timeout=300) as client:
         for mode, stream in (("stream", True), ("whole", False)):
-            for _ in range(settings.warmup):
-                http_once(client, url, settings, stream)
-            results[mode] = [
-                http_once(client, url, settings, stream) for _ in range(settings.requests)
-            ]
+            for name, base in bases.items():
+                results[f"{name}_{mode}"] = []
+                for _ in range(settings.warmup):
+                    http_once(client, f"{base}/v1/completions", settings, stream)
+            for _ in range(settings.requests):
+                for name, base in bases.items():
+                    sample = http_once(client, f"{base}/v1/completions", settings, stream)
+                    results[f"{name}_{mode}"].append(sample)
     return results
 
 
@@ -217,14 +227,18 @@ def tree_memory(root: psutil.Process) -> dict[str, float]:
     return {"rss_gb": rss / 1e9, "pss_gb": pss / 1e9, "processes": len(family)}
 
 
-def run_tiffin(settings: Settings, env: str, work: Path) -> tuple[dict[str, list[Sample]], Any]:
+@contextmanager
+def tiffin(
+    settings: Settings, env: str, work: Path, name: str, overrides: list[str]
+) -> Iterator[tuple[str, psutil.Process]]:
+    """A served Tiffin with both default models loaded; yields its base URL and process."""
     port = free_port()
     command = [sys.executable, "-m", "runtime", f"env={env}", "server.workers=1"]
     command += ["server.host=127.0.0.1", f"server.http_port={port}"]
-    command += [f"server.run_dir={work / 'runs'}", f"{GEMMA}.context_length={settings.n_ctx}"]
-    command += [f"++{GEMMA}.engine_settings.n_threads={settings.n_threads}"]
+    command += [f"server.run_dir={work / name}", f"{GEMMA}.context_length={settings.n_ctx}"]
+    command += [f"++{GEMMA}.engine_settings.n_threads={settings.n_threads}", *overrides]
     base = f"http://127.0.0.1:{port}"
-    with serving(command, f"{base}/readyz", work / "tiffin.log") as root:
+    with serving(command, f"{base}/readyz", work / f"{name}.log") as root:
         # Serve both default models first, as a live server has: an embeddings request leaves
         # torch's OpenMP threads behind, which slows llama.cpp's decode (module docstring).
         chat = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}]}
@@ -232,7 +246,39 @@ def run_tiffin(settings: Settings, env: str, work: Path) -> tuple[dict[str, list
         httpx.post(chat_url, json={**chat, "max_tokens": 8}, timeout=60).raise_for_status()
         embed = {"model": "all-minilm-l6-v2", "input": ["a lighthouse", "the sea"]}
         httpx.post(f"{base}/v1/embeddings", json=embed, timeout=60).raise_for_status()
-        return run_http(base, settings), tree_memory(root)
+        yield base, root
+
+
+def telemetry_overrides(on: bool, collector: str) -> list[str]:
+    """Metrics and tracing both on (every request traced, exported over OTLP/HTTP to
+    `collector`), or both off."""
+    if not on:
+        return ["telemetry.metrics=false", "telemetry.tracing=false"]
+    otel = "integrations.opentelemetry.settings"
+    return [
+        "telemetry.metrics=true",
+        "+integrations=opentelemetry",
+        f"{otel}.exporters=[otlp_http]",
+        f"{otel}.endpoint={collector}",
+        f"{otel}.sampling_ratio=1.0",
+    ]
+
+
+def run_tiffin(settings: Settings, env: str, work: Path) -> tuple[dict[str, list[Sample]], Any]:
+    """Tiffin with telemetry on and off, side by side; the memory of the one with it on."""
+    sink_port = free_port()
+    collector = f"http://127.0.0.1:{sink_port}"
+    sink = [sys.executable, str(ROOT / "scripts" / "otlp_sink.py"), str(sink_port)]
+    with (
+        serving(sink, f"{collector}/stats", work / "otlp-sink.log"),
+        tiffin(settings, env, work, "tiffin", telemetry_overrides(True, collector)) as on,
+        tiffin(settings, env, work, "tiffin_off", telemetry_overrides(False, collector)) as off,
+    ):
+        samples = run_http({"tiffin": on[0], "tiffin_off": off[0]}, settings)
+        exported = httpx.get(f"{collector}/stats").json()
+        if not exported["exports"]:
+            raise RuntimeError("telemetry on, but no span reached the collector")
+        return samples, tree_memory(on[1])
 
 
 def run_peer(model: Path, settings: Settings, work: Path) -> dict[str, list[Sample]]:
@@ -244,7 +290,8 @@ def run_peer(model: Path, settings: Settings, work: Path) -> dict[str, list[Samp
     command += ["--n_threads_batch", str(settings.n_threads)]
     base = f"http://127.0.0.1:{port}"
     with serving(command, f"{base}/v1/models", work / "llama-cpp-server.log"):
-        return run_http(base, settings)
+        peer = run_http({"llama_server": base}, settings)
+    return {key.removeprefix("llama_server_"): runs for key, runs in peer.items()}
 
 
 # --- reporting -------------------------------------------------------------------------------
@@ -302,6 +349,17 @@ def verdicts(rows: dict[str, dict[str, Any]], memory: dict[str, float]) -> dict[
             0,
         ),
         "rss_gb": (memory["rss_gb"], "<", 1.5),
+        # Throughput lost to metrics + tracing: decode rate, and whole responses per second.
+        "telemetry_cost_decode": (
+            1 - stream["decode_tok_s"] / rows["tiffin_off_stream"]["decode_tok_s"],
+            "<",
+            0.03,
+        ),
+        "telemetry_cost_whole": (
+            1 - rows["tiffin_off_whole"]["e2e_p50_ms"] / whole["e2e_p50_ms"],
+            "<",
+            0.03,
+        ),
     }
     compare = {">=": operator.ge, "<": operator.lt, "<=": operator.le}
     return {
@@ -321,10 +379,10 @@ def measure(settings: Settings, env: str) -> tuple[dict[str, list[Sample]], dict
         extra["load_avg_1m"]["direct"] = os.getloadavg()[0]
         samples = {"direct": run_direct(model, settings)}
         extra["load_avg_1m"]["tiffin"] = os.getloadavg()[0]
-        tiffin, extra["tiffin_memory"] = run_tiffin(settings, env, Path(temp))
+        served, extra["tiffin_memory"] = run_tiffin(settings, env, Path(temp))
         extra["load_avg_1m"]["llama_server"] = os.getloadavg()[0]
         peer = run_peer(model, settings, Path(temp))
-    samples |= {f"tiffin_{mode}": runs for mode, runs in tiffin.items()}
+    samples |= served
     samples |= {f"llama_server_{mode}": runs for mode, runs in peer.items()}
     return samples, extra
 

@@ -7,6 +7,11 @@ latency Tiffin adds (p50/p95, whole responses and 20-chunk streams), requests/s 
 
 The upstream answers at once from memory (a bare ASGI app under uvicorn, in its own process),
 so what is measured is the proxy, not a model.
+
+Telemetry's cost is measured here too, where it shows most (a request takes milliseconds, not
+seconds): three more Tiffins behind the same upstream, with telemetry off, metrics only, and
+metrics plus tracing of every request (exported over OTLP/HTTP to scripts/otlp_sink.py), take
+turns in rounds of the concurrency-32 throughput run.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 CHUNKS = 20
 TARGETS = {"whole_added_p50_ms": 2.5, "stream_added_p50_ms": 7.0, "requests_per_s": 400.0}
+# Throughput lost to telemetry, as a fraction (DESIGN.md: under 3%).
+COST_TARGETS = {
+    "metrics_cost": 0.03,
+    "metrics_tracing_cost": 0.03,
+    "metrics_tracing_10pct_cost": 0.03,
+}
 
 
 # --- the fake upstream (run with --serve-upstream PORT) ----------------------------------------
@@ -152,6 +163,69 @@ async def throughput(base: str, model: str, total: int, concurrency: int = 32) -
         return total / (time.perf_counter() - started)
 
 
+TELEMETRY = {
+    "off": ["telemetry.metrics=false", "telemetry.tracing=false"],
+    "metrics": ["telemetry.metrics=true", "telemetry.tracing=false"],
+    "metrics_tracing": ["telemetry.metrics=true", "+integrations=opentelemetry"],
+    # The same, tracing one request in ten (ParentBased(TraceIdRatioBased(0.1))).
+    "metrics_tracing_10pct": ["telemetry.metrics=true", "+integrations=opentelemetry"],
+}
+
+
+def tiffin_command(upstream_url: str, port: int, run_dir: str, extra: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "runtime",
+        "env=test",
+        "integrations=[openai_compatible]",
+        f"integrations.openai_compatible.settings.base_url={upstream_url}/v1",
+        "integrations.openai_compatible.settings.model_prefix=up/",
+        f"server.http_port={port}",
+        f"server.run_dir={run_dir}",
+        "server.workers=1",
+        *extra,
+    ]
+
+
+def telemetry_cost(upstream_url: str, total: int, rounds: int) -> dict[str, float]:
+    """Requests/s at concurrency 32 for each telemetry setting, alternating in rounds (so the
+    machine's drift hits all alike); the median round of each."""
+    sink_port = free_port()
+    collector = f"http://127.0.0.1:{sink_port}"
+    otel = "integrations.opentelemetry.settings"
+    tracing = [f"{otel}.exporters=[otlp_http]", f"{otel}.endpoint={collector}"]
+    ratios = {"metrics_tracing": 1.0, "metrics_tracing_10pct": 0.1}
+    script = str(Path(__file__).resolve().parent / "otlp_sink.py")
+    sink = start([sys.executable, script, str(sink_port)], f"{collector}/stats")
+    servers: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        urls = {}
+        for name, extra in TELEMETRY.items():
+            port = free_port()
+            if name in ratios:
+                extra = [*extra, *tracing, f"{otel}.sampling_ratio={ratios[name]}"]
+            run_dir = tempfile.mkdtemp(prefix=f"bench-proxy-{name}-")
+            servers[name] = start(
+                tiffin_command(upstream_url, port, run_dir, extra),
+                f"http://127.0.0.1:{port}/readyz",
+            )
+            urls[name] = f"http://127.0.0.1:{port}"
+        rates: dict[str, list[float]] = {name: [] for name in urls}
+        for url in urls.values():  # warm-up
+            asyncio.run(throughput(url, "up/echo", 300))
+        for _ in range(rounds):
+            for name, url in urls.items():
+                rates[name].append(asyncio.run(throughput(url, "up/echo", total)))
+        if not httpx.get(f"{collector}/stats").json()["exports"]:
+            raise SystemExit("tracing on, but no span reached the collector")
+    finally:
+        for server in servers.values():
+            stop(server)
+        stop(sink)
+    return {f"{name}_rps": statistics.median(values) for name, values in rates.items()}
+
+
 def p(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1]
 
@@ -160,6 +234,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--throughput", type=int, default=3000)
+    parser.add_argument(
+        "--telemetry-rounds", type=int, default=5, help="rounds of telemetry off/on (0: skip)"
+    )
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
@@ -178,18 +255,7 @@ def main() -> None:
     try:
         run_dir = tempfile.mkdtemp(prefix="bench-proxy-")
         tiffin = start(
-            [
-                sys.executable,
-                "-m",
-                "runtime",
-                "env=test",
-                "integrations=[openai_compatible]",
-                f"integrations.openai_compatible.settings.base_url={upstream_url}/v1",
-                "integrations.openai_compatible.settings.model_prefix=up/",
-                f"server.http_port={tiffin_port}",
-                f"server.run_dir={run_dir}",
-                "server.workers=1",
-            ],
+            tiffin_command(upstream_url, tiffin_port, run_dir, []),
             f"http://127.0.0.1:{tiffin_port}/readyz",
         )
         tiffin_url = f"http://127.0.0.1:{tiffin_port}"
@@ -207,6 +273,12 @@ def main() -> None:
             base, model = (upstream_url, "echo") if kind == "direct" else (tiffin_url, "up/echo")
             rate = asyncio.run(throughput(base, model, args.throughput))
             results[f"{kind}_rps"] = rate
+        stop(tiffin)
+        tiffin = None
+        if args.telemetry_rounds:
+            results["telemetry"] = telemetry_cost(
+                upstream_url, args.throughput // 2, args.telemetry_rounds
+            )
     finally:
         if tiffin is not None:
             stop(tiffin)
@@ -226,12 +298,25 @@ def main() -> None:
         print(f"{name:<16}{results[name]['p50_ms']:>10.2f}{results[name]['p95_ms']:>10.2f}")
     print(f"requests/s at concurrency 32: direct {results['direct_rps']:.0f}, "
           f"tiffin {results['tiffin_rps']:.0f}")  # fmt: skip
+    telemetry = results.get("telemetry")
+    if telemetry:
+        off = telemetry["off_rps"]
+        for name in TELEMETRY:
+            rate = telemetry[f"{name}_rps"]
+            print(f"telemetry {name:<16} {rate:>6.0f} requests/s ({1 - rate / off:+.1%} cost)")
+        figures["metrics_cost"] = 1 - telemetry["metrics_rps"] / off
+        figures["metrics_tracing_cost"] = 1 - telemetry["metrics_tracing_rps"] / off
+        figures["metrics_tracing_10pct_cost"] = 1 - telemetry["metrics_tracing_10pct_rps"] / off
     for key, target in TARGETS.items():
         value = figures[key]
         higher = key == "requests_per_s"
         ok = value >= target if higher else value <= target
         bound = ">=" if higher else "<="
         print(f"{'ok  ' if ok else 'MISS'} {key}: {value:.2f} (target {bound} {target})")
+    for key, limit in COST_TARGETS.items():
+        if key in figures:
+            ok = figures[key] < limit
+            print(f"{'ok  ' if ok else 'MISS'} {key}: {figures[key]:.3f} (target < {limit})")
     print(json.dumps({"settings": vars(args), "results": results, "figures": figures}))
 
 

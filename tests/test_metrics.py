@@ -6,6 +6,7 @@ served process with two workers are in tests/test_prometheus.py."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -225,3 +226,66 @@ def _python() -> str:
     import sys
 
     return sys.executable
+
+
+class FakeNvml:
+    """pynvml's calls that ResourceReader makes, as NVML documents them, for two GPUs."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self) -> None:
+        self.shut_down = False
+
+    def nvmlInit(self) -> None:
+        return None
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(used=(handle + 1) * 2**30, total=80 * 2**30, free=0)
+
+    def nvmlShutdown(self) -> None:
+        self.shut_down = True
+
+
+async def test_gpu_memory_comes_from_nvml_when_there_is_a_gpu(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hooks.metrics import MetricsPlugin
+    from runtime.telemetry.resources import ResourceReader
+
+    nvml = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    plugin = api.runtime.plugins.get_plugin("tiffin.builtin.MetricsPlugin")
+    assert isinstance(plugin, MetricsPlugin)
+    plugin._reader = ResourceReader()  # the reader of a process that has a GPU
+    plugin.sample()
+    m = await api.scrape()
+    assert m.value("llm_gpu_memory_usage_bytes", gpu="0") == 2**30
+    assert m.value("llm_gpu_memory_usage_bytes", gpu="1") == 2 * 2**30
+    assert m.value("llm_gpu_memory_total_bytes", gpu="1") == 80 * 2**30
+    await api.runtime.stop()
+    assert nvml.shut_down
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_read_from_the_real_device() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from runtime.telemetry.resources import ResourceReader
+
+    reader = ResourceReader()
+    try:
+        gpus = reader.gpu_memory()
+        assert len(gpus) == torch.cuda.device_count()
+        assert all(0 < gpu.used_bytes <= gpu.total_bytes for gpu in gpus)
+    finally:
+        reader.close()
