@@ -90,7 +90,7 @@ class MetricsPlugin:
         elif event.type == "model.unloaded":
             self._count_active_models()
         elif event.source == "integrations" and "name" in data and "status" in data:
-            self.metrics.integration_up.labels(data["name"]).set(data["status"] in UP_VALUES)
+            self._integration_up(str(data["name"]), data["status"] in UP_VALUES)
             if event.type == "integration.recovered" and data.get("restart"):
                 self.metrics.restarts.labels(data["name"]).inc()
 
@@ -141,7 +141,14 @@ class MetricsPlugin:
                 m.model_loads.labels(model.id, model.spec.provider, status)
         self._count_active_models()
         for name, integration in runtime.integrations.integrations.items():
-            m.integration_up.labels(name).set(integration.status.value in UP_VALUES)
+            self._integration_up(name, integration.status.value in UP_VALUES)
+
+    def _integration_up(self, name: str, status_up: bool) -> None:
+        """Up: active or degraded, and started. One `degraded` while it waits for a dependency
+        has not started and is not up."""
+        integrations = self._runtime.integrations.integrations if self._runtime else {}
+        started = name not in integrations or integrations[name].initialized
+        self.metrics.integration_up.labels(name).set(status_up and started)
 
     def _count_active_models(self) -> None:
         if self._runtime is not None:

@@ -289,3 +289,18 @@ def test_gpu_memory_is_read_from_the_real_device() -> None:
         assert all(0 < gpu.used_bytes <= gpu.total_bytes for gpu in gpus)
     finally:
         reader.close()
+
+
+async def test_an_integration_waiting_for_its_dependency_is_not_up(
+    make_runtime: MakeRuntime,
+) -> None:
+    # tests/conf: `cache` depends on `db`; db failing to start leaves cache degraded, waiting.
+    runtime = make_runtime(
+        "integrations=[db,cache]", "+integrations.db.settings.fail_initialize=-1"
+    )
+    await runtime.start()
+    assert runtime.integrations.get_integration("cache").status.value == "degraded"
+    body, _ = runtime.metrics.exposition()
+    scrape = Scrape(body.decode())
+    assert scrape.value("integration_up", name="db") == 0
+    assert scrape.value("integration_up", name="cache") == 0
