@@ -7,8 +7,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
+import httpx
 import pytest
 
 INSTALL_HINT = "scripts/setup-system installs it"
@@ -49,3 +53,38 @@ def run_binary_unchecked(
         timeout=timeout,
         check=False,
     )
+
+
+@contextmanager
+def running_server(
+    command: Sequence[str], log: Path, ready_url: str, name: str, timeout: float = 30
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start `command` (output to `log`), wait until `ready_url` answers 200, and always stop
+    it at the end (terminate, then kill). Failures quote the end of the log."""
+
+    def tail() -> str:
+        return log.read_text(errors="replace")[-2000:]
+
+    with log.open("wb") as out:
+        process = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"{name} exited: {tail()}")
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} not ready: {tail()}")
+            time.sleep(0.2)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -6,7 +6,6 @@ it)."""
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.binaries import require_binary
+from tests.binaries import require_binary, running_server
 from tests.conftest import free_port
 
 
@@ -43,38 +42,14 @@ def running_alertmanager(workdir: Path, config: dict[str, Any]) -> Iterator[Aler
     config_file.write_text(yaml.safe_dump(config))
     port = free_port()
     log = workdir / "alertmanager.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config_file}",
-                f"--storage.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                f"--web.external-url=http://127.0.0.1:{port}",
-                "--cluster.listen-address=",  # no gossip: one instance, no second port
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    server = Alertmanager(port, process, log)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"alertmanager exited: {server.log_tail()}")
-            try:
-                if httpx.get(f"{server.url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"alertmanager not ready: {server.log_tail()}")
-            time.sleep(0.2)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    command = [
+        binary,
+        f"--config.file={config_file}",
+        f"--storage.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        f"--web.external-url=http://127.0.0.1:{port}",
+        "--cluster.listen-address=",  # no gossip: one instance, no second port
+    ]
+    ready = f"http://127.0.0.1:{port}/-/ready"
+    with running_server(command, log, ready, "alertmanager") as process:
+        yield Alertmanager(port, process, log)

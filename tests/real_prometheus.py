@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.binaries import require_binary
+from tests.binaries import require_binary, running_server
 from tests.conftest import free_port
 
 
@@ -77,36 +77,13 @@ def running_prometheus(
     config_file.write_text(yaml.safe_dump(config))
     port = free_port()
     log = workdir / "prometheus.log"
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config_file}",
-            f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--web.enable-lifecycle",
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    server = Prometheus(f"http://127.0.0.1:{port}", process, log)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"prometheus exited: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{server.url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"prometheus not ready: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    command = [
+        binary,
+        f"--config.file={config_file}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--web.enable-lifecycle",
+    ]
+    url = f"http://127.0.0.1:{port}"
+    with running_server(command, log, f"{url}/-/ready", "prometheus") as process:
+        yield Prometheus(url, process, log)
