@@ -157,6 +157,17 @@ class AuthConfig:
 
 
 @dataclass
+class TransportsConfig:
+    """Which transports serve the route table (env: OPENAI_API_ENABLED, GRPC_ENABLED,
+    WEBSOCKET_ENABLED, GRAPHQL_ENABLED). `openai_api` is the HTTP routes under /v1/."""
+
+    openai_api: bool = True
+    grpc: bool = True
+    websocket: bool = True
+    graphql: bool = True
+
+
+@dataclass
 class TelemetryConfig:
     metrics: bool = True
     # How often state gauges (CPU, memory, GPU, queue depth, models, integrations) are read.
@@ -172,11 +183,43 @@ class HttpRoute:
 
 
 @dataclass
+class GrpcRoute:
+    """A gRPC method: `tiffin.v1.Inference/Chat` (package.Service/Method)."""
+
+    method: str = MISSING
+
+
+@dataclass
+class WsRoute:
+    """A WebSocket path on the HTTP port: `/ws/chat`."""
+
+    path: str = MISSING
+
+
+class GraphqlKind(StrEnum):
+    query = "query"
+    mutation = "mutation"
+    subscription = "subscription"
+
+
+@dataclass
+class GraphqlRoute:
+    """A field of the GraphQL schema: `generateText` under `mutation`."""
+
+    field: str = MISSING
+    kind: GraphqlKind = GraphqlKind.query
+
+
+@dataclass
 class RouteConfig:
-    """One row of the route table: a handler and where each transport exposes it."""
+    """One row of the route table: a handler and where each transport exposes it. A transport
+    serves exactly the rows that have its column; the handler is the same for all of them."""
 
     handler: str = MISSING
     http: HttpRoute | None = None
+    grpc: GrpcRoute | None = None
+    ws: WsRoute | None = None
+    graphql: GraphqlRoute | None = None
     description: str = ""
 
 
@@ -193,6 +236,7 @@ class TiffinConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    transports: TransportsConfig = field(default_factory=TransportsConfig)
     integrations: dict[str, IntegrationConfig] = field(default_factory=dict)
     handlers: HandlersConfig = field(default_factory=HandlersConfig)
     # Dotted module names whose plugin objects are registered with the hook manager.

@@ -182,3 +182,10 @@ async def test_invalid_json_is_a_400(make_runtime: MakeRuntime) -> None:
         )
         error = assert_openai_error(bad, 400, "invalid_request_error")
         assert error["code"] == "invalid_json"
+
+
+async def test_openai_api_enabled_false_turns_the_v1_routes_off(make_runtime: MakeRuntime) -> None:
+    runtime = make_runtime("transports.openai_api=false")
+    async with await client_for(runtime) as http:
+        assert_openai_error(await http.get("/v1/models"), 404, "not_found_error")
+        assert (await http.get("/integrations/status")).status_code == 200

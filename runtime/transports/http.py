@@ -120,9 +120,12 @@ def create_app(runtime: Runtime) -> FastAPI:
         title="Tiffin", version="0.1.0", docs_url="/docs", redoc_url=None, **_no_native_telemetry()
     )
     app.state.runtime = runtime
+    openai_api = runtime.settings.transports.openai_api
     for name, route in runtime.settings.handlers.routes.items():
         if route.http is None:
             continue
+        if not openai_api and route.http.path.startswith("/v1/"):
+            continue  # OPENAI_API_ENABLED=false: the OpenAI-compatible routes are off
         app.add_api_route(
             route.http.path,
             _endpoint(runtime, name),
