@@ -31,6 +31,7 @@ from runtime.app import Runtime
 from runtime.config import ServingConfig, Topology, compose, load_config_file
 from runtime.errors import STARTUP_FAILURE_FILE, StartupError
 from runtime.telemetry.logging import configure_logging
+from runtime.transports.grpc import GrpcServer
 from runtime.transports.http import create_app
 
 
@@ -80,6 +81,8 @@ def build_service(cfg: DictConfig) -> Any:
     log = structlog.get_logger("tiffin.service")
     split = runtime.settings.serving.topology is Topology.split
     runner = build_runner(runtime) if split else None
+    # BentoML 1.4 cannot serve gRPC itself: each worker runs this server (SO_REUSEPORT).
+    grpc_server = GrpcServer(runtime) if runtime.settings.transports.grpc else None
 
     @bentoml.service(
         name="tiffin",
@@ -89,7 +92,8 @@ def build_service(cfg: DictConfig) -> Any:
     )
     @bentoml.asgi_app(app, path="/")
     class Tiffin:
-        """Serves the Runtime's HTTP app; BentoML adds /livez, /readyz and /metrics."""
+        """Serves the Runtime's HTTP app (and its gRPC server when `transports.grpc`);
+        BentoML adds /livez, /readyz and /metrics."""
 
         if runner is not None:
             # Its own process (and GPU); BentoML starts it with this service.
@@ -106,6 +110,8 @@ def build_service(cfg: DictConfig) -> Any:
                     await wait_for_runner(self.gpu_runner, runtime.settings.serving)
                     runtime.use_runner(RunnerProxyClient(self.gpu_runner))
                 await runtime.start()
+                if grpc_server is not None:
+                    await grpc_server.start()
             except StartupError as error:
                 log.error("startup failed", integration=error.name, reason=error.reason)
                 await runtime.stop()
@@ -114,6 +120,8 @@ def build_service(cfg: DictConfig) -> Any:
 
         @bentoml.on_shutdown
         async def stop_runtime(self) -> None:
+            if grpc_server is not None:
+                await grpc_server.stop(server.graceful_timeout_s)
             await runtime.stop()
 
         async def __is_ready__(self) -> bool:
