@@ -43,8 +43,13 @@ def test_bentoml_build_packages_the_service(tmp_path: Path) -> None:
         "conf/config.yaml",
         "conf/env/prod.yaml",
         "conf/handlers/default.yaml",
+        # The gRPC contract and the code generated from it (scripts/setup, setup.py).
+        "runtime/transports/proto/tiffin/v1/inference.proto",
+        "runtime/transports/proto/tiffin/v1/inference_pb2.py",
+        "runtime/transports/proto/tiffin/v1/inference_pb2_grpc.py",
     ]:
         assert (src / packaged).is_file(), packaged
     assert not (src / "tests").exists()
     requirements = (bento / "env/python/requirements.txt").read_text()
     assert "hydra-core" in requirements and "structlog" in requirements
+    assert "grpcio-health-checking" in requirements
