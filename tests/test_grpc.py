@@ -20,7 +20,7 @@ from hooks import hookimpl
 from runtime.app import Runtime
 from runtime.config import ModelConfig
 from runtime.dispatch import Context, Event, HandlerError
-from runtime.engines.base import ModelSpec
+from runtime.engines.base import EngineError, ModelSpec
 from runtime.errors import ConfigError
 from runtime.transports import protoc
 from runtime.transports.grpc import GrpcServer
@@ -50,6 +50,8 @@ class FailOnDemand:
     def before_request(self, event: Event, ctx: Context) -> None:
         self.events.append(event)
         status = event.headers.get("x-fail")
+        if status == "crash":
+            raise RuntimeError("upstream http://admin:hunter2@db failed")
         if status:
             raise HandlerError(int(status), f"refused with {status}")
 
@@ -185,6 +187,28 @@ async def test_handler_errors_map_to_status_codes(
     with pytest.raises(grpc.aio.AioRpcError) as streamed:
         [m async for m in api.inference.Chat(chat(), metadata=metadata)]
     assert streamed.value.code() == code
+
+
+async def test_an_unexpected_failure_is_internal_and_keeps_its_secrets(api: Grpc) -> None:
+    metadata = (("x-fail", "crash"), ("x-request-id", "req-crash"))
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await api.inference.ListModels(pb.ListModelsRequest(), metadata=metadata)
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    assert failed.value.details() == "internal server error (request id req-crash)"
+    with pytest.raises(grpc.aio.AioRpcError) as streamed:
+        [m async for m in api.inference.Chat(chat(), metadata=metadata)]
+    assert streamed.value.code() == grpc.StatusCode.INTERNAL
+    assert "hunter2" not in (streamed.value.details() or "")
+
+
+async def test_an_engine_failing_mid_stream_ends_the_call_with_an_error(api: Grpc) -> None:
+    (await api.engine("m1")).enqueue(["a", EngineError("the GPU fell off the bus")])
+    call = api.inference.Chat(chat())
+    assert (await call.read()).content == "a"
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call.read()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # the model's 503
+    assert "fell off the bus" in (failed.value.details() or "")
 
 
 async def test_invalid_requests_and_unknown_models(api: Grpc) -> None:

@@ -211,6 +211,11 @@ class _Rpc:
         except asyncio.CancelledError:
             ctx.cancelled.set()  # the client cancelled or its deadline passed
             raise
+        except Exception:
+            # Never the exception's text: it may carry anything (URLs with credentials...).
+            structlog.get_logger("tiffin.grpc").exception("handler failed", route=self.route)
+            message = f"internal server error (request id {event.request_id})"
+            await _abort(context, 500, message, event)
         if isinstance(result, Reply) and result.status >= 400:
             message = str((result.body or {}).get("error", {}).get("message", "request failed"))
             await _abort(context, result.status, message, event)
