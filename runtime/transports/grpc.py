@@ -16,7 +16,6 @@ import contextlib
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -38,12 +37,10 @@ from runtime.transports.proto.tiffin.v1 import inference_pb2, integrations_pb2
 if TYPE_CHECKING:
     from runtime.app import Runtime
 
-PROTO_MODULES = (inference_pb2, integrations_pb2)
+PROTO_MODULES = (inference_pb2, integrations_pb2)  # whose services the routes may name
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-Behaviour = Callable[[Message, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
 class GrpcServer:
