@@ -352,3 +352,53 @@ async def test_a_full_feed_outbox_drops_the_oldest_and_says_so() -> None:
     assert [await outbox.get() for _ in range(2)] == [{"type": "pong"}] * 2
     with pytest.raises(TimeoutError):  # control frames are bounded too
         await asyncio.wait_for(outbox.get(), 0.05)
+
+
+async def test_model_events_arrive_while_another_client_loads_a_model(served: Served) -> None:
+    bus = served.runtime.events
+    subscribers = len(bus._subscribers)
+    async with served.connect("/ws/models?types=model.*&initial=true") as ws:
+        status = await recv(ws)  # subscribed: what happens from now on is seen
+        assert status["type"] == "model.status" and status["data"]["model"] == "m1"
+        assert set(status) == {"type", "source", "data", "time"}
+        async with httpx.AsyncClient(base_url=served.http) as http:
+            assert (await http.post("/admin/models/m1/load")).status_code == 200
+            loaded = await recv(ws)
+            assert loaded["type"] == "model.loaded" and loaded["data"]["model"] == "m1"
+            assert (await http.post("/admin/models/m1/unload")).status_code == 200
+            assert (await recv(ws))["type"] == "model.unloaded"
+        assert len(bus._subscribers) == subscribers + 1
+    await eventually(lambda: len(bus._subscribers) == subscribers)  # the socket left: unsubscribed
+
+
+async def test_metrics_frames_arrive_every_interval(served: Served) -> None:
+    async with served.connect("/ws/metrics?interval=0.2") as ws:
+        started = asyncio.get_running_loop().time()
+        frames = [await recv(ws) for _ in range(3)]
+        elapsed = asyncio.get_running_loop().time() - started
+    assert all("requests" in f and "models" in f for f in frames)
+    assert elapsed >= 0.35  # two intervals between three frames (no upper bound: shared CPUs)
+    async with served.connect("/ws/metrics?interval=0") as ws:
+        assert assert_error(await recv(ws), "invalid_request_error")["param"] == "interval"
+        with pytest.raises(ConnectionClosed) as closed:
+            await recv(ws)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+async def test_feeds_ask_for_auth_too(make_runtime: MakeRuntime) -> None:
+    async with serve(make_runtime, plugins=(RequireToken(),)) as served:
+        async with served.connect("/ws/metrics?interval=0.1&token=sesame") as ws:
+            assert "requests" in await recv(ws)
+            await send(ws, {"type": "ping"})
+            frame = await recv(ws)
+            while frame["type"] != "pong":  # metrics frames are queued ahead
+                frame = await recv(ws)
+            await send(ws, {"type": "cancel"})
+            while frame["type"] != "error":
+                frame = await recv(ws)
+            assert_error(frame, "invalid_request_error", "invalid_frame")
+        async with served.connect("/ws/models") as ws:
+            assert_error(await recv(ws), "authentication_error")
+            with pytest.raises(ConnectionClosed) as closed:
+                await recv(ws)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
