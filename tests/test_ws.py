@@ -24,8 +24,10 @@ from runtime.dispatch import Event, HandlerError
 from runtime.engines.base import ModelSpec
 from runtime.transports.http import create_app
 from runtime.transports.ws import Close, Outbox
-from tests.conftest import eventually, free_port
+from tests.conftest import TEST_OVERRIDES, eventually, free_port
 from tests.scripted_engine import ScriptedEngine
+from tests.served import Served as ServedProcess
+from tests.test_metrics import CHAT, Scrape
 from tests.test_openai_api import ScriptedEngines
 
 MakeRuntime = Callable[..., Runtime]
@@ -194,6 +196,32 @@ async def test_cancel_mid_stream_frees_the_engine_and_the_socket_goes_on(served:
         await send(ws, {"message": "hi", "model": "m1"})
         assert (await turn(ws))[-1]["finish_reason"] == "stop"
     assert len(engine.requests) == 2
+
+
+async def test_a_turn_past_its_deadline_is_a_504_frame(make_runtime: MakeRuntime) -> None:
+    async with serve(make_runtime, "server.request_timeout_s=0.3") as served:
+        engine = await served.engine()
+        engine.gate = asyncio.Event()
+        async with served.connect() as ws:
+            await send(ws, {"message": "hi", "model": "m1"})
+            frames = await turn(ws)
+            assert (
+                assert_error(frames[-1], "timeout")["message"] == "the turn ran past its deadline"
+            )
+            assert engine.closed == 1
+            engine.gate = None
+            await send(ws, {"message": "hi", "model": "m1"})
+            assert (await turn(ws))[-1]["type"] == "done"
+
+
+async def test_turns_are_counted_as_ws_requests(served: Served) -> None:
+    async with served.connect() as ws:
+        await send(ws, {"message": "hi", "model": "m1"})
+        await turn(ws)
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(served.http + "/metrics")).text
+    scrape = Scrape(text)
+    assert scrape.value("llm_requests_total", endpoint=CHAT, transport="ws", status="200") == 1
 
 
 async def test_a_client_that_leaves_mid_turn_frees_the_engine(served: Served) -> None:
@@ -402,3 +430,23 @@ async def test_feeds_ask_for_auth_too(make_runtime: MakeRuntime) -> None:
             with pytest.raises(ConnectionClosed) as closed:
                 await recv(ws)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+@pytest.mark.slow
+def test_python_m_runtime_serves_the_sockets(tmp_path: Path) -> None:
+    """Under BentoML (`python -m runtime`), the same sockets answer on the HTTP port."""
+    served = ServedProcess.start(tmp_path, *TEST_OVERRIDES)
+    try:
+        served.wait_for("/readyz", 200)
+        url = served.url.replace("http://", "ws://")
+
+        async def talk() -> None:
+            async with connect(url + "/ws/metrics?interval=0.1", open_timeout=10) as ws:
+                assert "requests" in await recv(ws)
+            async with connect(url + "/ws/chat", open_timeout=10) as ws:
+                await send(ws, "not json")
+                assert_error(await recv(ws), "invalid_request_error", "invalid_json")
+
+        asyncio.run(talk())
+    finally:
+        served.kill()
