@@ -23,7 +23,7 @@ from runtime.config import ModelConfig
 from runtime.dispatch import Event, HandlerError
 from runtime.engines.base import ModelSpec
 from runtime.transports.http import create_app
-from runtime.transports.ws import Close, Outbox
+from runtime.transports.ws_outbox import Close, Outbox
 from tests.conftest import TEST_OVERRIDES, eventually, free_port
 from tests.scripted_engine import ScriptedEngine
 from tests.served import Served as ServedProcess

@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -29,6 +27,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from runtime.config import WsMode
 from runtime.dispatch import Event, HandlerError, Reply
 from runtime.transports import ws_frames as frames
+from runtime.transports.ws_outbox import Close, Outbox
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -59,62 +58,6 @@ def _endpoint(
         await serve(runtime, route, websocket).run()
 
     return endpoint
-
-
-@dataclass
-class Close:
-    code: int
-    reason: str = ""
-
-
-class Outbox:
-    """Frames waiting for the client: at most `size` data frames. When full, `put` waits
-    (backpressure) or, with `drop_oldest`, drops the oldest and later says how many. Control
-    frames (pong, ping, errors about client frames) jump the queue and are themselves bounded."""
-
-    def __init__(self, size: int, *, drop_oldest: bool) -> None:
-        self.size = max(1, size)
-        self.drop_oldest = drop_oldest
-        self.dropped = 0
-        self._frames: deque[frames.Frame] = deque()
-        self._control: deque[frames.Frame] = deque(maxlen=self.size)
-        self._close: Close | None = None
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-
-    async def put(self, frame: frames.Frame) -> None:
-        while len(self._frames) >= self.size and not self.drop_oldest:
-            self._writable.clear()
-            await self._writable.wait()
-        if len(self._frames) >= self.size:
-            self._frames.popleft()
-            self.dropped += 1
-        self._frames.append(frame)
-        self._readable.set()
-
-    def put_control(self, frame: frames.Frame) -> None:
-        self._control.append(frame)
-        self._readable.set()
-
-    def close(self, code: int, reason: str = "") -> None:
-        """Close the socket once the frames queued so far are sent."""
-        self._close = self._close or Close(code, reason)
-        self._readable.set()
-
-    async def get(self) -> frames.Frame | Close:
-        while True:
-            if self._control:
-                return self._control.popleft()
-            if self.dropped:
-                count, self.dropped = self.dropped, 0
-                return {"type": "dropped", "count": count}
-            if self._frames:
-                self._writable.set()
-                return self._frames.popleft()
-            if self._close is not None:
-                return self._close
-            self._readable.clear()
-            await self._readable.wait()
 
 
 class Socket:
