@@ -6,7 +6,8 @@ Client -> server on a `turns` socket (`/ws/chat`):
   {"message": "Hi", "model": "m"}            one turn; the socket remembers the conversation
   {"messages": [...], "model": "m", ...}     one turn with the whole conversation (OpenAI's body;
                                              any chat-completions parameter may be added)
-  {"type": "cancel"}                         stop the turn in progress (its engine is freed)
+  {"type": "cancel"}                         stop the turn in progress (its engine is freed);
+                                             ignored when no turn is running
   {"type": "ping"} / {"type": "pong"}        answered with a pong / ignored
 A chat frame may carry `"type": "chat"` and an `"id"` (else the server picks one). Turns run one
 at a time: a chat frame while a turn is running gets an error frame (code `turn_in_progress`).

@@ -12,6 +12,8 @@ from runtime.transports.ws_frames import Frame
 
 @dataclass
 class Close:
+    """Close the socket with `code` (1000, 1008, 1011) once the frames before it are sent."""
+
     code: int
     reason: str = ""
 
