@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from runtime.dispatch import Event, HandlerError, NdjsonStream, Reply
 from runtime.telemetry.logging import bind_request
 from runtime.transports.tracing import TracingMiddleware
+from runtime.transports.ws import mount_websockets
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -133,6 +134,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             name=name,
             description=route.description,
         )
+    if runtime.settings.transports.websocket:
+        mount_websockets(app, runtime)
     app.add_api_route("/metrics", _metrics(runtime), methods=["GET"], include_in_schema=False)
     # Last route: every other path and method answers in JSON too, also when BentoML mounts this
     # app (it only forwards paths that some route of the app matches).
