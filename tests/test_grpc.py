@@ -45,10 +45,12 @@ class FailOnDemand:
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        self.remaining: list[float | None] = []
 
     @hookimpl
     def before_request(self, event: Event, ctx: Context) -> None:
         self.events.append(event)
+        self.remaining.append(ctx.remaining)
         status = event.headers.get("x-fail")
         if status == "crash":
             raise RuntimeError("upstream http://admin:hunter2@db failed")
@@ -222,13 +224,15 @@ async def test_invalid_requests_and_unknown_models(api: Grpc) -> None:
     assert "nope" in (unknown.value.details() or "")
 
 
-async def test_the_client_deadline_stops_the_generation(api: Grpc) -> None:
+async def test_the_client_deadline_stops_the_generation(api: Grpc, recorder: FailOnDemand) -> None:
     engine = await api.engine("m1")
     engine.enqueue(["a", "b"])
     engine.gate = asyncio.Event()  # never opens: the generation waits for ever
     with pytest.raises(grpc.aio.AioRpcError) as late:
         [m async for m in api.inference.Chat(chat(), timeout=0.3)]
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    [remaining] = recorder.remaining  # the request's deadline is the client's
+    assert remaining is not None and 0 < remaining <= 0.3
     await eventually(lambda: engine.closed == 1)
 
 
