@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from handlers import admin, alerts, integrations, ollama, openai
+from handlers import admin, alerts, integrations, live, ollama, openai
 from hooks import hookimpl
 
 
@@ -29,6 +29,10 @@ class BuiltinHandlers:
         register("admin.load_model", admin.load_model)
         register("admin.unload_model", admin.unload_model)
         register("admin.pull_model", admin.pull_model)
+        register("metrics.snapshot", live.snapshot)
+        register("metrics.watch", live.watch)
+        register("events.watch", live.events)
+        register("requests.recent", live.recent_requests)
         for name in ("version", "tags", "ps", "chat", "generate", "embed"):
             register(f"ollama.{name}", getattr(ollama, name))
 

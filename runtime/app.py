@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import hooks.builtin
 from hooks import make_plugin_manager, resolve, resolve_all
+from hooks.live import LiveStatsPlugin
 from hooks.metrics import MetricsPlugin
 from runtime.config import IntegrationConfig, TiffinConfig, Topology
 from runtime.dispatch import Dispatcher, Handler
@@ -33,6 +34,7 @@ from runtime.integrations.opentelemetry import tracing_settings
 from runtime.models import ModelRouter
 from runtime.runner import RemoteEngine, RunnerClient
 from runtime.secrets import redact
+from runtime.telemetry.live import LiveStats
 from runtime.telemetry.metrics import Metrics
 from runtime.telemetry.tracing import Tracing
 
@@ -58,7 +60,8 @@ class Runtime:
         telemetry = self.settings.telemetry
         self.metrics = Metrics()
         self.tracing = Tracing(tracing_settings(self.settings))
-        recorders: list[object] = []
+        self.live = LiveStats()
+        recorders: list[object] = [LiveStatsPlugin(self.live)]
         if telemetry.metrics:
             recorders.append(MetricsPlugin(self.metrics, telemetry.sample_interval_s))
         self.plugins = make_plugin_manager(

@@ -1,0 +1,130 @@
+"""What a person watching the server sees live, on any transport: the metrics snapshot (once,
+or every `interval` seconds), the event stream of models and integrations, and the recent
+generation requests. Handlers of the route table like any other: `/ws/metrics` and GraphQL's
+`metrics` subscription are the same `metrics.watch`."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from runtime.dispatch import Context, Event, HandlerError
+from runtime.events import BusEvent
+
+DEFAULT_EVENTS = ("model.*", "integration.*", "*.pull", "alert.*", "grafana.*")
+
+
+def number(query: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
+    """A numeric query parameter within [low, high]; anything else is a 400 naming it."""
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise HandlerError(400, f"{name} must be a number", param=name) from None
+    if not low <= value <= high:
+        raise HandlerError(400, f"{name} must be between {low:g} and {high:g}", param=name)
+    return value
+
+
+def _models(ctx: Context) -> list[dict[str, Any]]:
+    found = []
+    for model in ctx.models.describe_all():
+        stats = model.get("stats") or {}
+        queued = stats.get("queued") if isinstance(stats, dict) else None
+        found.append(
+            {
+                "id": model["id"],
+                "provider": model["provider"],
+                "state": model["state"],
+                "in_flight": model["in_flight"],
+                "queue_depth": int(queued) if queued is not None else 0,
+            }
+        )
+    return found
+
+
+def _snapshot(ctx: Context, event: Event) -> dict[str, Any]:
+    window = number(event.query, "window", 60.0, 1.0, 3600.0)
+    return dict(ctx.runtime.live.snapshot(_models(ctx), window_s=window))
+
+
+async def snapshot(event: Event, ctx: Context) -> dict[str, Any]:
+    """Requests, tokens/s, latency percentiles, in flight, queue depth, per model, over the last
+    `window` seconds (default 60) of this worker."""
+    return _snapshot(ctx, event)
+
+
+async def watch(event: Event, ctx: Context) -> AsyncIterator[dict[str, Any]]:
+    """A snapshot now and then every `interval` seconds (default 1, 0.1 to 60)."""
+    interval = number(event.query, "interval", 1.0, 0.1, 60.0)
+    _snapshot(ctx, event)  # bad parameters are a 400 before the stream starts
+
+    async def frames() -> AsyncIterator[dict[str, Any]]:
+        while not ctx.cancelled.is_set():
+            yield _snapshot(ctx, event)
+            await asyncio.sleep(interval)
+
+    return frames()
+
+
+async def events(event: Event, ctx: Context) -> AsyncIterator[dict[str, Any]]:
+    """Events as they happen: model loads and unloads, integration status changes, pulls with
+    progress, alerts. `types` picks them (comma-separated globs). With `initial=true` the
+    stream starts with each model's current state as a `model.status` event."""
+    raw = str(event.query.get("types") or "")
+    patterns = tuple(p.strip() for p in raw.split(",") if p.strip()) or DEFAULT_EVENTS
+    initial = str(event.query.get("initial", "")).lower() in ("1", "true", "yes")
+    watcher = EventWatch(ctx, patterns, initial)
+    ctx.closers.append(watcher.aclose)  # unsubscribed when the request ends, however it ends
+    return watcher
+
+
+class EventWatch:
+    """Subscribed from the moment the handler returns (nothing between is missed); a slow
+    reader loses the oldest events, never grows memory. Closing it unsubscribes."""
+
+    def __init__(self, ctx: Context, patterns: tuple[str, ...], initial: bool) -> None:
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+        self._ctx = ctx
+        if initial:
+            for model in _models(ctx):
+                data = {"model": model["id"], "provider": model["provider"], **model}
+                self._put(BusEvent("model.status", "models", data).to_dict())
+        self._unsubscribe: Callable[[], None] | None = ctx.events.subscribe(
+            "*", self._on_event(patterns)
+        )
+
+    def _on_event(self, patterns: tuple[str, ...]) -> Callable[[BusEvent], None]:
+        def on_event(bus_event: BusEvent) -> None:
+            if any(fnmatch.fnmatchcase(bus_event.type, p) for p in patterns):
+                self._put(bus_event.to_dict())
+
+        return on_event
+
+    def _put(self, item: dict[str, Any]) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> EventWatch:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._unsubscribe is None:
+            raise StopAsyncIteration
+        return await self._queue.get()
+
+    async def aclose(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+
+async def recent_requests(event: Event, ctx: Context) -> list[dict[str, Any]]:
+    """The latest generation requests of this worker, newest first (`limit`, default 20)."""
+    limit = int(number(event.query, "limit", 20, 0, 1000))
+    return list(ctx.runtime.live.recent(limit))
