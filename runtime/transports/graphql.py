@@ -9,6 +9,7 @@ any resolver runs; a document over them is answered with a GraphQL error.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,9 +54,9 @@ def build_schema(runtime: Runtime) -> strawberry.Schema:
         mutation=_object("Mutation", kinds[GraphqlKind.mutation]),
         subscription=_object("Subscription", kinds[GraphqlKind.subscription]),
         extensions=[
-            QueryDepthLimiter(max_depth=limits.max_depth),
-            MaxTokensLimiter(max_token_count=limits.max_tokens),
-            MaxAliasesLimiter(max_alias_count=limits.max_aliases),
+            partial(QueryDepthLimiter, max_depth=limits.max_depth),
+            partial(MaxTokensLimiter, max_token_count=limits.max_tokens),
+            partial(MaxAliasesLimiter, max_alias_count=limits.max_aliases),
         ],
     )
 
@@ -89,13 +90,13 @@ class TiffinGraphQLRouter(GraphQLRouter[dict[str, Any], None]):
             subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
         )
         self._graphiql = graphiql
-        self.add_api_route(
-            "/assets/{name}", self._asset, methods=["GET"], include_in_schema=False
-        )
+        self.add_api_route("/assets/{name}", self._asset, methods=["GET"], include_in_schema=False)
 
     async def render_graphql_ide(self, request: Request) -> HTMLResponse:
         page = (_ASSETS / "index.html").read_text(encoding="utf-8")
-        return HTMLResponse(page.replace("{{ASSETS}}", f"{request.scope.get('root_path', '')}{PATH}/assets"))
+        return HTMLResponse(
+            page.replace("{{ASSETS}}", f"{request.scope.get('root_path', '')}{PATH}/assets")
+        )
 
     async def _asset(self, name: str) -> Response:
         media_type = _ASSET_FILES.get(name)

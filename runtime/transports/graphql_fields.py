@@ -11,6 +11,7 @@ table is served at once, and a row removed takes its field with it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
@@ -18,12 +19,13 @@ from typing import Any
 import strawberry
 import structlog
 from graphql import GraphQLError
+from strawberry.scalars import JSON
 from strawberry.types import Info
 
 from runtime.config import GraphqlKind
 from runtime.dispatch import Event, HandlerError, Reply
+from runtime.transports import graphql_live as live
 from runtime.transports import graphql_types as wire
-from runtime.transports.graphql_types import JSON
 
 FieldFactory = Callable[[str], Any]  # route name -> resolver function
 
@@ -37,7 +39,9 @@ def graphql_error(exc: HandlerError) -> GraphQLError:
     return GraphQLError(exc.message, extensions=extensions)
 
 
-def _event(info: Info, route: str, body: Any, path: Mapping[str, str], query: Mapping[str, str]) -> Event:
+def _event(
+    info: Info, route: str, body: Any, path: Mapping[str, str], query: Mapping[str, str]
+) -> Event:
     request = info.context["request"]
     request_id = request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
     return Event(
@@ -136,8 +140,8 @@ def _generate_text(route: str) -> Any:
         messages = [{"role": "system", "content": system}] if system is not None else []
         messages.append({"role": "user", "content": prompt})
         body: dict[str, Any] = {"model": model, "messages": messages, "stream": False}
-        options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
-        options |= {"seed": seed, "stop": stop}
+        options: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
+        options |= {"top_p": top_p, "seed": seed, "stop": stop}
         body.update({key: value for key, value in options.items() if value is not None})
         return wire.generation(await dispatch(info, route, body=body))
 
@@ -166,6 +170,39 @@ def _model_status_updates(route: str) -> Any:
     return model_status_updates
 
 
+def _metrics(route: str) -> Any:
+    async def metrics(info: Info, window: float | None = None) -> live.MetricsSnapshot:
+        """This worker's live metrics over the last `window` seconds (default 60)."""
+        query = {} if window is None else {"window": str(window)}
+        return live.metrics_snapshot(await dispatch(info, route, query=query))
+
+    return metrics
+
+
+def _metrics_stream(route: str) -> Any:
+    async def metrics(
+        info: Info, interval: float | None = None, window: float | None = None
+    ) -> AsyncGenerator[live.MetricsSnapshot, None]:
+        """A live metrics snapshot now and every `interval` seconds (default 1)."""
+        values = {"interval": interval, "window": window}
+        query = {key: str(value) for key, value in values.items() if value is not None}
+        async for snapshot in stream(info, route, query=query):
+            yield live.metrics_snapshot(snapshot)
+
+    return metrics
+
+
+def _generation_requests(route: str) -> Any:
+    async def generation_requests(
+        info: Info, limit: int | None = None
+    ) -> list[live.GenerationRequest]:
+        """The latest generation requests of this worker, newest first (default 20)."""
+        query = {} if limit is None else {"limit": str(limit)}
+        return [live.generation_request(r) for r in await dispatch(info, route, query=query)]
+
+    return generation_requests
+
+
 TYPED: dict[str, FieldFactory] = {
     "openai.list_models": _models,
     "integrations.status": _integrations,
@@ -173,6 +210,9 @@ TYPED: dict[str, FieldFactory] = {
     "admin.load_model": _model_action,
     "admin.unload_model": _model_action,
     "events.watch": _model_status_updates,
+    "metrics.snapshot": _metrics,
+    "metrics.watch": _metrics_stream,
+    "requests.recent": _generation_requests,
 }
 
 
@@ -182,9 +222,7 @@ TYPED: dict[str, FieldFactory] = {
 def _untyped(route: str, kind: GraphqlKind) -> Any:
     if kind is GraphqlKind.subscription:
 
-        async def watch(
-            info: Info, params: JSON | None = None
-        ) -> AsyncGenerator[JSON, None]:
+        async def watch(info: Info, params: JSON | None = None) -> AsyncGenerator[JSON, None]:
             """The handler's stream, one JSON item per message; `params` are its query params."""
             async for item in stream(info, route, query=_params(params)):
                 yield item
@@ -195,7 +233,8 @@ def _untyped(route: str, kind: GraphqlKind) -> Any:
         """The handler's answer as JSON; `input` is its JSON body, `params` its path and
         query params."""
         values = _params(params)
-        return await dispatch(info, route, body=input, path=values, query=values)
+        answer: JSON = await dispatch(info, route, body=input, path=values, query=values)
+        return answer
 
     return call
 
@@ -216,9 +255,11 @@ def field(route: str, handler: str, name: str, kind: GraphqlKind, description: s
     factory = TYPED.get(handler)
     resolver = factory(route) if factory is not None else _untyped(route, kind)
     if factory is not None:  # the route's text speaks of HTTP; the resolver's of this field
-        description = (resolver.__doc__ or description).strip()
+        description = inspect.cleandoc(resolver.__doc__ or description)
     if kind is GraphqlKind.subscription:
-        return strawberry.subscription(resolver=resolver, name=name, description=description or None)
+        return strawberry.subscription(
+            resolver=resolver, name=name, description=description or None
+        )
     if kind is GraphqlKind.mutation:
         return strawberry.mutation(resolver=resolver, name=name, description=description or None)
     return strawberry.field(resolver=resolver, name=name, description=description or None)

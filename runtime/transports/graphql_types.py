@@ -4,17 +4,9 @@ the handler decides what is true, this module only says it in GraphQL."""
 
 from __future__ import annotations
 
-from typing import Any, NewType
+from typing import Any
 
 import strawberry
-
-# Whatever a handler without a typed GraphQL mapping answers, passed through as JSON.
-JSON = strawberry.scalar(
-    NewType("JSON", object),
-    description="Any JSON value: a handler's answer as the HTTP API would give it.",
-    serialize=lambda value: value,
-    parse_value=lambda value: value,
-)
 
 
 @strawberry.type(description="A servable model (the `/v1/models` entry).")
