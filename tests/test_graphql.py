@@ -186,7 +186,12 @@ async def test_handler_errors_are_graphql_errors_with_status_and_code(gql: Gql) 
         "param": "model",
     }
     failed = only_error(await gql('mutation { loadModel(model: "broken") { id } }'))
-    assert failed["extensions"]["status"] >= 500 or failed["extensions"]["status"] == 503
+    assert failed["message"] == "model broken failed to load: the GPU fell off the bus"
+    assert failed["extensions"] == {
+        "code": "model_unavailable",
+        "status": 503,
+        "type": "server_error",
+    }
 
 
 async def test_an_unexpected_error_is_a_graphql_error_that_leaks_nothing(
@@ -429,6 +434,19 @@ async def test_subscription_errors_and_auth(make_runtime: MakeRuntime) -> None:
         server.should_exit = True
         await task
         await api.http.aclose()
+
+
+async def test_a_client_that_leaves_stops_its_generation(gql: Gql, served: str) -> None:
+    await gql.runtime.models.load("m1")
+    engine = gql.plugin.built["m1"]
+    engine.gate = asyncio.Event()  # never opened: the generation waits for its first token
+    document = {"query": 'mutation { generateText(model: "m1", prompt: "hi") { text } }'}
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(f"http://{served}/graphql", json=document, timeout=1)
+    await eventually(lambda: engine.closed == 1)
+    assert not engine.gate.is_set()
+    await eventually(lambda: gql.runtime.models.models["m1"].in_flight == 0)
 
 
 # --- GraphiQL in a real browser -----------------------------------------------------------------

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import strawberry
 from fastapi import Request
+from graphql import GraphQLError
 from starlette.responses import FileResponse, HTMLResponse, Response
 from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
 from strawberry.fastapi import GraphQLRouter
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.types import ExecutionContext
 
 from runtime.config import GraphqlKind, RouteConfig
 from runtime.transports.graphql_fields import field
@@ -49,7 +51,7 @@ def build_schema(runtime: Runtime) -> strawberry.Schema:
             resolver=_ready, description="Whether the runtime is ready (as /readyz)."
         )
     limits = settings.graphql
-    return strawberry.Schema(
+    return _Schema(
         query=_object("Query", kinds[GraphqlKind.query]),
         mutation=_object("Mutation", kinds[GraphqlKind.mutation]),
         subscription=_object("Subscription", kinds[GraphqlKind.subscription]),
@@ -59,6 +61,21 @@ def build_schema(runtime: Runtime) -> strawberry.Schema:
             partial(MaxAliasesLimiter, max_alias_count=limits.max_aliases),
         ],
     )
+
+
+class _Schema(strawberry.Schema):
+    """Logs only unexpected errors: a handler's refusal (it carries a status) or a document
+    that fails validation (the limits) is the client's business, answered and not logged."""
+
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        unexpected = [
+            error
+            for error in errors
+            if error.original_error is not None and "status" not in (error.extensions or {})
+        ]
+        super().process_errors(unexpected, execution_context)
 
 
 def _field(route_name: str, route: RouteConfig) -> Any:

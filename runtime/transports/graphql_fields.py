@@ -11,19 +11,21 @@ table is served at once, and a row removed takes its field with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import strawberry
 import structlog
 from graphql import GraphQLError
+from starlette.requests import Request
 from strawberry.scalars import JSON
 from strawberry.types import Info
 
 from runtime.config import GraphqlKind
-from runtime.dispatch import Event, HandlerError, Reply
+from runtime.dispatch import Context, Event, HandlerError, Reply
 from runtime.transports import graphql_live as live
 from runtime.transports import graphql_types as wire
 
@@ -67,7 +69,8 @@ async def dispatch(
     event = _event(info, route, body, path or {}, query or {})
     ctx = dispatcher.context(event)
     try:
-        result = await dispatcher.dispatch(route, event, ctx)
+        work = dispatcher.dispatch(route, event, ctx)
+        result = await _unless_gone(info.context["request"], ctx, work)
     except HandlerError as exc:
         raise graphql_error(exc) from None
     except asyncio.CancelledError:
@@ -87,6 +90,32 @@ async def dispatch(
             )
         return result.body
     return result
+
+
+async def _unless_gone(request: Any, ctx: Context, work: Awaitable[Any]) -> Any:
+    """`work`'s result, unless the HTTP client goes away first: then the work is stopped (a
+    generation nobody will read frees its engine) and the answer, for nobody, is a 499 error.
+    (Over a WebSocket, strawberry cancels the operation itself when the socket closes.)"""
+    task = asyncio.ensure_future(work)
+    if not isinstance(request, Request):
+        return await task
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        ctx.cancelled.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise HandlerError(499, "the client closed the request", code="client_closed_request")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def stream(
