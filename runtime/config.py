@@ -127,6 +127,10 @@ class ServerConfig:
     request_timeout_s: float = 300.0
     max_body_bytes: int = 4 * 1024 * 1024
     graceful_timeout_s: float = 30.0
+    # WebSocket transport: a `{"type": "ping"}` frame every this many seconds keeps proxies from
+    # closing idle sockets (0: off); at most `ws_send_queue` frames wait for a slow reader.
+    ws_ping_interval_s: float = 20.0
+    ws_send_queue: int = 64
     # Where `python -m runtime` writes the resolved config and start record of each run.
     run_dir: str = ".tiffin/runs"
 
@@ -201,11 +205,21 @@ class GrpcRoute:
     method: str = MISSING
 
 
+class WsMode(StrEnum):
+    """`feed`: one handler call per socket (query parameters as its event), each item of its
+    stream a frame, the oldest dropped for a slow reader. `turns`: each client frame is one
+    chat request; its OpenAI chunks become token frames (runtime/transports/ws_frames.py)."""
+
+    feed = "feed"
+    turns = "turns"
+
+
 @dataclass
 class WsRoute:
-    """A WebSocket path on the HTTP port: `/ws/chat`."""
+    """A WebSocket path on the HTTP port: `/ws/chat`, and how its frames map to handler calls."""
 
     path: str = MISSING
+    mode: WsMode = WsMode.feed
 
 
 class GraphqlKind(StrEnum):

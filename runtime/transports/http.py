@@ -26,6 +26,7 @@ from runtime.dispatch import Event, HandlerError, NdjsonStream, Reply
 from runtime.telemetry.logging import bind_request
 from runtime.transports import graphql
 from runtime.transports.tracing import TracingMiddleware
+from runtime.transports.ws import mount_websockets
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -134,6 +135,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             name=name,
             description=route.description,
         )
+    if runtime.settings.transports.websocket:
+        mount_websockets(app, runtime)
     app.add_api_route("/metrics", _metrics(runtime), methods=["GET"], include_in_schema=False)
     if runtime.settings.transports.graphql:  # GRAPHQL_ENABLED
         app.include_router(graphql.create_router(runtime), prefix=graphql.PATH)
