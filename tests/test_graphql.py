@@ -25,7 +25,8 @@ from runtime.dispatch import Event, HandlerError
 from runtime.engines.base import ModelSpec
 from runtime.transports.http import create_app
 from tests.chromium import chromium_page
-from tests.conftest import eventually, free_port
+from tests.conftest import TEST_OVERRIDES, eventually, free_port
+from tests.served import Served as ServedProcess
 from tests.test_openai_api import ScriptedEngines, chat
 
 MakeRuntime = Callable[..., Runtime]
@@ -468,3 +469,29 @@ async def test_graphiql_runs_the_models_query_in_headless_chromium(
         )
     assert '"id": "m1"' in shown and '"provider": "local"' in shown
     assert '"id": "broken"' in shown
+
+
+@pytest.mark.slow
+def test_python_m_runtime_serves_graphql(tmp_path: Path) -> None:
+    """Under BentoML (`python -m runtime`): queries, GraphiQL and its scripts, subscriptions."""
+    served = ServedProcess.start(tmp_path, *TEST_OVERRIDES)
+    try:
+        served.wait_for("/readyz", 200)
+        answer = httpx.post(served.url + "/graphql", json={"query": "{ models { id } }"})
+        assert answer.status_code == 200 and answer.json() == {"data": {"models": []}}
+        page = httpx.get(served.url + "/graphql", headers={"accept": "text/html"})
+        assert page.status_code == 200 and "/graphql/assets/graphiql.min.js" in page.text
+        script = httpx.get(served.url + "/graphql/assets/graphiql.min.js")
+        assert script.status_code == 200 and script.headers["content-type"].startswith(
+            "text/javascript"
+        )
+
+        async def watch() -> None:
+            address = served.url.removeprefix("http://")
+            document = "subscription { metrics(interval: 0.1) { requests { total } } }"
+            async with subscribe(address, document) as snapshots:
+                assert (await snapshots.next())["data"]["metrics"]["requests"]["total"] >= 1
+
+        asyncio.run(watch())
+    finally:
+        served.kill()
