@@ -172,6 +172,18 @@ class TransportsConfig:
 
 
 @dataclass
+class GraphqlConfig:
+    """Limits of the GraphQL transport (`/graphql`), checked before anything runs: how deep a
+    selection may nest, how many tokens a document may have (its cost), how many aliases (one
+    field asked many times). `graphiql` serves the in-browser IDE on GET /graphql."""
+
+    max_depth: int = 8
+    max_tokens: int = 2000
+    max_aliases: int = 15
+    graphiql: bool = True
+
+
+@dataclass
 class TelemetryConfig:
     metrics: bool = True
     # How often state gauges (CPU, memory, GPU, queue depth, models, integrations) are read.
@@ -251,6 +263,7 @@ class TiffinConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     transports: TransportsConfig = field(default_factory=TransportsConfig)
+    graphql: GraphqlConfig = field(default_factory=GraphqlConfig)
     integrations: dict[str, IntegrationConfig] = field(default_factory=dict)
     handlers: HandlersConfig = field(default_factory=HandlersConfig)
     # Dotted module names whose plugin objects are registered with the hook manager.

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.dispatch import Event, HandlerError, NdjsonStream, Reply
 from runtime.telemetry.logging import bind_request
+from runtime.transports import graphql
 from runtime.transports.tracing import TracingMiddleware
 from runtime.transports.ws import mount_websockets
 
@@ -137,6 +138,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     if runtime.settings.transports.websocket:
         mount_websockets(app, runtime)
     app.add_api_route("/metrics", _metrics(runtime), methods=["GET"], include_in_schema=False)
+    if runtime.settings.transports.graphql:  # GRAPHQL_ENABLED
+        app.include_router(graphql.create_router(runtime), prefix=graphql.PATH)
     # Last route: every other path and method answers in JSON too, also when BentoML mounts this
     # app (it only forwards paths that some route of the app matches).
     app.add_api_route("/{path:path}", _fallback(app), methods=_METHODS, include_in_schema=False)

@@ -1,0 +1,129 @@
+"""GraphQL transport: a strawberry schema built from the route table, served at `/graphql` on
+the HTTP port (queries and mutations over HTTP, subscriptions over graphql-transport-ws on the
+same path) with GraphiQL for browsers. Resolvers (graphql_fields.py) dispatch Events to the
+same handlers HTTP uses; nothing here knows what a handler does.
+
+Limits (`graphql.max_depth`, `max_tokens`, `max_aliases`) are checked while validating, before
+any resolver runs; a document over them is answered with a GraphQL error.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import strawberry
+from fastapi import Request
+from graphql import GraphQLError
+from starlette.responses import FileResponse, HTMLResponse, Response
+from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
+from strawberry.fastapi import GraphQLRouter
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.types import ExecutionContext
+
+from runtime.config import GraphqlKind, RouteConfig
+from runtime.transports.graphql_fields import field
+
+if TYPE_CHECKING:
+    from runtime.app import Runtime
+
+PATH = "/graphql"
+_ASSETS = Path(__file__).with_name("graphiql")
+_ASSET_FILES = {
+    "graphiql.min.js": "text/javascript",
+    "graphiql.min.css": "text/css",
+    "react.production.min.js": "text/javascript",
+    "react-dom.production.min.js": "text/javascript",
+}
+
+
+def build_schema(runtime: Runtime) -> strawberry.Schema:
+    """The schema of one Runtime: one field per route-table row with a `graphql` column."""
+    settings = runtime.settings
+    kinds: dict[GraphqlKind, dict[str, Any]] = {kind: {} for kind in GraphqlKind}
+    for route_name, route in settings.handlers.routes.items():
+        if route.graphql is not None:
+            kinds[route.graphql.kind][route_name] = _field(route_name, route)
+    if not kinds[GraphqlKind.query]:
+        # GraphQL needs a Query type even when the route table gives it no field.
+        kinds[GraphqlKind.query]["ready"] = strawberry.field(
+            resolver=_ready, description="Whether the runtime is ready (as /readyz)."
+        )
+    limits = settings.graphql
+    return _Schema(
+        query=_object("Query", kinds[GraphqlKind.query]),
+        mutation=_object("Mutation", kinds[GraphqlKind.mutation]),
+        subscription=_object("Subscription", kinds[GraphqlKind.subscription]),
+        extensions=[
+            partial(QueryDepthLimiter, max_depth=limits.max_depth),
+            partial(MaxTokensLimiter, max_token_count=limits.max_tokens),
+            partial(MaxAliasesLimiter, max_alias_count=limits.max_aliases),
+        ],
+    )
+
+
+class _Schema(strawberry.Schema):
+    """Logs only unexpected errors: a handler's refusal (it carries a status) or a document
+    that fails validation (the limits) is the client's business, answered and not logged."""
+
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        unexpected = [
+            error
+            for error in errors
+            if error.original_error is not None and "status" not in (error.extensions or {})
+        ]
+        super().process_errors(unexpected, execution_context)
+
+
+def _field(route_name: str, route: RouteConfig) -> Any:
+    assert route.graphql is not None
+    return field(
+        route_name, route.handler, route.graphql.field, route.graphql.kind, route.description
+    )
+
+
+def _object(name: str, fields: dict[str, Any]) -> Any:
+    if not fields:
+        return None
+    return strawberry.type(type(name, (), dict(fields)))
+
+
+def _ready(info: strawberry.Info) -> bool:
+    return bool(info.context["runtime"].ready)
+
+
+class TiffinGraphQLRouter(GraphQLRouter[dict[str, Any], None]):
+    """Strawberry's FastAPI router with Tiffin's GraphiQL page, whose scripts Tiffin serves
+    itself (runtime/transports/graphiql/) so the IDE works without internet access."""
+
+    def __init__(self, schema: strawberry.Schema, runtime: Runtime, graphiql: bool) -> None:
+        super().__init__(
+            schema,
+            graphql_ide="graphiql" if graphiql else None,
+            context_getter=lambda: {"runtime": runtime},
+            subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
+        )
+        self._graphiql = graphiql
+        self.add_api_route("/assets/{name}", self._asset, methods=["GET"], include_in_schema=False)
+
+    async def render_graphql_ide(self, request: Request) -> HTMLResponse:
+        page = (_ASSETS / "index.html").read_text(encoding="utf-8")
+        return HTMLResponse(
+            page.replace("{{ASSETS}}", f"{request.scope.get('root_path', '')}{PATH}/assets")
+        )
+
+    async def _asset(self, name: str) -> Response:
+        media_type = _ASSET_FILES.get(name)
+        if media_type is None or not self._graphiql:
+            return Response(status_code=404)
+        return FileResponse(
+            _ASSETS / name, media_type=media_type, headers={"cache-control": "max-age=86400"}
+        )
+
+
+def create_router(runtime: Runtime) -> TiffinGraphQLRouter:
+    """The `/graphql` router of one Runtime (include it with prefix `PATH`)."""
+    return TiffinGraphQLRouter(build_schema(runtime), runtime, runtime.settings.graphql.graphiql)
