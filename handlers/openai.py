@@ -12,9 +12,11 @@ from typing import Any
 from handlers import openai_shapes as shapes
 from handlers.generation import embed_texts, parse, resolve_model, sampling, start_generation
 from handlers.openai_types import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from runtime.dispatch import Context, Event, HandlerError
+from runtime.dispatch import Context, Event, HandlerError, Reply
 from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationRequest
 from runtime.models import ModelNotFound
+
+COST_HEADER = "x-tiffin-cost"
 
 
 async def list_models(event: Event, ctx: Context) -> dict[str, Any]:
@@ -63,7 +65,8 @@ async def chat_completions(event: Event, ctx: Context) -> Any:
         return shapes.chat_stream(chunks, outcome, meta, body.n, include_usage)
     async for _ in chunks:
         pass
-    return shapes.chat_response(outcome, meta, body.n, with_logprobs=body.logprobs)
+    answer = shapes.chat_response(outcome, meta, body.n, with_logprobs=body.logprobs)
+    return Reply(answer, headers=cost_header(outcome.cost))
 
 
 async def completions(event: Event, ctx: Context) -> Any:
@@ -92,7 +95,14 @@ async def completions(event: Event, ctx: Context) -> Any:
     for _, _, (chunks, _) in runs:
         async for _ in chunks:
             pass
-    return shapes.completion_response(runs, meta, body.n, body.echo, body.logprobs is not None)
+    answer = shapes.completion_response(runs, meta, body.n, body.echo, body.logprobs is not None)
+    return Reply(answer, headers=cost_header(sum(outcome.cost for _, _, (_, outcome) in runs)))
+
+
+def cost_header(cost: float) -> dict[str, str]:
+    """The generation's cost beside OpenAI's body (whose shape has no place for it), as
+    LiteLLM's proxy reports it: a response header. Other transports read it from the Reply."""
+    return {COST_HEADER: f"{cost:.8f}"}
 
 
 async def embeddings(event: Event, ctx: Context) -> dict[str, Any]:

@@ -154,7 +154,7 @@ async def test_generate_text_mutation(gql: Gql) -> None:
         "id": "chatcmpl-r1",
         "text": "Hello",
         "tokens": 2,
-        "cost": None,  # the chat handler's answer carries no cost: generationRequests has it
+        "cost": pytest.approx((3 * 2.0 + 2 * 10.0) / 1000),  # from the model's prices
         "finishReason": "stop",
         "usage": {"promptTokens": 3, "completionTokens": 2, "totalTokens": 5},
     }

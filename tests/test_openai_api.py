@@ -101,6 +101,7 @@ async def test_chat_completion_shape_and_usage(api: Api) -> None:
         }
     ]
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert response.headers["x-tiffin-cost"] == "0.00000000"  # m1 has no prices
 
 
 async def test_chat_stream_framing(api: Api) -> None:

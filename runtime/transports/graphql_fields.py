@@ -88,6 +88,9 @@ async def dispatch(
                 f"{route} answered {result.status}",
                 extensions={"code": "error", "status": result.status, "type": "server_error"},
             )
+        cost = result.headers.get("x-tiffin-cost")  # handlers/openai.py's cost_header
+        if cost is not None and isinstance(result.body, dict):
+            return {**result.body, "cost": float(cost)}
         return result.body
     return result
 
