@@ -50,7 +50,7 @@ class Generation:
     text: str
     tokens: int = strawberry.field(description="Tokens generated (usage.completion_tokens).")
     cost: float | None = strawberry.field(
-        description="The generation's cost from the model's prices (the handler's x-tiffin-cost), else null."
+        description="The generation's cost, from the model's prices (x-tiffin-cost)."
     )
     finish_reason: str | None
     usage: Usage
