@@ -611,3 +611,43 @@ def test_the_default_config_names_the_yaml_settings(
         default.settings
     )
     assert set(yaml.settings) == set(default.settings)
+
+
+# --- gRPC ---------------------------------------------------------------------------------------
+
+
+async def test_a_grpc_call_is_a_server_span_continuing_the_callers_trace(traced: Traced) -> None:
+    import grpc
+
+    from runtime.transports.grpc import GrpcServer
+    from runtime.transports.proto.tiffin.v1 import inference_pb2 as pb
+    from runtime.transports.proto.tiffin.v1 import inference_pb2_grpc
+
+    (await traced.engine("m1")).enqueue(["Hel", "lo"])
+    server = GrpcServer(traced.runtime, host="127.0.0.1", port=0)
+    port = await server.start()
+    caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    metadata = (("traceparent", f"00-{caller_trace}-00f067aa0ba902b7-01"),)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            request = pb.ChatRequest(
+                model="m1", messages=[pb.ChatMessage(role="user", content="hi")]
+            )
+            replies = [reply async for reply in stub.Chat(request, metadata=metadata)]
+            assert replies
+    finally:
+        await server.stop(0)
+    call = traced.one("tiffin.v1.Inference/Chat")
+    assert call.kind.name == "SERVER"
+    assert f"{call.context.trace_id:032x}" == caller_trace
+    assert call.attributes is not None
+    assert call.attributes["rpc.system"] == "grpc"
+    assert (call.attributes["rpc.service"], call.attributes["rpc.method"]) == (
+        "tiffin.v1.Inference",
+        "Chat",
+    )
+    assert call.attributes["rpc.grpc.status_code"] == 0
+    handler = traced.one("handler chat_completions")
+    assert parent_of(handler) == call.context.span_id
+    assert traced.one("chat m1").context.trace_id == call.context.trace_id

@@ -30,6 +30,7 @@ from runtime.dispatch import Context, Event, HandlerError, NdjsonStream, Reply
 from runtime.errors import ConfigError
 from runtime.telemetry.logging import bind_request
 from runtime.transports import grpc_codec as codec
+from runtime.transports.grpc_tracing import server_span
 
 # Imported for their side effect: the tiffin.v1 services join the default descriptor pool.
 from runtime.transports.proto.tiffin.v1 import inference_pb2, integrations_pb2
@@ -168,6 +169,7 @@ class _Rpc:
     def __init__(self, runtime: Runtime, route: str, method: MethodDescriptor) -> None:
         self.runtime = runtime
         self.route = route
+        self.name = f"{method.containing_service.full_name}/{method.name}"
         self.streaming = method.server_streaming
         self.response_class = message_factory.GetMessageClass(method.output_type)
 
@@ -218,12 +220,21 @@ class _Rpc:
             await _abort(context, result.status, message, event)
         return result, ctx, event
 
+    def _span(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        return server_span(self.runtime.tracing, self.name, metadata, context)
+
     async def unary(self, request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        result, _, _ = await self.call(request, context)
-        body = result.body if isinstance(result, Reply) else result
-        return codec.response_message(body, self.response_class)
+        with self._span(context):
+            result, _, _ = await self.call(request, context)
+            body = result.body if isinstance(result, Reply) else result
+            return codec.response_message(body, self.response_class)
 
     async def stream(self, request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        with self._span(context):
+            await self._stream(request, context)
+
+    async def _stream(self, request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         result, ctx, event = await self.call(request, context)
         if isinstance(result, NdjsonStream):
             result = result.items
