@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from handlers import admin, alerts, integrations, live, ollama, openai
+from handlers import admin, alerts, integrations, live, ollama, openai, usage
 from hooks import hookimpl
 
 
@@ -33,6 +33,7 @@ class BuiltinHandlers:
         register("metrics.watch", live.watch)
         register("events.watch", live.events)
         register("requests.recent", live.recent_requests)
+        register("admin.usage", usage.usage)
         for name in ("version", "tags", "ps", "chat", "generate", "embed"):
             register(f"ollama.{name}", getattr(ollama, name))
 

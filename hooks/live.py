@@ -38,4 +38,19 @@ class LiveStatsPlugin:
             ctx.provider,
             status,
             seconds,
+            key_name(event.principal),
         )
+
+
+def key_name(principal: Any) -> str | None:
+    """The name of the API key a request was authenticated with (a principal object or
+    mapping with a `name`, or a plain string), or None."""
+    if principal is None:
+        return None
+    if isinstance(principal, str):
+        return principal
+    if isinstance(principal, dict):
+        name = principal.get("name")
+    else:
+        name = getattr(principal, "name", None)
+    return str(name) if name is not None else None

@@ -87,6 +87,9 @@ class Runtime:
         )
         for integration in self.integrations.integrations.values():
             integration.tracing = self.tracing  # their HTTP clients are traced through it
+            sink = getattr(integration, "record_request", None)  # the database's request log
+            if callable(sink):
+                self.live.sinks.append(sink)
         self.dispatcher = Dispatcher(
             self,
             self.handlers,

@@ -33,6 +33,7 @@ class GenerationRequestRecord:
     completion_tokens: int = 0
     cost: float = 0.0
     finish_reasons: list[str] = field(default_factory=list)
+    key_name: str | None = None  # the API key's name, when the request carried one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +68,8 @@ class LiveStats:
         self.started_at = clock()
         self.totals = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self.cost_total = 0.0
+        # Called with each finished generation request (the database's request log).
+        self.sinks: list[Callable[[GenerationRequestRecord], None]] = []
 
     # --- recording ------------------------------------------------------------------------------
 
@@ -101,6 +104,7 @@ class LiveStats:
         provider: str,
         status: int,
         seconds: float,
+        key_name: str | None = None,
     ) -> None:
         now = self._clock()
         self.in_flight = max(0, self.in_flight - 1)
@@ -117,10 +121,13 @@ class LiveStats:
         record.latency_s = seconds
         record.model = record.model or model
         record.provider = record.provider or provider
+        record.key_name = key_name
         self.totals["prompt_tokens"] += record.prompt_tokens
         self.totals["completion_tokens"] += record.completion_tokens
         self.cost_total += record.cost
         self._generations.append(record)
+        for sink in self.sinks:
+            sink(record)
 
     # --- reading --------------------------------------------------------------------------------
 

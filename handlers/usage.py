@@ -1,0 +1,60 @@
+"""`GET /admin/usage`: requests, tokens, cost and latency per API key and model over a time
+range, read from the database integration's request log (every worker's requests, kept)."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+from runtime.dispatch import Context, Event, HandlerError
+from runtime.integrations.database import DatabaseIntegration
+from runtime.secrets import redact_text
+
+DAY_S = 86_400.0
+
+
+def moment(event: Event, name: str, default: float) -> float:
+    """A time query parameter: unix seconds or ISO 8601 (`2026-11-26T00:00:00Z`)."""
+    raw = event.query.get(name)
+    if raw is None or raw == "":
+        return default
+    text = str(raw)
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise HandlerError(
+            400, f"{name}: expected unix seconds or an ISO 8601 time, got {text!r}", param=name
+        ) from None
+
+
+async def usage(event: Event, ctx: Context) -> dict[str, Any]:
+    """Usage per key and model for requests that arrived in [`since`, `until`) (default: the
+    last 24 hours): requests, errors, prompt/completion tokens, cost, mean latency."""
+    until = moment(event, "until", time.time())
+    since = moment(event, "since", until - DAY_S)
+    if since >= until:
+        raise HandlerError(400, "since must be before until", param="since")
+    database = ctx.integrations.integrations.get("database")
+    if not isinstance(database, DatabaseIntegration) or not database.initialized:
+        state = "not enabled" if database is None else f"not running ({database.status.value})"
+        raise HandlerError(
+            503,
+            f"the database integration is {state}; start Tiffin with integrations=database "
+            "to keep a request log",
+            code="integration_unavailable",
+        )
+    await database.writer.flush()  # what was just served is counted
+    try:
+        rows = await database.usage(since, until)
+    except Exception as exc:
+        raise HandlerError(
+            503,
+            f"the database is unavailable: {redact_text(str(exc))}",
+            code="integration_unavailable",
+        ) from None
+    return {"since": since, "until": until, "usage": rows}

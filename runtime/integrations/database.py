@@ -1,0 +1,116 @@
+"""database: the request log in SQLite (default: `<data_dir>/tiffin.db`) or PostgreSQL
+(`DATABASE_URL`), through SQLAlchemy 2's async engine; Alembic migrations are applied when it
+starts. Each finished generation request (the record LiveStats assembles from the
+`after_generate` and `request_finished` hooks) reaches `record_request`, which only queues it:
+runtime/persistence/request_log.py batches, spools and replays."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
+from runtime.events import EventBus
+from runtime.integrations.base import BaseIntegration, Health
+from runtime.persistence import migrate
+from runtime.persistence.request_log import RequestLogWriter, WriterSettings
+from runtime.persistence.store import RequestLogStore
+from runtime.secrets import redact, redact_text
+from runtime.telemetry.live import GenerationRequestRecord
+
+DEFAULT_DATABASEINTEGRATION_CONFIG = IntegrationConfig(
+    _target_="runtime.integrations.database.DatabaseIntegration",
+    name="database",
+    type=IntegrationType.external_service,
+    priority=10,
+    health_check_interval=30.0,
+    retry_config=RetryConfig(max_retries=3, backoff_factor=2.0, max_backoff=60.0),
+    settings={
+        "url": "",
+        "data_dir": ".tiffin/data",
+        "batch_size": 100,
+        "flush_interval_s": 0.5,
+        "queue_size": 10_000,
+        "retry_interval_s": 2.0,
+    },
+)
+
+SPOOL_NAME = "request-log.spool.jsonl"
+
+
+def async_url(url: str, data_dir: Path) -> str:
+    """The SQLAlchemy URL with an async driver: empty means SQLite under `data_dir`;
+    `postgres://` and `postgresql://` use asyncpg, `sqlite://` aiosqlite."""
+    if not url:
+        return f"sqlite+aiosqlite:///{data_dir / 'tiffin.db'}"
+    parsed = make_url(url)
+    driver = {"postgres": "postgresql+asyncpg", "postgresql": "postgresql+asyncpg"}
+    driver["sqlite"] = "sqlite+aiosqlite"
+    if parsed.drivername in driver:
+        parsed = parsed.set(drivername=driver[parsed.drivername])
+    return parsed.render_as_string(hide_password=False)
+
+
+class DatabaseIntegration(BaseIntegration):
+    """The request log's database: migrations at start, batched writes, `SELECT 1` health."""
+
+    def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
+        super().__init__(config, bus)
+        self.data_dir = Path(str(self.settings.get("data_dir") or ".tiffin/data")).expanduser()
+        self.url = async_url(str(self.settings.get("url") or ""), self.data_dir)
+        # Building an engine connects to nothing; the first query does.
+        self.store = RequestLogStore(create_async_engine(self.url))
+        writer_settings = WriterSettings(
+            batch_size=int(self.settings.get("batch_size", 100)),
+            flush_interval_s=float(self.settings.get("flush_interval_s", 0.5)),
+            queue_size=int(self.settings.get("queue_size", 10_000)),
+            retry_interval_s=float(self.settings.get("retry_interval_s", 2.0)),
+        )
+        self.writer = RequestLogWriter(self.store, self.data_dir / SPOOL_NAME, writer_settings)
+        self.revision: str | None = None
+
+    async def initialize(self) -> None:
+        if self.store.engine.dialect.name == "sqlite":
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.revision = await migrate.upgrade(self.store.engine)
+        except Exception:
+            await self.store.engine.dispose()
+            raise
+        self.writer.start()
+        await self.writer.flush()  # replays what an earlier run (or an outage) spooled
+
+    async def health_check(self) -> Health:
+        await self.store.ping()
+        state = self.writer.describe()
+        data = {"revision": self.revision, "dialect": self.store.engine.dialect.name, **state}
+        if self.writer.down:
+            return Health(True, f"spooling: {self.writer.last_error}", data=data, degraded=True)
+        return Health(True, f"SELECT 1 ok; {state['written']} records written", data=data)
+
+    async def shutdown(self) -> None:
+        """Write what is queued (to the spool if the database is down), then close the pool."""
+        await self.writer.close()
+        await self.store.engine.dispose()
+
+    def record_request(self, record: GenerationRequestRecord) -> None:
+        """A finished generation request (LiveStats' sink). Before the database has started,
+        or after it stopped, the record goes straight to the spool, to be replayed."""
+        if self.writer.running:
+            self.writer.record(record)
+        else:
+            self.writer.spool_now(record)
+
+    async def usage(self, since: float, until: float | None = None) -> list[dict[str, Any]]:
+        """Usage per key and model over [since, until) (until: now)."""
+        return await self.store.usage(since, time.time() if until is None else until)
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        described["database_url"] = redact_text(self.url)
+        described["request_log"] = redact(self.writer.describe())
+        return described

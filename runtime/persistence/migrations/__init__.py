@@ -1,0 +1,1 @@
+"""Alembic migrations of Tiffin's database, applied at start by `migrate.upgrade`."""

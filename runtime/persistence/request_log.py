@@ -1,0 +1,226 @@
+"""The request log writer: records are queued without waiting (a request never waits on the
+database), written in batches by one background task, and spooled to a JSON-lines file while
+the database is down, then replayed when it answers again. Nothing is lost: a record is either
+in the queue, in the spool, or committed; a replay that repeats committed rows is ignored by
+the store (same `record_id`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from runtime.persistence.store import RequestLogStore
+from runtime.telemetry.live import GenerationRequestRecord
+
+
+@dataclass(frozen=True)
+class WriterSettings:
+    batch_size: int = 100
+    flush_interval_s: float = 0.5  # the longest a batch waits to fill once it has a record
+    queue_size: int = 10_000  # beyond it, records go straight to the spool
+    retry_interval_s: float = 2.0  # while down: how often the database is tried again
+
+
+def to_row(record: GenerationRequestRecord) -> dict[str, Any]:
+    """A log row from a live record, with a fresh `record_id`."""
+    return {
+        "record_id": str(uuid.uuid4()),
+        "request_id": record.id,
+        "time": record.time,
+        "key_name": record.key_name,
+        "model": record.model,
+        "provider": record.provider,
+        "transport": record.transport,
+        "endpoint": record.endpoint,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "latency_s": record.latency_s,
+        "ttft_s": record.ttft_s,
+        "status": record.status,
+        "cost": record.cost,
+        "finish_reasons": ",".join(record.finish_reasons),
+    }
+
+
+class RequestLogWriter:
+    """Owns the queue, the spool file and the background task that drains them."""
+
+    def __init__(
+        self,
+        store: RequestLogStore,
+        spool: Path,
+        settings: WriterSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.spool = spool
+        self.settings = settings or WriterSettings()
+        self._clock = clock
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self.settings.queue_size)
+        self._task: asyncio.Task[None] | None = None
+        # The batch being collected or written; rewritten by close() if the task was cancelled
+        # in between (inserts skip rows already there, so writing it twice is harmless).
+        self._batch: list[dict[str, Any]] = []
+        self._lock = asyncio.Lock()  # one write (and one replay) at a time
+        self._closing = False
+        self._retry_at = 0.0
+        self.written = 0
+        self.spooled = 0
+        self.last_error: str | None = None
+        self.log = structlog.get_logger("tiffin.request_log")
+
+    # --- the request path -----------------------------------------------------------------------
+
+    def record(self, record: GenerationRequestRecord) -> None:
+        """Queue one record; never waits. A full queue (the database far behind) spools it."""
+        row = to_row(record)
+        try:
+            self._queue.put_nowait(row)
+        except asyncio.QueueFull:
+            self._spool([row])
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def spool_now(self, record: GenerationRequestRecord) -> None:
+        """Spool one record at once (no writer task running to drain a queue)."""
+        self._spool([to_row(record)])
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._closing = False
+            self._task = asyncio.create_task(self._run(), name="tiffin.request_log")
+
+    async def close(self) -> None:
+        """Stop the task, then write what is queued (to the spool if the database is down)."""
+        if self._task is not None:
+            self._closing = True
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._retry_at = 0.0
+        batch, self._batch = self._batch, []
+        await self._write(batch)
+        while not self._queue.empty():
+            await self._write(self._take(self.settings.batch_size))
+
+    @property
+    def down(self) -> bool:
+        """The last write failed (records are spooling)."""
+        return self.last_error is not None
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "queued": self.pending,
+            "written": self.written,
+            "spooled": self.spooled,
+            "spool_file": str(self.spool),
+            "spool_exists": self.spool.exists(),
+            "last_error": self.last_error,
+        }
+
+    async def flush(self) -> None:
+        """Write everything queued now, and replay the spool if the database answers."""
+        self._retry_at = 0.0
+        await self._write(self._take(self._queue.qsize()))
+
+    # --- the background task --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._closing:
+            await self._next_batch()
+            await self._write(self._batch)
+            self._batch = []
+
+    async def _next_batch(self) -> None:
+        """Collect a batch in `_batch`: wait for a first record (at most retry_interval_s, so a
+        spool is replayed while idle), then for more until batch_size records or
+        flush_interval_s after the first. `_batch` is where `close()` finds it if cancelled."""
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError):
+            first = await asyncio.wait_for(self._queue.get(), self.settings.retry_interval_s)
+            self._batch.append(first)
+            deadline = loop.time() + self.settings.flush_interval_s
+            while len(self._batch) < self.settings.batch_size:
+                self._batch += self._take(self.settings.batch_size - len(self._batch))
+                remaining = deadline - loop.time()
+                if len(self._batch) >= self.settings.batch_size or remaining <= 0:
+                    break
+                self._batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+
+    def _take(self, limit: int) -> list[dict[str, Any]]:
+        taken: list[dict[str, Any]] = []
+        while len(taken) < limit and not self._queue.empty():
+            taken.append(self._queue.get_nowait())
+        return taken
+
+    async def _write(self, batch: list[dict[str, Any]]) -> None:
+        async with self._lock:
+            await self._write_locked(batch)
+
+    async def _write_locked(self, batch: list[dict[str, Any]]) -> None:
+        if self._clock() < self._retry_at:
+            self._spool(batch)
+            return
+        try:
+            await self._replay()
+            await self.store.insert(batch)
+        except Exception as exc:
+            self._spool(batch)
+            self._retry_at = self._clock() + self.settings.retry_interval_s
+            if self.last_error is None:
+                self.log.warning("request log database unavailable; spooling", error=str(exc))
+            self.last_error = str(exc)
+            return
+        self.written += len(batch)
+        if self.last_error is not None:
+            self.log.info("request log database back; spool replayed")
+        self.last_error = None
+
+    async def _replay(self) -> None:
+        """Insert the spooled rows, in batches, then remove the spool. A failure leaves the
+        file whole: the rows that did commit are skipped on the next replay."""
+        if not self.spool.exists():
+            return
+        rows = self._read_spool()
+        size = max(1, self.settings.batch_size)
+        for start in range(0, len(rows), size):
+            await self.store.insert(rows[start : start + size])
+        self.spool.unlink()
+        self.written += len(rows)
+        self.log.info("request log spool replayed", rows=len(rows))
+
+    def _read_spool(self) -> list[dict[str, Any]]:
+        rows = []
+        for line in self.spool.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash mid-append: nothing to save
+                if line.strip():
+                    self.log.warning("request log spool: unreadable line skipped")
+        return rows
+
+    def _spool(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        with self.spool.open("a", encoding="utf-8") as out:
+            out.writelines(json.dumps(row) + "\n" for row in rows)
+        self.spooled += len(rows)

@@ -1,0 +1,256 @@
+"""The database integration and the request log, on SQLite: migrations from empty, records
+written after requests on the scripted engine, usage per key and model, flush on stop, and an
+outage (the engine swapped for one that cannot connect) spooled to a file and replayed with
+every record exactly once. tests/test_database_postgres.py does the outage on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import inspect
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from runtime.app import Runtime
+from runtime.config import ModelConfig
+from runtime.engines.base import ModelSpec
+from runtime.integrations.base import IntegrationStatus
+from runtime.integrations.database import (
+    DEFAULT_DATABASEINTEGRATION_CONFIG,
+    DatabaseIntegration,
+    async_url,
+)
+from runtime.persistence import migrate
+from runtime.persistence.request_log import RequestLogWriter, WriterSettings
+from runtime.persistence.store import RequestLogStore
+from runtime.persistence.tables import metadata
+from runtime.telemetry.live import GenerationRequestRecord
+from runtime.transports.http import create_app
+from tests.conftest import eventually
+from tests.test_openai_api import ScriptedEngines, chat
+
+MakeRuntime = Callable[..., Runtime]
+PRICES = {"prompt_per_1k": 1.0, "completion_per_1k": 1.0}
+
+
+def database_overrides(data_dir: Path, url: str = "", **settings: object) -> list[str]:
+    base = [
+        "integrations=database",
+        f"integrations.database.settings.data_dir={data_dir}",
+        f"integrations.database.settings.url='{url}'",
+        "integrations.database.settings.flush_interval_s=0.01",
+        "integrations.database.settings.retry_interval_s=0.05",
+    ]
+    return base + [f"integrations.database.settings.{k}={v}" for k, v in settings.items()]
+
+
+async def start_with_models(runtime: Runtime) -> Runtime:
+    for model_id in ("m1", "m2"):
+        config = ModelConfig(id=model_id, source="x", prices=PRICES)
+        runtime.models.register(ModelSpec(config, Path("x"), "scripted", provider="local"))
+    await runtime.start()
+    return runtime
+
+
+def database_of(runtime: Runtime) -> DatabaseIntegration:
+    database = runtime.integrations.integrations["database"]
+    assert isinstance(database, DatabaseIntegration)
+    return database
+
+
+@pytest.fixture
+async def runtime(make_runtime: MakeRuntime, tmp_path: Path) -> Runtime:
+    return await start_with_models(
+        make_runtime(*database_overrides(tmp_path), builtins=[ScriptedEngines()])
+    )
+
+
+@pytest.fixture
+async def http(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://tiffin.test") as client:
+        yield client
+
+
+async def test_migrations_create_the_schema_from_empty(tmp_path: Path) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
+    try:
+        assert await migrate.upgrade(engine) == migrate.head() == "0001"
+        assert await migrate.upgrade(engine) == "0001"  # applied again: nothing to do
+
+        def columns(connection: object) -> dict[str, set[str]]:
+            inspector = inspect(connection)
+            return {
+                table: {c["name"] for c in inspector.get_columns(table)}
+                for table in inspector.get_table_names()
+                if table != "alembic_version"
+            }
+
+        async with engine.connect() as connection:
+            found = await connection.run_sync(columns)
+        # The migrations and the metadata the code uses describe the same tables.
+        assert found == {t.name: {c.name for c in t.columns} for t in metadata.sorted_tables}
+    finally:
+        await engine.dispose()
+
+
+async def test_requests_are_logged_and_summed_per_key_and_model(
+    runtime: Runtime, http: httpx.AsyncClient
+) -> None:
+    database = database_of(runtime)
+    assert database.status is IntegrationStatus.active
+    sent = [
+        await http.post("/v1/chat/completions", json=chat(model="m1")),
+        await http.post("/v1/chat/completions", json=chat(model="m1", stream=True)),
+        await http.post("/v1/chat/completions", json=chat(model="m2")),
+    ]
+    assert all(r.status_code == 200 for r in sent)
+    await http.get("/v1/models")  # no model: not logged
+    await eventually(lambda: database.writer.written == 3)
+    rows = {row["request_id"]: row for row in await database.store.rows()}
+    assert set(rows) == {r.headers["x-request-id"] for r in sent}
+    streamed = rows[sent[1].headers["x-request-id"]]
+    assert streamed["model"] == "m1" and streamed["provider"] == "local"
+    assert streamed["transport"] == "http" and streamed["endpoint"] == "chat_completions"
+    assert streamed["status"] == 200 and streamed["finish_reasons"] == "stop"
+    assert streamed["prompt_tokens"] == 3 and streamed["completion_tokens"] == 1
+    assert streamed["ttft_s"] is not None and streamed["latency_s"] > 0
+    assert streamed["cost"] == pytest.approx(4 / 1000) and streamed["key_name"] is None
+
+    usage = (await http.get("/admin/usage")).json()
+    by_model = {row["model"]: row for row in usage["usage"]}
+    assert by_model["m1"]["requests"] == 2 and by_model["m2"]["requests"] == 1
+    assert by_model["m1"]["completion_tokens"] == 2 and by_model["m1"]["errors"] == 0
+    assert by_model["m1"]["cost"] == pytest.approx(8 / 1000)
+    assert usage["until"] - usage["since"] == pytest.approx(86_400)
+    later = await http.get("/admin/usage", params={"since": usage["until"] + 10})
+    assert later.status_code == 400 and later.json()["error"]["param"] == "since"
+    future = await http.get(
+        "/admin/usage", params={"since": "2999-01-01T00:00:00Z", "until": "2999-01-02T00:00:00Z"}
+    )
+    assert future.json()["usage"] == []
+    bad = await http.get("/admin/usage", params={"until": "tomorrow"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "until"
+
+
+async def test_usage_needs_the_database_integration(make_runtime: MakeRuntime) -> None:
+    runtime = make_runtime()
+    await runtime.start()
+    transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://tiffin.test") as client:
+        response = await client.get("/admin/usage")
+    assert response.status_code == 503
+    assert "integrations=database" in response.json()["error"]["message"]
+
+
+async def test_queued_records_are_flushed_on_stop(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    # Batches wait up to a minute to fill: only stopping writes these.
+    overrides = database_overrides(tmp_path, flush_interval_s=60, batch_size=1000)
+    runtime = await start_with_models(make_runtime(*overrides, builtins=[ScriptedEngines()]))
+    transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://tiffin.test") as client:
+        for _ in range(3):
+            assert (await client.post("/v1/chat/completions", json=chat())).is_success
+    database = database_of(runtime)
+    assert database.writer.written == 0
+    await runtime.stop()
+    assert database.writer.written == 3 and not database.writer.spool.exists()
+    reopened = RequestLogStore(create_async_engine(database.url))
+    try:
+        assert await reopened.count() == 3
+    finally:
+        await reopened.engine.dispose()
+
+
+async def test_an_outage_spools_and_every_record_arrives_once(
+    runtime: Runtime, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    database = database_of(runtime)
+    writer = database.writer
+    ids = [(await http.post("/v1/chat/completions", json=chat())).headers["x-request-id"]]
+    await eventually(lambda: writer.written == 1)
+
+    working = database.store.engine
+    database.store.engine = unreachable_engine(tmp_path)  # the database goes away
+    for _ in range(4):
+        ids.append((await http.post("/v1/chat/completions", json=chat())).headers["x-request-id"])
+    await eventually(lambda: writer.spooled == 4)
+    assert writer.down and writer.spool.exists()
+    spooled = [json.loads(line) for line in writer.spool.read_text().splitlines()]
+    assert [row["request_id"] for row in spooled] == ids[1:]
+    with pytest.raises(Exception, match="unable to open database file"):
+        await database.health_check()
+    await database.store.engine.dispose()
+
+    database.store.engine = working  # ... and comes back
+    ids.append((await http.post("/v1/chat/completions", json=chat())).headers["x-request-id"])
+    await eventually(lambda: not writer.spool.exists() and writer.written == 6)
+    assert not writer.down
+    rows = await database.store.rows()
+    assert sorted(row["request_id"] for row in rows) == sorted(ids)
+    health = await database.health_check()
+    assert health.healthy and not health.degraded and health.data["spool_exists"] is False
+
+
+async def test_a_replay_after_a_crash_mid_replay_inserts_nothing_twice(tmp_path: Path) -> None:
+    store = RequestLogStore(create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"))
+    await migrate.upgrade(store.engine)
+    writer = RequestLogWriter(store, tmp_path / "spool.jsonl", WriterSettings(batch_size=2))
+    try:
+        records = [GenerationRequestRecord(f"r{i}", 1.0, "e", "http", "m", "p") for i in range(5)]
+        for record in records:
+            writer.record(record)
+        await writer.flush()
+        assert await store.count() == 5
+        # Rows committed, but the process died before the spool was removed: replay again.
+        committed = await store.rows()
+        for row in committed:
+            row.pop("time")
+        writer.spool.write_text(
+            "".join(json.dumps({**row, "time": 1.0}) + "\n" for row in committed)
+            + '{"record_id": "cut sh'  # the last line was cut short by the crash
+        )
+        await writer.flush()
+        assert await store.count() == 5 and not writer.spool.exists()
+    finally:
+        await writer.close()
+        await store.engine.dispose()
+
+
+async def test_records_before_the_database_started_are_spooled_then_replayed(
+    tmp_path: Path,
+) -> None:
+    config = DEFAULT_DATABASEINTEGRATION_CONFIG
+    settings = {**config.settings, "data_dir": str(tmp_path), "flush_interval_s": 0.01}
+    database = DatabaseIntegration(type(config)(**{**vars(config), "settings": settings}))
+    database.record_request(GenerationRequestRecord("early", 1.0, "e", "http", "m", "p"))
+    assert database.writer.spool.exists()
+    await database.initialize()
+    try:
+        assert [row["request_id"] for row in await database.store.rows()] == ["early"]
+        assert not database.writer.spool.exists()
+    finally:
+        await database.shutdown()
+
+
+def test_urls_get_async_drivers_and_status_masks_the_password(tmp_path: Path) -> None:
+    assert async_url("", tmp_path) == f"sqlite+aiosqlite:///{tmp_path / 'tiffin.db'}"
+    assert async_url("sqlite:////var/x.db", tmp_path) == "sqlite+aiosqlite:////var/x.db"
+    pg = "postgresql://tiffin:s3cret-pw@db.internal:5432/tiffin"
+    assert async_url(pg, tmp_path).startswith("postgresql+asyncpg://tiffin:s3cret-pw@")
+    assert async_url("postgres://u:p@h/d", tmp_path).startswith("postgresql+asyncpg://")
+    config = DEFAULT_DATABASEINTEGRATION_CONFIG
+    settings = {**config.settings, "url": pg, "data_dir": str(tmp_path)}
+    database = DatabaseIntegration(type(config)(**{**vars(config), "settings": settings}))
+    described = json.dumps(database.describe())
+    assert "s3cret-pw" not in described and "tiffin:***@db.internal" in described
+
+
+def unreachable_engine(tmp_path: Path) -> AsyncEngine:
+    """SQLite in a directory that does not exist: every connection fails."""
+    return create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'gone' / 'x.db'}")
