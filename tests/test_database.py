@@ -11,10 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from omegaconf import DictConfig
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from runtime.app import Runtime
+from runtime.app import Runtime, to_settings
 from runtime.config import ModelConfig
 from runtime.engines.base import ModelSpec
 from runtime.integrations.base import IntegrationStatus
@@ -254,3 +255,21 @@ def test_urls_get_async_drivers_and_status_masks_the_password(tmp_path: Path) ->
 def unreachable_engine(tmp_path: Path) -> AsyncEngine:
     """SQLite in a directory that does not exist: every connection fails."""
     return create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'gone' / 'x.db'}")
+
+
+def test_the_yaml_and_the_exported_default_agree(
+    compose_test: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("TIFFIN_DATA_DIR", raising=False)
+    yaml = to_settings(compose_test("integrations=database")).integrations["database"]
+    default = DEFAULT_DATABASEINTEGRATION_CONFIG
+    assert (yaml._target_, yaml.type, yaml.priority, yaml.required) == (
+        default._target_,
+        default.type,
+        default.priority,
+        default.required,
+    )
+    assert {k: float(v) if isinstance(v, int) else v for k, v in yaml.settings.items()} == {
+        k: float(v) if isinstance(v, int) else v for k, v in default.settings.items()
+    }

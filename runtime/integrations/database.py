@@ -63,7 +63,7 @@ class DatabaseIntegration(BaseIntegration):
         self.data_dir = Path(str(self.settings.get("data_dir") or ".tiffin/data")).expanduser()
         self.url = async_url(str(self.settings.get("url") or ""), self.data_dir)
         # Building an engine connects to nothing; the first query does.
-        self.store = RequestLogStore(create_async_engine(self.url))
+        self.store = RequestLogStore(create_async_engine(self.url, pool_pre_ping=True))
         writer_settings = WriterSettings(
             batch_size=int(self.settings.get("batch_size", 100)),
             flush_interval_s=float(self.settings.get("flush_interval_s", 0.5)),

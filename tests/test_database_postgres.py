@@ -1,0 +1,70 @@
+"""The request log on a real PostgreSQL: migrations at start, rows written after requests, and
+PostgreSQL stopped mid-run: records spool while it is down and every one arrives exactly once
+when it is back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from runtime.app import Runtime
+from runtime.integrations.base import IntegrationStatus
+from runtime.transports.http import create_app
+from tests.conftest import eventually
+from tests.real_postgres import Postgres, running_postgres
+from tests.test_database import database_of, database_overrides, start_with_models
+from tests.test_openai_api import ScriptedEngines, chat
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def postgres() -> Iterator[Postgres]:
+    with running_postgres() as server:
+        yield server
+
+
+async def test_postgres_outage_mid_run_loses_nothing(
+    make_runtime: Callable[..., Runtime], postgres: Postgres, tmp_path: Path
+) -> None:
+    overrides = database_overrides(tmp_path, url=postgres.url)
+    runtime = await start_with_models(make_runtime(*overrides, builtins=[ScriptedEngines()]))
+    database = database_of(runtime)
+    writer = database.writer
+    assert database.status is IntegrationStatus.active
+    assert database.store.engine.dialect.name == "postgresql" and database.revision == "0001"
+    assert "tiffin-test-pw" not in str(runtime.integrations.integrations["database"].describe())
+
+    transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
+    ids: list[str] = []
+    async with httpx.AsyncClient(transport=transport, base_url="http://tiffin.test") as client:
+
+        async def send(count: int) -> None:
+            for _ in range(count):
+                response = await client.post("/v1/chat/completions", json=chat())
+                assert response.status_code == 200  # requests never wait on the database
+                ids.append(response.headers["x-request-id"])
+
+        await send(3)
+        await eventually(lambda: writer.written == 3, within=10)
+
+        postgres.stop()
+        await send(4)
+        await eventually(lambda: writer.spooled == 4, within=10)
+        assert writer.down and writer.spool.exists()
+        with pytest.raises(OSError, match=r"(?i)connect"):
+            await database.health_check()
+
+        postgres.start()
+        await send(2)
+        await eventually(lambda: not writer.spool.exists() and writer.written == 9, within=20)
+        usage = (await client.get("/admin/usage")).json()["usage"]
+
+    rows = await database.store.rows()
+    assert sorted(row["request_id"] for row in rows) == sorted(ids)  # each once, none lost
+    assert usage == [
+        {**usage[0], "key_name": None, "model": "m1", "requests": 9, "errors": 0},
+    ]
