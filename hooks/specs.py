@@ -74,6 +74,9 @@ def before_request(event: Any, ctx: Any) -> Any:
     `event` is the decoded Event (body, headers, params, transport), `ctx` the Context.
     Return None to continue, or a result (a dict, a `Reply`, or raise a HandlerError) to answer
     the request without calling the handler. First result wins. May return an awaitable.
+    API-key auth is the built-in implementation (runtime/auth/plugin.py, `trylast`): it sets
+    `event.principal` and `ctx.principal`. A plugin that returns a result answers before auth
+    has run, so only do that for requests it has authenticated itself.
     """
 
 
