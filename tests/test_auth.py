@@ -368,5 +368,3 @@ def test_a_configured_key_turns_auth_on_in_dev(
     monkeypatch.setenv("TIFFIN_API_KEY", APP_KEY)
     runtime = make_runtime("env=dev")
     assert runtime.auth.enforced and runtime.auth.keys.names() == ["client"]
-
-
