@@ -241,6 +241,8 @@ async def test_grpc_metadata_keys_and_scopes(make_runtime: MakeRuntime) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as limited:
             await stub.ListModels(request, metadata=admin)
         assert limited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailers = dict(limited.value.trailing_metadata() or ())
+        assert 1 <= int(trailers["retry-after"]) <= 60
         with pytest.raises(grpc.aio.AioRpcError) as streamed:
             [m async for m in stub.Chat(pb.ChatRequest(model="m1"))]
         assert streamed.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -296,6 +298,34 @@ async def test_graphql_keys_and_scopes(make_runtime: MakeRuntime) -> None:
         api.plugin.built["m1"].enqueue(["Hel", "lo"])
         answer = data(await api(GENERATE, {"model": "m1", "prompt": "hi"}, **ADMIN))
         assert answer["generateText"]["text"] == "Hello"
+
+
+async def test_rate_limits_on_websocket_and_graphql_say_when_to_retry(
+    make_runtime: MakeRuntime,
+) -> None:
+    limit = "auth.limits.requests_per_minute=1"
+    api = await start_graphql(make_runtime, KEYS, limit)
+    api.runtime.auth.limiter.clock = FakeClock(1_000_050.0)
+    async with api.http:
+        assert data(await api("{ models { id } }", **APP))["models"]
+        limited = only_error(await api("{ models { id } }", **APP))
+        assert limited["extensions"]["status"] == 429
+        assert limited["extensions"]["type"] == "rate_limit_error"
+        assert limited["extensions"]["retryAfter"] == 30
+    async with serve_ws(make_runtime, KEYS, limit) as served:
+        served.runtime.auth.limiter.clock = FakeClock(1_000_050.0)
+        (await served.engine()).enqueue(["Hi"])
+        async with served.connect("/ws/chat", additional_headers=APP) as ws:
+            await send(ws, {"message": "hi", "model": "m1"})
+            assert (await turn(ws))[-1]["type"] == "done"
+            await send(ws, {"message": "again", "model": "m1"})
+            frame = (await turn(ws))[-1]
+            assert_error(frame, "rate_limit_error", "requests_per_minute")
+            assert frame["retry_after"] == 30
+            (await served.engine()).enqueue(["Hi"])
+            served.runtime.auth.limiter.clock = FakeClock(1_000_080.0)
+            await send(ws, {"message": "later", "model": "m1"})  # the socket stays open
+            assert (await turn(ws))[-1]["type"] == "done"
 
 
 # --- secrets ------------------------------------------------------------------------------------
