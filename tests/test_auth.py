@@ -355,7 +355,10 @@ async def test_keys_never_reach_logs_status_or_printed_config(
                 response = await http.get(path, headers=headers)
                 shown.append(response.text)
                 shown.append(json.dumps(dict(response.headers)))
+    # A WebSocket `token` parameter in a logged URL is masked like any token.
+    structlog.get_logger("tiffin.test").info(f"GET /ws/chat?token={APP_KEY}&lang=en")
     logged = log_stream.getvalue()
+    assert "token=***" in logged
     assert logged  # DEBUG logging ran
     for text in [logged, *shown]:
         assert ADMIN_KEY not in text and APP_KEY not in text

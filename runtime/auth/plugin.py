@@ -57,6 +57,7 @@ class AuthPlugin:
             )
         event.principal = principal
         ctx.principal = principal
+        ctx.log = ctx.log.bind(principal=principal.name)  # the key's name, never the key
         if not principal.allows(scope):
             raise HandlerError(
                 403,
