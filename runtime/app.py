@@ -182,6 +182,8 @@ class Runtime:
                 "runner_engines": list(self.settings.serving.runner_engines),
             },
             "workers": server.workers,
+            # Key names only: the keys themselves were dropped once hashed.
+            "auth": {"enforced": self.auth.enforced, "keys": self.auth.keys.names()},
             "plugins": sorted(name for name, _ in self.plugins.list_name_plugin()),
         }
 

@@ -400,4 +400,4 @@ def test_a_configured_key_turns_auth_on_in_dev(
 ) -> None:
     monkeypatch.setenv("TIFFIN_API_KEY", APP_KEY)
     runtime = make_runtime("env=dev")
-    assert runtime.auth.enforced and runtime.auth.keys.names() == ["client"]
+    assert runtime.plan()["auth"] == {"enforced": True, "keys": ["client"]}
