@@ -164,6 +164,8 @@ class Dispatcher:
         finish = _Finish(event, ctx)
         await resolve_all(ctx.hooks.request_started(event=event, ctx=ctx))
         try:
+            for check in ctx.hooks.authenticate(event=event, ctx=ctx):
+                await resolve(check)  # each awaited in turn; a refusal raises HandlerError
             result = await resolve(ctx.hooks.before_request(event=event, ctx=ctx))
             if result is None:
                 result = await self._traced(handler, event, ctx)

@@ -11,6 +11,7 @@ import io
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -18,6 +19,7 @@ import pytest
 import structlog
 from websockets.exceptions import ConnectionClosed
 
+from hooks import hookimpl
 from runtime.__main__ import main
 from runtime.app import Runtime
 from runtime.auth import KeyRing, RateLimiter, hash_key, presented_key
@@ -401,3 +403,26 @@ def test_a_configured_key_turns_auth_on_in_dev(
     monkeypatch.setenv("TIFFIN_API_KEY", APP_KEY)
     runtime = make_runtime("env=dev")
     assert runtime.plan()["auth"] == {"enforced": True, "keys": ["client"]}
+
+
+class AnswersEverything:
+    """A plugin that answers every request in `before_request` (a response cache, say)."""
+
+    def __init__(self) -> None:
+        self.principals: list[Any] = []
+
+    @hookimpl
+    def before_request(self, event: Any, ctx: Any) -> dict[str, str]:
+        self.principals.append(event.principal)
+        return {"answered": "by plugin"}
+
+
+async def test_no_plugin_answers_before_the_key_is_checked(make_runtime: MakeRuntime) -> None:
+    plugin = AnswersEverything()
+    runtime = make_runtime(KEYS, builtins=[plugin, ScriptedEngines()])
+    async with await http_client(runtime) as http:
+        assert (await http.get("/v1/models")).status_code == 401
+        assert plugin.principals == []  # auth refused before the plugin ran
+        answered = await http.get("/v1/models", headers=APP)
+        assert answered.json() == {"answered": "by plugin"}
+        assert [p.name for p in plugin.principals] == ["app"]  # and the plugin saw who

@@ -1,7 +1,7 @@
 """API-key authentication, scopes and per-key rate limits, owned by the Runtime.
 
     auth = Auth.from_settings(settings)     # keys hashed here; the plain keys are dropped
-    runtime.plugins.register(auth.plugin)   # before_request / after_generate (trylast)
+    runtime.plugins.register(auth.plugin)   # authenticate / after_generate (trylast)
 
 `keys.py` makes and recognises keys, `limits.py` counts requests and tokens per key,
 `plugin.py` is the hook implementation, `cli.py` is `python -m runtime keys ...`.

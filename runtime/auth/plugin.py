@@ -1,4 +1,4 @@
-"""The built-in auth plugin: checks every request's API key and scope in `before_request`, and
+"""The built-in auth plugin: checks every request's API key and scope in `authenticate`, and
 counts the tokens of each generation against its key in `after_generate`.
 
 It reads only `event.headers`, so every transport is covered the same way (HTTP headers, gRPC
@@ -37,7 +37,7 @@ class AuthPlugin:
         self.enforced = enforced
 
     @hookimpl(trylast=True)
-    async def before_request(self, event: Any, ctx: Any) -> None:
+    async def authenticate(self, event: Any, ctx: Any) -> None:
         if not self.enforced:
             return
         scope = self.route_scopes.get(event.route, "inference")
