@@ -137,6 +137,28 @@ async def test_requests_are_logged_and_summed_per_key_and_model(
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "until"
 
 
+async def test_usage_is_per_api_key_and_needs_the_admin_scope(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    from tests.test_auth import ADMIN, APP, KEYS
+
+    overrides = [*database_overrides(tmp_path), KEYS]
+    runtime = await start_with_models(make_runtime(*overrides, builtins=[ScriptedEngines()]))
+    transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://tiffin.test") as client:
+        for headers, model in ((APP, "m1"), (APP, "m1"), (ADMIN, "m2")):
+            response = await client.post(
+                "/v1/chat/completions", json=chat(model=model), headers=headers
+            )
+            assert response.status_code == 200
+        assert (await client.get("/admin/usage", headers=APP)).status_code == 403
+        usage = (await client.get("/admin/usage", headers=ADMIN)).json()["usage"]
+    summary = {(row["key_name"], row["model"]): row["requests"] for row in usage}
+    assert summary == {("app", "m1"): 2, ("ops", "m2"): 1}
+    logged = json.dumps(await database_of(runtime).store.rows())
+    assert "tk-app-planted" not in logged and "tk-admin-planted" not in logged
+
+
 async def test_usage_needs_the_database_integration(make_runtime: MakeRuntime) -> None:
     runtime = make_runtime()
     await runtime.start()

@@ -11,6 +11,7 @@ import contextlib
 import json
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,11 @@ def to_row(record: GenerationRequestRecord) -> dict[str, Any]:
 
 
 class RequestLogWriter:
-    """Owns the queue, the spool file and the background task that drains them."""
+    """Owns the queue, the spool file and the background task that drains them.
+
+    Records stay in the queue until the one write that takes them, under `_lock`: waiting
+    for a batch to fill removes nothing, so cancelling the task loses nothing, and `flush()`
+    (under the same lock) sees every record that is not yet committed or spooled."""
 
     def __init__(
         self,
@@ -65,11 +70,12 @@ class RequestLogWriter:
         self.spool = spool
         self.settings = settings or WriterSettings()
         self._clock = clock
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self.settings.queue_size)
+        self._queue: deque[dict[str, Any]] = deque()
+        self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        # The batch being collected or written; rewritten by close() if the task was cancelled
-        # in between (inserts skip rows already there, so writing it twice is harmless).
-        self._batch: list[dict[str, Any]] = []
+        # The batch being written; written again by close() if the task was cancelled during
+        # the write (inserts skip rows already there, so a second write is harmless).
+        self._writing: list[dict[str, Any]] = []
         self._lock = asyncio.Lock()  # one write (and one replay) at a time
         self._closing = False
         self._retry_at = 0.0
@@ -83,16 +89,17 @@ class RequestLogWriter:
     def record(self, record: GenerationRequestRecord) -> None:
         """Queue one record; never waits. A full queue (the database far behind) spools it."""
         row = to_row(record)
-        try:
-            self._queue.put_nowait(row)
-        except asyncio.QueueFull:
+        if len(self._queue) >= self.settings.queue_size:
             self._spool([row])
-
-    # --- lifecycle ------------------------------------------------------------------------------
+            return
+        self._queue.append(row)
+        self._arrived.set()
 
     def spool_now(self, record: GenerationRequestRecord) -> None:
         """Spool one record at once (no writer task running to drain a queue)."""
         self._spool([to_row(record)])
+
+    # --- lifecycle ------------------------------------------------------------------------------
 
     @property
     def running(self) -> bool:
@@ -111,11 +118,20 @@ class RequestLogWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self._retry_at = 0.0
-        batch, self._batch = self._batch, []
-        await self._write(batch)
-        while not self._queue.empty():
-            await self._write(self._take(self.settings.batch_size))
+        async with self._lock:
+            self._retry_at = 0.0
+            interrupted, self._writing = self._writing, []
+            await self._write(interrupted)
+            while self._queue:
+                await self._write(self._take())
+
+    async def flush(self) -> None:
+        """Write everything queued now, and replay the spool if the database answers."""
+        async with self._lock:
+            self._retry_at = 0.0
+            await self._write(self._take())
+            while self._queue:
+                await self._write(self._take())
 
     @property
     def down(self) -> bool:
@@ -124,7 +140,7 @@ class RequestLogWriter:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -136,46 +152,44 @@ class RequestLogWriter:
             "last_error": self.last_error,
         }
 
-    async def flush(self) -> None:
-        """Write everything queued now, and replay the spool if the database answers."""
-        self._retry_at = 0.0
-        await self._write(self._take(self._queue.qsize()))
-
     # --- the background task --------------------------------------------------------------------
 
     async def _run(self) -> None:
         while not self._closing:
-            await self._next_batch()
-            await self._write(self._batch)
-            self._batch = []
+            await self._wait_for_batch()
+            async with self._lock:
+                await self._write(self._take())
 
-    async def _next_batch(self) -> None:
-        """Collect a batch in `_batch`: wait for a first record (at most retry_interval_s, so a
-        spool is replayed while idle), then for more until batch_size records or
-        flush_interval_s after the first. `_batch` is where `close()` finds it if cancelled."""
+    async def _wait_for_batch(self) -> None:
+        """Wait for a first record (at most retry_interval_s, so a spool is replayed while
+        idle), then until batch_size records are queued or flush_interval_s has passed."""
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(TimeoutError):
-            first = await asyncio.wait_for(self._queue.get(), self.settings.retry_interval_s)
-            self._batch.append(first)
-            deadline = loop.time() + self.settings.flush_interval_s
-            while len(self._batch) < self.settings.batch_size:
-                self._batch += self._take(self.settings.batch_size - len(self._batch))
-                remaining = deadline - loop.time()
-                if len(self._batch) >= self.settings.batch_size or remaining <= 0:
-                    break
-                self._batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+        if not self._queue:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), self.settings.retry_interval_s)
+        deadline = loop.time() + self.settings.flush_interval_s
+        while self._queue and len(self._queue) < self.settings.batch_size:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
 
-    def _take(self, limit: int) -> list[dict[str, Any]]:
-        taken: list[dict[str, Any]] = []
-        while len(taken) < limit and not self._queue.empty():
-            taken.append(self._queue.get_nowait())
-        return taken
+    def _take(self) -> list[dict[str, Any]]:
+        """Up to batch_size records off the queue, kept in `_writing` until written."""
+        size = max(1, self.settings.batch_size)
+        self._writing = [self._queue.popleft() for _ in range(min(size, len(self._queue)))]
+        return self._writing
 
     async def _write(self, batch: list[dict[str, Any]]) -> None:
-        async with self._lock:
-            await self._write_locked(batch)
+        """Replay the spool, then insert `batch`; on failure spool it. Called under `_lock`.
+        Cancelled midway, it leaves `_writing` for close() to write again."""
+        await self._write_or_spool(batch)
+        self._writing = []
 
-    async def _write_locked(self, batch: list[dict[str, Any]]) -> None:
+    async def _write_or_spool(self, batch: list[dict[str, Any]]) -> None:
         if self._clock() < self._retry_at:
             self._spool(batch)
             return
