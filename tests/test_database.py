@@ -6,6 +6,7 @@ every record exactly once. tests/test_database_postgres.py does the outage on Po
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from runtime.integrations.database import (
     async_url,
 )
 from runtime.persistence import migrate
-from runtime.persistence.request_log import RequestLogWriter, WriterSettings
+from runtime.persistence.request_log import RequestLogWriter, WriterSettings, to_row
+from runtime.persistence.spool import Spool
 from runtime.persistence.store import RequestLogStore
 from runtime.persistence.tables import metadata
 from runtime.telemetry.live import GenerationRequestRecord
@@ -204,7 +206,7 @@ async def test_an_outage_spools_and_every_record_arrives_once(
         ids.append((await http.post("/v1/chat/completions", json=chat())).headers["x-request-id"])
     await eventually(lambda: writer.spooled == 4)
     assert writer.down and writer.spool.exists()
-    spooled = [json.loads(line) for line in writer.spool.read_text().splitlines()]
+    spooled = [json.loads(line) for line in writer.spool.path.read_text().splitlines()]
     assert [row["request_id"] for row in spooled] == ids[1:]
     with pytest.raises(Exception, match="unable to open database file"):
         await database.health_check()
@@ -223,7 +225,7 @@ async def test_an_outage_spools_and_every_record_arrives_once(
 async def test_a_replay_after_a_crash_mid_replay_inserts_nothing_twice(tmp_path: Path) -> None:
     store = RequestLogStore(create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"))
     await migrate.upgrade(store.engine)
-    writer = RequestLogWriter(store, tmp_path / "spool.jsonl", WriterSettings(batch_size=2))
+    writer = RequestLogWriter(store, Spool(tmp_path), WriterSettings(batch_size=2))
     try:
         records = [GenerationRequestRecord(f"r{i}", 1.0, "e", "http", "m", "p") for i in range(5)]
         for record in records:
@@ -234,7 +236,7 @@ async def test_a_replay_after_a_crash_mid_replay_inserts_nothing_twice(tmp_path:
         committed = await store.rows()
         for row in committed:
             row.pop("time")
-        writer.spool.write_text(
+        writer.spool.path.write_text(
             "".join(json.dumps({**row, "time": 1.0}) + "\n" for row in committed)
             + '{"record_id": "cut sh'  # the last line was cut short by the crash
         )
@@ -256,6 +258,26 @@ async def test_records_before_the_database_started_are_spooled_then_replayed(
     await database.initialize()
     try:
         assert [row["request_id"] for row in await database.store.rows()] == ["early"]
+        assert not database.writer.spool.exists()
+    finally:
+        await database.shutdown()
+
+
+async def test_spools_of_processes_that_are_gone_are_adopted_at_start(tmp_path: Path) -> None:
+    # Workers sharing a data dir each spool to their own file; a live worker's file is its own.
+    dead_pid = 2**22 + 12345  # above pid_max's default: no such process
+    live_pid = os.getppid()
+    for pid, request_id in ((dead_pid, "from-a-crash"), (live_pid, "still-writing")):
+        spool = Spool(tmp_path, pid=pid)
+        spool.append([to_row(GenerationRequestRecord(request_id, 1.0, "e", "http", "m", "p"))])
+    config = DEFAULT_DATABASEINTEGRATION_CONFIG
+    settings = {**config.settings, "data_dir": str(tmp_path)}
+    database = DatabaseIntegration(type(config)(**{**vars(config), "settings": settings}))
+    await database.initialize()
+    try:
+        assert [row["request_id"] for row in await database.store.rows()] == ["from-a-crash"]
+        assert Spool(tmp_path, pid=live_pid).path.exists()
+        assert not Spool(tmp_path, pid=dead_pid).path.exists()
         assert not database.writer.spool.exists()
     finally:
         await database.shutdown()

@@ -18,6 +18,7 @@ from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
 from runtime.persistence import migrate
 from runtime.persistence.request_log import RequestLogWriter, WriterSettings
+from runtime.persistence.spool import Spool
 from runtime.persistence.store import RequestLogStore
 from runtime.secrets import redact, redact_text
 from runtime.telemetry.live import GenerationRequestRecord
@@ -38,8 +39,6 @@ DEFAULT_DATABASEINTEGRATION_CONFIG = IntegrationConfig(
         "retry_interval_s": 2.0,
     },
 )
-
-SPOOL_NAME = "request-log.spool.jsonl"
 
 
 def async_url(url: str, data_dir: Path) -> str:
@@ -70,7 +69,7 @@ class DatabaseIntegration(BaseIntegration):
             queue_size=int(self.settings.get("queue_size", 10_000)),
             retry_interval_s=float(self.settings.get("retry_interval_s", 2.0)),
         )
-        self.writer = RequestLogWriter(self.store, self.data_dir / SPOOL_NAME, writer_settings)
+        self.writer = RequestLogWriter(self.store, Spool(self.data_dir), writer_settings)
         self.revision: str | None = None
 
     async def initialize(self) -> None:
@@ -81,6 +80,7 @@ class DatabaseIntegration(BaseIntegration):
         except Exception:
             await self.store.engine.dispose()
             raise
+        self.writer.spool.adopt_orphans()  # what processes that are gone left behind
         self.writer.start()
         await self.writer.flush()  # replays what an earlier run (or an outage) spooled
 

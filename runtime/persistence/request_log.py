@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import structlog
 
+from runtime.persistence.spool import Spool
 from runtime.persistence.store import RequestLogStore
 from runtime.telemetry.live import GenerationRequestRecord
 
@@ -62,7 +61,7 @@ class RequestLogWriter:
     def __init__(
         self,
         store: RequestLogStore,
-        spool: Path,
+        spool: Spool,
         settings: WriterSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -147,7 +146,7 @@ class RequestLogWriter:
             "queued": self.pending,
             "written": self.written,
             "spooled": self.spooled,
-            "spool_file": str(self.spool),
+            "spool_files": [str(path) for path in self.spool.files()],
             "spool_exists": self.spool.exists(),
             "last_error": self.last_error,
         }
@@ -209,32 +208,18 @@ class RequestLogWriter:
         self.last_error = None
 
     async def _replay(self) -> None:
-        """Insert the spooled rows, in batches, then remove the spool. A failure leaves the
-        file whole: the rows that did commit are skipped on the next replay."""
-        if not self.spool.exists():
-            return
-        rows = self._read_spool()
+        """Insert the spooled rows, in batches, file by file, removing each file once it is in.
+        A failure leaves the file whole: the rows that did commit are skipped next time."""
         size = max(1, self.settings.batch_size)
-        for start in range(0, len(rows), size):
-            await self.store.insert(rows[start : start + size])
-        self.spool.unlink()
-        self.written += len(rows)
-        self.log.info("request log spool replayed", rows=len(rows))
-
-    def _read_spool(self) -> list[dict[str, Any]]:
-        rows = []
-        for line in self.spool.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line cut short by a crash mid-append: nothing to save
-                if line.strip():
-                    self.log.warning("request log spool: unreadable line skipped")
-        return rows
+        for path in self.spool.files():
+            rows = self.spool.read(path)
+            for start in range(0, len(rows), size):
+                await self.store.insert(rows[start : start + size])
+            path.unlink()
+            self.written += len(rows)
+            self.log.info("request log spool replayed", rows=len(rows), file=path.name)
 
     def _spool(self, rows: list[dict[str, Any]]) -> None:
-        if not rows:
-            return
-        self.spool.parent.mkdir(parents=True, exist_ok=True)
-        with self.spool.open("a", encoding="utf-8") as out:
-            out.writelines(json.dumps(row) + "\n" for row in rows)
-        self.spooled += len(rows)
+        if rows:
+            self.spool.append(rows)
+            self.spooled += len(rows)
