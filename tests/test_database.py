@@ -123,6 +123,8 @@ async def test_requests_are_logged_and_summed_per_key_and_model(
     assert streamed["ttft_s"] is not None and streamed["latency_s"] > 0
     assert streamed["cost"] == pytest.approx(4 / 1000) and streamed["key_name"] is None
 
+    status = (await http.get("/integrations/database/status")).json()
+    assert status["request_log"]["written"] == 3 and status["health"]["healthy"]
     usage = (await http.get("/admin/usage")).json()
     by_model = {row["model"]: row for row in usage["usage"]}
     assert by_model["m1"]["requests"] == 2 and by_model["m2"]["requests"] == 1
