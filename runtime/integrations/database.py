@@ -37,6 +37,7 @@ DEFAULT_DATABASEINTEGRATION_CONFIG = IntegrationConfig(
         "flush_interval_s": 0.5,
         "queue_size": 10_000,
         "retry_interval_s": 2.0,
+        "connect_timeout_s": 5.0,
     },
 )
 
@@ -61,8 +62,13 @@ class DatabaseIntegration(BaseIntegration):
         super().__init__(config, bus)
         self.data_dir = Path(str(self.settings.get("data_dir") or ".tiffin/data")).expanduser()
         self.url = async_url(str(self.settings.get("url") or ""), self.data_dir)
-        # Building an engine connects to nothing; the first query does.
-        self.store = RequestLogStore(create_async_engine(self.url, pool_pre_ping=True))
+        # Building an engine connects to nothing; the first query does. `timeout` is asyncpg's
+        # connect timeout and SQLite's busy timeout: a database that hangs is soon "down".
+        timeout = float(self.settings.get("connect_timeout_s", 5.0))
+        engine = create_async_engine(
+            self.url, pool_pre_ping=True, connect_args={"timeout": timeout}
+        )
+        self.store = RequestLogStore(engine)
         writer_settings = WriterSettings(
             batch_size=int(self.settings.get("batch_size", 100)),
             flush_interval_s=float(self.settings.get("flush_interval_s", 0.5)),
