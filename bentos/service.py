@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,43 @@ async def wait_for_runner(proxy: Any, serving: ServingConfig) -> None:
     )
 
 
+class Drain:
+    """Graceful shutdown's first step, started by the signal itself.
+
+    On SIGTERM uvicorn stops listening, lets open connections finish for BentoML's
+    `graceful_timeout_s`, cancels what is left (a stream then ends without `[DONE]`), and only
+    then runs on_shutdown: too late to drain there. So `install` chains a handler in front of
+    uvicorn's that starts `runtime.drain()` at once; on_shutdown awaits it (or drains then,
+    where no signal came)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.task: asyncio.Task[int] | None = None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set signal handlers; on_shutdown drains then
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+
+            def on_signal(number: int, frame: Any, previous: Any = previous) -> None:
+                loop.call_soon_threadsafe(self.start)
+                if callable(previous):
+                    previous(number, frame)
+
+            signal.signal(signum, on_signal)
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.ensure_future(self.runtime.drain())
+
+    async def wait(self) -> None:
+        self.start()
+        assert self.task is not None
+        await self.task
+
+
 def build_service(cfg: DictConfig) -> Any:
     """A BentoML service class bound to a Runtime built from `cfg`."""
     runtime = Runtime(cfg, builtins=handlers.builtin_plugins())
@@ -83,6 +121,7 @@ def build_service(cfg: DictConfig) -> Any:
     runner = build_runner(runtime) if split else None
     # BentoML 1.4 cannot serve gRPC itself: each worker runs this server (SO_REUSEPORT).
     grpc_server = GrpcServer(runtime) if runtime.settings.transports.grpc else None
+    drain = Drain(runtime)
 
     @bentoml.service(
         name="tiffin",
@@ -110,6 +149,7 @@ def build_service(cfg: DictConfig) -> Any:
                     await wait_for_runner(self.gpu_runner, runtime.settings.serving)
                     runtime.use_runner(RunnerProxyClient(self.gpu_runner))
                 await runtime.start()
+                drain.install()
                 if grpc_server is not None:
                     await grpc_server.start()
             except StartupError as error:
@@ -120,6 +160,7 @@ def build_service(cfg: DictConfig) -> Any:
 
         @bentoml.on_shutdown
         async def stop_runtime(self) -> None:
+            await drain.wait()
             if grpc_server is not None:
                 await grpc_server.stop(server.graceful_timeout_s)
             await runtime.stop()

@@ -180,6 +180,12 @@ async def start_generation(
                 outcome.add(first)
                 yield first
             async for chunk in stream:
+                if ctx.abort.is_set():  # shutting down: end every open choice with "abort"
+                    for index in range(request.n):
+                        if index not in outcome.finish:
+                            outcome.finish[index] = "abort"
+                            yield Chunk(index=index, finish_reason="abort")
+                    return
                 outcome.add(chunk)
                 yield chunk
         except Exception as exc:
