@@ -19,6 +19,7 @@ import shlex
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,15 +78,19 @@ async def wait_for_runner(proxy: Any, serving: ServingConfig) -> None:
 class Drain:
     """Graceful shutdown's first step, started by the signal itself.
 
-    On SIGTERM uvicorn stops listening, lets open connections finish for BentoML's
+    On SIGTERM uvicorn closes its listening socket, lets open connections finish for BentoML's
     `graceful_timeout_s`, cancels what is left (a stream then ends without `[DONE]`), and only
-    then runs on_shutdown: too late to drain there. So `install` chains a handler in front of
-    uvicorn's that starts `runtime.drain()` at once; on_shutdown awaits it (or drains then,
-    where no signal came)."""
+    then runs on_shutdown: too late to drain there, and a new connection meanwhile waits in
+    the arbiter's backlog until it is reset. So `install` puts a handler in front of
+    uvicorn's: the signal starts `runtime.drain()` while uvicorn keeps serving (new requests
+    get 503, /readyz not ready), and uvicorn's own handler runs once the drain is over. A second
+    signal goes to uvicorn at once. on_shutdown awaits the drain (or drains where no signal came).
+    """
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.task: asyncio.Task[int] | None = None
+        self.signalled = False
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -93,17 +98,23 @@ class Drain:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous = signal.getsignal(signum)
+            if not callable(previous):
+                continue
 
             def on_signal(number: int, frame: Any, previous: Any = previous) -> None:
-                loop.call_soon_threadsafe(self.start)
-                if callable(previous):
+                if self.signalled:
                     previous(number, frame)
+                    return
+                self.signalled = True
+                loop.call_soon_threadsafe(self.start, lambda: previous(number, None))
 
             signal.signal(signum, on_signal)
 
-    def start(self) -> None:
+    def start(self, then: Callable[[], None] | None = None) -> None:
         if self.task is None:
             self.task = asyncio.ensure_future(self.runtime.drain())
+            if then is not None:
+                self.task.add_done_callback(lambda _: then())
 
     async def wait(self) -> None:
         self.start()
