@@ -31,6 +31,7 @@ from runtime.integrations import IntegrationManager, IntegrationRegistry
 from runtime.integrations.base import Health
 from runtime.integrations.manager import Sleep
 from runtime.integrations.opentelemetry import tracing_settings
+from runtime.limits import RequestLimits
 from runtime.models import ModelRouter
 from runtime.runner import RemoteEngine, RunnerClient
 from runtime.secrets import redact
@@ -64,7 +65,7 @@ class Runtime:
         self.metrics = Metrics()
         self.tracing = Tracing(tracing_settings(self.settings))
         self.live = LiveStats()
-        recorders: list[object] = [LiveStatsPlugin(self.live)]
+        recorders: list[object] = [LiveStatsPlugin(self.live), RequestLimits(self.settings.limits)]
         if telemetry.metrics:
             recorders.append(MetricsPlugin(self.metrics, telemetry.sample_interval_s))
         self.plugins = make_plugin_manager(
