@@ -9,7 +9,9 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
+import grpc
 import httpx
 import pytest
 
@@ -18,9 +20,14 @@ from runtime.config import ModelConfig
 from runtime.engines.base import ModelSpec
 from runtime.errors import ConfigError
 from runtime.transports.http import create_app
+from runtime.transports.proto.tiffin.v1 import inference_pb2 as pb
+from runtime.transports.proto.tiffin.v1 import inference_pb2_grpc
 from tests.conftest import eventually
 from tests.scripted_engine import ScriptedEngine
+from tests.test_grpc import serve as serve_grpc
 from tests.test_openai_api import ScriptedEngines, chat, sse_frames
+from tests.test_ws import send, turn
+from tests.test_ws import serve as serve_ws
 
 MakeRuntime = Callable[..., Runtime]
 
@@ -119,3 +126,56 @@ async def test_a_whole_completion_still_running_at_the_timeout_answers_with_abor
 def test_the_graceful_timeout_must_outlast_the_drain(make_runtime: MakeRuntime) -> None:
     with pytest.raises(ConfigError, match=r"server\.graceful_timeout_s"):
         make_runtime("server.drain_timeout_s=30", "server.graceful_timeout_s=30")
+
+
+async def test_a_ws_turn_open_at_the_drain_timeout_ends_with_a_done_frame_abort(
+    make_runtime: MakeRuntime,
+) -> None:
+    async with serve_ws(make_runtime) as served, served.connect() as ws:
+        engine = await served.engine()
+        engine.enqueue(["a", "b", "c"])
+        engine.gate = gate = asyncio.Event()
+        await send(ws, {"message": "hi", "model": "m1"})
+        await eventually(lambda: bool(engine.requests))
+        drain = asyncio.ensure_future(served.runtime.drain(timeout_s=0.2))
+        await eventually(served.runtime.dispatcher.abort.is_set)
+        gate.set()
+        frames = await turn(ws)
+        assert await drain == 1
+    assert frames[-1]["type"] == "done" and frames[-1]["finish_reason"] == "abort"
+
+
+async def test_a_grpc_stream_open_at_the_drain_timeout_ends_with_a_final_message_abort(
+    make_runtime: MakeRuntime,
+) -> None:
+    plugin = ScriptedEngines()
+    runtime = make_runtime("transports.grpc=true", builtins=[plugin])
+    await runtime.start()
+    runtime.models.register(ModelSpec(ModelConfig(id="m1", source="x"), Path("x"), "scripted"))
+    await runtime.models.load("m1")
+    engine = plugin.built["m1"]
+    engine.enqueue(["a", "b", "c"])
+    engine.gate = gate = asyncio.Event()
+    server, channel = await serve_grpc(runtime)
+    try:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        request = pb.ChatRequest(model="m1", messages=[pb.ChatMessage(role="user", content="hi")])
+        call = asyncio.ensure_future(_collect(stub.Chat(request)))
+        await eventually(lambda: bool(engine.requests))
+        drain = asyncio.ensure_future(runtime.drain(timeout_s=0.2))
+        await eventually(runtime.dispatcher.abort.is_set)
+        gate.set()
+        messages = await call
+        assert await drain == 1
+        assert messages[-1].finish_reason == "abort"
+        # Meanwhile new calls are refused: 503 is UNAVAILABLE.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _collect(stub.Chat(request))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+async def _collect(call: Any) -> list[Any]:
+    return [message async for message in call]
