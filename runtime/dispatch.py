@@ -64,8 +64,10 @@ class Context:
     # Called when the request is over, however it ended: streams the handler opened are
     # closed here even if no transport ever read them.
     closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
-    # Set when a shutdown's drain timeout has passed: generation streams end at their next
-    # chunk with finish_reason "abort" (shared by every request of one Dispatcher).
+    # Shutdown, shared by every request of one Dispatcher. `draining` is set when it begins:
+    # endless feeds (live stats, event streams) end then. `abort` is set when the drain timeout
+    # has passed: generation streams end at their next chunk with finish_reason "abort".
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
     abort: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -140,7 +142,7 @@ class Dispatcher:
         self.routes = dict(routes)  # route name -> handler name
         self.request_timeout_s = request_timeout_s
         # Shutdown: while draining, new requests get 503; `abort` ends the streams still open.
-        self.draining = False
+        self.drain_started = asyncio.Event()
         self.abort = asyncio.Event()
         self.in_flight: set[_Finish] = set()
         self.idle = asyncio.Event()  # set whenever nothing is in flight
@@ -159,6 +161,7 @@ class Dispatcher:
             ),
             tracer=runtime.tracing,
             deadline=deadline,
+            draining=self.drain_started,
             abort=self.abort,
         )
 
@@ -201,12 +204,18 @@ class Dispatcher:
         await finish(result.status if isinstance(result, Reply) else 200, None)
         return result
 
+    @property
+    def draining(self) -> bool:
+        """Whether a shutdown has begun (new requests get 503)."""
+        return self.drain_started.is_set()
+
     async def drain(self, timeout_s: float, *, abort_grace_s: float = 5.0) -> int:
-        """Refuse new requests (503), wait up to `timeout_s` for those in flight to finish,
+        """Refuse new requests (503), end endless feeds (`Context.draining`), wait up to
+        `timeout_s` for the requests in flight to finish,
         then set `abort` so the generation streams still open end at their next chunk with
         finish_reason "abort", and wait up to `abort_grace_s` more for them to end.
         Returns how many requests were still in flight at the timeout."""
-        self.draining = True
+        self.drain_started.set()
         await self._settle(timeout_s)
         left = len(self.in_flight)
         if left:

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from runtime.app import Runtime
 from runtime.config import ModelConfig
@@ -26,7 +27,7 @@ from tests.conftest import eventually
 from tests.scripted_engine import ScriptedEngine
 from tests.test_grpc import serve as serve_grpc
 from tests.test_openai_api import ScriptedEngines, chat, sse_frames
-from tests.test_ws import send, turn
+from tests.test_ws import recv, send, turn
 from tests.test_ws import serve as serve_ws
 
 MakeRuntime = Callable[..., Runtime]
@@ -179,3 +180,22 @@ async def test_a_grpc_stream_open_at_the_drain_timeout_ends_with_a_final_message
 
 async def _collect(call: Any) -> list[Any]:
     return [message async for message in call]
+
+
+async def test_open_feeds_end_when_the_drain_begins_and_do_not_hold_it(
+    make_runtime: MakeRuntime,
+) -> None:
+    async with (
+        serve_ws(make_runtime) as served,
+        served.connect("/ws/models") as events,
+        served.connect("/ws/metrics?interval=60") as metrics,
+    ):
+        await recv(metrics)  # the first snapshot: the feed is running
+        await eventually(lambda: len(served.runtime.dispatcher.in_flight) == 2)
+        started = asyncio.get_running_loop().time()
+        assert await served.runtime.drain(timeout_s=30) == 0
+        assert asyncio.get_running_loop().time() - started < 5
+        for ws in (events, metrics):
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
