@@ -69,6 +69,9 @@ class Context:
     # has passed: generation streams end at their next chunk with finish_reason "abort".
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     abort: asyncio.Event = field(default_factory=asyncio.Event)
+    # Called when `abort` is set, to interrupt waits that would not notice it (a model stuck
+    # on its next chunk, a request queued for its model).
+    on_abort: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def remaining(self) -> float | None:
@@ -220,6 +223,9 @@ class Dispatcher:
         left = len(self.in_flight)
         if left:
             self.abort.set()
+            for finish in list(self.in_flight):
+                for interrupt in finish.ctx.on_abort:
+                    interrupt()
             await self._settle(abort_grace_s)
         return left
 

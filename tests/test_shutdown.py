@@ -27,7 +27,7 @@ from tests.conftest import eventually
 from tests.scripted_engine import ScriptedEngine
 from tests.test_grpc import serve as serve_grpc
 from tests.test_openai_api import ScriptedEngines, chat, sse_frames
-from tests.test_ws import recv, send, turn
+from tests.test_ws import Turnstile, recv, send, turn
 from tests.test_ws import serve as serve_ws
 
 MakeRuntime = Callable[..., Runtime]
@@ -112,13 +112,11 @@ async def test_a_stream_still_open_at_the_drain_timeout_ends_with_abort(api: Api
 async def test_a_whole_completion_still_running_at_the_timeout_answers_with_abort(
     api: Api,
 ) -> None:
-    gate = held(api, ["a", "b", "c"])
+    api.engine.enqueue(["a", "b", "c"])
+    api.engine.gate = Turnstile(1)  # "a", then the model works on "b" until it is aborted
     request = asyncio.ensure_future(api.http.post("/v1/chat/completions", json=chat()))
     await eventually(lambda: len(api.runtime.dispatcher.in_flight) == 1)
-    drain = asyncio.ensure_future(api.runtime.drain(timeout_s=0.2))
-    await eventually(api.runtime.dispatcher.abort.is_set)
-    gate.set()
-    assert await drain == 1
+    assert await api.runtime.drain(timeout_s=0.2) == 1
     body = (await request).json()
     assert body["choices"][0]["finish_reason"] == "abort"
     assert body["choices"][0]["message"]["content"] == "a"
@@ -199,3 +197,30 @@ async def test_open_feeds_end_when_the_drain_begins_and_do_not_hold_it(
             with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 5)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+
+
+async def test_a_stream_stalled_on_its_model_is_aborted_without_waiting_for_it(api: Api) -> None:
+    api.engine.enqueue(["a", "b", "c"])
+    api.engine.gate = Turnstile(1)  # "a" passes, then the model never produces another chunk
+    request = asyncio.ensure_future(api.http.post("/v1/chat/completions", json=chat(stream=True)))
+    await eventually(lambda: len(api.runtime.dispatcher.in_flight) == 1)
+    assert await asyncio.wait_for(api.runtime.drain(timeout_s=0.2), 5) == 1
+    frames = sse_frames((await request).text)
+    assert json.loads(frames[-2])["choices"][0]["finish_reason"] == "abort"
+    assert frames[-1] == "[DONE]"
+    assert api.engine.closed == 1  # the model's stream was closed, not left waiting
+
+
+async def test_a_request_queued_for_its_model_is_aborted_too(api: Api) -> None:
+    api.engine.gate = asyncio.Event()  # the first request holds the model; the second queues
+    requests = [
+        asyncio.ensure_future(api.http.post("/v1/chat/completions", json=chat(stream=True)))
+        for _ in range(2)
+    ]
+    await eventually(lambda: len(api.runtime.dispatcher.in_flight) == 2)
+    assert await asyncio.wait_for(api.runtime.drain(timeout_s=0.2), 5) == 2
+    for request in requests:
+        frames = sse_frames((await request).text)
+        assert json.loads(frames[-2])["choices"][0]["finish_reason"] == "abort"
+    assert not api.runtime.dispatcher.in_flight
+    assert api.runtime.models.models["m1"].in_flight == 0
