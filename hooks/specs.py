@@ -67,6 +67,17 @@ def runtime_stopping(runtime: Any) -> None:
     """
 
 
+@hookspec
+def authenticate(event: Any, ctx: Any) -> Any:
+    """Called for every request on every transport, after `request_started` and before
+    `before_request`, to establish who is calling. Raise a HandlerError (401, 403, 429) to
+    refuse the request; set `event.principal` / `ctx.principal` to accept it. Return None
+    (or an awaitable resolving to None); each implementation is awaited in turn before any
+    `before_request` runs, so no plugin can answer a request whose caller was refused. The
+    built-in implementation is API-key auth (runtime/auth/plugin.py).
+    """
+
+
 @hookspec(firstresult=True)
 def before_request(event: Any, ctx: Any) -> Any:
     """Called for every request on every transport, after it is decoded, before the handler.
@@ -74,6 +85,7 @@ def before_request(event: Any, ctx: Any) -> Any:
     `event` is the decoded Event (body, headers, params, transport), `ctx` the Context.
     Return None to continue, or a result (a dict, a `Reply`, or raise a HandlerError) to answer
     the request without calling the handler. First result wins. May return an awaitable.
+    Runs after `authenticate`, so `event.principal` is already set when auth is on.
     """
 
 

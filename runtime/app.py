@@ -23,6 +23,7 @@ import hooks.builtin
 from hooks import make_plugin_manager, resolve, resolve_all
 from hooks.live import LiveStatsPlugin
 from hooks.metrics import MetricsPlugin
+from runtime.auth import Auth
 from runtime.config import IntegrationConfig, TiffinConfig, Topology
 from runtime.dispatch import Dispatcher, Handler
 from runtime.errors import ConfigError
@@ -65,7 +66,13 @@ class Runtime:
         self.metrics = Metrics()
         self.tracing = Tracing(tracing_settings(self.settings))
         self.live = LiveStats()
-        recorders: list[object] = [LiveStatsPlugin(self.live), RequestLimits(self.settings.limits)]
+        # Hashes the configured keys and drops the plain ones from self.settings.
+        self.auth = Auth.from_settings(self.settings)
+        recorders: list[object] = [
+            LiveStatsPlugin(self.live),
+            self.auth.plugin,
+            RequestLimits(self.settings.limits),
+        ]
         if telemetry.metrics:
             recorders.append(MetricsPlugin(self.metrics, telemetry.sample_interval_s))
         self.plugins = make_plugin_manager(
@@ -207,6 +214,8 @@ class Runtime:
                 "runner_engines": list(self.settings.serving.runner_engines),
             },
             "workers": server.workers,
+            # Key names only: the keys themselves were dropped once hashed.
+            "auth": {"enforced": self.auth.enforced, "keys": self.auth.keys.names()},
             "plugins": sorted(name for name, _ in self.plugins.list_name_plugin()),
         }
 

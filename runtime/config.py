@@ -144,7 +144,7 @@ class LimitsConfig:
     """Per-request limits (0: no limit), answered in each protocol's own error shape."""
 
     max_tokens: int = 0  # a request asking for more tokens gets 400
-    # Streams open at once per client (the auth principal's name, else the client address);
+    # Streams open at once per client (the auth principal's name, else one anonymous bucket);
     # one more gets 429 with Retry-After.
     max_concurrent_streams: int = 0
     retry_after_s: int = 1
@@ -171,8 +171,36 @@ class LoggingConfig:
 
 
 @dataclass
+class RateLimitConfig:
+    """Per-key limits over a one-minute window; 0 means no limit."""
+
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+
+
+@dataclass
+class ApiKeyConfig:
+    """An API key declared in config. `key` is the secret itself, normally from the environment
+    (`${oc.env:TIFFIN_ADMIN_KEY,''}`); `key_sha256` its hex digest instead, so the config never
+    holds the secret (`python -m runtime keys create` prints both). A key left empty is skipped.
+    `limits` replaces `auth.limits` for this key (a field left at 0 there is unlimited)."""
+
+    name: str = MISSING
+    key: str = ""
+    key_sha256: str = ""
+    scopes: list[str] = field(default_factory=lambda: ["inference"])
+    limits: RateLimitConfig | None = None
+
+
+@dataclass
 class AuthConfig:
+    """API-key authentication (runtime/auth/). Enforced when `required` (staging, prod) or when
+    any key is configured; routes marked `scope: public` never need a key."""
+
     required: bool = False
+    keys: list[ApiKeyConfig] = field(default_factory=list)
+    # The limits of a key that declares none of its own.
+    limits: RateLimitConfig = field(default_factory=RateLimitConfig)
 
 
 @dataclass
@@ -262,6 +290,8 @@ class RouteConfig:
     ws: WsRoute | None = None
     graphql: GraphqlRoute | None = None
     description: str = ""
+    # The API-key scope a caller needs when auth is on: inference, admin, or public (no key).
+    scope: str = "inference"
 
 
 @dataclass

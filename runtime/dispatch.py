@@ -61,6 +61,8 @@ class Context:
     # The model the request used (set when a handler resolves one), for metrics and traces.
     model: str = ""
     provider: str = ""
+    # Who made the request (runtime/auth's Principal), once `before_request` has checked it.
+    principal: Any = None
     # Called when the request is over, however it ended: streams the handler opened are
     # closed here even if no transport ever read them.
     closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
@@ -188,6 +190,8 @@ class Dispatcher:
                     code="shutting_down",
                     headers={"retry-after": "1"},
                 )
+            for check in ctx.hooks.authenticate(event=event, ctx=ctx):
+                await resolve(check)  # each awaited in turn; a refusal raises HandlerError
             result = await resolve(ctx.hooks.before_request(event=event, ctx=ctx))
             if result is None:
                 result = await self._traced(handler, event, ctx)

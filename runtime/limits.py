@@ -19,15 +19,12 @@ from runtime.engines.base import GenerationRequest
 ANONYMOUS = "anonymous"
 
 
-def client_of(event: Any) -> str:
+def client_of(ctx: Any) -> str:
     """Who a request counts against: the auth principal's name, else one anonymous bucket."""
-    principal = getattr(event, "principal", None)
+    principal = getattr(ctx, "principal", None)
     if principal is None:
         return ANONYMOUS
-    name = getattr(principal, "name", None)
-    if name is None and isinstance(principal, dict):
-        name = principal.get("name")
-    return str(name or principal)
+    return str(getattr(principal, "name", None) or principal)
 
 
 class RequestLimits:
@@ -37,19 +34,13 @@ class RequestLimits:
 
     def __init__(self, limits: LimitsConfig) -> None:
         self.limits = limits
-        self.events: dict[int, Any] = {}  # id(ctx) -> its Event, while the request runs
         self.holders: dict[int, str] = {}  # id(ctx) -> the client whose stream slot it holds
         self.open: dict[str, int] = {}  # client -> streams open
-
-    @hookimpl(trylast=True)
-    def request_started(self, event: Any, ctx: Any) -> None:
-        self.events[id(ctx)] = event
 
     @hookimpl(trylast=True)
     def request_finished(
         self, event: Any, ctx: Any, status: int, seconds: float, error: Any
     ) -> None:
-        self.events.pop(id(ctx), None)
         client = self.holders.pop(id(ctx), None)
         if client is not None:
             left = self.open.get(client, 1) - 1
@@ -84,7 +75,7 @@ class RequestLimits:
         key = id(ctx)
         if key in self.holders:  # a request with several generations holds one slot
             return
-        client = client_of(self.events.get(key))
+        client = client_of(ctx)
         limit = self.limits.max_concurrent_streams
         if self.open.get(client, 0) >= limit:
             raise HandlerError(

@@ -37,6 +37,7 @@ def test_the_expected_hooks_exist() -> None:
                 "runtime_started",
                 "runtime_stopping",
                 "request_started",
+                "authenticate",
                 "before_request",
                 "request_finished",
                 "before_generate",
@@ -105,6 +106,10 @@ class Recorder:
         self.calls.append("request_started")
 
     @hookimpl
+    async def authenticate(self, event: Event, ctx: Any) -> None:
+        self.calls.append("authenticate")
+
+    @hookimpl
     async def request_finished(
         self, event: Event, ctx: Any, status: int, seconds: float, error: Any
     ) -> None:
@@ -163,6 +168,7 @@ async def test_every_hook_is_called(make_runtime: MakeRuntime) -> None:
     assert isinstance(passed, Reply) and passed.status == 200
     assert plugin.calls.count("before_request") == 2
     assert plugin.calls.count("request_started") == 2
+    assert plugin.calls.count("authenticate") == 2
     assert "request_finished:integrations_health:418" in plugin.calls
     assert "request_finished:integrations_health:200" in plugin.calls
     assert "after_health_check:db" in plugin.calls

@@ -25,6 +25,7 @@ from runtime.transports.proto.tiffin.v1 import inference_pb2 as pb
 from runtime.transports.proto.tiffin.v1 import inference_pb2_grpc
 from tests.conftest import eventually
 from tests.scripted_engine import ScriptedEngine
+from tests.test_auth import ADMIN, APP, KEYS
 from tests.test_grpc import serve as serve_grpc
 from tests.test_openai_api import ScriptedEngines, chat
 from tests.test_ws import assert_error, recv, send
@@ -40,7 +41,7 @@ class PrincipalFromHeader:
     def before_request(self, event: Event, ctx: Any) -> None:
         user = event.headers.get("x-user")
         if user:
-            event.principal = SimpleNamespace(name=user)
+            event.principal = ctx.principal = SimpleNamespace(name=user)
 
 
 class Api:
@@ -120,7 +121,7 @@ async def test_without_a_principal_clients_share_one_anonymous_budget(api: Api) 
     held.gate.set()
     await first
     limits = api.runtime.plugins.get_plugin("tiffin.builtin.RequestLimits")
-    assert limits.open == {} and limits.holders == {} and limits.events == {}  # nothing leaks
+    assert limits.open == {} and limits.holders == {}  # nothing leaks
 
 
 async def test_limits_are_off_by_default(make_runtime: MakeRuntime) -> None:
@@ -177,3 +178,25 @@ async def test_ws_answers_a_frame_over_max_body_bytes_with_a_413_error_frame(
         assert_error(error, "invalid_request_error", "request_too_large")
         await send(ws, {"message": "small", "model": "m1"})
         assert (await recv(ws))["type"] == "start"  # the socket stays open
+
+
+async def test_with_auth_each_api_key_has_its_own_stream_budget(make_runtime: MakeRuntime) -> None:
+    plugin = ScriptedEngines()
+    runtime = make_runtime(KEYS, "limits.max_concurrent_streams=1", builtins=[plugin])
+    for model in ("m1", "m2"):
+        runtime.models.register(ModelSpec(ModelConfig(id=model, source="x"), Path("x"), "scripted"))
+    await runtime.start()
+    await runtime.models.load("m1")
+    held = plugin.built["m1"]
+    held.gate = asyncio.Event()
+    transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://tiffin.test") as http:
+        url = "/v1/chat/completions"
+        first = asyncio.ensure_future(http.post(url, json=chat(stream=True), headers=APP))
+        await eventually(lambda: bool(held.requests))
+        again = await http.post(url, json=chat(model="m2", stream=True), headers=APP)
+        assert again.status_code == 429 and "app already has 1" in again.json()["error"]["message"]
+        other = await http.post(url, json=chat(model="m2", stream=True), headers=ADMIN)
+        assert other.status_code == 200
+        held.gate.set()
+        assert (await first).status_code == 200

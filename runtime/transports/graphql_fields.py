@@ -38,6 +38,8 @@ def graphql_error(exc: HandlerError) -> GraphQLError:
     extensions = {"code": exc.code or exc.type, "status": exc.status, "type": exc.type}
     if exc.param:
         extensions["param"] = exc.param
+    if "retry-after" in exc.headers:
+        extensions["retryAfter"] = int(exc.headers["retry-after"])
     return GraphQLError(exc.message, extensions=extensions)
 
 

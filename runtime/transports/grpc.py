@@ -16,6 +16,7 @@ import contextlib
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -210,7 +211,7 @@ class _Rpc:
         try:
             result = await dispatcher.dispatch(self.route, event, ctx)
         except HandlerError as exc:
-            await _abort(context, exc.status, exc.message, event)
+            await _abort(context, exc.status, exc.message, event, exc.headers)
         except asyncio.CancelledError:
             ctx.cancelled.set()  # the client cancelled or its deadline passed
             raise
@@ -270,7 +271,14 @@ async def _close(result: Any) -> None:
 
 
 async def _abort(
-    context: grpc.aio.ServicerContext[Any, Any], status: int, message: str, event: Event
+    context: grpc.aio.ServicerContext[Any, Any],
+    status: int,
+    message: str,
+    event: Event,
+    headers: Mapping[str, str] | None = None,
 ) -> NoReturn:
-    await context.abort(codec.status_code(status), message, (("x-request-id", event.request_id),))
+    trailers = [("x-request-id", event.request_id)]
+    if headers and "retry-after" in headers:  # a rate limit says when to come back
+        trailers.append(("retry-after", headers["retry-after"]))
+    await context.abort(codec.status_code(status), message, tuple(trailers))
     raise AssertionError("unreachable: abort raises")  # pragma: no cover

@@ -88,7 +88,10 @@ def chat_body(frame: Frame, history: Sequence[Mapping[str, Any]]) -> dict[str, A
 
 
 def error(exc: HandlerError, turn: str | None = None) -> Frame:
-    return {"type": "error", "id": turn, **exc.to_dict()}
+    frame: Frame = {"type": "error", "id": turn, **exc.to_dict()}
+    if "retry-after" in exc.headers:  # a rate limit: seconds until the key may try again
+        frame["retry_after"] = int(exc.headers["retry-after"])
+    return frame
 
 
 class TurnFrames:

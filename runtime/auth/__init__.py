@@ -1,0 +1,65 @@
+"""API-key authentication, scopes and per-key rate limits, owned by the Runtime.
+
+    auth = Auth.from_settings(settings)     # keys hashed here; the plain keys are dropped
+    runtime.plugins.register(auth.plugin)   # authenticate / after_generate (trylast)
+
+`keys.py` makes and recognises keys, `limits.py` counts requests and tokens per key,
+`plugin.py` is the hook implementation, `cli.py` is `python -m runtime keys ...`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.auth.keys import PUBLIC, SCOPES, KeyRing, Principal, hash_key, new_key, presented_key
+from runtime.auth.limits import Clock, MemoryRateStore, RateLimiter, RateStore, Window
+from runtime.auth.plugin import AuthPlugin
+from runtime.config import TiffinConfig
+from runtime.errors import ConfigError
+
+__all__ = [
+    "Auth",
+    "AuthPlugin",
+    "Clock",
+    "KeyRing",
+    "MemoryRateStore",
+    "Principal",
+    "RateLimiter",
+    "RateStore",
+    "Window",
+    "hash_key",
+    "new_key",
+    "presented_key",
+]
+
+
+@dataclass
+class Auth:
+    """The runtime's key ring, limiter and plugin."""
+
+    keys: KeyRing
+    limiter: RateLimiter
+    plugin: AuthPlugin
+
+    @property
+    def enforced(self) -> bool:
+        return self.plugin.enforced
+
+    @classmethod
+    def from_settings(cls, settings: TiffinConfig, limiter: RateLimiter | None = None) -> Auth:
+        """Hash the configured keys, then blank them in `settings` so the Runtime holds no
+        plain key (`cfg` keeps `${oc.env:...}` references, not values). Enforced when
+        `auth.required` or when any key is configured."""
+        auth = settings.auth
+        keys = KeyRing.from_config(auth.keys, auth.limits)
+        for declared in auth.keys:
+            declared.key = ""
+        limiter = limiter or RateLimiter()
+        scopes = {name: route.scope for name, route in settings.handlers.routes.items()}
+        for name, scope in scopes.items():
+            if scope not in (*SCOPES, PUBLIC):
+                raise ConfigError(
+                    f"handlers.routes.{name}.scope", scope, "one of: inference, admin, public"
+                )
+        plugin = AuthPlugin(keys, scopes, limiter, enforced=auth.required or len(keys) > 0)
+        return cls(keys, limiter, plugin)

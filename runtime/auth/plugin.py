@@ -1,0 +1,79 @@
+"""The built-in auth plugin: checks every request's API key and scope in `authenticate`, and
+counts the tokens of each generation against its key in `after_generate`.
+
+It reads only `event.headers`, so every transport is covered the same way (HTTP headers, gRPC
+metadata, the WebSocket upgrade's headers or `token` parameter, GraphQL's request headers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from hooks.specs import hookimpl
+from runtime.auth.keys import PUBLIC, KeyRing, Principal, presented_key
+from runtime.auth.limits import RateLimiter
+from runtime.dispatch import HandlerError
+
+CHALLENGE = {"www-authenticate": "Bearer"}
+
+
+class AuthPlugin:
+    """Refuses requests without a known key (401) or without the route's scope (403), and
+    over their key's rate limits (429). Off when `enforced` is false: requests then carry no
+    principal and have no limits."""
+
+    def __init__(
+        self,
+        keys: KeyRing,
+        route_scopes: Mapping[str, str],
+        limiter: RateLimiter,
+        *,
+        enforced: bool,
+    ) -> None:
+        self.keys = keys
+        self.route_scopes = dict(route_scopes)
+        self.limiter = limiter
+        self.enforced = enforced
+
+    @hookimpl(trylast=True)
+    async def authenticate(self, event: Any, ctx: Any) -> None:
+        if not self.enforced:
+            return
+        scope = self.route_scopes.get(event.route, "inference")
+        key = presented_key(event.headers)
+        principal = self.keys.lookup(key) if key else None
+        if principal is None:
+            if scope == PUBLIC:
+                return
+            raise HandlerError(
+                401,
+                "an API key is required: send `Authorization: Bearer <key>` or `x-api-key`"
+                if key is None
+                else "the API key is not valid",
+                type="authentication_error",
+                code="missing_api_key" if key is None else "invalid_api_key",
+                headers=CHALLENGE,
+            )
+        event.principal = principal
+        ctx.principal = principal
+        ctx.log = ctx.log.bind(principal=principal.name)  # the key's name, never the key
+        if not principal.allows(scope):
+            raise HandlerError(
+                403,
+                f"API key {principal.name!r} lacks the {scope!r} scope this route needs",
+                type="permission_error",
+                code="insufficient_scope",
+            )
+        await self.limiter.admit(principal.name, principal.limits)
+
+    @hookimpl(trylast=True)
+    async def after_generate(self, request: Any, response: Any, ctx: Any) -> None:
+        principal = getattr(ctx, "principal", None)
+        usage = response.get("usage") if isinstance(response, Mapping) else None
+        if not isinstance(principal, Principal) or usage is None:
+            return
+        tokens = int(getattr(usage, "prompt_tokens", 0)) + int(
+            getattr(usage, "completion_tokens", 0)
+        )
+        await self.limiter.used_tokens(principal.name, tokens, principal.limits)
