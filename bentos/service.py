@@ -17,7 +17,9 @@ import json
 import os
 import shlex
 import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,53 @@ async def wait_for_runner(proxy: Any, serving: ServingConfig) -> None:
     )
 
 
+class Drain:
+    """Graceful shutdown's first step, started by the signal itself.
+
+    On SIGTERM uvicorn closes its listening socket, lets open connections finish for BentoML's
+    `graceful_timeout_s`, cancels what is left (a stream then ends without `[DONE]`), and only
+    then runs on_shutdown: too late to drain there, and a new connection meanwhile waits in
+    the arbiter's backlog until it is reset. So `install` puts a handler in front of
+    uvicorn's: the signal starts `runtime.drain()` while uvicorn keeps serving (new requests
+    get 503, /readyz not ready), and uvicorn's own handler runs once the drain is over. A second
+    signal goes to uvicorn at once. on_shutdown awaits the drain (or drains where no signal came).
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.task: asyncio.Task[int] | None = None
+        self.signalled = False
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set signal handlers; on_shutdown drains then
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            if not callable(previous):
+                continue
+
+            def on_signal(number: int, frame: Any, previous: Any = previous) -> None:
+                if self.signalled:
+                    previous(number, frame)
+                    return
+                self.signalled = True
+                loop.call_soon_threadsafe(self.start, lambda: previous(number, None))
+
+            signal.signal(signum, on_signal)
+
+    def start(self, then: Callable[[], None] | None = None) -> None:
+        if self.task is None:
+            self.task = asyncio.ensure_future(self.runtime.drain())
+            if then is not None:
+                self.task.add_done_callback(lambda _: then())
+
+    async def wait(self) -> None:
+        self.start()
+        assert self.task is not None
+        await self.task
+
+
 def build_service(cfg: DictConfig) -> Any:
     """A BentoML service class bound to a Runtime built from `cfg`."""
     runtime = Runtime(cfg, builtins=handlers.builtin_plugins())
@@ -83,6 +132,7 @@ def build_service(cfg: DictConfig) -> Any:
     runner = build_runner(runtime) if split else None
     # BentoML 1.4 cannot serve gRPC itself: each worker runs this server (SO_REUSEPORT).
     grpc_server = GrpcServer(runtime) if runtime.settings.transports.grpc else None
+    drain = Drain(runtime)
 
     @bentoml.service(
         name="tiffin",
@@ -110,6 +160,7 @@ def build_service(cfg: DictConfig) -> Any:
                     await wait_for_runner(self.gpu_runner, runtime.settings.serving)
                     runtime.use_runner(RunnerProxyClient(self.gpu_runner))
                 await runtime.start()
+                drain.install()
                 if grpc_server is not None:
                     await grpc_server.start()
             except StartupError as error:
@@ -120,6 +171,7 @@ def build_service(cfg: DictConfig) -> Any:
 
         @bentoml.on_shutdown
         async def stop_runtime(self) -> None:
+            await drain.wait()
             if grpc_server is not None:
                 await grpc_server.stop(server.graceful_timeout_s)
             await runtime.stop()

@@ -4,6 +4,7 @@ stream so that errors surface before the first byte, and mapping failures to Han
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -157,10 +158,9 @@ async def start_generation(
     )
     outcome = Outcome()
     started = time.perf_counter()
+    wait = _AbortableWait(ctx)
     try:
-        first: Chunk | None = await anext(stream)
-    except StopAsyncIteration:
-        first = None
+        first = await wait.next(stream)
     except Exception as exc:
         await stream.aclose()  # type: ignore[attr-defined]
         raise error_for(exc) from None
@@ -179,7 +179,16 @@ async def start_generation(
             if first is not None:
                 outcome.add(first)
                 yield first
-            async for chunk in stream:
+            while True:
+                chunk = await wait.next(stream)
+                if ctx.abort.is_set():  # shutting down: end every open choice with "abort"
+                    for index in range(request.n):
+                        if index not in outcome.finish:
+                            outcome.finish[index] = "abort"
+                            yield Chunk(index=index, finish_reason="abort")
+                    return
+                if chunk is None:
+                    return
                 outcome.add(chunk)
                 yield chunk
         except Exception as exc:
@@ -218,6 +227,37 @@ class GenerationStream:
         self._started = True
         await self._body.aclose()  # never started: this only marks it closed
         await self._end()
+
+
+class _AbortableWait:
+    """Waits for a model's next chunk in a way a shutdown's abort can interrupt: the waiting
+    task is cancelled (which ends the model's stream and frees the engine) and that one
+    cancellation becomes the end of the stream. Costs no task while nothing is aborted."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.waiting: asyncio.Task[Any] | None = None
+        self.interrupted = False
+        ctx.on_abort.append(self.interrupt)
+
+    def interrupt(self) -> None:
+        if self.waiting is not None and not self.interrupted:
+            self.interrupted = True
+            self.waiting.cancel()
+
+    async def next(self, stream: AsyncIterator[Chunk]) -> Chunk | None:
+        """The next chunk, or None at the end of the stream or once aborted."""
+        if self.ctx.abort.is_set():
+            return None
+        task = self.waiting = asyncio.current_task()
+        try:
+            return await anext(stream, None)
+        except asyncio.CancelledError:
+            if self.interrupted and task is not None and task.uncancel() == 0:
+                return None  # only the abort cancelled it
+            raise
+        finally:
+            self.waiting = None
 
 
 async def embed_texts(ctx: Context, model: LocalModel, texts: list[str]) -> Embeddings:

@@ -6,6 +6,7 @@ generation requests. Handlers of the route table like any other: `/ws/metrics` a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -64,9 +65,10 @@ async def watch(event: Event, ctx: Context) -> AsyncIterator[dict[str, Any]]:
     _snapshot(ctx, event)  # bad parameters are a 400 before the stream starts
 
     async def frames() -> AsyncIterator[dict[str, Any]]:
-        while not ctx.cancelled.is_set():
+        while not ctx.cancelled.is_set() and not ctx.draining.is_set():
             yield _snapshot(ctx, event)
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):  # a shutdown ends the feed at once
+                await asyncio.wait_for(ctx.draining.wait(), interval)
 
     return frames()
 
@@ -114,9 +116,22 @@ class EventWatch:
         return self
 
     async def __anext__(self) -> dict[str, Any]:
-        if self._unsubscribe is None:
+        if self._unsubscribe is None or self._ctx.draining.is_set():
             raise StopAsyncIteration
-        return await self._queue.get()
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        # Wait for an event or for a shutdown, which ends the feed (a drain does not wait).
+        item = asyncio.ensure_future(self._queue.get())
+        draining = asyncio.ensure_future(self._ctx.draining.wait())
+        try:
+            await asyncio.wait({item, draining}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            draining.cancel()
+            if not item.done():
+                item.cancel()
+        if item.done() and not item.cancelled():
+            return item.result()
+        raise StopAsyncIteration
 
     async def aclose(self) -> None:
         if self._unsubscribe is not None:

@@ -32,12 +32,16 @@ from runtime.integrations import IntegrationManager, IntegrationRegistry
 from runtime.integrations.base import Health
 from runtime.integrations.manager import Sleep
 from runtime.integrations.opentelemetry import tracing_settings
+from runtime.limits import RequestLimits
 from runtime.models import ModelRouter
 from runtime.runner import RemoteEngine, RunnerClient
 from runtime.secrets import redact
 from runtime.telemetry.live import LiveStats
 from runtime.telemetry.metrics import Metrics
 from runtime.telemetry.tracing import Tracing
+
+# After the drain timeout, how long aborted streams get to send their last chunk.
+DRAIN_ABORT_GRACE_S = 5.0
 
 
 def to_settings(cfg: DictConfig) -> TiffinConfig:
@@ -64,7 +68,11 @@ class Runtime:
         self.live = LiveStats()
         # Hashes the configured keys and drops the plain ones from self.settings.
         self.auth = Auth.from_settings(self.settings)
-        recorders: list[object] = [LiveStatsPlugin(self.live), self.auth.plugin]
+        recorders: list[object] = [
+            LiveStatsPlugin(self.live),
+            self.auth.plugin,
+            RequestLimits(self.settings.limits),
+        ]
         if telemetry.metrics:
             recorders.append(MetricsPlugin(self.metrics, telemetry.sample_interval_s))
         self.plugins = make_plugin_manager(
@@ -101,6 +109,14 @@ class Runtime:
         )
         self.runner: RunnerClient | None = None
         self.started = False
+        server = self.settings.server
+        if server.graceful_timeout_s <= server.drain_timeout_s + DRAIN_ABORT_GRACE_S:
+            raise ConfigError(
+                "server.graceful_timeout_s",
+                server.graceful_timeout_s,
+                f"more than server.drain_timeout_s + {DRAIN_ABORT_GRACE_S:g}"
+                f" ({server.drain_timeout_s + DRAIN_ABORT_GRACE_S:g})",
+            )
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -132,6 +148,17 @@ class Runtime:
         await resolve_all(self.plugins.hook.runtime_started(runtime=self))
         self.log.info("runtime started", **self.integrations.summary())
 
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """Graceful shutdown's first step: refuse new requests with 503 (`/readyz` says not
+        ready), give those in flight `server.drain_timeout_s` to finish, then end the open
+        generation streams with finish_reason "abort". Returns how many were aborted."""
+        timeout = self.settings.server.drain_timeout_s if timeout_s is None else timeout_s
+        self.log.info("draining", in_flight=len(self.dispatcher.in_flight), timeout_s=timeout)
+        left = await self.dispatcher.drain(timeout, abort_grace_s=DRAIN_ABORT_GRACE_S)
+        if left:
+            self.log.warning("drain timeout passed: open streams aborted", aborted=left)
+        return left
+
     async def stop(self) -> None:
         """Tell plugins, then stop integrations in reverse start order. Safe to call twice."""
         if self.started:
@@ -145,7 +172,12 @@ class Runtime:
     @property
     def ready(self) -> bool:
         """Started, every required integration up, every preloaded model loaded (`/readyz`)."""
-        return self.started and self.integrations.ready and self.models.ready
+        return (
+            self.started
+            and not self.dispatcher.draining
+            and self.integrations.ready
+            and self.models.ready
+        )
 
     # --- descriptions ---------------------------------------------------------------------------
 

@@ -126,6 +126,10 @@ class ServerConfig:
     workers: int = 1
     request_timeout_s: float = 300.0
     max_body_bytes: int = 4 * 1024 * 1024
+    # Shutdown (SIGTERM): in-flight requests get `drain_timeout_s` to finish, then open streams
+    # end with finish_reason "abort"; `graceful_timeout_s` (BentoML's, must be larger) is when
+    # the server cancels whatever is left.
+    drain_timeout_s: float = 20.0
     graceful_timeout_s: float = 30.0
     # WebSocket transport: a `{"type": "ping"}` frame every this many seconds keeps proxies from
     # closing idle sockets (0: off); at most `ws_send_queue` frames wait for a slow reader.
@@ -133,6 +137,17 @@ class ServerConfig:
     ws_send_queue: int = 64
     # Where `python -m runtime` writes the resolved config and start record of each run.
     run_dir: str = ".tiffin/runs"
+
+
+@dataclass
+class LimitsConfig:
+    """Per-request limits (0: no limit), answered in each protocol's own error shape."""
+
+    max_tokens: int = 0  # a request asking for more tokens gets 400
+    # Streams open at once per client (the auth principal's name, else one anonymous bucket);
+    # one more gets 429 with Retry-After.
+    max_concurrent_streams: int = 0
+    retry_after_s: int = 1
 
 
 @dataclass
@@ -288,6 +303,7 @@ class HandlersConfig:
 class TiffinConfig:
     env: str = "dev"
     server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)

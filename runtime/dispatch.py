@@ -10,6 +10,7 @@ iterator (a stream). Handlers raise `HandlerError` for expected failures; transp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -65,6 +66,14 @@ class Context:
     # Called when the request is over, however it ended: streams the handler opened are
     # closed here even if no transport ever read them.
     closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
+    # Shutdown, shared by every request of one Dispatcher. `draining` is set when it begins:
+    # endless feeds (live stats, event streams) end then. `abort` is set when the drain timeout
+    # has passed: generation streams end at their next chunk with finish_reason "abort".
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    abort: asyncio.Event = field(default_factory=asyncio.Event)
+    # Called when `abort` is set, to interrupt waits that would not notice it (a model stuck
+    # on its next chunk, a request queued for its model).
+    on_abort: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def remaining(self) -> float | None:
@@ -137,6 +146,11 @@ class Dispatcher:
         self.handlers = dict(handlers)
         self.routes = dict(routes)  # route name -> handler name
         self.request_timeout_s = request_timeout_s
+        # Shutdown: while draining, new requests get 503; `abort` ends the streams still open.
+        self.drain_started = asyncio.Event()
+        self.abort = asyncio.Event()
+        self.in_flight: set[_Finish] = set()
+        self.idle = asyncio.Event()  # set whenever nothing is in flight
 
     def context(self, event: Event) -> Context:
         runtime = self.runtime
@@ -152,6 +166,8 @@ class Dispatcher:
             ),
             tracer=runtime.tracing,
             deadline=deadline,
+            draining=self.drain_started,
+            abort=self.abort,
         )
 
     async def dispatch(self, route: str, event: Event, ctx: Context | None = None) -> Any:
@@ -161,9 +177,19 @@ class Dispatcher:
         event.route = route
         ctx = ctx or self.context(event)
         current_manager.set(ctx.integrations)
-        finish = _Finish(event, ctx)
+        finish = _Finish(event, ctx, self._finished)
+        self.in_flight.add(finish)
+        self.idle.clear()
         await resolve_all(ctx.hooks.request_started(event=event, ctx=ctx))
         try:
+            if self.draining:
+                raise HandlerError(
+                    503,
+                    "the server is shutting down; retry on another instance",
+                    type="server_error",
+                    code="shutting_down",
+                    headers={"retry-after": "1"},
+                )
             for check in ctx.hooks.authenticate(event=event, ctx=ctx):
                 await resolve(check)  # each awaited in turn; a refusal raises HandlerError
             result = await resolve(ctx.hooks.before_request(event=event, ctx=ctx))
@@ -184,6 +210,38 @@ class Dispatcher:
             return FinishingStream(result, finish)
         await finish(result.status if isinstance(result, Reply) else 200, None)
         return result
+
+    @property
+    def draining(self) -> bool:
+        """Whether a shutdown has begun (new requests get 503)."""
+        return self.drain_started.is_set()
+
+    async def drain(self, timeout_s: float, *, abort_grace_s: float = 5.0) -> int:
+        """Refuse new requests (503), end endless feeds (`Context.draining`), wait up to
+        `timeout_s` for the requests in flight to finish,
+        then set `abort` so the generation streams still open end at their next chunk with
+        finish_reason "abort", and wait up to `abort_grace_s` more for them to end.
+        Returns how many requests were still in flight at the timeout."""
+        self.drain_started.set()
+        await self._settle(timeout_s)
+        left = len(self.in_flight)
+        if left:
+            self.abort.set()
+            for finish in list(self.in_flight):
+                for interrupt in finish.ctx.on_abort:
+                    interrupt()
+            await self._settle(abort_grace_s)
+        return left
+
+    async def _settle(self, timeout_s: float) -> None:
+        if self.in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), timeout_s)
+
+    def _finished(self, finish: _Finish) -> None:
+        self.in_flight.discard(finish)
+        if not self.in_flight:
+            self.idle.set()
 
     async def _traced(self, handler: Handler, event: Event, ctx: Context) -> Any:
         """The handler call, in a `handler <route>` span when tracing is on. A streamed result
@@ -218,9 +276,10 @@ class Dispatcher:
 class _Finish:
     """Calls `request_finished` once for an event, however the request ends."""
 
-    def __init__(self, event: Event, ctx: Context) -> None:
+    def __init__(self, event: Event, ctx: Context, on_done: Callable[[_Finish], None]) -> None:
         self.event = event
         self.ctx = ctx
+        self.on_done = on_done
         self.started = time.perf_counter()
         self.done = False
 
@@ -229,13 +288,16 @@ class _Finish:
             return
         self.done = True
         seconds = time.perf_counter() - self.started
-        for close in reversed(self.ctx.closers):
-            await close()
-        await resolve_all(
-            self.ctx.hooks.request_finished(
-                event=self.event, ctx=self.ctx, status=status, seconds=seconds, error=error
+        try:
+            for close in reversed(self.ctx.closers):
+                await close()
+            await resolve_all(
+                self.ctx.hooks.request_finished(
+                    event=self.event, ctx=self.ctx, status=status, seconds=seconds, error=error
+                )
             )
-        )
+        finally:
+            self.on_done(self)
 
 
 class FinishingStream:

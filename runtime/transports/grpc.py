@@ -69,7 +69,11 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Bind (SO_REUSEPORT) and start serving; returns the bound port."""
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        # HTTP's body limit for each message; a larger one is refused with RESOURCE_EXHAUSTED.
+        limit = self.runtime.settings.server.max_body_bytes
+        server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", limit)]
+        )
         for name, methods in self.services.items():
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, methods),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -73,6 +73,12 @@ class Socket:
         server = runtime.settings.server
         self.ping_interval = server.ws_ping_interval_s
         self.outbox = Outbox(server.ws_send_queue, drop_oldest=self.drop_oldest)
+        self.max_frame_bytes = server.max_body_bytes  # HTTP's body limit, for each frame
+        self.too_large = HandlerError(
+            413,
+            f"frame is larger than the limit of {server.max_body_bytes} bytes",
+            code="request_too_large",
+        )
         query = dict(websocket.query_params)
         token = query.pop("token", None)  # a secret: not for the handler's query or the logs
         headers = dict(websocket.headers.items())
@@ -104,6 +110,9 @@ class Socket:
                     break
                 if message.get("text") is None:
                     self.reject(frames.invalid("binary frames are not supported; send JSON text"))
+                    continue
+                if _too_large(message["text"], self.max_frame_bytes):
+                    self.reject(self.too_large)
                     continue
                 try:
                     frame = frames.parse(message["text"])
@@ -291,3 +300,8 @@ class FeedSocket(Socket):
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+def _too_large(text: str, limit: int) -> bool:
+    """Whether `text` is over `limit` bytes in UTF-8 (encoding only when it could be)."""
+    return len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit)
