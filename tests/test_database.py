@@ -5,6 +5,7 @@ every record exactly once. tests/test_database_postgres.py does the outage on Po
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Callable
@@ -192,6 +193,35 @@ async def test_queued_records_are_flushed_on_stop(
         assert await reopened.count() == 3
     finally:
         await reopened.engine.dispose()
+
+
+async def test_a_stream_aborted_by_the_drain_is_logged_before_stop_returns(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    plugin = ScriptedEngines()
+    overrides = database_overrides(tmp_path, flush_interval_s=60, batch_size=1000)
+    runtime = await start_with_models(make_runtime(*overrides, builtins=[plugin]))
+    await runtime.models.load("m1")
+    engine = plugin.built["m1"]
+    engine.enqueue(["a", "b", "c"])
+    engine.gate = gate = asyncio.Event()
+    transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://tiffin.test") as client:
+        request = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(stream=True)))
+        await eventually(lambda: len(runtime.dispatcher.in_flight) == 1)
+        drain = asyncio.ensure_future(runtime.drain(timeout_s=0.2))
+        await eventually(runtime.dispatcher.abort.is_set)
+        gate.set()
+        assert await drain == 1
+        request_id = (await request).headers["x-request-id"]
+    database = database_of(runtime)
+    await runtime.stop()
+    reopened = RequestLogStore(create_async_engine(database.url))
+    try:
+        [row] = await reopened.rows()
+    finally:
+        await reopened.engine.dispose()
+    assert row["request_id"] == request_id and row["finish_reasons"] == "abort"
 
 
 async def test_an_outage_spools_and_every_record_arrives_once(
