@@ -4,14 +4,18 @@ when it is back."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from runtime.app import Runtime
 from runtime.integrations.base import IntegrationStatus
+from runtime.integrations.database import async_url
+from runtime.persistence import migrate
 from runtime.transports.http import create_app
 from tests.conftest import eventually
 from tests.real_postgres import Postgres, running_postgres
@@ -68,3 +72,14 @@ async def test_postgres_outage_mid_run_loses_nothing(
     assert usage == [
         {**usage[0], "key_name": None, "model": "m1", "requests": 9, "errors": 0},
     ]
+
+
+async def test_workers_starting_together_migrate_one_at_a_time(postgres: Postgres) -> None:
+    engines = [create_async_engine(async_url(postgres.url, Path())) for _ in range(3)]
+    try:
+        together = asyncio.gather(*(migrate.upgrade(engine) for engine in engines))
+        revisions = await asyncio.wait_for(together, 60)  # unserialized, they can deadlock
+        assert revisions == ["0001"] * 3
+    finally:
+        for engine in engines:
+            await engine.dispose()

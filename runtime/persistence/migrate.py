@@ -9,10 +9,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+LOCK_KEY = 0x7469_6666_696E  # "tiffin": the advisory lock that serializes migrations
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -32,6 +34,9 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> str | None:
     database is at afterwards."""
 
     def run(connection: Connection) -> str | None:
+        if connection.dialect.name == "postgresql":
+            # Workers starting together migrate one at a time (held until the commit).
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
         command.upgrade(alembic_config(connection), revision)
         return MigrationContext.configure(connection).get_current_revision()
 
