@@ -17,7 +17,7 @@ from typing import Any
 from opentelemetry.trace import Span
 
 from runtime.engines.base import Chunk, Embeddings, GenerationRequest, Usage
-from runtime.telemetry.tracing import Tracing
+from runtime.telemetry.tracing import SpanStream, Tracing
 
 OPERATION = "gen_ai.operation.name"
 PROVIDER = "gen_ai.provider.name"
@@ -63,10 +63,11 @@ def request_attributes(request: GenerationRequest, provider: str) -> dict[str, A
     return attributes
 
 
-class TracedGeneration(AsyncIterator[Chunk]):
+class TracedGeneration(SpanStream[Chunk]):
     """The router's chunks for one generation, inside its span. The span is current while
     the first chunk is awaited (that is when a model loads, a queue is waited in, an upstream
-    is called: their spans nest under it), and ends when the stream ends, fails or is closed."""
+    is called: their spans nest under it), and ends when the stream ends, fails or is closed,
+    with what the chunks said (response model, finish reasons, usage)."""
 
     def __init__(
         self,
@@ -76,37 +77,26 @@ class TracedGeneration(AsyncIterator[Chunk]):
         provider: str,
     ) -> None:
         operation = CHAT if request.messages is not None else TEXT_COMPLETION
-        self.span = tracing.start_span(f"{operation} {request.model}")
-        if self.span.is_recording():  # (not sampled: no attribute work at all)
-            self.span.set_attributes(request_attributes(request, provider))
-        self._stream = stream
+        span = tracing.start_span(f"{operation} {request.model}")
+        if span.is_recording():  # (not sampled: no attribute work at all)
+            span.set_attributes(request_attributes(request, provider))
+        super().__init__(stream, span)
         self._first = True
-        self._open = True
         self._started = time.perf_counter()
         self._finish: dict[int, str] = {}
         self._usage: Usage | None = None
         self._model = ""
 
-    def __aiter__(self) -> TracedGeneration:
-        return self
-
     async def __anext__(self) -> Chunk:
-        try:
-            if self._first:
-                self._first = False
-                with Tracing.current(self.span):
-                    chunk = await anext(self._stream)
-                self.span.set_attribute(
-                    "tiffin.time_to_first_chunk_s", time.perf_counter() - self._started
-                )
-            else:
-                chunk = await anext(self._stream)
-        except StopAsyncIteration:
-            self._end(None)
-            raise
-        except BaseException as exc:
-            self._end(exc)
-            raise
+        if self._first:
+            self._first = False
+            with Tracing.current(self._span):
+                chunk = await super().__anext__()
+            self._span.set_attribute(
+                "tiffin.time_to_first_chunk_s", time.perf_counter() - self._started
+            )
+        else:
+            chunk = await super().__anext__()
         if chunk.finish_reason:
             self._finish[chunk.index] = chunk.finish_reason
         if chunk.usage is not None:
@@ -115,20 +105,9 @@ class TracedGeneration(AsyncIterator[Chunk]):
             self._model = chunk.model
         return chunk
 
-    async def aclose(self) -> None:
-        try:
-            aclose = getattr(self._stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            self._end(GeneratorExit() if self._open else None)
-
     def _end(self, error: BaseException | None) -> None:
-        if not self._open:
-            return
-        self._open = False
-        span = self.span
-        if span.is_recording():
+        span = self._span
+        if self._open and span.is_recording():
             if self._model:
                 span.set_attribute(RESPONSE_MODEL, self._model)
             if self._finish:
@@ -136,7 +115,7 @@ class TracedGeneration(AsyncIterator[Chunk]):
             if self._usage is not None:
                 span.set_attribute(INPUT_TOKENS, self._usage.prompt_tokens)
                 span.set_attribute(OUTPUT_TOKENS, self._usage.completion_tokens)
-        Tracing.end(span, error)
+        super()._end(error)
 
 
 def trace_generation(
