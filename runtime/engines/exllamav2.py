@@ -69,7 +69,8 @@ def job_fields(
 ) -> dict[str, Any]:
     """Keyword arguments of ExLlamaV2DynamicJob(Async) besides input_ids and gen_settings.
     EOS is not a stop condition unless given, so the model's EOS ids are added."""
-    seed = request.seed + index if request.seed is not None else random.getrandbits(31)
+    # A sampling seed, not a secret: `random` is right here.
+    seed = request.seed + index if request.seed is not None else random.getrandbits(31)  # nosec B311
     fields: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "stop_conditions": [*request.stop, *eos_ids],

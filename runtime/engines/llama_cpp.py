@@ -224,7 +224,8 @@ class LlamaCppEngine:
                 # bits, which flips near-ties, so the answer would depend on earlier requests.
                 llm.reset()
             llm.set_seed(
-                request.seed + index if request.seed is not None else random.getrandbits(31)
+                # A sampling seed, not a secret: `random` is right here.
+                request.seed + index if request.seed is not None else random.getrandbits(31)  # nosec B311
             )
             text = TextAssembler(stop)
             pending: list[TokenLogprob] = []

@@ -60,11 +60,13 @@ class TransformersEngine:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype: Any = "auto" if self.dtype_setting == "auto" else getattr(torch, self.dtype_setting)
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            # Every from_pretrained here reads a local folder (local_files_only): no Hub
+            # download, so there is no revision to pin (bandit B615).
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)  # nosec B615
             state_dicts = sorted([*self.path.glob("*.pt"), *self.path.glob("*.pth")])
             standard = [*self.path.glob("*.safetensors"), *self.path.glob("*.bin")]
             if state_dicts and not standard:
-                hf_config = AutoConfig.from_pretrained(self.path, local_files_only=True)
+                hf_config = AutoConfig.from_pretrained(self.path, local_files_only=True)  # nosec B615
                 model = AutoModelForCausalLM.from_config(hf_config)  # type: ignore[no-untyped-call]
                 state = torch.load(state_dicts[0], map_location="cpu", weights_only=True)
                 model.load_state_dict(
@@ -73,7 +75,7 @@ class TransformersEngine:
                 if dtype != "auto":
                     model = model.to(dtype)
             else:
-                model = AutoModelForCausalLM.from_pretrained(
+                model = AutoModelForCausalLM.from_pretrained(  # nosec B615
                     self.path, local_files_only=True, dtype=dtype
                 )
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
@@ -208,7 +210,8 @@ class TransformersEngine:
         eos_ids = _as_list(model.generation_config.eos_token_id) or _as_list(tokenizer.eos_token_id)
         for index in range(request.n):
             torch.manual_seed(
-                request.seed + index if request.seed is not None else random.getrandbits(31)
+                # A sampling seed, not a secret: `random` is right here.
+                request.seed + index if request.seed is not None else random.getrandbits(31)  # nosec B311
             )
             assembler = TextAssembler(request.stop)
             streamer = Collect()

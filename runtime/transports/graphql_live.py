@@ -81,17 +81,17 @@ def _percentiles(values: dict[str, Any] | None) -> Percentiles:
 
 
 def metrics_snapshot(snapshot: dict[str, Any]) -> MetricsSnapshot:
-    requests = snapshot.get("requests") or {}
+    rates = snapshot.get("requests") or {}
     tokens = snapshot.get("tokens") or {}
     return MetricsSnapshot(
         time=float(snapshot.get("time") or 0.0),
         window_s=float(snapshot.get("window_s") or 0.0),
         requests=RequestRates(
-            total=int(requests.get("total") or 0),
-            errors_total=int(requests.get("errors_total") or 0),
-            in_flight=int(requests.get("in_flight") or 0),
-            per_s=float(requests.get("per_s") or 0.0),
-            errors_per_s=float(requests.get("errors_per_s") or 0.0),
+            total=int(rates.get("total") or 0),
+            errors_total=int(rates.get("errors_total") or 0),
+            in_flight=int(rates.get("in_flight") or 0),
+            per_s=float(rates.get("per_s") or 0.0),
+            errors_per_s=float(rates.get("errors_per_s") or 0.0),
         ),
         latency_s=_percentiles(snapshot.get("latency_s")),
         ttft_s=_percentiles(snapshot.get("ttft_s")),
