@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -206,3 +208,18 @@ def test_the_readme_example_runs(served: Served, capsys: pytest.CaptureFixture[s
     assert "http://127.0.0.1:3000/v1" in example
     exec(example.replace("http://127.0.0.1:3000", served.url), {})
     assert capsys.readouterr().out.strip()
+
+
+def test_the_release_smoke_test_passes_against_it(served: Served) -> None:
+    """scripts/smoke_test.py, which the release runs after each deploy, against the real thing
+    (its failures: tests/test_release_scripts.py)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "smoke_test.py"), served.url, "--wait", "30"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"smoke: {served.url}/readyz is ready" in result.stdout
+    assert f"smoke: {CHAT_MODEL} answered '" in result.stdout
