@@ -143,7 +143,8 @@ def test_deploy_installs_the_chart_then_smoke_tests_it(
     assert calls[0] == (
         "helm upgrade --install tiffin deploy/helm/tiffin --namespace tiffin --create-namespace"
         f" --values deploy/helm/tiffin/{values} --set-string image.repository=ghcr.io/acme/tiffin"
-        " --set-string image.tag=v1.2.3 --atomic --wait --timeout 15m"
+        " --set-string image.tag=v1.2.3 --set-string gpu.image.repository=ghcr.io/acme/tiffin"
+        " --set-string gpu.image.tag=v1.2.3-gpu --atomic --wait --timeout 15m"
     )
     assert calls[1] == f"kubectl --namespace tiffin port-forward service/tiffin {server.port}:http"
     assert "smoke: gemma-3-270m answered 'Hello'" in result.stdout

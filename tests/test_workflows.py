@@ -175,13 +175,20 @@ def test_release_builds_scans_and_pushes_both_images() -> None:
     release = load("release.yml")
     assert triggers(release) == {"release": {"types": ["published"]}}
     image = release["jobs"]["image"]
-    matrix = image["strategy"]["matrix"]["include"]
-    built = {entry["bentofile"] for entry in matrix}
-    assert built == {"bentofile.yaml", "bentofile.gpu.yaml"}
-    assert {p.name for p in ROOT.glob("bentofile*.yaml")} <= built
-    assert len({entry["suffix"] for entry in matrix}) == len(matrix)  # distinct image tags
+    matrix = {entry["flavor"]: entry for entry in image["strategy"]["matrix"]["include"]}
+    # `python -m runtime build` builds bentofile.yaml, and bentofile.gpu.yaml with --gpu.
+    assert {flavor: entry["build"] for flavor, entry in matrix.items()} == {
+        "cpu": "env=prod",
+        "gpu": "--gpu env=prod",
+    }
+    assert {p.name for p in ROOT.glob("bentofile*.yaml")} <= {
+        "bentofile.yaml",
+        "bentofile.gpu.yaml",
+    }
+    assert [entry["suffix"] for entry in matrix.values()] == ["", "-gpu"]  # scripts/deploy's tags
     commands = "\n".join(runs(image))
-    assert "--output tag | sed -n 's/^__tag__://p'" in commands
+    assert ".venv/bin/python -m runtime build ${{ matrix.build }}" in commands
+    assert "sed -n 's/^next: bentoml containerize //p'" in commands
     assert 'bentoml containerize "$BENTO_TAG" --image-tag "$IMAGE"' in commands
     assert 'docker push "$IMAGE"' in commands
     actions = uses(image)
@@ -231,9 +238,23 @@ def test_release_deploys_the_chart_with_the_values_it_names() -> None:
     assert values == ["values-staging.yaml", "values-prod.yaml"]
     assert "chart=deploy/helm/tiffin" in deploy
     chart = ROOT / "deploy" / "helm" / "tiffin"
-    if chart.exists():  # the chart lands separately (issue 9); once it does, its values must too
+    if chart.exists():  # the chart lands separately (issue 9); once it does, these must hold
         for name in values:
             assert (chart / name).is_file(), name
+        defaults = yaml.safe_load((chart / "values.yaml").read_text())
+        for key in ("image", "gpu.image"):  # scripts/deploy sets repository and tag of each
+            node = defaults
+            for part in key.split("."):
+                node = node[part]
+            assert {"repository", "tag"} <= set(node), key
+        # The smoke test's port-forward: service/<release>, port "http".
+        assert "- {name: http," in (chart / "templates" / "service.yaml").read_text()
+
+
+def test_release_reads_the_tag_that_runtime_build_prints() -> None:
+    build = ROOT / "runtime" / "build.py"
+    if build.exists():  # `python -m runtime build` lands separately (issue 9)
+        assert 'print(f"next: bentoml containerize {tag}")' in build.read_text()
 
 
 # --- every workflow --------------------------------------------------------------------------
