@@ -370,6 +370,17 @@ async def test_unload_closes_the_generator(serve: Callable[..., Served]) -> None
     assert served.engine._generator is None
 
 
+def test_paged_attention_is_chosen_at_load_unless_the_settings_name_it() -> None:
+    def engine(**settings: Any) -> ExLlamaV2Engine:
+        config = ModelConfig(id="exl", source="exl", engine_settings=settings)
+        return ExLlamaV2Engine(Path("/models/exl"), config)
+
+    assert engine().paged is None  # auto: paged where flash-attn has paged attention
+    assert engine(paged="auto").paged is None
+    assert engine(paged=True).paged is True
+    assert engine(paged=False).paged is False
+
+
 # --- on a GPU -----------------------------------------------------------------------------------
 
 
