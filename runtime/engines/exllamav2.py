@@ -137,6 +137,19 @@ def logprobs_of(result: dict[str, Any], pieces: Sequence[str]) -> list[TokenLogp
     return items
 
 
+def paged_attention(setting: bool | None, available: bool) -> bool:
+    """Whether the generator pages its cache: `setting` None (auto) follows whether flash-attn
+    with paged attention is installed; True without it is a clear error, not exllamav2's assert."""
+    if setting is None:
+        return available
+    if setting and not available:
+        raise EngineError(
+            "engine_settings.paged is true, but paged attention needs flash-attn >= 2.5.7, "
+            "which is not installed; set paged to auto or false to serve one job at a time"
+        )
+    return setting
+
+
 class ExLlamaV2Engine:
     capabilities = frozenset({CHAT, COMPLETION})
 
@@ -188,13 +201,7 @@ class ExLlamaV2Engine:
             ) from exc
         from exllamav2.attn import has_flash_attn_with_paged
 
-        if self.paged is None:
-            self.paged = bool(has_flash_attn_with_paged)
-        elif self.paged and not has_flash_attn_with_paged:
-            raise EngineError(
-                "engine_settings.paged is true, but paged attention needs flash-attn >= 2.5.7, "
-                "which is not installed; set paged to auto or false to serve one job at a time"
-            )
+        self.paged = paged_attention(self.paged, bool(has_flash_attn_with_paged))
         config = exllamav2.ExLlamaV2Config(str(self.path))
         config.arch_compat_overrides()
         config.max_seq_len = (
