@@ -123,6 +123,8 @@ def test_tiffin_overrides_compose_into_a_valid_config(name: str) -> None:
         cfg = compose([f"env={environment['TIFFIN_ENV']}", *overrides])
         Runtime(cfg, builtins=handlers.builtin_plugins())
         assert cfg.server.grpc_port == SERVER.grpc_port
+        # The gRPC server binds server.host: reachable from outside the container.
+        assert cfg.server.host == "0.0.0.0"
         assert cfg.server.drain_timeout_s == SERVER.drain_timeout_s
 
 

@@ -129,6 +129,8 @@ def test_pods_serve_a_valid_config_and_outlive_the_drain(
         grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         assert grace > cfg.server.drain_timeout_s, deployment["metadata"]["name"]
         assert cfg.server.grpc_port == SERVER.grpc_port
+        # The gRPC server binds server.host: reachable from outside the container.
+        assert cfg.server.host == "0.0.0.0"
 
 
 def test_ports_probes_and_selectors(rendered: tuple[str, list[dict[str, Any]]]) -> None:

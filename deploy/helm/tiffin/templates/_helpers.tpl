@@ -30,10 +30,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (include "tiffin.fullname" .) .Values.secret.existingSecret -}}
 {{- end -}}
 
-{{/* TIFFIN_OVERRIDES: the values' overrides, then the server timeouts the pod spec relies on. */}}
+{{/* TIFFIN_OVERRIDES: the values' overrides, then the server settings the pod spec relies on:
+the timeouts behind its grace period, the gRPC port it exposes, and the address gRPC binds
+(server.host, 127.0.0.1 in env=dev). */}}
 {{- define "tiffin.overrides" -}}
 {{- $server := .root.Values.server -}}
-{{- $all := concat .root.Values.tiffin.overrides .extra (list (printf "server.drain_timeout_s=%v" $server.drainTimeoutSeconds) (printf "server.graceful_timeout_s=%v" $server.gracefulTimeoutSeconds) (printf "server.grpc_port=%v" $server.grpcPort)) -}}
+{{- $all := concat .root.Values.tiffin.overrides .extra (list (printf "server.drain_timeout_s=%v" $server.drainTimeoutSeconds) (printf "server.graceful_timeout_s=%v" $server.gracefulTimeoutSeconds) (printf "server.grpc_port=%v" $server.grpcPort) "server.host=0.0.0.0") -}}
 {{- join " " $all -}}
 {{- end -}}
 
