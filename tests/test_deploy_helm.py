@@ -225,3 +225,11 @@ def test_secret_values_reach_the_pods_by_reference() -> None:
 def test_chart_refuses_a_grace_period_inside_the_drain() -> None:
     with pytest.raises(helm.HelmError, match="terminationGracePeriodSeconds"):
         render({"server": {"drainTimeoutSeconds": 60}, "terminationGracePeriodSeconds": 60})
+
+
+def test_values_schema_refuses_a_misspelt_key() -> None:
+    """values.schema.json: each values file renders (above), a typo does not."""
+    with pytest.raises(helm.HelmError, match="autoscalng"):
+        render({"autoscalng": {"enabled": True}})
+    with pytest.raises(helm.HelmError, match="gpusPerPod"):
+        render({"gpu": {"enabled": True, "gpusPerPod": 0}})
