@@ -109,7 +109,9 @@ def test_tiffin_ports_health_and_drain_match_the_server(name: str) -> None:
         assert f"http://localhost:{SERVER.http_port}/readyz" in " ".join(test), service_name
         # The image is `bentoml containerize`'s: Python, no curl.
         assert test[:2] == ["CMD", "python"], service_name
-        assert duration_s(service["stop_grace_period"]) > SERVER.drain_timeout_s, service_name
+        grace = duration_s(service["stop_grace_period"])
+        assert grace > SERVER.drain_timeout_s, service_name
+        assert grace > SERVER.graceful_timeout_s, service_name
 
 
 @pytest.mark.parametrize("name", FILES)

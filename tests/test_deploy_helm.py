@@ -128,6 +128,8 @@ def test_pods_serve_a_valid_config_and_outlive_the_drain(
         Runtime(cfg, builtins=handlers.builtin_plugins())
         grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         assert grace > cfg.server.drain_timeout_s, deployment["metadata"]["name"]
+        # ... and the gRPC server's graceful stop after it: Kubernetes kills nothing mid-way.
+        assert grace > cfg.server.graceful_timeout_s, deployment["metadata"]["name"]
         assert cfg.server.grpc_port == SERVER.grpc_port
         # The gRPC server binds server.host: reachable from outside the container.
         assert cfg.server.host == "0.0.0.0"
