@@ -113,6 +113,8 @@ def test_ci_runs_each_line_of_scripts_lint_then_the_tests() -> None:
     ci = load("ci.yml")
     [job] = ci["jobs"].values()
     commands = runs(job)
+    missing = [c for c in lint_commands() if c not in commands]
+    assert not missing, f"scripts/lint runs these, ci.yml has no step for them: {missing}"
     order = [
         commands.index("bash scripts/setup-system"),
         commands.index("bash scripts/setup"),
