@@ -41,6 +41,8 @@ def assert_command_exists(command: str) -> None:
     program, args = words[0], words[1:]
     if program == "bash":
         assert (ROOT / args[0]).is_file(), command
+    elif program.startswith(".venv/bin/") and program != ".venv/bin/python":
+        assert Path(venv_binary(program.removeprefix(".venv/bin/"))).is_file(), command
     elif program in (".venv/bin/python", "python", "python3"):
         if args[0] == "-m":
             assert importlib.util.find_spec(args[1]) is not None, command
@@ -146,7 +148,7 @@ def test_pre_commit_config_is_valid_and_runs_what_scripts_lint_runs() -> None:
     lint = (ROOT / "scripts" / "lint").read_text()
     [repo] = yaml.safe_load(config.read_text())["repos"]
     hooks = {hook["id"]: hook for hook in repo["hooks"]}
-    assert set(hooks) == {"ruff-check", "ruff-format", "mypy", "bandit"}
+    assert set(hooks) == {"ruff-check", "ruff-format", "mypy", "bandit", "actionlint"}
     for hook in hooks.values():
         assert hook["language"] == "system"  # from .venv: nothing downloaded at commit time
         assert_command_exists(hook["entry"])
