@@ -266,6 +266,7 @@ def test_release_reads_the_tag_that_runtime_build_prints() -> None:
 def test_actions_are_pinned_and_permissions_are_least(name: str) -> None:
     workflow = load(name)
     assert workflow["permissions"] == {"contents": "read"}
+    assert workflow["defaults"] == {"run": {"shell": "bash"}}  # -eo pipefail
     for job_name, job in workflow["jobs"].items():
         for action in uses(job):
             assert re.search(r"@(v\d+(\.\d+)*|[0-9a-f]{40})$", action), f"{job_name}: {action}"
