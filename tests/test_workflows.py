@@ -103,10 +103,15 @@ def test_shell_scripts_pass_shellcheck() -> None:
 
 def lint_commands() -> list[str]:
     """scripts/lint's commands, as CI runs them from the checkout (with .venv's Python)."""
+    preamble = ("set -euo pipefail", 'cd "$(dirname "$0")/.."', "PY=", '[ -x "$PY" ]')
     lines = (ROOT / "scripts" / "lint").read_text().splitlines()
-    commands = [line for line in lines if line.startswith('"$PY" ')]
-    assert commands, 'scripts/lint runs no "$PY" command'
-    return [command.replace('"$PY"', VENV_PYTHON, 1) for command in commands]
+    commands = [
+        line
+        for line in lines
+        if line.strip() and not line.startswith("#") and not line.startswith(preamble)
+    ]
+    assert commands, "scripts/lint runs no command"
+    return [command.replace('"$PY"', VENV_PYTHON) for command in commands]
 
 
 def test_ci_runs_each_line_of_scripts_lint_then_the_tests() -> None:
