@@ -5,6 +5,7 @@ fails it under CI=true (scripts/setup-system installs it)."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import tempfile
 import time
@@ -61,8 +62,18 @@ class RedisServer:
         finally:
             client.close()
 
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts connections, and nothing answers (a hung Redis)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a paused one could not handle SIGTERM
             self.process.terminate()
             self.process.wait(timeout=15)
         self.process = None

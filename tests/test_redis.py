@@ -7,6 +7,7 @@ The password in REDIS_URL never shows in status, health or logs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
@@ -17,6 +18,7 @@ import httpx
 import pytest
 import structlog
 from omegaconf import DictConfig
+from websockets.asyncio.client import connect
 
 import handlers
 from runtime.app import Runtime
@@ -29,6 +31,7 @@ from runtime.integrations.redis_rates import RedisRateStore
 from runtime.transports.http import create_app
 from tests.conftest import eventually
 from tests.real_redis import PASSWORD, RedisServer, running_redis
+from tests.served import Served
 from tests.test_alerts import NOTIFICATION, WEBHOOK
 from tests.test_auth import ADMIN, APP, KEYS, FakeClock
 from tests.test_openai_api import ScriptedEngines
@@ -208,3 +211,147 @@ async def test_redis_outage_degrades_to_each_worker_then_recovers(
     assert PASSWORD not in repr(logs)
     described = repr([redis_a.describe(), redis_a.last_health, status])
     assert PASSWORD not in described and ":***@127.0.0.1" in described
+
+
+async def test_redis_down_at_start_serves_then_joins_when_it_comes(
+    workers: Any, redis_server: RedisServer
+) -> None:
+    redis_server.stop()
+    a, b = await workers(KEYS, "auth.limits.requests_per_minute=1")
+    redis_a = redis_of(a)
+    assert redis_a.status is IntegrationStatus.error and not redis_a.connected
+    assert a.ready  # optional: the service is up without it
+    async with client(a) as http:
+        assert (await http.get("/v1/models", headers=APP)).status_code == 200
+    seen_b = collect(b, "model.*")
+
+    redis_server.start()  # the manager's background retries bring it up
+    await eventually(lambda: redis_a.connected and redis_of(b).connected, within=10)
+    await eventually(lambda: redis_a.status is IntegrationStatus.active, within=5)
+    await a.events.publish(BusEvent("model.loaded", "models", {"model": "m1"}))
+    await eventually(lambda: [e.type for e in seen_b if e.remote] == ["model.loaded"], within=5)
+    b.auth.limiter.clock = FakeClock(1_000_040.0)  # no window ends between the two
+    async with client(b) as http:  # counted in Redis now: B's first, the window's first
+        assert (await http.get("/v1/models", headers=APP)).status_code == 200
+        assert (await http.get("/v1/models", headers=APP)).status_code == 429
+
+
+async def test_a_hung_redis_costs_one_short_timeout_then_nothing(
+    workers: Any, redis_server: RedisServer
+) -> None:
+    (a,) = await workers(KEYS, "auth.limits.requests_per_minute=100", count=1)
+    redis_a = redis_of(a)
+    timeout_s = redis_a.link.socket_timeout_s
+    redis_server.pause()  # accepts connections, answers nothing
+    try:
+        async with client(a) as http:
+            for _ in range(5):
+                started = time.perf_counter()
+                assert (await http.get("/v1/models", headers=APP)).status_code == 200
+                # At most one socket timeout (the call that finds Redis gone), then none.
+                assert time.perf_counter() - started < timeout_s + 1
+            assert not redis_a.connected
+            started = time.perf_counter()
+            for _ in range(5):
+                assert (await http.get("/v1/models", headers=APP)).status_code == 200
+            assert time.perf_counter() - started < 1
+        await eventually(lambda: redis_a.status is IntegrationStatus.error, within=5)
+        await a.events.publish(BusEvent("model.loaded", "models", {"model": "m1"}))
+    finally:
+        redis_server.resume()
+    await eventually(lambda: redis_a.connected, within=5)
+    await eventually(lambda: redis_a.status is IntegrationStatus.active, within=5)
+
+
+# --- served: two BentoML workers ------------------------------------------------------------------
+
+
+def one_alert(fingerprint: str) -> dict[str, Any]:
+    """An Alertmanager notification holding one firing alert, told apart by its fingerprint."""
+    return {**NOTIFICATION, "alerts": [{**NOTIFICATION["alerts"][0], "fingerprint": fingerprint}]}
+
+
+class Feeds:
+    """Sockets on /ws/models (alerts only), each keeping the alerts it got by fingerprint."""
+
+    def __init__(self, sockets: list[Any]) -> None:
+        self.sockets = sockets
+        self.seen: list[dict[str, dict[str, Any]]] = [{} for _ in sockets]
+        self.readers = [asyncio.ensure_future(self._read(i)) for i in range(len(sockets))]
+
+    async def _read(self, index: int) -> None:
+        async for frame in self.sockets[index]:
+            event = json.loads(frame)
+            fingerprint = event["data"]["fingerprint"]
+            assert fingerprint not in self.seen[index], f"socket {index}: {fingerprint} twice"
+            self.seen[index][fingerprint] = event
+
+    def got(self, fingerprints: list[str]) -> bool:
+        return all(set(fingerprints) <= set(seen) for seen in self.seen)
+
+    def frames(self, fingerprints: list[str]) -> list[dict[str, Any]]:
+        return [seen[f] for seen in self.seen for f in fingerprints if f in seen]
+
+
+async def both_workers_up(url: str, within: float = 60) -> set[str]:
+    """Ask (on new connections) until two workers have answered with their bridge's origin."""
+    origins: set[str] = set()
+    deadline = time.monotonic() + within
+    async with httpx.AsyncClient(base_url=url, headers={"connection": "close"}) as http:
+        while len(origins) < 2:
+            assert time.monotonic() < deadline, f"one worker only: {origins}"
+            answers = await asyncio.gather(
+                *(http.get("/integrations/redis/status") for _ in range(4))
+            )
+            origins |= {a.json()["bridge"]["origin"] for a in answers if a.status_code == 200}
+    return origins
+
+
+async def test_alert_on_one_worker_reaches_feeds_on_every_worker(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """`python -m runtime server.workers=2 integrations=redis`: an Alertmanager webhook that
+    reaches either worker shows up, once, on every /ws/models socket, whichever worker holds it."""
+    served = Served.start(
+        tmp_path,
+        "env=test",
+        "integrations=[redis]",
+        f"integrations.redis.settings.url='{redis_server.url}'",
+        "server.workers=2",
+    )
+    try:
+        served.wait_for("/readyz", 200)
+        await both_workers_up(served.url)
+        ws_url = served.url.replace("http://", "ws://") + "/ws/models?types=alert.*"
+        async with AsyncExitStack() as stack, httpx.AsyncClient(base_url=served.url) as http:
+            sockets = [
+                await stack.enter_async_context(connect(ws_url, open_timeout=10)) for _ in range(6)
+            ]
+            feeds = Feeds(sockets)
+            stack.callback(lambda: [reader.cancel() for reader in feeds.readers])
+
+            async def post(fingerprints: list[str]) -> None:
+                # A new connection each, sent together: they spread over the workers.
+                close = {"connection": "close"}
+                posts = [http.post(WEBHOOK, json=one_alert(f), headers=close) for f in fingerprints]
+                assert all(r.status_code == 200 for r in await asyncio.gather(*posts))
+
+            # Every socket subscribed and the bridges running: one alert reached them all.
+            await post(["warm-up"])
+            await eventually(lambda: feeds.got(["warm-up"]), within=10)
+            sent: list[str] = []
+            for batch in range(20):  # until sockets on both workers got alerts
+                fingerprints = [f"probe-{batch}-{n}" for n in range(4)]
+                await post(fingerprints)
+                sent += fingerprints
+                await eventually(lambda probes=fingerprints: feeds.got(probes), within=10)
+                origins = {str(e.get("origin", "")) for e in feeds.frames(sent)}
+                if "" in origins and len(origins) > 1:  # sockets on the webhook's worker and not
+                    break
+            assert not any(reader.done() for reader in feeds.readers)  # none failed
+        # Some sockets got alerts from their own worker, others from the other one's (origin).
+        assert "" in origins and len(origins) > 1, f"sockets on one worker only: {origins}"
+        assert all(len(seen) == len(sent) + 1 for seen in feeds.seen)  # each alert once
+    finally:
+        served.stop()
+    assert PASSWORD not in served.log.read_text(errors="replace")

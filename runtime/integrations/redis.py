@@ -154,7 +154,7 @@ class RedisIntegration(BaseIntegration):
             "connected": self.link.up,
             "since": self.link.changed_at,
             "outages": self.link.outages,
-            "last_error": self.link.last_error,
+            "link_error": self.link.last_error,
             "bridge": self.bridge.describe(),
             "rate_limits": {
                 "store": "redis" if self.link.up else "memory (redis down)",
