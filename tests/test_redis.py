@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import structlog
 from omegaconf import DictConfig
 from websockets.asyncio.client import connect
@@ -165,6 +166,24 @@ async def test_rate_limit_is_one_count_across_workers(workers: Any) -> None:
         clock.now += 40  # the next window: both admit again
         assert (await http_b.get("/v1/models", headers=APP)).status_code == 200
     assert redis_of(a).rate_store.fallback_adds == 0
+
+
+async def test_an_error_redis_answers_falls_back_for_that_call_only(
+    workers: Any, redis_server: RedisServer
+) -> None:
+    (a,) = await workers(KEYS, "auth.limits.requests_per_minute=5", count=1)
+    a.auth.limiter.clock = FakeClock(1_000_040.0)  # the window that starts at 1_000_020
+    key = "tiffin:rate:app:requests:1000020"
+    with redis.Redis(port=redis_server.port, password=PASSWORD) as direct:
+        direct.set(key, "not a number")  # INCRBY answers an error
+        async with client(a) as http:
+            assert (await http.get("/v1/models", headers=APP)).status_code == 200
+            store = redis_of(a).rate_store
+            assert store.fallback_adds == 1 and redis_of(a).connected  # Redis is still up
+            assert redis_of(a).link.errors == 1
+            direct.delete(key)
+            assert (await http.get("/v1/models", headers=APP)).status_code == 200
+            assert store.shared_adds == 1 and direct.get(key) == b"1"
 
 
 async def test_redis_outage_degrades_to_each_worker_then_recovers(

@@ -103,7 +103,9 @@ class RedisIntegration(BaseIntegration):
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    self.link.down(exc)
+                    self.link.failed(exc)
+                    if self.link.up:  # Redis answered with an error: not in a tight loop
+                        await asyncio.sleep(self.reconnect_interval_s)
                 continue
             await asyncio.sleep(self.reconnect_interval_s)
             try:
@@ -125,7 +127,7 @@ class RedisIntegration(BaseIntegration):
             latency = await self.link.ping()
             length = await self.link.commands.xlen(self.bridge.stream)
         except Exception as exc:
-            self.link.down(exc)
+            self.link.failed(exc)
             raise
         data["stream_length"] = int(length)
         bridge = self.bridge
@@ -154,6 +156,7 @@ class RedisIntegration(BaseIntegration):
             "connected": self.link.up,
             "since": self.link.changed_at,
             "outages": self.link.outages,
+            "errors": self.link.errors,
             "link_error": self.link.last_error,
             "bridge": self.bridge.describe(),
             "rate_limits": {

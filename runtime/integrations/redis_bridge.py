@@ -116,7 +116,7 @@ class EventBridge:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.link.down(exc)
+                self.link.failed(exc)
                 self.dropped += len(batch)
                 continue
             self.sent += len(batch)

@@ -17,6 +17,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
 from runtime.secrets import redact_text
 
@@ -36,6 +37,7 @@ class RedisLink:
         self.last_error: str | None = None
         self.changed_at: float | None = None
         self.outages = 0
+        self.errors = 0  # errors Redis answered with (the link stays up)
 
     def open(self) -> None:
         """Build the clients (no I/O: redis-py connects on the first command)."""
@@ -78,6 +80,16 @@ class RedisLink:
             if self.outages:
                 self.log.info("redis reachable again: bridge and shared rate limits resume")
             self.last_error = None
+
+    def failed(self, error: BaseException) -> None:
+        """A call raised. An error Redis answered with (a key of the wrong type, a command
+        refused under memory pressure or by an ACL) leaves the link up: only that call falls
+        back. Anything else (refused, reset, timed out) means Redis is unreachable."""
+        if isinstance(error, ResponseError):
+            self.errors += 1
+            self.last_error = redact_text(f"{type(error).__name__}: {error}")
+        else:
+            self.down(error)
 
     def down(self, error: BaseException | str) -> None:
         """A call failed: fall back to per-process behaviour until a ping succeeds."""

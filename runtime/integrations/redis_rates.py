@@ -43,7 +43,7 @@ class RedisRateStore:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.link.down(exc)
+                self.link.failed(exc)
             else:
                 self.shared_adds += 1
                 return Window(int(used), start + window_s)
@@ -58,7 +58,7 @@ class RedisRateStore:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.link.down(exc)
+                self.link.failed(exc)
             else:
                 return Window(int(used or 0), start + window_s)
         return await self.fallback.peek(bucket, window_s, now)
