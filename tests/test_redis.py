@@ -142,11 +142,10 @@ async def test_events_cross_between_workers_once_without_echo(workers: Any) -> N
     health = await redis_a.health_check()
     assert health.healthy and health.data["stream_length"] == 8
     assert "tiffin:events (8 entries)" in health.detail
-    # Another worker's model load is not this worker's metric.
-    loads = b.metrics.registry.get_sample_value(
-        "llm_model_load_total", {"model": "m1", "provider": "", "status": "success"}
-    )
-    assert not loads
+    # Another worker's model load is not this worker's metric (each worker exports its own).
+    labels = {"model": "m1", "provider": "", "status": "success"}
+    assert a.metrics.registry.get_sample_value("llm_model_loads_total", labels) == 1
+    assert b.metrics.registry.get_sample_value("llm_model_loads_total", labels) is None
 
 
 async def test_rate_limit_is_one_count_across_workers(workers: Any) -> None:
