@@ -1,5 +1,6 @@
 """`GET /admin/usage`: requests, tokens, cost and latency per API key and model over a time
-range, read from the database integration's request log (every worker's requests, kept)."""
+range, read from the hourly usage rollups the request-log writer keeps in the database (every
+worker's requests; one small row per key, model and hour, however many requests)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from runtime.dispatch import Context, Event, HandlerError
 from runtime.integrations.database import DatabaseIntegration
+from runtime.persistence.rollups import BUCKET_S, bucket_of
 from runtime.secrets import redact_text
 
 DAY_S = 86_400.0
@@ -34,7 +36,9 @@ def moment(event: Event, name: str, default: float) -> float:
 
 async def usage(event: Event, ctx: Context) -> dict[str, Any]:
     """Usage per key and model for requests that arrived in [`since`, `until`) (default: the
-    last 24 hours): requests, errors, prompt/completion tokens, cost, mean latency."""
+    last 24 hours): requests, errors, prompt/completion tokens, cost, mean latency. Counted by
+    the hour: the hours that start in [`since` rounded down to the hour, `until`) are summed,
+    and `counted_from` says where counting began."""
     until = moment(event, "until", time.time())
     since = moment(event, "since", until - DAY_S)
     if since >= until:
@@ -57,4 +61,10 @@ async def usage(event: Event, ctx: Context) -> dict[str, Any]:
             f"the database is unavailable: {redact_text(str(exc))}",
             code="integration_unavailable",
         ) from None
-    return {"since": since, "until": until, "usage": rows}
+    return {
+        "since": since,
+        "until": until,
+        "bucket_s": BUCKET_S,
+        "counted_from": bucket_of(since),
+        "usage": rows,
+    }

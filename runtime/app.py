@@ -101,6 +101,9 @@ class Runtime:
             sink = getattr(integration, "record_request", None)  # the database's request log
             if callable(sink):
                 self.live.sinks.append(sink)
+            stored_keys = getattr(integration, "api_keys", None)  # the database's stored keys
+            if callable(stored_keys):
+                self.auth.use_store(stored_keys, self.settings)
         self.dispatcher = Dispatcher(
             self,
             self.handlers,
@@ -165,6 +168,7 @@ class Runtime:
             await resolve_all(self.plugins.hook.runtime_stopping(runtime=self))
         self.started = False
         await self.models.stop()
+        await self.auth.close()  # last_used_at of stored keys, while the database is up
         await self.integrations.stop_all()
         self.log.info("runtime stopped")
         await self.tracing.shutdown()  # last: flushes the spans of everything above

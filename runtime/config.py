@@ -193,6 +193,25 @@ class ApiKeyConfig:
 
 
 @dataclass
+class OidcConfig:
+    """OIDC/JWT bearer tokens (runtime/auth/oidc.py), on when `jwks_url` is set. A bearer token
+    shaped like a JWT is verified against the JWKS (signature, exp, nbf, iss, aud); its
+    `scope_claim` (space-separated string or list: `scope`, `scp`, `roles`...) gives scopes,
+    each value mapped through `scope_map` when listed there (e.g. {tiffin-admins: [admin]})."""
+
+    jwks_url: str = ""
+    issuer: str = ""  # empty: not checked
+    audience: str = ""  # empty: not checked
+    algorithms: list[str] = field(default_factory=lambda: ["RS256"])
+    scope_claim: str = "scope"
+    scope_map: dict[str, list[str]] = field(default_factory=dict)
+    name_claim: str = "sub"
+    leeway_s: float = 30.0
+    jwks_cache_s: float = 300.0  # how long a fetched JWKS is used (an unknown kid refetches)
+    timeout_s: float = 5.0
+
+
+@dataclass
 class AuthConfig:
     """API-key authentication (runtime/auth/). Enforced when `required` (staging, prod) or when
     any key is configured; routes marked `scope: public` never need a key."""
@@ -201,6 +220,10 @@ class AuthConfig:
     keys: list[ApiKeyConfig] = field(default_factory=list)
     # The limits of a key that declares none of its own.
     limits: RateLimitConfig = field(default_factory=RateLimitConfig)
+    # How long an answer about a key stored in the database is cached (found or not): a
+    # revocation takes effect within this time.
+    cache_ttl_s: float = 5.0
+    oidc: OidcConfig = field(default_factory=OidcConfig)
 
 
 @dataclass

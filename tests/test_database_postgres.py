@@ -39,7 +39,7 @@ async def test_postgres_outage_mid_run_loses_nothing(
     database = database_of(runtime)
     writer = database.writer
     assert database.status is IntegrationStatus.active
-    assert database.store.engine.dialect.name == "postgresql" and database.revision == "0001"
+    assert database.store.engine.dialect.name == "postgresql" and database.revision == "0002"
     assert "tiffin-test-pw" not in str(runtime.integrations.integrations["database"].describe())
 
     transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
@@ -79,7 +79,7 @@ async def test_workers_starting_together_migrate_one_at_a_time(postgres: Postgre
     try:
         together = asyncio.gather(*(migrate.upgrade(engine) for engine in engines))
         revisions = await asyncio.wait_for(together, 60)  # unserialized, they can deadlock
-        assert revisions == ["0001"] * 3
+        assert revisions == ["0002"] * 3
     finally:
         for engine in engines:
             await engine.dispose()

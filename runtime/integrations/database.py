@@ -1,8 +1,9 @@
-"""database: the request log in SQLite (default: `<data_dir>/tiffin.db`) or PostgreSQL
-(`DATABASE_URL`), through SQLAlchemy 2's async engine; Alembic migrations are applied when it
-starts. Each finished generation request (the record LiveStats assembles from the
-`after_generate` and `request_finished` hooks) reaches `record_request`, which only queues it:
-runtime/persistence/request_log.py batches, spools and replays."""
+"""database: the request log, usage rollups and stored API keys in SQLite (default:
+`<data_dir>/tiffin.db`) or PostgreSQL (`DATABASE_URL`), through SQLAlchemy 2's async engine;
+Alembic migrations are applied when it starts. Each finished generation request (the record
+LiveStats assembles from the `after_generate` and `request_finished` hooks) reaches
+`record_request`, which only queues it: runtime/persistence/request_log.py batches, spools and
+replays."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
 from runtime.persistence import migrate
+from runtime.persistence.api_keys import ApiKeyStore
 from runtime.persistence.request_log import RequestLogWriter, WriterSettings
 from runtime.persistence.spool import Spool
 from runtime.persistence.store import RequestLogStore
@@ -102,6 +104,12 @@ class DatabaseIntegration(BaseIntegration):
         """Write what is queued (to the spool if the database is down), then close the pool."""
         await self.writer.close()
         await self.store.engine.dispose()
+
+    def api_keys(self) -> ApiKeyStore | None:
+        """The stored API keys; None while the database integration is not running."""
+        if not self.initialized:
+            return None
+        return ApiKeyStore(self.store.engine)
 
     def record_request(self, record: GenerationRequestRecord) -> None:
         """A finished generation request (LiveStats' sink). Before the database has started,
