@@ -72,7 +72,7 @@ class Auth:
 
     def use_store(self, store: StoreProvider, settings: TiffinConfig) -> StoredKeys:
         """Look keys up in the database too (the database integration is selected); auth is
-        then enforced as soon as it holds an active key."""
+        then enforced as soon as it holds a key (revoked ones too)."""
         stored = StoredKeys(store, settings.auth.limits, ttl_s=settings.auth.cache_ttl_s)
         self.plugin.stored = stored
         return stored

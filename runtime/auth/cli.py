@@ -130,8 +130,7 @@ async def _stored_keys(store: ApiKeyStore) -> list[StoredKey]:
 async def _list(settings: TiffinConfig, store: ApiKeyStore | None) -> int:
     auth = settings.auth
     stored = await _stored_keys(store) if store is not None else []
-    active = sum(1 for key in stored if key.active)
-    enforced = auth.required or any(k.key or k.key_sha256 for k in auth.keys) or active > 0
+    enforced = auth.required or any(k.key or k.key_sha256 for k in auth.keys) or bool(stored)
     print(f"auth: {'enforced' if enforced else 'off'} (required={str(auth.required).lower()})")
     print("config keys:" if auth.keys else "config keys: none")
     for declared in auth.keys:

@@ -45,7 +45,7 @@ class AuthPlugin:
 
     @hookimpl(trylast=True)
     async def authenticate(self, event: Any, ctx: Any) -> None:
-        if not self.enforced and not (self.stored and await self.stored.any_active()):
+        if not self.enforced and not (self.stored and await self.stored.any_issued()):
             return
         scope = self.route_scopes.get(event.route, "inference")
         key = presented_key(event.headers)

@@ -91,16 +91,17 @@ class StoredKeys:
             self._note_use(digest)
         return principal
 
-    async def any_active(self) -> bool:
-        """Whether the database holds an active key (turns auth on without `auth.required`).
-        Cached like lookups; while the database cannot answer, the last answer stands."""
+    async def any_issued(self) -> bool:
+        """Whether the database holds a key, active or revoked: that turns auth on without
+        `auth.required`, and revoking the last key must not turn it off again. Cached like
+        lookups; while the database cannot answer, the last answer stands."""
         checked_at, answer = self._any
         now = self.clock()
         store = self.store()
         if store is None or now - checked_at < self.ttl_s:
             return answer
         try:
-            answer = await store.active_count() > 0
+            answer = await store.count() > 0
         except Exception as exc:
             self.log.warning("stored keys: cannot count", error=type(exc).__name__)
         self._any = (now, answer)

@@ -84,8 +84,9 @@ class ApiKeyStore:
         async with self.engine.connect() as connection:
             return [_stored(row) for row in await connection.execute(query)]
 
-    async def active_count(self) -> int:
-        query = select(func.count()).select_from(api_keys).where(api_keys.c.revoked_at.is_(None))
+    async def count(self) -> int:
+        """Keys issued, revoked ones included."""
+        query = select(func.count()).select_from(api_keys)
         async with self.engine.connect() as connection:
             return int((await connection.execute(query)).scalar_one())
 
