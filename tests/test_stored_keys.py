@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -19,6 +20,8 @@ from runtime.auth import hash_key, new_key
 from runtime.persistence import migrate
 from runtime.persistence.api_keys import ApiKeyStore
 from runtime.transports.http import create_app
+from runtime.transports.proto.tiffin.v1 import inference_pb2 as pb
+from runtime.transports.proto.tiffin.v1 import inference_pb2_grpc
 from tests.test_auth import ADMIN, APP_KEY, KEYS, FakeClock
 from tests.test_cli import run_cli
 from tests.test_database import (
@@ -27,6 +30,7 @@ from tests.test_database import (
     start_with_models,
     unreachable_engine,
 )
+from tests.test_grpc import serve as serve_grpc
 from tests.test_openai_api import ScriptedEngines, chat
 from tests.test_ws import assert_error, send, turn
 from tests.test_ws import serve as serve_ws
@@ -245,3 +249,29 @@ async def test_chat_with_a_stored_key_is_logged_under_its_name(
     await database_of(runtime).writer.flush()
     [row] = await database_of(runtime).store.rows()
     assert row["key_name"] == "billing"
+
+
+async def test_a_stored_key_over_grpc_and_503_while_the_database_is_down(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    overrides = [*database_overrides(tmp_path), "transports.grpc=true", "auth.required=true"]
+    runtime = await start_with_models(make_runtime(*overrides, builtins=[ScriptedEngines()]))
+    key = await stored_key(key_store(runtime), "rpc")
+    server, channel = await serve_grpc(runtime)
+    database = database_of(runtime)
+    try:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        answer = await stub.ListModels(pb.ListModelsRequest(), metadata=(("x-api-key", key),))
+        assert {model.id for model in answer.data} == {"m1", "m2"}
+        working = database.store.engine
+        database.store.engine = unreachable_engine(tmp_path)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as down:
+                await stub.ListModels(pb.ListModelsRequest(), metadata=(("x-api-key", new_key()),))
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await database.store.engine.dispose()
+            database.store.engine = working
+    finally:
+        await channel.close()
+        await server.stop()

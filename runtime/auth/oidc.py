@@ -113,17 +113,21 @@ class OidcVerifier:
 
     async def _key(self, kid: str) -> Any:
         if self.clock() - self._fetched_at >= self.config.jwks_cache_s:
-            await self._fetch()
+            await self._fetch(self._fetched_at)
         if kid not in self._keys and self.clock() - self._fetched_at >= REFETCH_MIN_S:
-            await self._fetch()  # the issuer may have rotated its keys
+            await self._fetch(self._fetched_at)  # the issuer may have rotated its keys
         if kid in self._keys:
             return self._keys[kid]
         if not kid and len(self._keys) == 1:
             return next(iter(self._keys.values()))
         raise invalid_token("unknown signing key (kid)")
 
-    async def _fetch(self) -> None:
+    async def _fetch(self, seen: float) -> None:
+        """Fetch the JWKS, unless another request did since `seen` (requests arriving together
+        with a new kid make one fetch, not one each)."""
         async with self._lock:
+            if self._fetched_at != seen:
+                return
             self._fetched_at = self.clock()
             self.fetches += 1
             try:
