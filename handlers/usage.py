@@ -10,7 +10,7 @@ from typing import Any
 
 from runtime.dispatch import Context, Event, HandlerError
 from runtime.integrations.database import DatabaseIntegration
-from runtime.persistence.rollups import BUCKET_S, bucket_of
+from runtime.persistence.rollups import BUCKET_S, PERIODS, bucket_of
 from runtime.secrets import redact_text
 
 DAY_S = 86_400.0
@@ -38,11 +38,15 @@ async def usage(event: Event, ctx: Context) -> dict[str, Any]:
     """Usage per key and model for requests that arrived in [`since`, `until`) (default: the
     last 24 hours): requests, errors, prompt/completion tokens, cost, mean latency. Counted by
     the hour: the hours that start in [`since` rounded down to the hour, `until`) are summed,
-    and `counted_from` says where counting began."""
+    and `counted_from` says where counting began. `by=hour` or `by=day` (UTC) splits each key
+    and model's row into one per period, with its `period_start`."""
     until = moment(event, "until", time.time())
     since = moment(event, "since", until - DAY_S)
     if since >= until:
         raise HandlerError(400, "since must be before until", param="since")
+    by = str(event.query.get("by") or "") or None
+    if by is not None and by not in PERIODS:
+        raise HandlerError(400, f"by: expected hour or day, got {by!r}", param="by")
     database = ctx.integrations.integrations.get("database")
     if not isinstance(database, DatabaseIntegration) or not database.initialized:
         state = "not enabled" if database is None else f"not running ({database.status.value})"
@@ -54,7 +58,7 @@ async def usage(event: Event, ctx: Context) -> dict[str, Any]:
         )
     await database.writer.flush()  # what was just served is counted
     try:
-        rows = await database.usage(since, until)
+        rows = await database.usage(since, until, by)
     except Exception as exc:
         raise HandlerError(
             503,
@@ -65,6 +69,7 @@ async def usage(event: Event, ctx: Context) -> dict[str, Any]:
         "since": since,
         "until": until,
         "bucket_s": BUCKET_S,
+        "by": by,
         "counted_from": bucket_of(since),
         "usage": rows,
     }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from runtime.telemetry.live import GenerationRequestRecord
 from tests.test_database import database_of, database_overrides, unreachable_engine
 from tests.test_graphql import data
 from tests.test_graphql import start as start_graphql
+from tests.test_stored_keys import serve_http
 
 MakeRuntime = Callable[..., Runtime]
 HOUR = 3600.0
@@ -42,10 +43,10 @@ def record(
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> RequestLogStore:
+async def store(tmp_path: Path) -> AsyncIterator[RequestLogStore]:
     found = RequestLogStore(create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"))
     await migrate.upgrade(found.engine)
-    yield found  # type: ignore[misc]
+    yield found
     await found.engine.dispose()
 
 
@@ -81,6 +82,40 @@ async def test_rollups_sum_per_key_model_and_hour(store: RequestLogStore) -> Non
     )
     assert by_key[None]["requests"] == 1
     assert await store.usage(T0 + HOUR, T0 + 2 * HOUR) == [{**usage[1], **later(usage[1])}]
+
+
+async def test_admin_usage_by_hour_and_day(make_runtime: MakeRuntime, tmp_path: Path) -> None:
+    runtime = make_runtime(*database_overrides(tmp_path))
+    await runtime.start()
+    day = 86_400.0
+    await database_of(runtime).store.insert(
+        [
+            record("a", T0 + 10),
+            record("b", T0 + HOUR + 10),
+            record("c", T0 + HOUR + 20, status=429),
+            record("d", T0 + day + 10),
+        ]
+    )
+    params = {"since": T0, "until": T0 + 2 * day}
+    async with await serve_http(runtime) as http:
+        total = (await http.get("/admin/usage", params=params)).json()
+        hourly = (await http.get("/admin/usage", params={**params, "by": "hour"})).json()
+        daily = (await http.get("/admin/usage", params={**params, "by": "day"})).json()
+        bad = await http.get("/admin/usage", params={**params, "by": "week"})
+    assert [row["requests"] for row in total["usage"]] == [4] and total["by"] is None
+    assert [(r["period_start"], r["requests"], r["errors"]) for r in hourly["usage"]] == [
+        (T0, 1, 0),
+        (T0 + HOUR, 2, 1),
+        (T0 + day, 1, 0),
+    ]
+    first_day = T0 // day * day
+    assert [(r["period_start"], r["requests"]) for r in daily["usage"]] == [
+        (first_day, 3),
+        (first_day + day, 1),
+    ]
+    assert daily["usage"][0]["first"] == T0 + 10 and daily["usage"][0]["last"] == T0 + HOUR + 20
+    assert daily["usage"][0]["prompt_tokens"] == 9
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "by"
 
 
 def later(row: dict[str, object]) -> dict[str, object]:

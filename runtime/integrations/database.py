@@ -119,9 +119,11 @@ class DatabaseIntegration(BaseIntegration):
         else:
             self.writer.spool_now(record)
 
-    async def usage(self, since: float, until: float | None = None) -> list[dict[str, Any]]:
-        """Usage per key and model over [since, until) (until: now)."""
-        return await self.store.usage(since, time.time() if until is None else until)
+    async def usage(
+        self, since: float, until: float | None = None, by: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Usage per key and model over [since, until) (until: now), per hour or day with `by`."""
+        return await self.store.usage(since, time.time() if until is None else until, by)
 
     def describe(self) -> dict[str, Any]:
         described = super().describe()

@@ -62,13 +62,19 @@ async def add(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
     await connection.execute(upsert, rows)
 
 
-async def usage(connection: AsyncConnection, since: float, until: float) -> list[dict[str, Any]]:
-    """Sums per key and model over the hours that start in [bucket_of(since), until)."""
+PERIODS = {"hour": BUCKET_S, "day": 86_400.0}
+
+
+async def usage(
+    connection: AsyncConnection, since: float, until: float, by: str | None = None
+) -> list[dict[str, Any]]:
+    """Sums per key and model over the hours that start in [bucket_of(since), until); with
+    `by` ("hour" or "day", UTC) one row per key, model and period, with its `period_start`."""
     c = usage_rollup.c
+    groups: list[Any] = [c.key_name, c.model] + ([c.bucket] if by else [])
     query = (
         select(
-            c.key_name,
-            c.model,
+            *groups,
             func.sum(c.requests).label("requests"),
             func.sum(c.errors).label("errors"),
             func.sum(c.prompt_tokens).label("prompt_tokens"),
@@ -79,18 +85,36 @@ async def usage(connection: AsyncConnection, since: float, until: float) -> list
             func.max(c.last_time).label("last"),
         )
         .where(c.bucket >= bucket_of(since), c.bucket < until)
-        .group_by(c.key_name, c.model)
-        .order_by(c.key_name, c.model)
+        .group_by(*groups)
+        .order_by(*groups)
     )
-    found = []
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
     for row in await connection.execute(query):
         entry = dict(row._mapping)
         for name in ("requests", "errors", "prompt_tokens", "completion_tokens"):
             entry[name] = int(entry[name] or 0)
-        for name in ("cost", "first", "last"):
+        for name in ("cost", "latency_s_sum", "first", "last"):
             entry[name] = float(entry[name] or 0.0)
-        latency = float(entry.pop("latency_s_sum") or 0.0)
-        entry["latency_avg_s"] = latency / entry["requests"] if entry["requests"] else 0.0
         entry["key_name"] = entry["key_name"] or None
+        if by:
+            period = PERIODS[by]
+            entry["period_start"] = float(entry.pop("bucket")) // period * period
+        key = (entry["key_name"] or "", entry["model"], entry.get("period_start"))
+        if key in merged:  # another hour of the same day
+            _merge(merged[key], entry)
+        else:
+            merged[key] = entry
+    found = []
+    for entry in merged.values():
+        latency = entry.pop("latency_s_sum")
+        entry["latency_avg_s"] = latency / entry["requests"] if entry["requests"] else 0.0
         found.append(entry)
     return found
+
+
+def _merge(into: dict[str, Any], entry: dict[str, Any]) -> None:
+    for name in (*_SUMMED, "latency_s_sum"):
+        if name in entry:
+            into[name] += entry[name]
+    into["first"] = min(into["first"], entry["first"])
+    into["last"] = max(into["last"], entry["last"])

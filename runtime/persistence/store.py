@@ -53,8 +53,11 @@ class RequestLogStore:
         async with self.engine.connect() as connection:
             return [dict(row._mapping) for row in await connection.execute(query)]
 
-    async def usage(self, since: float, until: float) -> list[dict[str, Any]]:
+    async def usage(
+        self, since: float, until: float, by: str | None = None
+    ) -> list[dict[str, Any]]:
         """Requests, errors, tokens, cost and mean latency per key and model, from the hourly
-        rollups of the hours that start in [since rounded down to the hour, until)."""
+        rollups of the hours that start in [since rounded down to the hour, until); per hour
+        or day too with `by`."""
         async with self.engine.connect() as connection:
-            return await rollups.usage(connection, since, until)
+            return await rollups.usage(connection, since, until, by)
