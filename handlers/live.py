@@ -14,6 +14,7 @@ from typing import Any
 from runtime.dispatch import Context, Event, HandlerError
 from runtime.events import BusEvent
 from runtime.integrations.database import DatabaseIntegration
+from runtime.secrets import redact_text
 from runtime.telemetry.live import GenerationRequestRecord
 
 RECORD_FIELDS = [name for name in GenerationRequestRecord.__dataclass_fields__ if name != "id"]
@@ -148,12 +149,20 @@ async def recent_requests(event: Event, ctx: Context) -> list[dict[str, Any]]:
     (and from memory too while the database cannot answer)."""
     limit = int(number(event.query, "limit", 20, 0, 1000))
     database = ctx.integrations.integrations.get("database")
-    if isinstance(database, DatabaseIntegration) and database.initialized and limit > 0:
+    # While the writer is spooling the database is down: no connect timeout to wait out.
+    if (
+        isinstance(database, DatabaseIntegration)
+        and database.initialized
+        and not database.writer.down
+        and limit > 0
+    ):
         try:
             await database.writer.flush()  # what was just served is listed
             return [as_record(row) for row in await database.store.rows(limit)]
         except Exception as exc:
-            ctx.log.warning("request log unreadable; listing this worker's", error=str(exc))
+            ctx.log.warning(
+                "request log unreadable; listing this worker's", error=redact_text(str(exc))
+            )
     return list(ctx.runtime.live.recent(limit))
 
 

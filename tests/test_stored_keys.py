@@ -6,6 +6,7 @@ WebSocket. tests/test_database_postgres.py checks one on a real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from runtime.persistence.api_keys import ApiKeyStore
 from runtime.transports.http import create_app
 from runtime.transports.proto.tiffin.v1 import inference_pb2 as pb
 from runtime.transports.proto.tiffin.v1 import inference_pb2_grpc
-from tests.test_auth import ADMIN, APP_KEY, KEYS, FakeClock
+from tests.test_auth import ADMIN, APP_KEY, KEYS, FakeClock, log_stream
 from tests.test_cli import run_cli
 from tests.test_database import (
     database_of,
@@ -36,6 +37,7 @@ from tests.test_ws import assert_error, send, turn
 from tests.test_ws import serve as serve_ws
 
 MakeRuntime = Callable[..., Runtime]
+__all__ = ["log_stream"]  # the fixture, shared with tests/test_auth.py
 
 
 def key_store(runtime: Runtime) -> ApiKeyStore:
@@ -275,3 +277,23 @@ async def test_a_stored_key_over_grpc_and_503_while_the_database_is_down(
     finally:
         await channel.close()
         await server.stop()
+
+
+async def test_a_stored_key_is_never_logged_shown_or_stored(
+    make_runtime: MakeRuntime, tmp_path: Path, log_stream: io.StringIO
+) -> None:
+    runtime = await start_with_models(
+        make_runtime(*database_overrides(tmp_path), builtins=[ScriptedEngines()])
+    )
+    key = await stored_key(key_store(runtime), "quiet", "admin")
+    shown = []
+    async with await serve_http(runtime) as http:
+        await http.post("/v1/chat/completions", json=chat(model="m1"), headers=bearer(key))
+        for path in ("/integrations/status", "/admin/requests", "/admin/usage"):
+            shown.append((await http.get(path, headers=bearer(key))).text)
+    await runtime.stop()
+    database = (tmp_path / "tiffin.db").read_bytes()
+    assert hash_key(key).encode() in database  # the digest, and nothing more
+    for text in [log_stream.getvalue(), *shown]:
+        assert key not in text
+    assert key.encode() not in database and key[3:].encode() not in database
