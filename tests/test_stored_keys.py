@@ -111,7 +111,14 @@ def test_keys_cli_stores_lists_and_revokes_keys_in_the_database(
     asyncio.run(check())
 
 
-def test_keys_cli_without_a_database_keeps_config_keys(capsys: pytest.CaptureFixture[str]) -> None:
+def test_keys_cli_without_a_database_keeps_config_keys(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://tiffin:pw@db.invalid/tiffin")
+    assert main(["keys", "create", "--name", "ci"]) == 0
+    created = capsys.readouterr()
+    assert "key_sha256:" in created.out and "add integrations=database" in created.err
+    assert "pw@" not in created.err
     assert main(["keys", "list"]) == 0
     assert "stored keys: none (select integrations=database" in capsys.readouterr().out
     assert main(["keys", "revoke", "ci"]) == 1

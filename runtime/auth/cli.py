@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -58,6 +59,12 @@ def keys_main(args: Sequence[str]) -> int:
     if parsed.verb == "create":
         scopes = parsed.scope or ["inference"]
         if store is None:
+            if os.environ.get("DATABASE_URL"):
+                print(
+                    "tiffin: DATABASE_URL is set but the database integration is not selected; "
+                    "add integrations=database (as the server has) to store the key there",
+                    file=sys.stderr,
+                )
             return _create_config_key(parsed.name, scopes)
         limits = (parsed.requests_per_minute, parsed.tokens_per_minute)
         return asyncio.run(_create_stored(store, parsed.name, scopes, limits))
