@@ -200,6 +200,9 @@ async def test_database_down_config_keys_work_stored_keys_get_503(
     overrides = [*database_overrides(tmp_path), KEYS, "auth.cache_ttl_s=60"]
     runtime = await start_with_models(make_runtime(*overrides, builtins=[ScriptedEngines()]))
     store = key_store(runtime)
+    stored = runtime.auth.plugin.stored
+    assert stored is not None
+    stored.clock = clock = FakeClock(1000.0)
     cached = await stored_key(store, "cached")
     uncached = await stored_key(store, "uncached")
     database = database_of(runtime)
@@ -220,6 +223,9 @@ async def test_database_down_config_keys_work_stored_keys_get_503(
         finally:
             await database.store.engine.dispose()
             database.store.engine = working
+        # For a second after a failure, answered without trying (no connect per request).
+        assert (await http.get("/v1/models", headers=bearer(uncached))).status_code == 503
+        clock.now += 1
         assert (await http.get("/v1/models", headers=bearer(uncached))).status_code == 200
 
 

@@ -61,6 +61,7 @@ class StoredKeys:
         ttl_s: float = 5.0,
         max_entries: int = 10_000,
         touch_interval_s: float = 60.0,
+        retry_s: float = 1.0,
         clock: Clock = time.monotonic,
     ) -> None:
         self.store = store
@@ -68,6 +69,10 @@ class StoredKeys:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.touch_interval_s = touch_interval_s
+        # After a failed lookup, how long to answer 503 without trying: during an outage each
+        # request would otherwise wait out its own connect attempt.
+        self.retry_s = retry_s
+        self._down: tuple[float, str] = (float("-inf"), "")
         self.clock = clock
         self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
         self._any: tuple[float, bool] = (float("-inf"), False)
@@ -111,9 +116,13 @@ class StoredKeys:
         store = self.store()
         if store is None:
             raise unavailable("the database integration is not running")
+        down_until, reason = self._down
+        if self.clock() < down_until:
+            raise unavailable(reason)
         try:
             found = await store.find(digest)
         except Exception as exc:
+            self._down = (self.clock() + self.retry_s, type(exc).__name__)
             raise unavailable(type(exc).__name__) from None
         # The query matched on the digest; compare again in constant time, as KeyRing does.
         if found is None or not hmac.compare_digest(found.digest, digest) or not found.active:
