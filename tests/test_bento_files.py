@@ -3,11 +3,13 @@ pyproject.toml (BentoML cannot follow `-r`, so the lists are spelled out). Fast:
 
 from __future__ import annotations
 
+import re
 import tomllib
 from typing import Any
 
 import yaml
 
+from runtime.config import compose
 from tests.conftest import ROOT
 
 TORCH_VERSION = "2.13.0"  # the version scripts/setup installs
@@ -61,3 +63,23 @@ def test_the_gpu_bentofile_is_the_cpu_one_on_cuda() -> None:
     # The CUDA build of torch on the index must match the image's CUDA (cu128 <-> 12.8.x).
     assert gpu["docker"]["cuda_version"].startswith("12.8.")
     assert {e["name"] for e in cpu["envs"]} < {e["name"] for e in gpu["envs"]}
+
+
+def test_the_readmes_troubleshooting_endpoints_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    asked = re.findall(r"curl (?:-s )?localhost:3000(/\S*)", section)
+    assert len(asked) >= 6
+    routes = compose().handlers.routes
+    served = {r.http.path for r in routes.values() if r.http is not None}
+    served |= {"/readyz", "/livez", "/metrics"}  # BentoML's own
+    patterns = [re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", p) + "$") for p in served]
+    for path in asked:
+        assert any(p.match(path) for p in patterns), path
+
+
+def test_the_readme_builds_what_the_bento_test_builds() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "python -m runtime build env=prod integrations=ollama,prometheus" in readme
+    assert "python -m runtime build --gpu env=prod" in readme
+    assert "bentoml containerize tiffin:<version>" in readme
