@@ -11,26 +11,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, cli_env, free_port
 
 pytestmark = pytest.mark.slow
 
 # Present in the build's environment: the baked config must keep only its reference.
 SECRET = "sk-build-machine-secret-0123456789"
-OVERRIDES = [
-    "env=prod",
-    "integrations=ollama,prometheus",
-    "server.http_port=3100",
-    "server.workers=3",
-]
+# Servable without anything else running: the request log in SQLite.
+OVERRIDES = ["env=prod", "integrations=database", "server.http_port=3100", "server.workers=1"]
 
 
 @dataclass
@@ -148,7 +146,7 @@ def test_the_bento_serves_the_config_plan_showed(kind: str, request: pytest.Fixt
     assert set(cfg.integrations) == {i["name"] for i in expected["integrations"]}
     # BentoML read the baked config when it imported the service (prod alone has 4 workers).
     [service] = bento.info["services"]
-    assert service["config"]["workers"] == 3
+    assert service["config"]["workers"] == 1
 
 
 def test_no_secret_of_the_build_machine_is_in_the_bento(cpu_bento: Built, gpu_bento: Built) -> None:
@@ -188,3 +186,51 @@ def test_the_gpu_image_is_cuda_with_exllamav2_and_a_gpu(gpu_bento: Built) -> Non
     assert "download.pytorch.org/whl/cu128" in requirements
     assert gpu_bento.info["name"] == "tiffin-gpu"
     assert gpu_bento.info["services"][0]["config"]["resources"] == {"gpu": 1}
+
+
+def test_the_served_bento_runs_the_baked_config_with_tiffin_overrides_on_top(
+    cpu_bento: Built, tmp_path: Path
+) -> None:
+    """`bentoml serve <tag>` is what the image's entrypoint runs; from outside the checkout it
+    can only have the baked config, and the secret comes from the serving environment."""
+    port, grpc_port = free_port(), free_port()
+    env = {
+        **cli_env(),
+        "BENTOML_HOME": str(cpu_bento.path.parent.parent.parent),
+        "TIFFIN_ADMIN_KEY": SECRET,
+        "TIFFIN_DATA_DIR": str(tmp_path / "data"),
+        "TIFFIN_OVERRIDES": f"integrations.database.priority=7 server.grpc_port={grpc_port}",
+    }
+    del env["PYTHONPATH"]
+    bentoml = Path(sys.executable).with_name("bentoml")
+    log = tmp_path / "serve.log"
+    with log.open("wb") as output:  # a pipe nobody reads could fill and stall the server
+        server = subprocess.Popen(
+            [str(bentoml), "serve", cpu_bento.tag, "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=output,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("the Bento did not become ready in 90 s")
+        assert httpx.get(f"{base}/integrations/status").status_code == 401  # prod: auth on
+        status = httpx.get(
+            f"{base}/integrations/status", headers={"Authorization": f"Bearer {SECRET}"}
+        ).json()
+        assert set(status["integrations"]) == {"database"}  # baked, not conf/'s default
+        assert status["integrations"]["database"]["priority"] == 7  # TIFFIN_OVERRIDES
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
