@@ -2,8 +2,8 @@
 
 Which config it serves: the file named by `TIFFIN_CONFIG` (what `python -m runtime` writes into
 its run directory); else the config `python -m runtime build` baked into the Bento
-(runtime/bake.py), with `TIFFIN_OVERRIDES` (space-separated Hydra overrides) on top; else `conf/`
-composed with `TIFFIN_ENV` and `TIFFIN_OVERRIDES`.
+(runtime/bake.py), with `TIFFIN_ENV` (where it names another env) and `TIFFIN_OVERRIDES`
+(space-separated Hydra overrides) on top; else `conf/` composed with those two.
 
 Each BentoML worker imports this module and so builds its own Runtime (no I/O at import);
 integrations start in the on_startup hook and stop, in reverse order, in on_shutdown.
@@ -45,7 +45,7 @@ def load_config() -> DictConfig:
     if path:
         return load_config_file(path)
     if is_baked():
-        return load_baked(os.environ.get("TIFFIN_OVERRIDES", ""))
+        return load_baked(os.environ.get("TIFFIN_OVERRIDES", ""), env=os.environ.get("TIFFIN_ENV"))
     overrides = shlex.split(os.environ.get("TIFFIN_OVERRIDES", ""))
     env = os.environ.get("TIFFIN_ENV")
     return compose([*([f"env={env}"] if env else []), *overrides])

@@ -7,7 +7,8 @@ the container resolves from its own environment, so no secret of the build machi
 
 In the container, `TIFFIN_OVERRIDES` (space-separated Hydra overrides) applies on top: the
 config is composed again from the baked overrides followed by those, from the same `conf/` the
-Bento packages (an override of a key the build also set replaces the build's).
+Bento packages (an override of a key the build also set replaces the build's). `TIFFIN_ENV`,
+which the build sets to the baked env in the image, switches env when set to another one.
 """
 
 from __future__ import annotations
@@ -50,11 +51,18 @@ def is_baked(into: Path = BAKED_DIR) -> bool:
     return (into / CONFIG_FILE).is_file()
 
 
-def load_baked(extra_overrides: str = "", into: Path = BAKED_DIR) -> DictConfig:
-    """The baked config, with `extra_overrides` (TIFFIN_OVERRIDES' syntax) applied on top."""
+def load_baked(
+    extra_overrides: str = "", *, env: str | None = None, into: Path = BAKED_DIR
+) -> DictConfig:
+    """The baked config, with `extra_overrides` (TIFFIN_OVERRIDES' syntax) applied on top, and
+    `env` (TIFFIN_ENV) where it names another env than the baked one (the build sets the
+    image's TIFFIN_ENV to the baked env, so only an operator's own value differs)."""
+    cfg = load_config_file(into / CONFIG_FILE)
     extra = shlex.split(extra_overrides)
+    if env and env != cfg.env:
+        extra.insert(0, f"env={env}")
     if not extra:
-        return load_config_file(into / CONFIG_FILE)
+        return cfg
     baked = json.loads((into / OVERRIDES_FILE).read_text())
     return compose(merge_overrides(baked, extra))
 

@@ -3,7 +3,8 @@
 Composes the config exactly like `plan` (same overrides, same validation), bakes it into
 `bentos/baked/` (runtime/bake.py), runs `bentoml build` on `bentofile.yaml` (CPU) or
 `bentofile.gpu.yaml` (`--gpu`: CUDA base image, the `gpu` extra, `serving.api_gpus=1` unless
-the overrides set it), removes the baked files again and prints the tag and the next command.
+the overrides set it) with the image's TIFFIN_ENV set to the baked env, removes the baked files
+again and prints the tag and the next command.
 
 Exit codes: 0 built, 2 the config is invalid, else `bentoml build`'s own.
 """
@@ -14,8 +15,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 import handlers
 from runtime.app import Runtime, to_settings
@@ -47,14 +51,17 @@ def build_main(args: Sequence[str]) -> int:
     print(json.dumps(plan, indent=2))
     bake(cfg, overrides, plan, BAKED_DIR)
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "bentoml", "build", "-f", bentofile, "--output", "tag"],
-            cwd=PROJECT_ROOT,
-            env={"BENTOML_DO_NOT_TRACK": "true", **os.environ},
-            stdout=subprocess.PIPE,
-            text=True,
-            check=False,
-        )
+        with tempfile.TemporaryDirectory() as scratch:
+            options = Path(scratch) / bentofile
+            options.write_text(with_env(PROJECT_ROOT / bentofile, str(cfg.env)))
+            result = subprocess.run(
+                [sys.executable, "-m", "bentoml", "build", "-f", str(options), "--output", "tag"],
+                cwd=PROJECT_ROOT,
+                env={"BENTOML_DO_NOT_TRACK": "true", **os.environ},
+                stdout=subprocess.PIPE,
+                text=True,
+                check=False,
+            )
     finally:
         unbake(BAKED_DIR)
     if result.returncode != 0:
@@ -65,6 +72,16 @@ def build_main(args: Sequence[str]) -> int:
     print(f"built {tag} ({bentofile}) serving the plan above")
     print(f"next: bentoml containerize {tag}")
     return 0
+
+
+def with_env(bentofile: Path, env: str) -> str:
+    """`bentofile` with the image's TIFFIN_ENV set to the baked config's env, so that only an
+    operator's own TIFFIN_ENV differs from it (and then switches env: runtime/bake.py)."""
+    options = OmegaConf.to_container(OmegaConf.load(bentofile))
+    assert isinstance(options, dict), bentofile
+    envs = [e for e in options.get("envs", []) if e["name"] != "TIFFIN_ENV"]
+    options["envs"] = [{"name": "TIFFIN_ENV", "value": env}, *envs]
+    return OmegaConf.to_yaml(OmegaConf.create(options))
 
 
 def built_tag(output: str) -> str:

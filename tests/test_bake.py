@@ -40,12 +40,14 @@ def test_loading_the_baked_config_gives_what_was_composed(baked: Path) -> None:
 
 
 def test_tiffin_overrides_apply_on_top_of_the_baked_config(baked: Path) -> None:
-    loaded = load_baked("server.http_port=9100 logging.level=DEBUG +integrations=prometheus", baked)
+    loaded = load_baked(
+        "server.http_port=9100 logging.level=DEBUG +integrations=prometheus", into=baked
+    )
     assert loaded.server.http_port == 9100
     assert loaded.logging.level == "DEBUG"
     assert loaded.env == "prod"  # from the build
     assert {"ollama", "prometheus"} <= set(loaded.integrations)
-    assert load_baked("env=staging", baked).env == "staging"
+    assert load_baked("env=staging", into=baked).env == "staging"
 
 
 def test_a_runtime_override_replaces_the_builds_override_of_the_same_key() -> None:
@@ -63,3 +65,10 @@ def test_unbake_removes_the_files(baked: Path) -> None:
     unbake(baked)
     assert not baked.exists()
     assert not is_baked(baked)
+
+
+def test_tiffin_env_switches_env_only_when_it_names_another(baked: Path) -> None:
+    assert load_baked("", env="prod", into=baked).env == "prod"
+    staging = load_baked("server.workers=3", env="staging", into=baked)
+    assert staging.env == "staging" and staging.server.workers == 3
+    assert "ollama" in staging.integrations  # the rest of the build's overrides still apply

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from runtime.bake import BAKED_DIR
-from runtime.build import build_main, built_tag
+from runtime.build import build_main, built_tag, with_env
+from tests.conftest import ROOT
 
 
 def test_an_invalid_config_builds_nothing(capsys: pytest.CaptureFixture[str]) -> None:
@@ -18,3 +20,15 @@ def test_the_tag_is_read_from_bentomls_tag_output() -> None:
     assert built_tag("some log\n__tag__:tiffin-gpu:abc123\n") == "tiffin-gpu:abc123"
     with pytest.raises(RuntimeError, match="__tag__"):
         built_tag("no tag here")
+
+
+def test_the_images_tiffin_env_is_the_baked_env() -> None:
+    options = yaml.safe_load(with_env(ROOT / "bentofile.gpu.yaml", "staging"))
+    original = yaml.safe_load((ROOT / "bentofile.gpu.yaml").read_text())
+    assert options["envs"][0] == {"name": "TIFFIN_ENV", "value": "staging"}
+    assert [e for e in options["envs"] if e["name"] != "TIFFIN_ENV"] == [
+        e for e in original["envs"] if e["name"] != "TIFFIN_ENV"
+    ]
+    assert {k: v for k, v in options.items() if k != "envs"} == {
+        k: v for k, v in original.items() if k != "envs"
+    }
