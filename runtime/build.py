@@ -6,7 +6,8 @@ Composes the config exactly like `plan` (same overrides, same validation), bakes
 the overrides set it) with the image's TIFFIN_ENV set to the baked env, removes the baked files
 again and prints the tag and the next command.
 
-Exit codes: 0 built, 2 the config is invalid, else `bentoml build`'s own.
+Exit codes: 0 built, 1 a baked config is already there, 2 the config is invalid, else
+`bentoml build`'s own.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from omegaconf import OmegaConf
 
 import handlers
 from runtime.app import Runtime, to_settings
-from runtime.bake import BAKED_DIR, bake, unbake
+from runtime.bake import BAKED_DIR, bake, is_baked, unbake
 from runtime.config import compose
 from runtime.errors import ConfigError
 from runtime.telemetry.logging import configure_logging
@@ -32,10 +33,20 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CPU_BENTOFILE = "bentofile.yaml"
 GPU_BENTOFILE = "bentofile.gpu.yaml"
 TAG_PREFIX = "__tag__:"
+USAGE = """\
+usage: python -m runtime build [--gpu] [key=value ...]
+
+Composes the config like `plan` (same overrides), bakes it into a Bento with `bentoml build`
+and prints the plan, the tag and `bentoml containerize <tag>`. --gpu: bentofile.gpu.yaml (CUDA
+image, exllamav2, serving.api_gpus=1). In the container, TIFFIN_OVERRIDES and TIFFIN_ENV apply
+on top of the baked config."""
 
 
 def build_main(args: Sequence[str]) -> int:
     """The `build` verb: `args` are `--gpu` and Hydra overrides."""
+    if "--help" in args or "-h" in args:
+        print(USAGE)
+        return 0
     gpu = "--gpu" in args
     overrides = [a for a in args if a != "--gpu"]
     if gpu and not any(o.lstrip("+").startswith("serving.api_gpus=") for o in overrides):
@@ -47,6 +58,14 @@ def build_main(args: Sequence[str]) -> int:
     except ConfigError as error:
         print(f"tiffin: config error: {error}", file=sys.stderr)
         return 2
+    if is_baked(BAKED_DIR):
+        # Never package a config this build did not compose; nor race another build.
+        print(
+            f"tiffin: {BAKED_DIR} exists: another build is running, or a killed one left it "
+            "(remove it and build again)",
+            file=sys.stderr,
+        )
+        return 1
     bentofile = GPU_BENTOFILE if gpu else CPU_BENTOFILE
     print(json.dumps(plan, indent=2))
     bake(cfg, overrides, plan, BAKED_DIR)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -32,3 +34,18 @@ def test_the_images_tiffin_env_is_the_baked_env() -> None:
     assert {k: v for k, v in options.items() if k != "envs"} == {
         k: v for k, v in original.items() if k != "envs"
     }
+
+
+def test_a_baked_config_left_behind_stops_the_build(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("runtime.build.BAKED_DIR", tmp_path)
+    (tmp_path / "config.yaml").write_text("env: dev\n")
+    assert build_main(["env=prod"]) == 1
+    assert "killed one left it" in capsys.readouterr().err
+    assert (tmp_path / "config.yaml").read_text() == "env: dev\n"
+
+
+def test_help_says_what_build_does(capsys: pytest.CaptureFixture[str]) -> None:
+    assert build_main(["--help"]) == 0
+    assert "usage: python -m runtime build [--gpu]" in capsys.readouterr().out
