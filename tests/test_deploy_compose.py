@@ -278,3 +278,5 @@ def test_prod_runs_replicas_on_postgres_and_redis() -> None:
     redis = urlsplit(tiffin["environment"]["REDIS_URL"])
     assert redis.hostname == "redis" and redis.password == PROD_ENV["REDIS_PASSWORD"]
     assert "database" in tiffin["environment"]["TIFFIN_OVERRIDES"]
+    # Replicas share events and rate limits through Redis (the redis integration).
+    assert "redis" in tiffin["environment"]["TIFFIN_OVERRIDES"]
