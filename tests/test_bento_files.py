@@ -38,11 +38,12 @@ def test_the_bento_requirements_are_the_project_and_its_extras() -> None:
 
     options, cpu = requirements("bento-cpu.txt")
     assert options == ["--extra-index-url https://download.pytorch.org/whl/cpu"]
-    assert cpu == [TORCH, *project["dependencies"], *extras["cpu"]]
+    hint = "copy pyproject.toml's dependencies and extras into requirements/bento-*.txt"
+    assert cpu == [TORCH, *project["dependencies"], *extras["cpu"]], hint
 
     options, gpu = requirements("bento-gpu.txt")
     assert options == ["--extra-index-url https://download.pytorch.org/whl/cu128"]
-    assert gpu == [TORCH, *project["dependencies"], *extras["cpu"], *gpu_only]
+    assert gpu == [TORCH, *project["dependencies"], *extras["cpu"], *gpu_only], hint
 
 
 def test_the_gpu_bentofile_is_the_cpu_one_on_cuda() -> None:
