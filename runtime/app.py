@@ -222,6 +222,7 @@ class Runtime:
             "serving": {
                 "topology": self.settings.serving.topology.value,
                 "runner_engines": list(self.settings.serving.runner_engines),
+                "api_gpus": self.settings.serving.api_gpus,
             },
             "workers": server.workers,
             # Key names only: the keys themselves were dropped once hashed.
