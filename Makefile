@@ -2,7 +2,6 @@
 # file). `make` lists them; ARGS passes extra arguments, e.g. `make test ARGS="-k cli -x"` or
 # `make serve ARGS="env=prod server.http_port=9000"`.
 PYTHON ?= .venv/bin/python
-BENTOFILE ?= bentofile.yaml
 ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -47,8 +46,8 @@ bench-proxy: ## the proxy path and telemetry's cost (scripts/bench_proxy.py)
 dashboards: ## regenerate monitoring/grafana from runtime/telemetry/dashboards.py
 	$(PYTHON) -m runtime.telemetry.dashboards
 
-build: ## bentoml build (BENTOFILE=bentofile.gpu.yaml for the GPU Bento)
-	$(PYTHON) -m bentoml build -f $(BENTOFILE)
+build: ## a Bento with the config baked in; ARGS: --gpu and Hydra overrides (env=prod ...)
+	$(PYTHON) -m runtime build $(ARGS)
 
 pre-commit: ## install the git pre-commit hook (.pre-commit-config.yaml)
 	$(PYTHON) -m pre_commit install
