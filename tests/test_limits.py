@@ -14,6 +14,8 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+import uvicorn
+from websockets.asyncio.client import connect
 
 from hooks import hookimpl
 from runtime.app import Runtime
@@ -23,7 +25,7 @@ from runtime.engines.base import ModelSpec
 from runtime.transports.http import create_app
 from runtime.transports.proto.tiffin.v1 import inference_pb2 as pb
 from runtime.transports.proto.tiffin.v1 import inference_pb2_grpc
-from tests.conftest import eventually
+from tests.conftest import eventually, free_port
 from tests.scripted_engine import ScriptedEngine
 from tests.test_auth import ADMIN, APP, KEYS
 from tests.test_grpc import serve as serve_grpc
@@ -200,3 +202,82 @@ async def test_with_auth_each_api_key_has_its_own_stream_budget(make_runtime: Ma
         assert other.status_code == 200
         held.gate.set()
         assert (await first).status_code == 200
+
+
+# --- a full per-model queue, on every transport -------------------------------------------------
+
+
+async def test_a_full_model_queue_is_refused_in_each_protocols_own_shape(
+    make_runtime: MakeRuntime,
+) -> None:
+    """max_queue=0: one generation runs, the next request for the model is refused with 429
+    and Retry-After (vLLM and TGI answer an overloaded server the same way) — OpenAI error JSON
+    on HTTP (streamed or not), RESOURCE_EXHAUSTED on gRPC, an error frame on the WebSocket
+    (the socket stays usable), a GraphQL error with the status. Each refusal is a request-log
+    record with its transport and status 429, and the running stream is untouched."""
+    plugin = ScriptedEngines()
+    runtime = make_runtime("transports.grpc=true", "server.ws_ping_interval_s=0", builtins=[plugin])
+    config = ModelConfig(id="m1", source="x", max_queue=0, timeout_s=300)
+    runtime.models.register(ModelSpec(config, Path("x"), "scripted", provider="local"))
+    await runtime.start()
+    await runtime.models.load("m1")
+    held = plugin.built["m1"]
+    held.gate = asyncio.Event()
+    records: list[Any] = []
+    runtime.live.sinks.append(records.append)
+    grpc_server, channel = await serve_grpc(runtime)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port, log_level="warning")
+    )
+    serving = asyncio.ensure_future(server.serve())
+    await eventually(lambda: server.started, within=10)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base) as http:
+            first = asyncio.ensure_future(http.post("/v1/chat/completions", json=chat()))
+            await eventually(lambda: runtime.models.get("m1").in_flight == 1)
+
+            for stream in (False, True):
+                refused = await http.post("/v1/chat/completions", json=chat(stream=stream))
+                assert refused.status_code == 429
+                assert refused.headers["content-type"].startswith("application/json")
+                assert refused.json()["error"]["type"] == "rate_limit_error"
+                assert refused.json()["error"]["code"] == "queue_full"
+                assert int(refused.headers["retry-after"]) >= 1
+
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            request = pb.ChatRequest(
+                model="m1", messages=[pb.ChatMessage(role="user", content="hi")]
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as exhausted:
+                [m async for m in stub.Chat(request)]
+            assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "m1" in (exhausted.value.details() or "")
+
+            async with connect(f"ws://127.0.0.1:{port}/ws/chat", open_timeout=5) as ws:
+                await send(ws, {"id": "t1", "message": "hi", "model": "m1"})
+                assert (await recv(ws)) == {"type": "start", "id": "t1"}
+                error = await recv(ws)
+                assert error["id"] == "t1"
+                assert_error(error, "rate_limit_error", "queue_full")
+                await send(ws, {"type": "ping"})
+                assert (await recv(ws)) == {"type": "pong"}  # the socket stays usable
+
+            document = 'mutation { generateText(model: "m1", prompt: "hi") { text } }'
+            answer = (await http.post("/graphql", json={"query": document})).json()
+            extensions = answer["errors"][0]["extensions"]
+            assert (extensions["status"], extensions["code"]) == (429, "queue_full")
+            assert extensions["retryAfter"] >= 1
+
+            held.gate.set()
+            assert (await first).status_code == 200
+        assert runtime.models.get("m1").in_flight == 0
+        refusals = sorted((r.transport, r.status) for r in records if r.status == 429)
+        transports = ["graphql", "grpc", "http", "http", "ws"]
+        assert refusals == [(transport, 429) for transport in transports]
+    finally:
+        server.should_exit = True
+        await serving
+        await channel.close()
+        await grpc_server.stop(0)
