@@ -1,12 +1,14 @@
 """Request limits (runtime/limits.py and the transports' size limits), on the scripted engine:
 `limits.max_tokens` (400), `limits.max_concurrent_streams` per client (429 + Retry-After),
-`server.max_body_bytes` for gRPC messages and WebSocket frames. Each is answered in the
+`server.max_body_bytes` for gRPC messages and WebSocket frames, a full model queue (429) and
+the stream and max_tokens limits on every transport at once. Each is answered in the
 protocol's own error shape."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -204,7 +206,56 @@ async def test_with_auth_each_api_key_has_its_own_stream_budget(make_runtime: Ma
         assert (await first).status_code == 200
 
 
-# --- a full per-model queue, on every transport -------------------------------------------------
+# --- on every transport at once ------------------------------------------------------------------
+
+
+class Everywhere:
+    """One runtime served over HTTP/WebSocket/GraphQL (uvicorn on a loopback port) and gRPC,
+    with model m1 on a scripted engine held at its gate, and the request-log records."""
+
+    def __init__(self, runtime: Runtime, port: int, channel: grpc.aio.Channel) -> None:
+        self.runtime = runtime
+        self.base = f"http://127.0.0.1:{port}"
+        self.ws = f"ws://127.0.0.1:{port}/ws/chat"
+        self.inference = inference_pb2_grpc.InferenceStub(channel)
+        self.records: list[Any] = []
+        runtime.live.sinks.append(self.records.append)
+
+
+@asynccontextmanager
+async def everywhere(
+    make_runtime: MakeRuntime, config: ModelConfig, *overrides: str
+) -> AsyncIterator[tuple[Everywhere, ScriptedEngine]]:
+    plugin = ScriptedEngines()
+    runtime = make_runtime(
+        "transports.grpc=true", "server.ws_ping_interval_s=0", *overrides, builtins=[plugin]
+    )
+    runtime.models.register(ModelSpec(config, Path("x"), "scripted", provider="local"))
+    await runtime.start()
+    await runtime.models.load(config.id)
+    held = plugin.built[config.id]
+    held.gate = asyncio.Event()
+    grpc_server, channel = await serve_grpc(runtime)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port, log_level="warning")
+    )
+    serving = asyncio.ensure_future(server.serve())
+    await eventually(lambda: server.started, within=10)
+    try:
+        yield Everywhere(runtime, port, channel), held
+    finally:
+        held.gate.set()
+        server.should_exit = True
+        await serving
+        await channel.close()
+        await grpc_server.stop(0)
+
+
+def grpc_chat(**fields: Any) -> pb.ChatRequest:
+    return pb.ChatRequest(
+        model="m1", messages=[pb.ChatMessage(role="user", content="hi")], **fields
+    )
 
 
 async def test_a_full_model_queue_is_refused_in_each_protocols_own_shape(
@@ -215,26 +266,10 @@ async def test_a_full_model_queue_is_refused_in_each_protocols_own_shape(
     on HTTP (streamed or not), RESOURCE_EXHAUSTED on gRPC, an error frame on the WebSocket
     (the socket stays usable), a GraphQL error with the status. Each refusal is a request-log
     record with its transport and status 429, and the running stream is untouched."""
-    plugin = ScriptedEngines()
-    runtime = make_runtime("transports.grpc=true", "server.ws_ping_interval_s=0", builtins=[plugin])
     config = ModelConfig(id="m1", source="x", max_queue=0, timeout_s=300)
-    runtime.models.register(ModelSpec(config, Path("x"), "scripted", provider="local"))
-    await runtime.start()
-    await runtime.models.load("m1")
-    held = plugin.built["m1"]
-    held.gate = asyncio.Event()
-    records: list[Any] = []
-    runtime.live.sinks.append(records.append)
-    grpc_server, channel = await serve_grpc(runtime)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port, log_level="warning")
-    )
-    serving = asyncio.ensure_future(server.serve())
-    await eventually(lambda: server.started, within=10)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=base) as http:
+    async with everywhere(make_runtime, config) as (api, held):
+        runtime = api.runtime
+        async with httpx.AsyncClient(base_url=api.base) as http:
             first = asyncio.ensure_future(http.post("/v1/chat/completions", json=chat()))
             await eventually(lambda: runtime.models.get("m1").in_flight == 1)
 
@@ -246,16 +281,12 @@ async def test_a_full_model_queue_is_refused_in_each_protocols_own_shape(
                 assert refused.json()["error"]["code"] == "queue_full"
                 assert int(refused.headers["retry-after"]) >= 1
 
-            stub = inference_pb2_grpc.InferenceStub(channel)
-            request = pb.ChatRequest(
-                model="m1", messages=[pb.ChatMessage(role="user", content="hi")]
-            )
             with pytest.raises(grpc.aio.AioRpcError) as exhausted:
-                [m async for m in stub.Chat(request)]
+                [m async for m in api.inference.Chat(grpc_chat(), timeout=5)]
             assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "m1" in (exhausted.value.details() or "")
 
-            async with connect(f"ws://127.0.0.1:{port}/ws/chat", open_timeout=5) as ws:
+            async with connect(api.ws, open_timeout=5) as ws:
                 await send(ws, {"id": "t1", "message": "hi", "model": "m1"})
                 assert (await recv(ws)) == {"type": "start", "id": "t1"}
                 error = await recv(ws)
@@ -273,11 +304,42 @@ async def test_a_full_model_queue_is_refused_in_each_protocols_own_shape(
             held.gate.set()
             assert (await first).status_code == 200
         assert runtime.models.get("m1").in_flight == 0
-        refusals = sorted((r.transport, r.status) for r in records if r.status == 429)
+        refusals = sorted((r.transport, r.status) for r in api.records if r.status == 429)
         transports = ["graphql", "grpc", "http", "http", "ws"]
         assert refusals == [(transport, 429) for transport in transports]
-    finally:
-        server.should_exit = True
-        await serving
-        await channel.close()
-        await grpc_server.stop(0)
+
+
+async def test_stream_and_max_tokens_limits_on_grpc_and_websocket(
+    make_runtime: MakeRuntime,
+) -> None:
+    """The per-client stream budget and the max_tokens cap, which HTTP's tests cover, hold on
+    the streaming transports too: RESOURCE_EXHAUSTED / INVALID_ARGUMENT on gRPC, error frames
+    (too_many_streams, max_tokens_too_large) on the WebSocket."""
+    config = ModelConfig(id="m1", source="x", timeout_s=300)
+    limits = ("limits.max_concurrent_streams=1", "limits.max_tokens=10")
+    async with everywhere(make_runtime, config, *limits) as (api, held):
+        async with httpx.AsyncClient(base_url=api.base) as http:
+            first = asyncio.ensure_future(http.post("/v1/chat/completions", json=chat(stream=True)))
+            await eventually(lambda: bool(held.requests))
+
+            with pytest.raises(grpc.aio.AioRpcError) as exhausted:
+                [m async for m in api.inference.Chat(grpc_chat(), timeout=5)]
+            assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limits.max_concurrent_streams" in (exhausted.value.details() or "")
+
+            async with connect(api.ws, open_timeout=5) as ws:
+                await send(ws, {"id": "t1", "message": "hi", "model": "m1"})
+                frames = [await recv(ws), await recv(ws)]
+                assert frames[0] == {"type": "start", "id": "t1"}
+                assert_error(frames[1], "rate_limit_error", "too_many_streams")
+
+                held.gate.set()
+                assert (await first).status_code == 200
+                await send(ws, {"id": "t2", "message": "hi", "model": "m1", "max_tokens": 11})
+                frames = [await recv(ws), await recv(ws)]
+                error = assert_error(frames[1], "invalid_request_error", "max_tokens_too_large")
+                assert error["param"] == "max_tokens"
+
+            with pytest.raises(grpc.aio.AioRpcError) as too_many:
+                [m async for m in api.inference.Chat(grpc_chat(max_tokens=11), timeout=5)]
+            assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
