@@ -230,7 +230,8 @@ class Client:
         if answer.get("errors"):
             extensions = answer["errors"][0].get("extensions") or {}
             status = int(extensions.get("status") or 500)
-            return out.answered(status, f"{extensions.get('code')}: {answer['errors'][0]}"[:200])
+            message = answer["errors"][0].get("message")
+            return out.answered(status, f"{extensions.get('code')}: {message}"[:200])
         out.tokens = int(answer["data"]["generateText"]["tokens"])
         out.ttft_s = time.monotonic() - out.started  # no stream: the first token is the answer
         return out.end("served", 200)
