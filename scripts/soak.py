@@ -10,12 +10,13 @@ Targets (exit 1 when one is missed):
   zero 5xx           nothing but 200, a deliberate disconnect, or a 429/503 refusal in the
                      protocol's own shape; any other status or an error mid-stream is a failure
   zero unanswered    no client timeout and no broken connection without an answer
-  zero lost rows     every request the server answered (including disconnected and refused
-                     ones: the request log records every request that named a model, see
-                     runtime/telemetry/live.py) has its row in the SQLite request log, read
-                     after the server has shut down (and flushed)
+  zero lost rows     every request the server answered has its row in the SQLite request log,
+                     read after the server has shut down (and flushed). The log records every
+                     request whose handler resolved a model (runtime/telemetry/live.py), so
+                     disconnected (499) and queue-refused (429) ones too; the clients send only
+                     such requests, so each answered one must have a row
   RSS growth < 10%   of the server's process tree, from the end of warm-up (the first 20% of
-                     the run) to the end; --short reports it but does not enforce it (30 s is
+                     the run) to the end; --short reports it but does not enforce it (15 s is
                      too short and too noisy to tell growth from a late allocation)
   clean exit         the server exits 0 on SIGTERM
 
