@@ -1,12 +1,14 @@
 """Request limits (runtime/limits.py and the transports' size limits), on the scripted engine:
 `limits.max_tokens` (400), `limits.max_concurrent_streams` per client (429 + Retry-After),
-`server.max_body_bytes` for gRPC messages and WebSocket frames. Each is answered in the
+`server.max_body_bytes` for gRPC messages and WebSocket frames, a full model queue (429) and
+the stream and max_tokens limits on every transport at once. Each is answered in the
 protocol's own error shape."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,6 +16,8 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+import uvicorn
+from websockets.asyncio.client import connect
 
 from hooks import hookimpl
 from runtime.app import Runtime
@@ -23,7 +27,7 @@ from runtime.engines.base import ModelSpec
 from runtime.transports.http import create_app
 from runtime.transports.proto.tiffin.v1 import inference_pb2 as pb
 from runtime.transports.proto.tiffin.v1 import inference_pb2_grpc
-from tests.conftest import eventually
+from tests.conftest import eventually, free_port
 from tests.scripted_engine import ScriptedEngine
 from tests.test_auth import ADMIN, APP, KEYS
 from tests.test_grpc import serve as serve_grpc
@@ -200,3 +204,142 @@ async def test_with_auth_each_api_key_has_its_own_stream_budget(make_runtime: Ma
         assert other.status_code == 200
         held.gate.set()
         assert (await first).status_code == 200
+
+
+# --- on every transport at once ------------------------------------------------------------------
+
+
+class Everywhere:
+    """One runtime served over HTTP/WebSocket/GraphQL (uvicorn on a loopback port) and gRPC,
+    with model m1 on a scripted engine held at its gate, and the request-log records."""
+
+    def __init__(self, runtime: Runtime, port: int, channel: grpc.aio.Channel) -> None:
+        self.runtime = runtime
+        self.base = f"http://127.0.0.1:{port}"
+        self.ws = f"ws://127.0.0.1:{port}/ws/chat"
+        self.inference = inference_pb2_grpc.InferenceStub(channel)
+        self.records: list[Any] = []
+        runtime.live.sinks.append(self.records.append)
+
+
+@asynccontextmanager
+async def everywhere(
+    make_runtime: MakeRuntime, config: ModelConfig, *overrides: str
+) -> AsyncIterator[tuple[Everywhere, ScriptedEngine]]:
+    plugin = ScriptedEngines()
+    runtime = make_runtime(
+        "transports.grpc=true", "server.ws_ping_interval_s=0", *overrides, builtins=[plugin]
+    )
+    runtime.models.register(ModelSpec(config, Path("x"), "scripted", provider="local"))
+    await runtime.start()
+    await runtime.models.load(config.id)
+    held = plugin.built[config.id]
+    held.gate = asyncio.Event()
+    grpc_server, channel = await serve_grpc(runtime)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port, log_level="warning")
+    )
+    serving = asyncio.ensure_future(server.serve())
+    await eventually(lambda: server.started, within=10)
+    try:
+        yield Everywhere(runtime, port, channel), held
+    finally:
+        held.gate.set()
+        server.should_exit = True
+        await serving
+        await channel.close()
+        await grpc_server.stop(0)
+
+
+def grpc_chat(**fields: Any) -> pb.ChatRequest:
+    return pb.ChatRequest(
+        model="m1", messages=[pb.ChatMessage(role="user", content="hi")], **fields
+    )
+
+
+async def test_a_full_model_queue_is_refused_in_each_protocols_own_shape(
+    make_runtime: MakeRuntime,
+) -> None:
+    """max_queue=0: one generation runs, the next request for the model is refused with 429
+    and Retry-After (vLLM and TGI answer an overloaded server the same way) — OpenAI error JSON
+    on HTTP (streamed or not), RESOURCE_EXHAUSTED on gRPC, an error frame on the WebSocket
+    (the socket stays usable), a GraphQL error with the status. Each refusal is a request-log
+    record with its transport and status 429, and the running stream is untouched."""
+    config = ModelConfig(id="m1", source="x", max_queue=0, timeout_s=300)
+    async with everywhere(make_runtime, config) as (api, held):
+        runtime = api.runtime
+        async with httpx.AsyncClient(base_url=api.base) as http:
+            first = asyncio.ensure_future(http.post("/v1/chat/completions", json=chat()))
+            await eventually(lambda: runtime.models.get("m1").in_flight == 1)
+
+            for stream in (False, True):
+                refused = await http.post("/v1/chat/completions", json=chat(stream=stream))
+                assert refused.status_code == 429
+                assert refused.headers["content-type"].startswith("application/json")
+                assert refused.json()["error"]["type"] == "rate_limit_error"
+                assert refused.json()["error"]["code"] == "queue_full"
+                assert int(refused.headers["retry-after"]) >= 1
+
+            with pytest.raises(grpc.aio.AioRpcError) as exhausted:
+                [m async for m in api.inference.Chat(grpc_chat(), timeout=5)]
+            assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "m1" in (exhausted.value.details() or "")
+
+            async with connect(api.ws, open_timeout=5) as ws:
+                await send(ws, {"id": "t1", "message": "hi", "model": "m1"})
+                assert (await recv(ws)) == {"type": "start", "id": "t1"}
+                error = await recv(ws)
+                assert error["id"] == "t1"
+                assert_error(error, "rate_limit_error", "queue_full")
+                await send(ws, {"type": "ping"})
+                assert (await recv(ws)) == {"type": "pong"}  # the socket stays usable
+
+            document = 'mutation { generateText(model: "m1", prompt: "hi") { text } }'
+            answer = (await http.post("/graphql", json={"query": document})).json()
+            extensions = answer["errors"][0]["extensions"]
+            assert (extensions["status"], extensions["code"]) == (429, "queue_full")
+            assert extensions["retryAfter"] >= 1
+
+            held.gate.set()
+            assert (await first).status_code == 200
+        assert runtime.models.get("m1").in_flight == 0
+        refusals = sorted((r.transport, r.status) for r in api.records if r.status == 429)
+        transports = ["graphql", "grpc", "http", "http", "ws"]
+        assert refusals == [(transport, 429) for transport in transports]
+
+
+async def test_stream_and_max_tokens_limits_on_grpc_and_websocket(
+    make_runtime: MakeRuntime,
+) -> None:
+    """The per-client stream budget and the max_tokens cap, which HTTP's tests cover, hold on
+    the streaming transports too: RESOURCE_EXHAUSTED / INVALID_ARGUMENT on gRPC, error frames
+    (too_many_streams, max_tokens_too_large) on the WebSocket."""
+    config = ModelConfig(id="m1", source="x", timeout_s=300)
+    limits = ("limits.max_concurrent_streams=1", "limits.max_tokens=10")
+    async with everywhere(make_runtime, config, *limits) as (api, held):
+        async with httpx.AsyncClient(base_url=api.base) as http:
+            first = asyncio.ensure_future(http.post("/v1/chat/completions", json=chat(stream=True)))
+            await eventually(lambda: bool(held.requests))
+
+            with pytest.raises(grpc.aio.AioRpcError) as exhausted:
+                [m async for m in api.inference.Chat(grpc_chat(), timeout=5)]
+            assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limits.max_concurrent_streams" in (exhausted.value.details() or "")
+
+            async with connect(api.ws, open_timeout=5) as ws:
+                await send(ws, {"id": "t1", "message": "hi", "model": "m1"})
+                frames = [await recv(ws), await recv(ws)]
+                assert frames[0] == {"type": "start", "id": "t1"}
+                assert_error(frames[1], "rate_limit_error", "too_many_streams")
+
+                held.gate.set()
+                assert (await first).status_code == 200
+                await send(ws, {"id": "t2", "message": "hi", "model": "m1", "max_tokens": 11})
+                frames = [await recv(ws), await recv(ws)]
+                error = assert_error(frames[1], "invalid_request_error", "max_tokens_too_large")
+                assert error["param"] == "max_tokens"
+
+            with pytest.raises(grpc.aio.AioRpcError) as too_many:
+                [m async for m in api.inference.Chat(grpc_chat(max_tokens=11), timeout=5)]
+            assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
