@@ -119,6 +119,21 @@ class ModelConfig:
 
 
 @dataclass
+class CorsConfig:
+    """Cross-origin access for browsers. Closed by default: with no `allow_origins`, no CORS
+    header is ever sent, so a page on another origin cannot read any answer. `["*"]` allows
+    every origin (never together with `allow_credentials`)."""
+
+    allow_origins: list[str] = field(default_factory=list)
+    allow_methods: list[str] = field(default_factory=lambda: ["GET", "POST"])
+    allow_headers: list[str] = field(
+        default_factory=lambda: ["authorization", "content-type", "x-api-key", "x-request-id"]
+    )
+    allow_credentials: bool = False
+    max_age_s: int = 600
+
+
+@dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
     http_port: int = 3000
@@ -137,6 +152,7 @@ class ServerConfig:
     ws_send_queue: int = 64
     # Where `python -m runtime` writes the resolved config and start record of each run.
     run_dir: str = ".tiffin/runs"
+    cors: CorsConfig = field(default_factory=CorsConfig)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from runtime.dispatch import Event, HandlerError, NdjsonStream, Reply
 from runtime.telemetry.logging import bind_request
 from runtime.transports import graphql
+from runtime.transports.cors import install_cors
 from runtime.transports.tracing import TracingMiddleware
 from runtime.transports.ws import mount_websockets
 
@@ -144,6 +145,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     # app (it only forwards paths that some route of the app matches).
     app.add_api_route("/{path:path}", _fallback(app), methods=_METHODS, include_in_schema=False)
     _install_error_handlers(app)
+    install_cors(app, runtime.settings.server.cors)
     app.add_middleware(
         RequestContextMiddleware, max_body_bytes=runtime.settings.server.max_body_bytes
     )
