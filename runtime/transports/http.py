@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.dispatch import Event, HandlerError, NdjsonStream, Reply
+from runtime.dispatch import Event, HandlerError, NdjsonStream, Reply, parse_json
 from runtime.telemetry.logging import bind_request
 from runtime.transports import graphql
 from runtime.transports.cors import install_cors
@@ -243,12 +243,7 @@ async def _read_body(request: Request) -> Any:
     raw = await request.body()
     if not raw:
         return None
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HandlerError(
-            400, f"request body is not valid JSON: {exc}", code="invalid_json"
-        ) from None
+    return parse_json(raw, "request body")
 
 
 def encode(result: Any) -> Response:
