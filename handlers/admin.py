@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from handlers.generation import error_for
-from runtime.dispatch import Context, Event, HandlerError
+from runtime.dispatch import Context, Event, HandlerError, request_body
 from runtime.engines.detect import ModelFormatError
 from runtime.integrations.hub_files import HubError
 from runtime.integrations.huggingface_hub import HuggingFaceHubIntegration
@@ -35,6 +35,13 @@ async def unload_model(event: Event, ctx: Context) -> dict[str, Any]:
     return model.describe()
 
 
+@request_body(
+    {
+        "type": "object",
+        "properties": {"source": {"type": "string", "description": "hf://org/repo[/file.gguf]"}},
+        "required": ["source"],
+    }
+)
 async def pull_model(event: Event, ctx: Context) -> dict[str, Any]:
     """Download a model from the Hugging Face Hub (`{"source": "hf://org/repo[/file.gguf]"}`)
     and make it servable; returns the model's id, engine and the file chosen."""

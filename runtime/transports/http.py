@@ -26,6 +26,7 @@ from runtime.dispatch import Event, HandlerError, NdjsonStream, Reply, parse_jso
 from runtime.telemetry.logging import bind_request
 from runtime.transports import graphql
 from runtime.transports.cors import install_cors
+from runtime.transports.openapi import install_openapi, route_openapi
 from runtime.transports.tracing import TracingMiddleware
 from runtime.transports.ws import mount_websockets
 
@@ -124,6 +125,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     app.state.runtime = runtime
     openai_api = runtime.settings.transports.openai_api
+    schemas: dict[str, Any] = {}
     for name, route in runtime.settings.handlers.routes.items():
         if route.http is None:
             continue
@@ -135,6 +137,11 @@ def create_app(runtime: Runtime) -> FastAPI:
             methods=[route.http.method.upper()],
             name=name,
             description=route.description,
+            openapi_extra=route_openapi(
+                route.http.path,
+                getattr(runtime.handlers.get(route.handler), "request_body", None),
+                schemas,
+            ),
         )
     if runtime.settings.transports.websocket:
         mount_websockets(app, runtime)
@@ -145,6 +152,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     # app (it only forwards paths that some route of the app matches).
     app.add_api_route("/{path:path}", _fallback(app), methods=_METHODS, include_in_schema=False)
     _install_error_handlers(app)
+    install_openapi(app, schemas)
     install_cors(app, runtime.settings.server.cors)
     app.add_middleware(
         RequestContextMiddleware, max_body_bytes=runtime.settings.server.max_body_bytes
