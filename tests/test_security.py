@@ -146,7 +146,7 @@ async def test_allowed_dirs_admits_more_directories(
     (models_dir / "linked.gguf").symlink_to(shared)
     runtime = make_runtime(
         *overrides(models_dir, tmp_path / "cache", f"[{{id:big,source:'{shared}'}}]"),
-        f"+integrations.custom_models.settings.allowed_dirs=[{tmp_path / 'shared'}]",
+        f"integrations.custom_models.settings.allowed_dirs=[{tmp_path / 'shared'}]",
     )
     await runtime.start()
     assert runtime.models.models["big"].spec.path == shared
