@@ -24,6 +24,9 @@ def check_module_name(
     name = value[len(prefix) :] if isinstance(value, str) and value.startswith(prefix) else value
     if not isinstance(name, str) or not _DOTTED.match(name) or (not dotted and "." in name):
         raise ConfigError(key, value, expected)
-    top = name.split(".", 1)[0]
+    parts = name.split(".")
+    if any(part.startswith("__") for part in parts):  # __main__, __init__, __builtins__...
+        raise ConfigError(key, value, f"{expected}, not a dunder module or attribute")
+    top = parts[0]
     if top in sys.stdlib_module_names or top in sys.builtin_module_names or top == "__main__":
         raise ConfigError(key, value, f"{expected}, not a module of the standard library")

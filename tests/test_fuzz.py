@@ -28,7 +28,7 @@ from tests.conftest import TEST_OVERRIDES
 from tests.test_openai_api import ScriptedEngines
 from tests.thread_server import ThreadServer
 
-EXAMPLES = 12
+EXAMPLES = 20
 CHECKS = [not_a_server_error, response_schema_conformance]
 
 

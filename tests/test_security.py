@@ -180,7 +180,16 @@ def no_processes(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 
 
 @pytest.mark.parametrize(
-    "target", ["os.system", "subprocess.Popen", "builtins.eval", "runtime.os.system", "../x.Y"]
+    "target",
+    [
+        "os.system",
+        "subprocess.Popen",
+        "builtins.eval",
+        "runtime.os.system",
+        "runtime.__main__.main",
+        "runtime.app.__builtins__",
+        "../x.Y",
+    ],
 )
 def test_an_integration_target_naming_the_stdlib_is_refused(
     make_runtime: MakeRuntime, no_processes: list[object], target: str
@@ -204,7 +213,9 @@ def test_a_target_outside_the_project_is_refused_before_it_is_imported(
 def test_a_plugin_naming_the_stdlib_is_refused(
     make_runtime: MakeRuntime, no_processes: list[object], plugin: str
 ) -> None:
-    with pytest.raises(ConfigError, match="not a module of the standard library") as raised:
+    with pytest.raises(
+        ConfigError, match="not a (module of the standard library|dunder)"
+    ) as raised:
         make_runtime(f"plugins=[tests.fakes,'{plugin}']")
     assert raised.value.key == "plugins"
     assert no_processes == []
