@@ -214,7 +214,7 @@ def test_a_plugin_naming_the_stdlib_is_refused(
     make_runtime: MakeRuntime, no_processes: list[object], plugin: str
 ) -> None:
     with pytest.raises(
-        ConfigError, match="not a (module of the standard library|dunder)"
+        ConfigError, match=r"not a (module of the standard library|dunder)"
     ) as raised:
         make_runtime(f"plugins=[tests.fakes,'{plugin}']")
     assert raised.value.key == "plugins"
