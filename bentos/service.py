@@ -1,8 +1,9 @@
 """The BentoML service that serves a Tiffin Runtime.
 
 Which config it serves: the file named by `TIFFIN_CONFIG` (what `python -m runtime` writes into
-its run directory, and what `build` bakes into a Bento), else `conf/` composed with `TIFFIN_ENV`
-and `TIFFIN_OVERRIDES` (space-separated Hydra overrides).
+its run directory); else the config `python -m runtime build` baked into the Bento
+(runtime/bake.py), with `TIFFIN_ENV` (where it names another env) and `TIFFIN_OVERRIDES`
+(space-separated Hydra overrides) on top; else `conf/` composed with those two.
 
 Each BentoML worker imports this module and so builds its own Runtime (no I/O at import);
 integrations start in the on_startup hook and stop, in reverse order, in on_shutdown.
@@ -30,6 +31,7 @@ from omegaconf import DictConfig
 import handlers
 from bentos.runner import RunnerProxyClient, build_runner
 from runtime.app import Runtime
+from runtime.bake import is_baked, load_baked
 from runtime.config import ServingConfig, Topology, compose, load_config_file
 from runtime.errors import STARTUP_FAILURE_FILE, StartupError
 from runtime.telemetry.logging import configure_logging
@@ -42,6 +44,8 @@ def load_config() -> DictConfig:
     path = os.environ.get("TIFFIN_CONFIG")
     if path:
         return load_config_file(path)
+    if is_baked():
+        return load_baked(os.environ.get("TIFFIN_OVERRIDES", ""), env=os.environ.get("TIFFIN_ENV"))
     overrides = shlex.split(os.environ.get("TIFFIN_OVERRIDES", ""))
     env = os.environ.get("TIFFIN_ENV")
     return compose([*([f"env={env}"] if env else []), *overrides])
@@ -134,9 +138,12 @@ def build_service(cfg: DictConfig) -> Any:
     grpc_server = GrpcServer(runtime) if runtime.settings.transports.grpc else None
     drain = Drain(runtime)
 
+    api_gpus = runtime.settings.serving.api_gpus
+
     @bentoml.service(
         name="tiffin",
         workers=server.workers,
+        resources={"gpu": api_gpus} if api_gpus else {},
         traffic={"timeout": int(server.request_timeout_s)},
         endpoints={"livez": "/livez", "readyz": "/readyz"},
     )

@@ -82,6 +82,8 @@ class MetricsPlugin:
 
     @hookimpl(trylast=True)
     def on_event(self, event: Any) -> None:
+        if getattr(event, "origin", ""):
+            return  # another worker's, bridged through Redis: its own metrics count it
         data = event.data
         if event.type in ("model.loaded", "model.load_failed"):
             model, provider = str(data.get("model", "")), str(data.get("provider", ""))

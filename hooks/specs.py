@@ -139,6 +139,8 @@ def after_health_check(name: str, health: Any) -> None:
 def on_event(event: Any) -> None:
     """Called for every event published on the runtime's event bus (`integration.started`,
     `integration.health_changed`, ...). `event` is a BusEvent. May return an awaitable.
+    Events another worker or replica published reach here too when the redis integration
+    bridges them: those have `event.origin` set (`event.remote` is true).
     Return value ignored; exceptions are logged and do not reach the publisher.
     """
 

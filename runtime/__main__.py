@@ -3,9 +3,10 @@
 Verbs: `serve` (default) starts the BentoML service; `plan` prints the resolved start plan as
 JSON and starts nothing; `check` starts the integrations once, health-checks them, prints a table
 and exits non-zero if a required one fails; `keys create|list|revoke` manages API keys
-(runtime/auth/cli.py). Every other word is a Hydra override
-(`env=prod integrations=ollama,grafana server.http_port=9000`). `--help`, `--cfg job` and
-`--info` keep their Hydra meaning (the printed config has its secrets masked).
+(runtime/auth/cli.py); `build [--gpu]` bakes the config into a Bento (runtime/build.py). Every
+other word is a Hydra override (`env=prod integrations=ollama,grafana server.http_port=9000`).
+`--help`, `--cfg job` and `--info` keep their Hydra meaning (the printed config has its secrets
+masked).
 
 Exit codes: 0 ok, 1 a required integration failed, 2 the config is invalid.
 """
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 import handlers
 from runtime.app import Runtime, to_settings
 from runtime.auth.cli import keys_main
+from runtime.build import build_main
 from runtime.config import compose, config_groups
 from runtime.errors import STARTUP_FAILURE_FILE, ConfigError, StartupError
 from runtime.telemetry.logging import configure_logging
@@ -38,11 +40,13 @@ VERBS = ("serve", "plan", "check")
 USAGE = """\
 usage: python -m runtime [serve|plan|check] [--help] [--cfg job] [--info] [key=value ...]
        python -m runtime keys create --name NAME [--scope admin|inference] | list | revoke
+       python -m runtime build [--gpu] [key=value ...]
 
   serve   start the service (default): OpenAI-compatible HTTP API, /integrations/*, /metrics
   plan    print the resolved start plan as JSON; start nothing
   check   start integrations once, health-check them, exit 1 if a required one fails
   keys    make an API key (shown once) or list the configured ones
+  build   bake the resolved config into a Bento (bentoml build; --gpu: the CUDA image)
 
 Overrides are Hydra's: pick group options (env=prod, integrations=ollama,grafana,
 +integrations=redis) or set any key (server.http_port=9000, logging.format=json).
@@ -54,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "keys":
         return keys_main(args[1:])
+    if args and args[0] == "build":
+        return build_main(args[1:])
     verb = args.pop(0) if args and args[0] in VERBS else "serve"
     show_cfg, show_info, overrides = _flags(args)
     if show_cfg == "help":

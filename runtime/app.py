@@ -23,7 +23,7 @@ import hooks.builtin
 from hooks import make_plugin_manager, resolve, resolve_all
 from hooks.live import LiveStatsPlugin
 from hooks.metrics import MetricsPlugin
-from runtime.auth import Auth
+from runtime.auth import Auth, RateStore
 from runtime.config import IntegrationConfig, TiffinConfig, Topology
 from runtime.dispatch import Dispatcher, Handler
 from runtime.errors import ConfigError
@@ -101,6 +101,9 @@ class Runtime:
             sink = getattr(integration, "record_request", None)  # the database's request log
             if callable(sink):
                 self.live.sinks.append(sink)
+            shared = getattr(integration, "rate_store", None)  # redis: one count per key
+            if shared is not None:
+                self.auth.limiter.store = cast(RateStore, shared)
         self.dispatcher = Dispatcher(
             self,
             self.handlers,
@@ -215,6 +218,7 @@ class Runtime:
             "serving": {
                 "topology": self.settings.serving.topology.value,
                 "runner_engines": list(self.settings.serving.runner_engines),
+                "api_gpus": self.settings.serving.api_gpus,
             },
             "workers": server.workers,
             # Key names only: the keys themselves were dropped once hashed.
@@ -264,6 +268,9 @@ class Runtime:
 
     async def _on_models_event(self, event: BusEvent) -> None:
         # integration.* events name the integration in data; models.changed comes from it.
+        # Another worker's (bridged through Redis) is about that worker's integrations.
+        if event.remote:
+            return
         name = event.data.get("name") if event.source == "integrations" else event.source
         if self.started and isinstance(name, str):
             await self._offer_models(name)

@@ -66,7 +66,7 @@ class LogFormat(StrEnum):
 class RetryConfig:
     """How `initialize()` is retried: waits grow by `backoff_factor`, capped at `max_backoff`."""
 
-    max_retries: int = 3
+    max_retries: int = 3  # 0: one attempt
     backoff_factor: float = 2.0
     max_backoff: float = 300.0
     initial_delay: float = 1.0
@@ -76,16 +76,16 @@ class RetryConfig:
 class IntegrationConfig:
     """One integration, as declared in `conf/integrations/<name>.yaml`."""
 
-    _target_: str = MISSING
-    name: str = MISSING
-    type: IntegrationType = IntegrationType.external_service
-    enabled: bool = True
-    required: bool = False
-    priority: int = 100
-    dependencies: list[str] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
-    health_check_interval: float = 60.0
-    health_check_timeout: float = 10.0
+    _target_: str = MISSING  # the BaseIntegration class instantiated for it
+    name: str = MISSING  # its key under `integrations`
+    type: IntegrationType = IntegrationType.external_service  # the platform guide's kind
+    enabled: bool = True  # false: declared but not started
+    required: bool = False  # true: start fails (exit 1) and /readyz is 503 while it is down
+    priority: int = 100  # start order among integrations with no dependency between them
+    dependencies: list[str] = field(default_factory=list)  # started first; pulled in if unselected
+    settings: dict[str, Any] = field(default_factory=dict)  # the integration's own (its YAML)
+    health_check_interval: float = 60.0  # seconds between health checks
+    health_check_timeout: float = 10.0  # a health check slower than this fails
     retry_config: RetryConfig = field(default_factory=RetryConfig)
     # Filled in by dependency resolution: why an integration nobody selected was enabled.
     because: str | None = None
@@ -95,7 +95,7 @@ class IntegrationConfig:
 class ModelConfig:
     """One local model, as declared under `integrations.custom_models.settings.models`."""
 
-    id: str = MISSING
+    id: str = MISSING  # the model name clients ask for
     # A path, a file or directory name under models_dir, or `pkg:<python package>`.
     source: str = MISSING
     # auto: from the files (.gguf -> llama_cpp, HF dir -> transformers, EXL2/GPTQ -> exllamav2).
@@ -111,7 +111,7 @@ class ModelConfig:
     preload: bool = False
     idle_unload_s: float = 0.0  # 0: stay loaded
     max_queue: int = 16  # requests waiting beyond the one running; more get 429
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0  # one generation's limit
     # Price per 1k tokens for the estimate_cost hook: {prompt_per_1k, completion_per_1k}.
     prices: dict[str, float] = field(default_factory=dict)
     # Passed to the engine: n_threads, n_batch, gpu_split, cache_size, device, batch_size...
@@ -135,12 +135,12 @@ class CorsConfig:
 
 @dataclass
 class ServerConfig:
-    host: str = "127.0.0.1"
-    http_port: int = 3000
-    grpc_port: int = 50051
-    workers: int = 1
-    request_timeout_s: float = 300.0
-    max_body_bytes: int = 4 * 1024 * 1024
+    host: str = "127.0.0.1"  # the address both ports bind (prod: 0.0.0.0, env TIFFIN_HOST)
+    http_port: int = 3000  # HTTP: OpenAI API, /integrations/*, /readyz, /metrics, WS, GraphQL
+    grpc_port: int = 50051  # gRPC transport (transports.grpc)
+    workers: int = 1  # BentoML worker processes, each with its own Runtime
+    request_timeout_s: float = 300.0  # BentoML's per-request timeout
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
     # Shutdown (SIGTERM): in-flight requests get `drain_timeout_s` to finish, then open streams
     # end with finish_reason "abort"; `graceful_timeout_s` (BentoML's, must be larger) is when
     # the server cancels whatever is left.
@@ -171,27 +171,30 @@ class ServingConfig:
     """`split`: models whose engine is in `runner_engines` run in the runner service (its own
     process, `runner_gpus` GPUs), reached from the API service through `bentoml.depends`."""
 
-    topology: Topology = Topology.embedded
-    runner_engines: list[str] = field(default_factory=lambda: ["exllamav2"])
-    runner_gpus: int = 1
-    runner_workers: int = 1
+    topology: Topology = Topology.embedded  # split: GPU engines in their own runner service
+    runner_engines: list[str] = field(default_factory=lambda: ["exllamav2"])  # runner-placed
+    runner_gpus: int = 1  # GPUs BentoML assigns to the runner service
+    runner_workers: int = 1  # runner worker processes
+    # GPUs BentoML assigns to the API service's workers (embedded GPU engines); the GPU Bento
+    # (`python -m runtime build --gpu`) sets 1 unless told otherwise.
+    api_gpus: int = 0
     # How long the API service waits at start for the runner to load its preloaded models.
     runner_ready_timeout_s: float = 600.0
 
 
 @dataclass
 class LoggingConfig:
-    level: str = "INFO"
-    format: LogFormat = LogFormat.console
-    access_log: bool = True
+    level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR (env LOG_LEVEL in prod)
+    format: LogFormat = LogFormat.console  # json: one JSON object a line (staging, prod)
+    access_log: bool = True  # one log line per HTTP request
 
 
 @dataclass
 class RateLimitConfig:
     """Per-key limits over a one-minute window; 0 means no limit."""
 
-    requests_per_minute: int = 0
-    tokens_per_minute: int = 0
+    requests_per_minute: int = 0  # requests per key per minute (429 beyond)
+    tokens_per_minute: int = 0  # prompt + completion tokens per key per minute
 
 
 @dataclass
@@ -201,10 +204,10 @@ class ApiKeyConfig:
     holds the secret (`python -m runtime keys create` prints both). A key left empty is skipped.
     `limits` replaces `auth.limits` for this key (a field left at 0 there is unlimited)."""
 
-    name: str = MISSING
-    key: str = ""
-    key_sha256: str = ""
-    scopes: list[str] = field(default_factory=lambda: ["inference"])
+    name: str = MISSING  # who the key belongs to (logs, /admin/usage)
+    key: str = ""  # the secret, from the environment
+    key_sha256: str = ""  # or its hex SHA-256, so the config holds no secret
+    scopes: list[str] = field(default_factory=lambda: ["inference"])  # inference, admin
     limits: RateLimitConfig | None = None
 
 
@@ -213,7 +216,7 @@ class AuthConfig:
     """API-key authentication (runtime/auth/). Enforced when `required` (staging, prod) or when
     any key is configured; routes marked `scope: public` never need a key."""
 
-    required: bool = False
+    required: bool = False  # true: every non-public route needs a key (staging, prod)
     keys: list[ApiKeyConfig] = field(default_factory=list)
     # The limits of a key that declares none of its own.
     limits: RateLimitConfig = field(default_factory=RateLimitConfig)
@@ -224,10 +227,10 @@ class TransportsConfig:
     """Which transports serve the route table (env: OPENAI_API_ENABLED, GRPC_ENABLED,
     WEBSOCKET_ENABLED, GRAPHQL_ENABLED). `openai_api` is the HTTP routes under /v1/."""
 
-    openai_api: bool = True
-    grpc: bool = True
-    websocket: bool = True
-    graphql: bool = True
+    openai_api: bool = True  # the /v1/ HTTP routes
+    grpc: bool = True  # the gRPC server on server.grpc_port
+    websocket: bool = True  # /ws/* routes
+    graphql: bool = True  # /graphql
 
 
 @dataclass
@@ -236,19 +239,19 @@ class GraphqlConfig:
     selection may nest, how many tokens a document may have (its cost), how many aliases (one
     field asked many times). `graphiql` serves the in-browser IDE on GET /graphql."""
 
-    max_depth: int = 8
-    max_tokens: int = 2000
-    max_aliases: int = 15
-    graphiql: bool = True
+    max_depth: int = 8  # deepest selection nesting
+    max_tokens: int = 2000  # tokens in one document
+    max_aliases: int = 15  # aliases in one document
+    graphiql: bool = True  # the IDE on GET /graphql
 
 
 @dataclass
 class TelemetryConfig:
-    metrics: bool = True
+    metrics: bool = True  # Prometheus metrics on /metrics (env PROMETHEUS_ENABLED)
     # How often state gauges (CPU, memory, GPU, queue depth, models, integrations) are read.
     sample_interval_s: float = 5.0
-    tracing: bool = False
-    exporters: list[str] = field(default_factory=list)
+    tracing: bool = False  # OpenTelemetry spans (env OPENTELEMETRY_ENABLED in prod)
+    exporters: list[str] = field(default_factory=list)  # otlp, prometheus
 
 
 @dataclass
@@ -300,12 +303,12 @@ class RouteConfig:
     """One row of the route table: a handler and where each transport exposes it. A transport
     serves exactly the rows that have its column; the handler is the same for all of them."""
 
-    handler: str = MISSING
+    handler: str = MISSING  # a registered handler name, e.g. `openai.chat`
     http: HttpRoute | None = None
     grpc: GrpcRoute | None = None
     ws: WsRoute | None = None
     graphql: GraphqlRoute | None = None
-    description: str = ""
+    description: str = ""  # shown in OpenAPI and the GraphQL schema
     # The API-key scope a caller needs when auth is on: inference, admin, or public (no key).
     scope: str = "inference"
 
@@ -317,7 +320,9 @@ class HandlersConfig:
 
 @dataclass
 class TiffinConfig:
-    env: str = "dev"
+    """The whole config: what `python -m runtime --cfg job` prints."""
+
+    env: str = "dev"  # the conf/env option composed (dev, test, staging, prod)
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)

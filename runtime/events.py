@@ -2,7 +2,10 @@
 
 Subscribers give a glob pattern (`integration.*`) and a callback (sync or async), or open a
 stream (`async with bus.stream("integration.*") as events`). A failing subscriber is logged and
-never breaks the publisher. A Redis bridge (issue 8) subscribes here and republishes.
+never breaks the publisher. With the redis integration up, a bridge
+(runtime/integrations/redis_bridge.py) carries events between the buses of every worker and
+replica: events it delivers here from another process carry that process's `origin`, and those
+are never sent on again.
 """
 
 from __future__ import annotations
@@ -24,20 +27,31 @@ Subscriber = Callable[["BusEvent"], Awaitable[None] | None]
 
 @dataclass(frozen=True)
 class BusEvent:
-    """Something that happened: `type` is dotted (`integration.started`), `source` who said it."""
+    """Something that happened: `type` is dotted (`integration.started`), `source` who said it.
+    `origin` is empty for an event of this process, and names the process (worker or replica)
+    an event came from when the Redis bridge delivered it."""
 
     type: str
     source: str
     data: Mapping[str, Any] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
+    origin: str = ""
+
+    @property
+    def remote(self) -> bool:
+        """Delivered from another process: per-process state (metrics) must not count it."""
+        return bool(self.origin)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        described = {
             "type": self.type,
             "source": self.source,
             "data": dict(self.data),
             "time": self.time,
         }
+        if self.origin:
+            described["origin"] = self.origin
+        return described
 
 
 class EventBus:

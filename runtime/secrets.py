@@ -13,7 +13,7 @@ from typing import Any
 
 MASK = "***"
 _SECRET_KEY = re.compile(
-    r"(token|secret|password|passwd|pwd|credential|api[_-]?key|private[_-]?key|"
+    r"(token(?![a-z])|secret|password|passwd|pwd|credential|api[_-]?key|private[_-]?key|"
     r"access[_-]?key|auth(orization)?$|cookie|^key$|_key$|dsn)",
     re.IGNORECASE,
 )

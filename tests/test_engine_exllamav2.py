@@ -18,6 +18,7 @@ from runtime.config import ModelConfig
 from runtime.engines.base import (
     Chunk,
     ContextLengthExceeded,
+    EngineError,
     GenerationRequest,
     UnsupportedRequest,
     Usage,
@@ -29,6 +30,7 @@ from runtime.engines.exllamav2 import (
     held_text,
     job_fields,
     logprobs_of,
+    paged_attention,
     sampler_fields,
 )
 from runtime.engines.text import render_chat
@@ -368,6 +370,26 @@ async def test_unload_closes_the_generator(serve: Callable[..., Served]) -> None
     await served.engine.unload()
     assert served.generator.closed
     assert served.engine._generator is None
+
+
+def test_paged_attention_is_chosen_at_load_unless_the_settings_name_it() -> None:
+    def engine(**settings: Any) -> ExLlamaV2Engine:
+        config = ModelConfig(id="exl", source="exl", engine_settings=settings)
+        return ExLlamaV2Engine(Path("/models/exl"), config)
+
+    assert engine().paged is None  # auto: paged where flash-attn has paged attention
+    assert engine(paged="auto").paged is None
+    assert engine(paged=True).paged is True
+    assert engine(paged=False).paged is False
+
+
+def test_auto_pages_only_where_flash_attn_can_and_true_without_it_is_an_error() -> None:
+    assert paged_attention(None, available=True) is True
+    assert paged_attention(None, available=False) is False
+    assert paged_attention(False, available=True) is False
+    assert paged_attention(True, available=True) is True
+    with pytest.raises(EngineError, match="flash-attn"):
+        paged_attention(True, available=False)
 
 
 # --- on a GPU -----------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from runtime.secrets import MASK, is_secret_key, redact, redact_text
         "apiKey",
         "token",
         "HUGGINGFACE_TOKEN",
+        "hf_token",
+        "access_token",
         "password",
         "db_password",
         "client_secret",
@@ -26,7 +28,22 @@ def test_secret_keys(key: str) -> None:
     assert is_secret_key(key)
 
 
-@pytest.mark.parametrize("key", ["base_url", "timeout", "name", "keywords", "monkey", "author"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "base_url",
+        "timeout",
+        "name",
+        "keywords",
+        "monkey",
+        "author",
+        # Counts of tokens and the tokenizer's path are not credentials: `--cfg job` and the
+        # status endpoints show them.
+        "max_tokens",
+        "tokens_per_minute",
+        "tokenizer",
+    ],
+)
 def test_plain_keys(key: str) -> None:
     assert not is_secret_key(key)
 

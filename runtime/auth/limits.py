@@ -44,19 +44,20 @@ class MemoryRateStore:
         self._counts: dict[str, tuple[float, int]] = {}
 
     async def add(self, bucket: str, amount: int, window_s: float, now: float) -> Window:
-        start = _window_start(now, window_s)
+        start = window_start(now, window_s)
         seen_start, used = self._counts.get(bucket, (start, 0))
         used = used + amount if seen_start == start else amount
         self._counts[bucket] = (start, used)
         return Window(used, start + window_s)
 
     async def peek(self, bucket: str, window_s: float, now: float) -> Window:
-        start = _window_start(now, window_s)
+        start = window_start(now, window_s)
         seen_start, used = self._counts.get(bucket, (start, 0))
         return Window(used if seen_start == start else 0, start + window_s)
 
 
-def _window_start(now: float, window_s: float) -> float:
+def window_start(now: float, window_s: float) -> float:
+    """Start (clock seconds) of the fixed window that holds `now`."""
     return math.floor(now / window_s) * window_s
 
 

@@ -137,6 +137,19 @@ def logprobs_of(result: dict[str, Any], pieces: Sequence[str]) -> list[TokenLogp
     return items
 
 
+def paged_attention(setting: bool | None, available: bool) -> bool:
+    """Whether the generator pages its cache: `setting` None (auto) follows whether flash-attn
+    with paged attention is installed; True without it is a clear error, not exllamav2's assert."""
+    if setting is None:
+        return available
+    if setting and not available:
+        raise EngineError(
+            "engine_settings.paged is true, but paged attention needs flash-attn >= 2.5.7, "
+            "which is not installed; set paged to auto or false to serve one job at a time"
+        )
+    return setting
+
+
 class ExLlamaV2Engine:
     capabilities = frozenset({CHAT, COMPLETION})
 
@@ -148,7 +161,10 @@ class ExLlamaV2Engine:
         self.cache_type = str(settings.get("cache_type", "fp16"))
         self.gpu_split: list[float] | None = settings.get("gpu_split")
         self.max_batch_size = int(settings.get("max_batch_size", 16))
-        self.paged = bool(settings.get("paged", True))
+        # "auto" (the default): paged when flash-attn >= 2.5.7 is importable, else the library's
+        # unpaged mode, which runs one job at a time. True insists on paged attention.
+        paged = settings.get("paged", "auto")
+        self.paged: bool | None = None if paged == "auto" else bool(paged)
         self._model: Any = None
         self._cache: Any = None
         self._tokenizer: Any = None
@@ -171,8 +187,8 @@ class ExLlamaV2Engine:
             model=self._model,
             cache=self._cache,
             tokenizer=self._tokenizer,
-            max_batch_size=self.max_batch_size,
-            paged=self.paged,
+            max_batch_size=self.max_batch_size if self.paged else 1,
+            paged=bool(self.paged),
         )
 
     def _load_weights(self) -> None:
@@ -183,6 +199,9 @@ class ExLlamaV2Engine:
                 "exllamav2 is not installed; install the gpu extra "
                 "(pip install 'tiffin[gpu]') on a machine with CUDA"
             ) from exc
+        from exllamav2.attn import has_flash_attn_with_paged
+
+        self.paged = paged_attention(self.paged, bool(has_flash_attn_with_paged))
         config = exllamav2.ExLlamaV2Config(str(self.path))
         config.arch_compat_overrides()
         config.max_seq_len = (
