@@ -8,7 +8,7 @@ from typing import Any
 from handlers.generation import error_for
 from runtime.dispatch import Context, Event, HandlerError, request_body
 from runtime.engines.detect import ModelFormatError
-from runtime.integrations.hub_files import HubError
+from runtime.integrations.hub_files import HubError, parse_source
 from runtime.integrations.huggingface_hub import HuggingFaceHubIntegration
 from runtime.models import ModelNotFound
 
@@ -54,6 +54,10 @@ async def pull_model(event: Event, ctx: Context) -> dict[str, Any]:
             param="source",
             code="invalid_value",
         )
+    try:
+        parse_source(source)  # a path, another scheme or `..` is refused whatever is running
+    except HubError as exc:
+        raise HandlerError(exc.status, str(exc), param="source", code=exc.code) from None
     hub = ctx.integrations.integrations.get("huggingface_hub")
     if not isinstance(hub, HuggingFaceHubIntegration) or not hub.initialized:
         state = "not enabled" if hub is None else f"not running ({hub.status.value})"

@@ -239,3 +239,24 @@ def test_a_pkg_source_naming_other_code_is_refused_before_import(
         make_runtime(*overrides(tmp_path, tmp_path, f"[{{id:x,source:'pkg:{package}'}}]"))
     assert raised.value.key == "integrations.custom_models.settings.models[0].source"
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "/etc/passwd",
+        "file:///etc/passwd",
+        "../models/x.gguf",
+        "hf://org/repo/../../../etc/passwd",
+        "hf://../etc/passwd",
+    ],
+)
+async def test_the_pull_endpoint_takes_no_path(make_runtime: MakeRuntime, source: str) -> None:
+    runtime = make_runtime()
+    await runtime.start()
+    async with client(runtime) as http:
+        response = await http.post("/admin/models/pull", json={"source": source})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "source" and error["code"] == "invalid_source"
+    assert source in error["message"] and "hf://org/repo" in error["message"]
