@@ -260,3 +260,15 @@ async def test_the_pull_endpoint_takes_no_path(make_runtime: MakeRuntime, source
     error = response.json()["error"]
     assert error["param"] == "source" and error["code"] == "invalid_source"
     assert source in error["message"] and "hf://org/repo" in error["message"]
+
+
+def test_any_origin_with_credentials_is_a_config_error(make_runtime: MakeRuntime) -> None:
+    with pytest.raises(ConfigError, match=r"not '\*', when server\.cors\.allow_credentials"):
+        make_runtime("server.cors.allow_origins=['*']", "server.cors.allow_credentials=true")
+
+
+async def test_any_origin_without_credentials_is_allowed(make_runtime: MakeRuntime) -> None:
+    async with client(make_runtime("server.cors.allow_origins=['*']")) as http:
+        answer = await http.get("/v1/models", headers={"origin": "https://anywhere.example"})
+        assert answer.headers["access-control-allow-origin"] == "*"
+        assert "access-control-allow-credentials" not in answer.headers
