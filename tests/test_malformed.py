@@ -274,3 +274,18 @@ async def test_grpc_truncated_and_garbage_messages_are_refused_and_the_server_ke
     finally:
         await server.stop(0)
     await asyncio.sleep(0)
+
+
+async def test_graphql_subscription_socket_garbage_closes_that_socket_only(
+    served: Served, http: httpx.AsyncClient
+) -> None:
+    for garbage in ("not json", "{" * 30_000, '{"type": "subscribe"}', b"\xff\xfe"):
+        async with served.connect("/graphql", subprotocols=["graphql-transport-ws"]) as ws:
+            await send(ws, {"type": "connection_init"})
+            assert (await recv(ws))["type"] == "connection_ack"
+            await send(ws, garbage)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+            assert closed.value.rcvd is not None and 4400 <= closed.value.rcvd.code < 4500
+    answer = await http.post("/graphql", json={"query": "{ models { id } }"})
+    assert answer.json()["data"]["models"][0]["id"] == "m1"
