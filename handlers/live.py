@@ -13,7 +13,11 @@ from typing import Any
 
 from runtime.dispatch import Context, Event, HandlerError
 from runtime.events import BusEvent
+from runtime.integrations.database import DatabaseIntegration
+from runtime.secrets import redact_text
+from runtime.telemetry.live import GenerationRequestRecord
 
+RECORD_FIELDS = [name for name in GenerationRequestRecord.__dataclass_fields__ if name != "id"]
 DEFAULT_EVENTS = ("model.*", "integration.*", "*.pull", "alert.*", "grafana.*")
 
 
@@ -140,6 +144,34 @@ class EventWatch:
 
 
 async def recent_requests(event: Event, ctx: Context) -> list[dict[str, Any]]:
-    """The latest generation requests of this worker, newest first (`limit`, default 20)."""
+    """The latest generation requests, newest first (`limit`, default 20): every worker's, from
+    the request log, when the database integration is running; else this worker's, from memory
+    (and from memory too while the database cannot answer)."""
     limit = int(number(event.query, "limit", 20, 0, 1000))
+    database = ctx.integrations.integrations.get("database")
+    # While the writer is spooling the database is down: no connect timeout to wait out.
+    if (
+        isinstance(database, DatabaseIntegration)
+        and database.initialized
+        and not database.writer.down
+        and limit > 0
+    ):
+        try:
+            await database.writer.flush()  # what was just served is listed
+            return [as_record(row) for row in await database.store.rows(limit)]
+        except Exception as exc:
+            ctx.log.warning(
+                "request log unreadable; listing this worker's", error=redact_text(str(exc))
+            )
     return list(ctx.runtime.live.recent(limit))
+
+
+def as_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A request-log row in GenerationRequestRecord's shape."""
+    reasons = str(row.get("finish_reasons") or "")
+    fields = {name: row.get(name) for name in RECORD_FIELDS}
+    return {
+        **fields,
+        "id": row["request_id"],
+        "finish_reasons": reasons.split(",") if reasons else [],
+    }

@@ -39,13 +39,14 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VERBS = ("serve", "plan", "check")
 USAGE = """\
 usage: python -m runtime [serve|plan|check] [--help] [--cfg job] [--info] [key=value ...]
-       python -m runtime keys create --name NAME [--scope admin|inference] | list | revoke
+       python -m runtime keys create --name NAME [--scope admin|inference] | list | revoke NAME
+                              [key=value ...]   (integrations=database: keys stored in the database)
        python -m runtime build [--gpu] [key=value ...]
 
   serve   start the service (default): OpenAI-compatible HTTP API, /integrations/*, /metrics
   plan    print the resolved start plan as JSON; start nothing
   check   start integrations once, health-check them, exit 1 if a required one fails
-  keys    make an API key (shown once) or list the configured ones
+  keys    make an API key (shown once), list the configured and stored ones, revoke a stored one
   build   bake the resolved config into a Bento (bentoml build; --gpu: the CUDA image)
 
 Overrides are Hydra's: pick group options (env=prod, integrations=ollama,grafana,

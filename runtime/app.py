@@ -101,6 +101,9 @@ class Runtime:
             sink = getattr(integration, "record_request", None)  # the database's request log
             if callable(sink):
                 self.live.sinks.append(sink)
+            stored_keys = getattr(integration, "api_keys", None)  # the database's stored keys
+            if callable(stored_keys):
+                self.auth.use_store(stored_keys, self.settings)
             shared = getattr(integration, "rate_store", None)  # redis: one count per key
             if shared is not None:
                 self.auth.limiter.store = cast(RateStore, shared)
@@ -176,6 +179,7 @@ class Runtime:
             await resolve_all(self.plugins.hook.runtime_stopping(runtime=self))
         self.started = False
         await self.models.stop()
+        await self.auth.close()  # last_used_at of stored keys, while the database is up
         await self.integrations.stop_all()
         self.log.info("runtime stopped")
         await self.tracing.shutdown()  # last: flushes the spans of everything above

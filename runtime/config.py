@@ -212,6 +212,25 @@ class ApiKeyConfig:
 
 
 @dataclass
+class OidcConfig:
+    """OIDC/JWT bearer tokens (runtime/auth/oidc.py), on when `jwks_url` is set. A bearer token
+    shaped like a JWT is verified against the JWKS (signature, exp, nbf, iss, aud); its
+    `scope_claim` (space-separated string or list: `scope`, `scp`, `roles`...) gives scopes,
+    each value mapped through `scope_map` when listed there (e.g. {tiffin-admins: [admin]})."""
+
+    jwks_url: str = ""  # the issuer's JWKS; empty: OIDC off
+    issuer: str = ""  # the `iss` tokens must carry; empty: not checked
+    audience: str = ""  # the `aud` tokens must carry; empty: not checked
+    algorithms: list[str] = field(default_factory=lambda: ["RS256"])  # accepted `alg`s
+    scope_claim: str = "scope"  # the claim holding scopes or roles (`scope`, `scp`, `roles`)
+    scope_map: dict[str, list[str]] = field(default_factory=dict)  # claim value -> scopes
+    name_claim: str = "sub"  # the claim naming the principal (logs, limits, usage)
+    leeway_s: float = 30.0  # clock skew allowed on exp and nbf
+    jwks_cache_s: float = 300.0  # how long a fetched JWKS is used (an unknown kid refetches)
+    timeout_s: float = 5.0  # the JWKS fetch's timeout
+
+
+@dataclass
 class AuthConfig:
     """API-key authentication (runtime/auth/). Enforced when `required` (staging, prod) or when
     any key is configured; routes marked `scope: public` never need a key."""
@@ -220,6 +239,11 @@ class AuthConfig:
     keys: list[ApiKeyConfig] = field(default_factory=list)
     # The limits of a key that declares none of its own.
     limits: RateLimitConfig = field(default_factory=RateLimitConfig)
+    # How long an answer about a key stored in the database is cached (found or not): a
+    # revocation takes effect within this time.
+    cache_ttl_s: float = 5.0
+    # OIDC/JWT bearer tokens, verified against an issuer's JWKS (off while jwks_url is empty).
+    oidc: OidcConfig = field(default_factory=OidcConfig)
 
 
 @dataclass

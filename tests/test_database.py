@@ -82,8 +82,8 @@ async def http(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
 async def test_migrations_create_the_schema_from_empty(tmp_path: Path) -> None:
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
     try:
-        assert await migrate.upgrade(engine) == migrate.head() == "0001"
-        assert await migrate.upgrade(engine) == "0001"  # applied again: nothing to do
+        assert await migrate.upgrade(engine) == migrate.head() == "0002"
+        assert await migrate.upgrade(engine) == "0002"  # applied again: nothing to do
 
         def columns(connection: object) -> dict[str, set[str]]:
             inspector = inspect(connection)

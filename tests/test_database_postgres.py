@@ -16,6 +16,7 @@ from runtime.app import Runtime
 from runtime.integrations.base import IntegrationStatus
 from runtime.integrations.database import async_url
 from runtime.persistence import migrate
+from runtime.persistence.api_keys import KeyExists
 from runtime.transports.http import create_app
 from tests.conftest import eventually
 from tests.real_postgres import Postgres, running_postgres
@@ -39,7 +40,7 @@ async def test_postgres_outage_mid_run_loses_nothing(
     database = database_of(runtime)
     writer = database.writer
     assert database.status is IntegrationStatus.active
-    assert database.store.engine.dialect.name == "postgresql" and database.revision == "0001"
+    assert database.store.engine.dialect.name == "postgresql" and database.revision == "0002"
     assert "tiffin-test-pw" not in str(runtime.integrations.integrations["database"].describe())
 
     transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
@@ -79,7 +80,31 @@ async def test_workers_starting_together_migrate_one_at_a_time(postgres: Postgre
     try:
         together = asyncio.gather(*(migrate.upgrade(engine) for engine in engines))
         revisions = await asyncio.wait_for(together, 60)  # unserialized, they can deadlock
-        assert revisions == ["0001"] * 3
+        assert revisions == ["0002"] * 3
     finally:
         for engine in engines:
             await engine.dispose()
+
+
+async def test_stored_keys_on_postgres(
+    make_runtime: Callable[..., Runtime], postgres: Postgres, tmp_path: Path
+) -> None:
+    from tests.test_stored_keys import bearer, key_store, stored_key
+
+    overrides = [*database_overrides(tmp_path, url=postgres.url), "auth.cache_ttl_s=0"]
+    runtime = await start_with_models(make_runtime(*overrides, builtins=[ScriptedEngines()]))
+    store = key_store(runtime)
+    key = await stored_key(store, "ci", "admin", tokens_per_minute=100)
+    with pytest.raises(KeyExists):
+        await store.create("ci", "0" * 64, ["inference"])
+    transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://tiffin.test") as client:
+        assert (await client.get("/v1/models")).status_code == 401
+        answer = await client.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+        assert answer.status_code == 200, answer.text
+        usage = (await client.get("/admin/usage", headers=bearer(key))).json()["usage"]
+        assert [(row["key_name"], row["requests"]) for row in usage] == [("ci", 1)]
+        assert await store.revoke("ci")
+        assert (await client.get("/v1/models", headers=bearer(key))).status_code == 401
+        assert (await client.get("/v1/models")).status_code == 401  # revoked keys keep auth on
+    await runtime.stop()  # before the server stops: last_used_at is written at stop

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 from runtime.auth.keys import PUBLIC, SCOPES, KeyRing, Principal, hash_key, new_key, presented_key
 from runtime.auth.limits import Clock, MemoryRateStore, RateLimiter, RateStore, Window
+from runtime.auth.oidc import OidcVerifier
 from runtime.auth.plugin import AuthPlugin
+from runtime.auth.stored import StoredKeys, StoreProvider
 from runtime.config import TiffinConfig
 from runtime.errors import ConfigError
 
@@ -23,9 +25,11 @@ __all__ = [
     "Clock",
     "KeyRing",
     "MemoryRateStore",
+    "OidcVerifier",
     "Principal",
     "RateLimiter",
     "RateStore",
+    "StoredKeys",
     "Window",
     "hash_key",
     "new_key",
@@ -61,5 +65,18 @@ class Auth:
                 raise ConfigError(
                     f"handlers.routes.{name}.scope", scope, "one of: inference, admin, public"
                 )
-        plugin = AuthPlugin(keys, scopes, limiter, enforced=auth.required or len(keys) > 0)
+        oidc = OidcVerifier(auth.oidc, auth.limits) if auth.oidc.jwks_url else None
+        enforced = auth.required or len(keys) > 0 or oidc is not None
+        plugin = AuthPlugin(keys, scopes, limiter, enforced=enforced, oidc=oidc)
         return cls(keys, limiter, plugin)
+
+    def use_store(self, store: StoreProvider, settings: TiffinConfig) -> StoredKeys:
+        """Look keys up in the database too (the database integration is selected); auth is
+        then enforced as soon as it holds a key (revoked ones too)."""
+        stored = StoredKeys(store, settings.auth.limits, ttl_s=settings.auth.cache_ttl_s)
+        self.plugin.stored = stored
+        return stored
+
+    async def close(self) -> None:
+        if self.plugin.stored is not None:
+            await self.plugin.stored.close()

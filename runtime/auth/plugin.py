@@ -1,7 +1,9 @@
 """The built-in auth plugin: checks every request's API key and scope in `authenticate`, and
 counts the tokens of each generation against its key in `after_generate`.
 
-It reads only `event.headers`, so every transport is covered the same way (HTTP headers, gRPC
+A key is looked up in the config's KeyRing, then, if it is a JWT and OIDC is configured, verified
+against the issuer's JWKS, else looked up among the keys stored in the database. It reads only
+`event.headers`, so every transport is covered the same way (HTTP headers, gRPC
 metadata, the WebSocket upgrade's headers or `token` parameter, GraphQL's request headers).
 """
 
@@ -13,6 +15,8 @@ from typing import Any
 from hooks.specs import hookimpl
 from runtime.auth.keys import PUBLIC, KeyRing, Principal, presented_key
 from runtime.auth.limits import RateLimiter
+from runtime.auth.oidc import OidcVerifier, looks_like_jwt
+from runtime.auth.stored import StoredKeys
 from runtime.dispatch import HandlerError
 
 CHALLENGE = {"www-authenticate": "Bearer"}
@@ -30,19 +34,22 @@ class AuthPlugin:
         limiter: RateLimiter,
         *,
         enforced: bool,
+        oidc: OidcVerifier | None = None,
     ) -> None:
         self.keys = keys
         self.route_scopes = dict(route_scopes)
         self.limiter = limiter
         self.enforced = enforced
+        self.stored: StoredKeys | None = None  # set when the database integration is selected
+        self.oidc: OidcVerifier | None = oidc
 
     @hookimpl(trylast=True)
     async def authenticate(self, event: Any, ctx: Any) -> None:
-        if not self.enforced:
+        if not self.enforced and not (self.stored and await self.stored.any_issued()):
             return
         scope = self.route_scopes.get(event.route, "inference")
         key = presented_key(event.headers)
-        principal = self.keys.lookup(key) if key else None
+        principal = await self.identify(key) if key else None
         if principal is None:
             if scope == PUBLIC:
                 return
@@ -66,6 +73,17 @@ class AuthPlugin:
                 code="insufficient_scope",
             )
         await self.limiter.admit(principal.name, principal.limits)
+
+    async def identify(self, key: str) -> Principal | None:
+        """A config key, else a JWT when OIDC is on, else a key stored in the database."""
+        principal = self.keys.lookup(key)
+        if principal is not None:
+            return principal
+        if self.oidc is not None and looks_like_jwt(key):
+            return await self.oidc.verify(key)
+        if self.stored is not None:
+            return await self.stored.lookup(key)
+        return None
 
     @hookimpl(trylast=True)
     async def after_generate(self, request: Any, response: Any, ctx: Any) -> None:

@@ -1,8 +1,9 @@
-"""database: the request log in SQLite (default: `<data_dir>/tiffin.db`) or PostgreSQL
-(`DATABASE_URL`), through SQLAlchemy 2's async engine; Alembic migrations are applied when it
-starts. Each finished generation request (the record LiveStats assembles from the
-`after_generate` and `request_finished` hooks) reaches `record_request`, which only queues it:
-runtime/persistence/request_log.py batches, spools and replays."""
+"""database: the request log, usage rollups and stored API keys in SQLite (default:
+`<data_dir>/tiffin.db`) or PostgreSQL (`DATABASE_URL`), through SQLAlchemy 2's async engine;
+Alembic migrations are applied when it starts. Each finished generation request (the record
+LiveStats assembles from the `after_generate` and `request_finished` hooks) reaches
+`record_request`, which only queues it: runtime/persistence/request_log.py batches, spools and
+replays."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
 from runtime.persistence import migrate
+from runtime.persistence.api_keys import ApiKeyStore
 from runtime.persistence.request_log import RequestLogWriter, WriterSettings
 from runtime.persistence.spool import Spool
 from runtime.persistence.store import RequestLogStore
@@ -103,6 +105,12 @@ class DatabaseIntegration(BaseIntegration):
         await self.writer.close()
         await self.store.engine.dispose()
 
+    def api_keys(self) -> ApiKeyStore | None:
+        """The stored API keys; None while the database integration is not running."""
+        if not self.initialized:
+            return None
+        return ApiKeyStore(self.store.engine)
+
     def record_request(self, record: GenerationRequestRecord) -> None:
         """A finished generation request (LiveStats' sink). Before the database has started,
         or after it stopped, the record goes straight to the spool, to be replayed."""
@@ -111,9 +119,11 @@ class DatabaseIntegration(BaseIntegration):
         else:
             self.writer.spool_now(record)
 
-    async def usage(self, since: float, until: float | None = None) -> list[dict[str, Any]]:
-        """Usage per key and model over [since, until) (until: now)."""
-        return await self.store.usage(since, time.time() if until is None else until)
+    async def usage(
+        self, since: float, until: float | None = None, by: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Usage per key and model over [since, until) (until: now), per hour or day with `by`."""
+        return await self.store.usage(since, time.time() if until is None else until, by)
 
     def describe(self) -> dict[str, Any]:
         described = super().describe()

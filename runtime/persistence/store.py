@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from runtime.persistence import rollups
 from runtime.persistence.tables import request_log
 
 
@@ -24,20 +25,22 @@ class RequestLogStore:
         async with self.engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
 
-    async def insert(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Insert rows in one transaction. A row already there (same `record_id`: a spool
-        replayed after a write that committed) is skipped, so replays never duplicate."""
+    async def insert(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Insert rows and add them to the usage rollups, in one transaction. A row already
+        there (same `record_id`: a spool replayed after a write that committed) is skipped and
+        not counted again, so replays never duplicate. Returns how many rows were new."""
         if not rows:
-            return
+            return 0
         dialect = self.engine.dialect.name
-        if dialect == "postgresql":
-            statement: Any = postgresql.insert(request_log).on_conflict_do_nothing()
-        elif dialect == "sqlite":
-            statement = sqlite.insert(request_log).on_conflict_do_nothing()
-        else:
-            statement = insert(request_log)
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        statement = insert(request_log).on_conflict_do_nothing().returning(request_log.c.record_id)
         async with self.engine.begin() as connection:
-            await connection.execute(statement, list(rows))
+            result = await connection.execute(statement, list(rows))
+            inserted = {row[0] for row in result}
+            await rollups.add(
+                connection, rollups.summed(r for r in rows if r["record_id"] in inserted)
+            )
+        return len(inserted)
 
     async def count(self) -> int:
         async with self.engine.connect() as connection:
@@ -50,36 +53,11 @@ class RequestLogStore:
         async with self.engine.connect() as connection:
             return [dict(row._mapping) for row in await connection.execute(query)]
 
-    async def usage(self, since: float, until: float) -> list[dict[str, Any]]:
-        """Requests, errors, tokens, cost and mean latency per key and model, for requests that
-        arrived in [since, until)."""
-        c = request_log.c
-        errors = func.sum(func.cast(c.status >= 400, request_log.c.prompt_tokens.type))
-        query = (
-            select(
-                c.key_name,
-                c.model,
-                func.count().label("requests"),
-                errors.label("errors"),
-                func.sum(c.prompt_tokens).label("prompt_tokens"),
-                func.sum(c.completion_tokens).label("completion_tokens"),
-                func.sum(c.cost).label("cost"),
-                func.avg(c.latency_s).label("latency_avg_s"),
-                func.min(c.time).label("first"),
-                func.max(c.time).label("last"),
-            )
-            .where(c.time >= since, c.time < until)
-            .group_by(c.key_name, c.model)
-            .order_by(c.key_name, c.model)
-        )
+    async def usage(
+        self, since: float, until: float, by: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Requests, errors, tokens, cost and mean latency per key and model, from the hourly
+        rollups of the hours that start in [since rounded down to the hour, until); per hour
+        or day too with `by`."""
         async with self.engine.connect() as connection:
-            result = await connection.execute(query)
-            return [_usage_row(dict(row._mapping)) for row in result]
-
-
-def _usage_row(row: dict[str, Any]) -> dict[str, Any]:
-    for name in ("requests", "errors", "prompt_tokens", "completion_tokens"):
-        row[name] = int(row[name] or 0)
-    for name in ("cost", "latency_avg_s", "first", "last"):
-        row[name] = float(row[name] or 0.0)
-    return row
+            return await rollups.usage(connection, since, until, by)

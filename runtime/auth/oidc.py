@@ -1,0 +1,150 @@
+"""OIDC/JWT bearer tokens: verified against the issuer's JWKS with PyJWT (signature, exp, nbf,
+iss, aud), their claims mapped to scopes.
+
+The JWKS is fetched with httpx (never blocking the event loop) and kept `jwks_cache_s`; a token
+signed with a key id the cached set lacks makes one refetch (the issuer rotated its keys), at
+most once per 10 s so a stream of forged kids cannot hammer the issuer. The token itself never
+reaches a log or an error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import jwt
+
+from runtime.auth.keys import SCOPES, Principal
+from runtime.config import OidcConfig, RateLimitConfig
+from runtime.dispatch import HandlerError
+
+Clock = Callable[[], float]
+REFETCH_MIN_S = 10.0
+CHALLENGE = 'Bearer error="invalid_token"'
+
+
+def looks_like_jwt(token: str) -> bool:
+    parts = token.split(".")
+    return len(parts) == 3 and all(parts)
+
+
+def invalid_token(why: str) -> HandlerError:
+    return HandlerError(
+        401,
+        f"the bearer token is not valid: {why}",
+        type="authentication_error",
+        code="invalid_token",
+        headers={"www-authenticate": f'{CHALLENGE}, error_description="{why}"'},
+    )
+
+
+class OidcVerifier:
+    """Verifies JWTs of one issuer."""
+
+    def __init__(
+        self,
+        config: OidcConfig,
+        defaults: RateLimitConfig,
+        *,
+        client: httpx.AsyncClient | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.defaults = defaults
+        self.clock = clock
+        self._client = client
+        self._keys: dict[str, Any] = {}  # kid -> PyJWK
+        self._fetched_at = float("-inf")
+        self._lock = asyncio.Lock()
+        self.fetches = 0
+
+    async def verify(self, token: str) -> Principal:
+        """The principal a valid token names; a 401 HandlerError (invalid_token) otherwise."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise invalid_token("malformed token") from None
+        algorithm = str(header.get("alg", ""))
+        if algorithm not in self.config.algorithms:
+            raise invalid_token(f"algorithm {algorithm!r} is not accepted")
+        key = await self._key(str(header.get("kid", "")))
+        try:
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=list(self.config.algorithms),
+                audience=self.config.audience or None,
+                issuer=self.config.issuer or None,
+                leeway=self.config.leeway_s,
+                options={"require": ["exp"], "verify_aud": bool(self.config.audience)},
+            )
+        except jwt.ExpiredSignatureError:
+            raise invalid_token("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise invalid_token("token not yet valid (nbf)") from None
+        except jwt.InvalidAudienceError:
+            raise invalid_token("wrong audience") from None
+        except jwt.InvalidIssuerError:
+            raise invalid_token("wrong issuer") from None
+        except jwt.InvalidSignatureError:
+            raise invalid_token("bad signature") from None
+        except jwt.PyJWTError as exc:
+            raise invalid_token(type(exc).__name__) from None
+        name = claims.get(self.config.name_claim)
+        if not isinstance(name, str) or not name:
+            raise invalid_token(f"no {self.config.name_claim!r} claim")
+        return Principal(name, self.scopes(claims), self.defaults)
+
+    def scopes(self, claims: dict[str, Any]) -> frozenset[str]:
+        """The claim's values (a space-separated string or a list), each mapped through
+        `scope_map` when listed there, kept when a Tiffin scope itself."""
+        raw = claims.get(self.config.scope_claim, [])
+        values = raw.split() if isinstance(raw, str) else [str(v) for v in raw or []]
+        found: set[str] = set()
+        for value in values:
+            if value in self.config.scope_map:
+                found.update(self.config.scope_map[value])
+            elif value in SCOPES:
+                found.add(value)
+        return frozenset(found & SCOPES)
+
+    async def _key(self, kid: str) -> Any:
+        if self.clock() - self._fetched_at >= self.config.jwks_cache_s:
+            await self._fetch(self._fetched_at)
+        if kid not in self._keys and self.clock() - self._fetched_at >= REFETCH_MIN_S:
+            await self._fetch(self._fetched_at)  # the issuer may have rotated its keys
+        if kid in self._keys:
+            return self._keys[kid]
+        if not kid and len(self._keys) == 1:
+            return next(iter(self._keys.values()))
+        raise invalid_token("unknown signing key (kid)")
+
+    async def _fetch(self, seen: float) -> None:
+        """Fetch the JWKS, unless another request did since `seen` (requests arriving together
+        with a new kid make one fetch, not one each)."""
+        async with self._lock:
+            if self._fetched_at != seen:
+                return
+            self._fetched_at = self.clock()
+            self.fetches += 1
+            try:
+                client = self._client or httpx.AsyncClient(timeout=self.config.timeout_s)
+                try:
+                    response = await client.get(self.config.jwks_url)
+                    response.raise_for_status()
+                    jwks = jwt.PyJWKSet.from_dict(response.json())
+                finally:
+                    if self._client is None:
+                        await client.aclose()
+            except (httpx.HTTPError, ValueError, jwt.PyJWTError) as exc:
+                raise HandlerError(
+                    503,
+                    f"the OIDC key set cannot be fetched ({type(exc).__name__}); retry shortly",
+                    type="service_unavailable",
+                    code="jwks_unavailable",
+                    headers={"retry-after": "5"},
+                ) from None
+            self._keys = {str(k.key_id or ""): k for k in jwks.keys}
