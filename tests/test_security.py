@@ -132,9 +132,13 @@ async def test_a_symlink_made_after_the_config_was_read_is_refused_at_start(
     runtime = make_runtime(*overrides(models_dir, tmp_path / "cache", "[]"))
     # The scan skips (and reports) a link that leads out of the allowed directories.
     (models_dir / "escape.gguf").symlink_to(tmp_path / "secret" / "outside.gguf")
+    # So is a folder whose .gguf is a link out.
+    (models_dir / "folder").mkdir()
+    (models_dir / "folder" / "model.gguf").symlink_to(tmp_path / "secret" / "outside.gguf")
     await runtime.start()
-    assert "escape" not in runtime.models.models
+    assert "escape" not in runtime.models.models and "folder" not in runtime.models.models
     assert "allowed directories" in models(runtime).rejected["escape.gguf"]
+    assert "allowed directories" in models(runtime).rejected["folder"]
     assert "spare" in runtime.models.models
 
 

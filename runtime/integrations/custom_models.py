@@ -207,21 +207,20 @@ class CustomModelsIntegration(BaseIntegration):
             model_id = entry.stem if entry.is_file() else entry.name
             if model_id in taken:
                 continue
+            key = f"integrations.{self.name}.settings.models_dir"
             try:
-                self._confine(f"integrations.{self.name}.settings.models_dir", entry)
-            except ConfigError as exc:
-                self.rejected[entry.name] = str(exc)
-                self.log.warning("model file skipped", file=entry.name, reason=str(exc))
-                continue
-            try:
+                self._confine(key, entry)
                 engine = detect_engine(entry)
-            except ModelFormatError as exc:
+                path = (
+                    _first_gguf(entry, model_id)
+                    if engine == "llama_cpp" and entry.is_dir()
+                    else entry
+                )
+                self._confine(key, path)  # a .gguf inside a folder may be a link out too
+            except (ConfigError, ModelFormatError) as exc:
                 self.rejected[entry.name] = str(exc)
                 self.log.warning("model file skipped", file=entry.name, reason=str(exc))
                 continue
-            path = (
-                _first_gguf(entry, model_id) if engine == "llama_cpp" and entry.is_dir() else entry
-            )
             found.append(
                 ModelSpec(ModelConfig(id=model_id, source=str(entry)), path, engine, self.name)
             )
