@@ -276,3 +276,14 @@ async def test_any_origin_without_credentials_is_allowed(make_runtime: MakeRunti
         answer = await http.get("/v1/models", headers={"origin": "https://anywhere.example"})
         assert answer.headers["access-control-allow-origin"] == "*"
         assert "access-control-allow-credentials" not in answer.headers
+
+
+def test_files_named_in_engine_settings_are_confined_too(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    models_dir = fill_models_dir(tmp_path / "models")
+    gguf_file(tmp_path / "adapter.gguf")
+    model = f"[{{id:x,source:tiny.gguf,engine_settings:{{lora_path:'{tmp_path}/adapter.gguf'}}}}]"
+    with pytest.raises(ConfigError) as raised:
+        make_runtime(*overrides(models_dir, tmp_path / "cache", model))
+    assert raised.value.key.endswith("models[0].engine_settings.lora_path")

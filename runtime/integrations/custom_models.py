@@ -85,6 +85,10 @@ class CustomModelsIntegration(BaseIntegration):
             check_module_name(f"{key}.source", model.source, _PKG, dotted=False, prefix="pkg:")
         else:
             self._confine(f"{key}.source", self._declared_path(model.source))
+        for name, value in model.engine_settings.items():
+            # Files an engine opens besides the weights (llama.cpp's lora_path, lora_base...).
+            if name.endswith(("_path", "_base", "_file")) and isinstance(value, str) and value:
+                self._confine(f"{key}.engine_settings.{name}", self._declared_path(value))
         return model
 
     def _declared_path(self, source: str) -> Path:
