@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from handlers.generation import error_for
-from runtime.dispatch import Context, Event, HandlerError
+from runtime.dispatch import Context, Event, HandlerError, request_body
 from runtime.engines.detect import ModelFormatError
-from runtime.integrations.hub_files import HubError
+from runtime.integrations.hub_files import HubError, parse_source
 from runtime.integrations.huggingface_hub import HuggingFaceHubIntegration
 from runtime.models import ModelNotFound
 
@@ -35,6 +35,13 @@ async def unload_model(event: Event, ctx: Context) -> dict[str, Any]:
     return model.describe()
 
 
+@request_body(
+    {
+        "type": "object",
+        "properties": {"source": {"type": "string", "description": "hf://org/repo[/file.gguf]"}},
+        "required": ["source"],
+    }
+)
 async def pull_model(event: Event, ctx: Context) -> dict[str, Any]:
     """Download a model from the Hugging Face Hub (`{"source": "hf://org/repo[/file.gguf]"}`)
     and make it servable; returns the model's id, engine and the file chosen."""
@@ -47,6 +54,10 @@ async def pull_model(event: Event, ctx: Context) -> dict[str, Any]:
             param="source",
             code="invalid_value",
         )
+    try:
+        parse_source(source)  # a path, another scheme or `..` is refused whatever is running
+    except HubError as exc:
+        raise HandlerError(exc.status, str(exc), param="source", code=exc.code) from None
     hub = ctx.integrations.integrations.get("huggingface_hub")
     if not isinstance(hub, HuggingFaceHubIntegration) or not hub.initialized:
         state = "not enabled" if hub is None else f"not running ({hub.status.value})"

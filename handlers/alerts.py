@@ -12,7 +12,7 @@ from typing import Any
 
 from handlers.alert_types import WebhookAlert, WebhookPayload
 from handlers.generation import parse
-from runtime.dispatch import Context, Event
+from runtime.dispatch import Context, Event, request_body
 from runtime.events import BusEvent
 
 SOURCE = "alertmanager"
@@ -37,6 +37,7 @@ def event_data(alert: WebhookAlert, payload: WebhookPayload) -> dict[str, Any]:
     }
 
 
+@request_body(WebhookPayload)
 async def webhook(event: Event, ctx: Context) -> dict[str, Any]:
     """Receive one Alertmanager notification (webhook payload version 4); answers how many
     alerts it carried. A payload that is not one is a 400 naming the field."""

@@ -21,7 +21,7 @@ from handlers.generation import (
     resolve_model,
     start_generation,
 )
-from runtime.dispatch import Context, Event, HandlerError, NdjsonStream, Reply
+from runtime.dispatch import Context, Event, HandlerError, NdjsonStream, Reply, request_body
 from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationRequest
 from runtime.models import LocalModel, ModelState
 
@@ -109,6 +109,7 @@ async def ps(event: Event, ctx: Context) -> dict[str, Any]:
     return {"models": [{**_model_entry(m), "expires_at": None, "size_vram": 0} for m in loaded]}
 
 
+@request_body(ChatRequest)
 @ollama_errors
 async def chat(event: Event, ctx: Context) -> Any:
     body = parse(ChatRequest, event.body)
@@ -118,6 +119,7 @@ async def chat(event: Event, ctx: Context) -> Any:
     return await _answer(ctx, request, body.stream, "message")
 
 
+@request_body(GenerateRequest)
 @ollama_errors
 async def generate(event: Event, ctx: Context) -> Any:
     """A prompt: templated as a user turn (after `system`) unless `raw`, as Ollama does."""
@@ -133,6 +135,7 @@ async def generate(event: Event, ctx: Context) -> Any:
     return await _answer(ctx, request, body.stream, "response")
 
 
+@request_body(EmbedRequest)
 @ollama_errors
 async def embed(event: Event, ctx: Context) -> dict[str, Any]:
     body = parse(EmbedRequest, event.body)

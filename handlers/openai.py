@@ -12,7 +12,7 @@ from typing import Any
 from handlers import openai_shapes as shapes
 from handlers.generation import embed_texts, parse, resolve_model, sampling, start_generation
 from handlers.openai_types import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from runtime.dispatch import Context, Event, HandlerError, Reply
+from runtime.dispatch import Context, Event, HandlerError, Reply, request_body
 from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationRequest
 from runtime.models import ModelNotFound
 
@@ -33,6 +33,7 @@ async def get_model(event: Event, ctx: Context) -> dict[str, Any]:
         raise HandlerError(404, str(exc), param="model", code="model_not_found") from None
 
 
+@request_body(ChatCompletionRequest)
 async def chat_completions(event: Event, ctx: Context) -> Any:
     body = parse(ChatCompletionRequest, event.body)
     model = resolve_model(ctx, body.model, CHAT)
@@ -69,6 +70,7 @@ async def chat_completions(event: Event, ctx: Context) -> Any:
     return Reply(answer, headers=cost_header(outcome.cost))
 
 
+@request_body(CompletionRequest)
 async def completions(event: Event, ctx: Context) -> Any:
     body = parse(CompletionRequest, event.body)
     model = resolve_model(ctx, body.model, COMPLETION)
@@ -105,6 +107,7 @@ def cost_header(cost: float) -> dict[str, str]:
     return {COST_HEADER: f"{cost:.8f}"}
 
 
+@request_body(EmbeddingRequest)
 async def embeddings(event: Event, ctx: Context) -> dict[str, Any]:
     body = parse(EmbeddingRequest, event.body)
     model = resolve_model(ctx, body.model, EMBEDDINGS)

@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+# Counts end up in C ints (llama.cpp) and int32 protobuf fields: bounded so that 2**64 is a 400,
+# not an overflow deep in an engine.
+INT32_MAX = 2**31 - 1
+Tokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
 
 
 class Request(BaseModel):
@@ -43,12 +47,12 @@ class SamplingFields(Request):
     model: str = Field(min_length=1)
     temperature: Temperature | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repeat_penalty: Annotated[float, Field(gt=0.0)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     stop: str | list[str] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
@@ -90,8 +94,8 @@ class ChatMessage(Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Tokens | None = None
+    max_completion_tokens: Tokens | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
@@ -107,11 +111,11 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(min_length=1)
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Tokens | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: Annotated[int, Field(ge=1)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=16)] | None = None
 
     @model_validator(mode="after")
     def supported(self) -> CompletionRequest:
@@ -129,7 +133,7 @@ class EmbeddingRequest(Request):
     model: str = Field(min_length=1)
     input: str | list[str] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     user: str | None = None
 
     @field_validator("input")

@@ -11,6 +11,7 @@ import pluggy
 
 from hooks import specs
 from hooks.specs import PROJECT, hookimpl, hookspec
+from runtime.code_names import check_module_name
 from runtime.errors import ConfigError
 
 __all__ = ["PROJECT", "hookimpl", "hookspec", "make_plugin_manager", "resolve", "resolve_all"]
@@ -30,16 +31,27 @@ def make_plugin_manager(
     for plugin in builtins:
         pm.register(plugin, name=f"tiffin.builtin.{type(plugin).__name__}")
     for name in plugin_names:
+        check_module_name("plugins", name, "a dotted name of a plugin module")
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
             raise ConfigError("plugins", name, f"an importable plugin module ({exc})") from None
+        if not _implements_hooks(pm, module):
+            raise ConfigError("plugins", name, "a module with at least one @hookimpl function")
         if pm.get_plugin(name) is None:
             pm.register(module, name=name)
     if load_entrypoints:
         pm.load_setuptools_entrypoints(PROJECT)
     pm.check_pending()
     return pm
+
+
+def _implements_hooks(pm: pluggy.PluginManager, module: object) -> bool:
+    return any(
+        pm.parse_hookimpl_opts(module, attr) is not None
+        for attr in dir(module)
+        if not attr.startswith("_")
+    )
 
 
 async def resolve(value: Any) -> Any:

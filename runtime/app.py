@@ -123,6 +123,14 @@ class Runtime:
                 f"more than server.drain_timeout_s + {DRAIN_ABORT_GRACE_S:g}"
                 f" ({server.drain_timeout_s + DRAIN_ABORT_GRACE_S:g})",
             )
+        if "*" in server.cors.allow_origins and server.cors.allow_credentials:
+            # Starlette would echo any origin back with credentials allowed: every site could
+            # call the API with its visitors' cookies.
+            raise ConfigError(
+                "server.cors.allow_origins",
+                list(server.cors.allow_origins),
+                "a list of origins, not '*', when server.cors.allow_credentials is true",
+            )
 
     # --- lifecycle ------------------------------------------------------------------------------
 

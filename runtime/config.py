@@ -119,6 +119,25 @@ class ModelConfig:
 
 
 @dataclass
+class CorsConfig:
+    """Cross-origin access for browsers. Closed by default: with no `allow_origins`, no CORS
+    header is ever sent, so a page on another origin cannot read any answer. `["*"]` allows
+    every origin (never together with `allow_credentials`)."""
+
+    # Origins allowed to call from a browser, e.g. https://app.example (env: TIFFIN_CORS_ORIGINS).
+    allow_origins: list[str] = field(default_factory=list)
+    # Methods and request headers a preflight may ask for.
+    allow_methods: list[str] = field(default_factory=lambda: ["GET", "POST"])
+    allow_headers: list[str] = field(
+        default_factory=lambda: ["authorization", "content-type", "x-api-key", "x-request-id"]
+    )
+    # Let browsers send cookies / credentials (refused together with origin "*").
+    allow_credentials: bool = False
+    # How long a browser may cache a preflight's answer.
+    max_age_s: int = 600
+
+
+@dataclass
 class ServerConfig:
     host: str = "127.0.0.1"  # the address both ports bind (prod: 0.0.0.0, env TIFFIN_HOST)
     http_port: int = 3000  # HTTP: OpenAI API, /integrations/*, /readyz, /metrics, WS, GraphQL
@@ -137,6 +156,8 @@ class ServerConfig:
     ws_send_queue: int = 64
     # Where `python -m runtime` writes the resolved config and start record of each run.
     run_dir: str = ".tiffin/runs"
+    # Cross-origin (browser) access: closed unless origins are listed (server.cors below).
+    cors: CorsConfig = field(default_factory=CorsConfig)
 
 
 @dataclass

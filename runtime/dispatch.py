@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 import structlog
@@ -29,6 +30,32 @@ if TYPE_CHECKING:
     from runtime.models import ModelRouter
 
 Handler = Callable[["Event", "Context"], Awaitable[Any]]
+_H = TypeVar("_H", bound=Callable[..., Any])
+
+
+def parse_json(raw: str | bytes, what: str) -> Any:
+    """Decode JSON from a client, or raise a 400 (`invalid_json`) saying why. Besides syntax,
+    Python's decoder also fails on input nested past its recursion limit and on integer
+    literals over 4300 digits; those are the client's errors too, never a 500."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        reason = "nested too deeply"
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        reason = str(exc).split("; use sys.")[0]
+    raise HandlerError(400, f"{what} is not valid JSON: {reason}", code="invalid_json")
+
+
+def request_body(model: Any) -> Callable[[_H], _H]:
+    """Declare the body a handler accepts (a pydantic model class, or a JSON Schema dict) so
+    transports can describe it (the OpenAPI spec). Description only: the handler's own
+    validation stays the source of truth for what is accepted and for the error messages."""
+
+    def mark(handler: _H) -> _H:
+        handler.__dict__["request_body"] = model
+        return handler
+
+    return mark
 
 
 @dataclass

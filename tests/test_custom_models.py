@@ -193,13 +193,12 @@ async def test_a_source_outside_models_dir_is_refused(
 ) -> None:
     models_dir = fill_models_dir(tmp_path / "models")
     gguf_file(tmp_path / "outside.gguf")  # it exists; it is still out of bounds
-    runtime = make_runtime(
-        *overrides(models_dir, tmp_path / "cache", "[{id:sneaky,source:../outside.gguf}]")
-    )
-    with pytest.raises(StartupError, match="leaves models_dir") as raised:
-        await runtime.start()
-    assert raised.value.name == "custom_models"
-    assert "sneaky" in raised.value.reason
+    # Refused when the config is read, before anything starts.
+    with pytest.raises(ConfigError, match="inside the allowed directories") as raised:
+        make_runtime(
+            *overrides(models_dir, tmp_path / "cache", "[{id:sneaky,source:../outside.gguf}]")
+        )
+    assert raised.value.key == "integrations.custom_models.settings.models[0].source"
 
 
 async def test_a_packaged_gguf_is_assembled_into_cache_dir(

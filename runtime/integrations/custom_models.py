@@ -20,6 +20,7 @@ from typing import Any, cast
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from runtime.code_names import check_module_name
 from runtime.config import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
 from runtime.engines.base import ModelSpec
 from runtime.engines.detect import ENGINES, ModelFormatError, detect_engine
@@ -38,9 +39,13 @@ DEFAULT_CUSTOMMODELSINTEGRATION_CONFIG = IntegrationConfig(
         "models_dir": "models",
         "cache_dir": "~/.cache/tiffin/models",
         "scan": True,
+        "allowed_dirs": [],
         "models": [],
     },
 )
+
+
+_PKG = "pkg:<an installed Python package that ships a model>"
 
 
 class CustomModelsIntegration(BaseIntegration):
@@ -51,6 +56,13 @@ class CustomModelsIntegration(BaseIntegration):
         self.models_dir = Path(str(self.settings.get("models_dir", "models"))).expanduser()
         self.cache_dir = Path(str(self.settings.get("cache_dir", "~/.cache/tiffin"))).expanduser()
         self.scan = bool(self.settings.get("scan", True))
+        # Model files may only come from these directories (after symlinks and `..`):
+        # models_dir, cache_dir and any listed in `allowed_dirs`. `pkg:` models live in their
+        # installed package, which the package name (not a path) chooses.
+        extra = [Path(str(d)).expanduser() for d in self.settings.get("allowed_dirs") or []]
+        self.allowed_dirs = list(
+            dict.fromkeys(d.resolve() for d in [self.models_dir, self.cache_dir, *extra])
+        )
         self.declared = [
             self._validate(i, raw) for i, raw in enumerate(self.settings.get("models") or [])
         ]
@@ -69,7 +81,33 @@ class CustomModelsIntegration(BaseIntegration):
             raise ConfigError(
                 f"{key}.engine", model.engine, f"auto or one of: {', '.join(ENGINES)}"
             )
+        if model.source.startswith("pkg:"):
+            check_module_name(f"{key}.source", model.source, _PKG, dotted=False, prefix="pkg:")
+        else:
+            self._confine(f"{key}.source", self._declared_path(model.source))
+        for name, value in model.engine_settings.items():
+            # Files an engine opens besides the weights (llama.cpp's lora_path, lora_base...).
+            if name.endswith(("_path", "_base", "_file")) and isinstance(value, str) and value:
+                self._confine(f"{key}.engine_settings.{name}", self._declared_path(value))
         return model
+
+    def _declared_path(self, source: str) -> Path:
+        path = Path(source).expanduser()
+        return path if path.is_absolute() else self.models_dir / path
+
+    def _confine(self, key: str, path: Path) -> Path:
+        """`path` with symlinks and `..` resolved, if that lies in an allowed directory;
+        else a ConfigError naming the path and the allowed directories."""
+        resolved = path.resolve()
+        if not any(resolved.is_relative_to(d) for d in self.allowed_dirs):
+            allowed = ", ".join(str(d) for d in self.allowed_dirs)
+            raise ConfigError(
+                key,
+                str(path),
+                f"a model path inside the allowed directories ({allowed}; it resolves to "
+                f"{resolved}); add its directory to integrations.{self.name}.settings.allowed_dirs",
+            )
+        return resolved
 
     async def initialize(self) -> None:
         self.rejected = {}  # a retry or rescan reports the files as they are now
@@ -116,6 +154,9 @@ class CustomModelsIntegration(BaseIntegration):
     def _resolve(self, model: ModelConfig) -> tuple[ModelSpec, Path]:
         """The model's spec, and the path its source named."""
         source = self._source_path(model)
+        if not model.source.startswith("pkg:"):
+            # Again at start: a symlink may have changed since the config was read.
+            self._confine(f"integrations.{self.name}.settings.models[{model.id}].source", source)
         try:
             engine = detect_engine(source) if model.engine == "auto" else model.engine
         except ModelFormatError as exc:
@@ -123,6 +164,8 @@ class CustomModelsIntegration(BaseIntegration):
         path = (
             _first_gguf(source, model.id) if engine == "llama_cpp" and source.is_dir() else source
         )
+        if not model.source.startswith("pkg:"):
+            self._confine(f"integrations.{self.name}.settings.models[{model.id}].source", path)
         return ModelSpec(config=model, path=path, engine=engine, provider=self.name), source
 
     def _source_path(self, model: ModelConfig) -> Path:
@@ -168,15 +211,20 @@ class CustomModelsIntegration(BaseIntegration):
             model_id = entry.stem if entry.is_file() else entry.name
             if model_id in taken:
                 continue
+            key = f"integrations.{self.name}.settings.models_dir"
             try:
+                self._confine(key, entry)
                 engine = detect_engine(entry)
-            except ModelFormatError as exc:
+                path = (
+                    _first_gguf(entry, model_id)
+                    if engine == "llama_cpp" and entry.is_dir()
+                    else entry
+                )
+                self._confine(key, path)  # a .gguf inside a folder may be a link out too
+            except (ConfigError, ModelFormatError) as exc:
                 self.rejected[entry.name] = str(exc)
                 self.log.warning("model file skipped", file=entry.name, reason=str(exc))
                 continue
-            path = (
-                _first_gguf(entry, model_id) if engine == "llama_cpp" and entry.is_dir() else entry
-            )
             found.append(
                 ModelSpec(ModelConfig(id=model_id, source=str(entry)), path, engine, self.name)
             )

@@ -70,6 +70,11 @@ class OpenAICompatibleIntegration(BaseIntegration):
             raise RuntimeError(f"{self.name} is not initialized")
         return self._client
 
+    @property
+    def secrets(self) -> list[str]:
+        """What must never reach a client or a log (an upstream's error may echo it)."""
+        return [str(self.settings.get("api_key") or "")]
+
     async def initialize(self) -> None:
         key = str(self.settings.get("api_key") or "")
         timeout = float(self.settings.get("timeout", 300.0))

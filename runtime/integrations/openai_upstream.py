@@ -30,6 +30,7 @@ from runtime.engines.base import (
     Usage,
 )
 from runtime.integrations.circuit import CircuitState
+from runtime.secrets import MASK, redact_text
 
 if TYPE_CHECKING:
     from runtime.integrations.openai_compatible import OpenAICompatibleIntegration
@@ -78,10 +79,10 @@ def request_body(request: GenerationRequest, upstream_model: str) -> dict[str, A
     return body
 
 
-def chunks_of(event: dict[str, Any]) -> list[Chunk]:
+def chunks_of(event: dict[str, Any], secrets: Sequence[str] = ()) -> list[Chunk]:
     """The Chunks in one streamed event, or in a whole response (chat or text completion)."""
     if isinstance(event.get("error"), dict):
-        raise provider_error(502, event)
+        raise provider_error(502, event, secrets)
     found = []
     for choice in event.get("choices") or []:
         # A stream's delta, a whole chat response's message, or a text completion's text.
@@ -124,19 +125,33 @@ def _logprobs(value: Any) -> list[TokenLogprob]:
     ]
 
 
-def provider_error(status: int, body: Any) -> ProviderError:
-    """An upstream's error body (OpenAI's shape, FastAPI's `detail`, or text) as ProviderError."""
+def provider_error(status: int, body: Any, secrets: Sequence[str] = ()) -> ProviderError:
+    """An upstream's error body (OpenAI's shape, FastAPI's `detail`, or text) as ProviderError.
+
+    The upstream's message reaches Tiffin's client, so credentials are scrubbed from it (an
+    upstream may echo the key it was sent); an upstream's own 500 is a 502 here (Tiffin did
+    not fail, its upstream did)."""
+    if status >= 500 and status not in (503, 504):
+        status = 502
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         return ProviderError(
             status,
-            str(error.get("message") or error),
+            _scrub(str(error.get("message") or error), secrets),
             type=str(error.get("type") or _type_for(status)),
             code=error.get("code"),
             param=error.get("param"),
         )
     detail = body.get("detail") if isinstance(body, dict) else body
-    return ProviderError(status, str(detail or f"HTTP {status}")[:500], type=_type_for(status))
+    message = _scrub(str(detail or f"HTTP {status}"), secrets)[:500]
+    return ProviderError(status, message, type=_type_for(status))
+
+
+def _scrub(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, MASK)
+    return redact_text(text)
 
 
 def _type_for(status: int) -> str:
@@ -174,10 +189,11 @@ class UpstreamEngine:
                 f"tools are not supported through {self.upstream.name} yet", param="tools"
             )
         path = "/chat/completions" if request.messages is not None else "/completions"
+        secrets = self.upstream.secrets
         response = await self._open(path, request_body(request, self.upstream_model))
         try:
             if not request.stream:
-                for chunk in chunks_of(json.loads(await response.aread())):
+                for chunk in chunks_of(json.loads(await response.aread()), secrets):
                     yield chunk
                 return
             pieces, usage_seen, done = 0, False, False
@@ -188,7 +204,7 @@ class UpstreamEngine:
                 if data == "[DONE]":
                     done = True
                     break
-                for chunk in chunks_of(json.loads(data)):
+                for chunk in chunks_of(json.loads(data), secrets):
                     pieces += bool(chunk.text)
                     usage_seen |= chunk.usage is not None
                     yield chunk
@@ -258,7 +274,7 @@ class UpstreamEngine:
                 if response.is_success:
                     upstream.circuit.success()
                     return response
-                error = await _error_of(response)
+                error = await _error_of(response, upstream.secrets)
                 if not error.retryable:
                     upstream.circuit.success()  # it answered: the request was at fault
                     raise error
@@ -268,7 +284,7 @@ class UpstreamEngine:
         raise error
 
 
-async def _error_of(response: httpx.Response) -> ProviderError:
+async def _error_of(response: httpx.Response, secrets: Sequence[str]) -> ProviderError:
     """An upstream's error response as a ProviderError (also when its body breaks off)."""
     try:
         raw = await response.aread()
@@ -280,4 +296,4 @@ async def _error_of(response: httpx.Response) -> ProviderError:
         parsed: Any = json.loads(raw)
     except ValueError:
         parsed = raw.decode(errors="replace")
-    return provider_error(response.status_code, parsed)
+    return provider_error(response.status_code, parsed, secrets)

@@ -11,6 +11,7 @@ import importlib
 
 import structlog
 
+from runtime.code_names import check_module_name
 from runtime.config import IntegrationConfig
 from runtime.errors import ConfigError
 from runtime.events import EventBus
@@ -46,8 +47,9 @@ class IntegrationRegistry:
         if target in self._classes:
             return self._classes[target]
         expected = "a BaseIntegration class of this project or one registered by a plugin"
-        if not target.startswith(PROJECT_PACKAGES):
+        if not isinstance(target, str) or not target.startswith(PROJECT_PACKAGES):
             raise ConfigError(key, target, expected)
+        check_module_name(key, target, expected)
         module_name, _, class_name = target.rpartition(".")
         try:
             cls = getattr(importlib.import_module(module_name), class_name)

@@ -9,14 +9,17 @@ any resolver runs; a document over them is answered with a GraphQL error.
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import strawberry
+from cross_web import HTTPException
 from fastapi import Request
 from graphql import GraphQLError
-from starlette.responses import FileResponse, HTMLResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from strawberry import UNSET
 from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
 from strawberry.fastapi import GraphQLRouter
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
@@ -108,6 +111,25 @@ class TiffinGraphQLRouter(GraphQLRouter[dict[str, Any], None]):
         )
         self._graphiql = graphiql
         self.add_api_route("/assets/{name}", self._asset, methods=["GET"], include_in_schema=False)
+
+    def parse_json(self, data: str | bytes) -> Any:
+        # Strawberry catches only syntax errors; input nested past the decoder's recursion
+        # limit, or with a 5000-digit number, or not UTF-8, is the client's error too.
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError):
+            raise HTTPException(400, "Unable to parse request body as JSON") from None
+
+    async def run(self, request: Any, context: Any = UNSET, root_value: Any = UNSET) -> Any:
+        """As strawberry's, but a request it refuses before execution (not JSON, `query` not
+        a string...) is answered `{"errors": [...]}` in JSON, not as plain text."""
+        try:
+            return await super().run(request, context, root_value)
+        except HTTPException as exc:
+            if self.is_websocket_request(request):
+                raise
+            errors = [{"message": exc.reason}]
+            return JSONResponse({"errors": errors}, status_code=exc.status_code)
 
     async def render_graphql_ide(self, request: Request) -> HTMLResponse:
         page = (_ASSETS / "index.html").read_text(encoding="utf-8")

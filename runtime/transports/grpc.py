@@ -16,14 +16,14 @@ import contextlib
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import structlog
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor import MethodDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -145,7 +145,7 @@ def build_services(runtime: Runtime) -> dict[str, dict[str, grpc.RpcMethodHandle
         rpc = _Rpc(runtime, route, method)
         request_class = message_factory.GetMessageClass(method.input_type)
         options: dict[str, Any] = {
-            "request_deserializer": request_class.FromString,
+            "request_deserializer": _lenient(request_class),
             "response_serializer": rpc.response_class.SerializeToString,
         }
         if method.server_streaming:
@@ -154,6 +154,24 @@ def build_services(runtime: Runtime) -> dict[str, dict[str, grpc.RpcMethodHandle
             handler = grpc.unary_unary_rpc_method_handler(rpc.unary, **options)
         services.setdefault(method.containing_service.full_name, {})[method.name] = handler
     return services
+
+
+class _Undecodable:
+    """What a request that is not a valid serialized message becomes: the call answers
+    INVALID_ARGUMENT (left to gRPC, garbage bytes would be UNKNOWN, logged as a servicer crash)."""
+
+    def __init__(self, type_name: str, reason: str) -> None:
+        self.message = f"request is not a valid {type_name} message: {reason}"
+
+
+def _lenient(request_class: type[Message]) -> Callable[[bytes], Message | _Undecodable]:
+    def deserialize(data: bytes) -> Message | _Undecodable:
+        try:
+            return request_class.FromString(data)
+        except DecodeError as exc:
+            return _Undecodable(request_class.DESCRIPTOR.full_name, str(exc).split(": ")[-1])
+
+    return deserialize
 
 
 def _method(key: str, name: str) -> MethodDescriptor:
@@ -199,6 +217,8 @@ class _Rpc:
     async def call(
         self, request: Message, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tuple[Any, Context, Event]:
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         event = self.event(request, context)
         bind_request(event.request_id)
         context.set_trailing_metadata((("x-request-id", event.request_id),))

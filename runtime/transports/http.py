@@ -22,9 +22,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.dispatch import Event, HandlerError, NdjsonStream, Reply
+from runtime.dispatch import Event, HandlerError, NdjsonStream, Reply, parse_json
 from runtime.telemetry.logging import bind_request
 from runtime.transports import graphql
+from runtime.transports.cors import install_cors
+from runtime.transports.openapi import install_openapi, route_openapi
 from runtime.transports.tracing import TracingMiddleware
 from runtime.transports.ws import mount_websockets
 
@@ -123,6 +125,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     app.state.runtime = runtime
     openai_api = runtime.settings.transports.openai_api
+    schemas: dict[str, Any] = {}
     for name, route in runtime.settings.handlers.routes.items():
         if route.http is None:
             continue
@@ -134,6 +137,11 @@ def create_app(runtime: Runtime) -> FastAPI:
             methods=[route.http.method.upper()],
             name=name,
             description=route.description,
+            openapi_extra=route_openapi(
+                route.http.path,
+                getattr(runtime.handlers.get(route.handler), "request_body", None),
+                schemas,
+            ),
         )
     if runtime.settings.transports.websocket:
         mount_websockets(app, runtime)
@@ -144,6 +152,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     # app (it only forwards paths that some route of the app matches).
     app.add_api_route("/{path:path}", _fallback(app), methods=_METHODS, include_in_schema=False)
     _install_error_handlers(app)
+    install_openapi(app, schemas)
+    install_cors(app, runtime.settings.server.cors)
     app.add_middleware(
         RequestContextMiddleware, max_body_bytes=runtime.settings.server.max_body_bytes
     )
@@ -241,12 +251,7 @@ async def _read_body(request: Request) -> Any:
     raw = await request.body()
     if not raw:
         return None
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HandlerError(
-            400, f"request body is not valid JSON: {exc}", code="invalid_json"
-        ) from None
+    return parse_json(raw, "request body")
 
 
 def encode(result: Any) -> Response:

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from runtime.dispatch import HandlerError
+from runtime.dispatch import HandlerError, parse_json
 
 HISTORY_LIMIT = 100  # messages a `message`-style conversation keeps (oldest dropped)
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -49,10 +49,7 @@ def invalid(message: str, *, param: str | None = None, code: str = "invalid_fram
 
 def parse(text: str) -> Frame:
     """One client frame; a HandlerError (400) says what is wrong with it."""
-    try:
-        frame = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise invalid(f"frame is not valid JSON: {exc}", code="invalid_json") from None
+    frame = parse_json(text, "frame")
     if not isinstance(frame, dict):
         raise invalid(f"frame must be a JSON object, got {type(frame).__name__}")
     kind = frame.get("type", "chat")
