@@ -95,20 +95,20 @@ def prompts(count: int, words: int) -> list[str]:
     return [f"{i} " + " ".join(text[i * 7 : i * 7 + words]) for i in range(count)]
 
 
-def direct(generator: Any, tokenizer: Any, prompt: str, max_tokens: int) -> dict[str, float]:
+def direct(generator: Any, engine: Any, prompt: str, max_tokens: int) -> dict[str, float]:
+    """The same job the engine would make (prompt ids, stop conditions, sampler), run on
+    exllamav2's own generator: only Tiffin's wrapper differs between the two sides."""
     from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
-    settings = ExLlamaV2Sampler.Settings(
-        temperature=1.0, top_k=1, top_p=0.0, min_p=0.0, token_repetition_penalty=1.0
-    )
+    from runtime.engines.exllamav2 import job_fields, sampler_fields
+
+    request = bench_request(prompt, max_tokens)
     start = time.perf_counter()
-    ids = tokenizer.encode(prompt, add_bos=True)
+    ids = engine.prompt_ids(request)
     job = ExLlamaV2DynamicJob(
         input_ids=ids,
-        gen_settings=settings,
-        max_new_tokens=max_tokens,
-        stop_conditions=[tokenizer.eos_token_id],
-        decode_special_tokens=False,
+        gen_settings=ExLlamaV2Sampler.Settings(**sampler_fields(request)),
+        **job_fields(request, max_tokens, engine._eos_ids),
     )
     generator.enqueue(job)
     first = last = None
@@ -128,10 +128,16 @@ def direct(generator: Any, tokenizer: Any, prompt: str, max_tokens: int) -> dict
     return measure(start, first, last, tokens, int(ids.shape[-1]))
 
 
-async def tiffin(engine: Any, prompt: str, max_tokens: int) -> dict[str, float]:
+def bench_request(prompt: str, max_tokens: int) -> Any:
     from runtime.engines.base import GenerationRequest
 
-    request = GenerationRequest(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0)
+    return GenerationRequest(
+        model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0, seed=0
+    )
+
+
+async def tiffin(engine: Any, prompt: str, max_tokens: int) -> dict[str, float]:
+    request = bench_request(prompt, max_tokens)
     start = time.perf_counter()
     first = last = None
     usage = None
@@ -210,13 +216,11 @@ async def main() -> None:
         )
         texts = prompts(args.requests + 2, args.prompt_words)
         for text in texts[:2]:  # warm up both
-            direct(generator, engine._tokenizer, text, args.max_tokens)
+            direct(generator, engine, text, args.max_tokens)
             await tiffin(engine, text, args.max_tokens)
         runs: dict[str, list[dict[str, float]]] = {"exllamav2 direct": [], "tiffin engine": []}
         for text in texts[2:]:
-            runs["exllamav2 direct"].append(
-                direct(generator, engine._tokenizer, text, args.max_tokens)
-            )
+            runs["exllamav2 direct"].append(direct(generator, engine, text, args.max_tokens))
             runs["tiffin engine"].append(await tiffin(engine, text, args.max_tokens))
         await engine.unload()
 
