@@ -91,7 +91,7 @@ async def test_admin_usage_by_hour_and_day(make_runtime: MakeRuntime, tmp_path: 
     await database_of(runtime).store.insert(
         [
             record("a", T0 + 10),
-            record("b", T0 + HOUR + 10),
+            record("b", T0 + HOUR + 10, latency_s=2.0),
             record("c", T0 + HOUR + 20, status=429),
             record("d", T0 + day + 10),
         ]
@@ -115,6 +115,7 @@ async def test_admin_usage_by_hour_and_day(make_runtime: MakeRuntime, tmp_path: 
     ]
     assert daily["usage"][0]["first"] == T0 + 10 and daily["usage"][0]["last"] == T0 + HOUR + 20
     assert daily["usage"][0]["prompt_tokens"] == 9
+    assert [r["latency_avg_s"] for r in daily["usage"]] == [pytest.approx(1.0), 0.5]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "by"
 
 

@@ -113,7 +113,7 @@ async def usage(
 
 
 def _merge(into: dict[str, Any], entry: dict[str, Any]) -> None:
-    for name in (*_SUMMED, "latency_s_sum"):
+    for name in _SUMMED:
         if name in entry:
             into[name] += entry[name]
     into["first"] = min(into["first"], entry["first"])
