@@ -194,6 +194,32 @@ async def test_a_stored_key_turns_auth_on_without_auth_required(
         assert (await http.get("/v1/models", headers=bearer(key))).status_code == 200
 
 
+async def test_keyless_requests_get_503_until_the_database_first_answers(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    # Without auth.required, stored keys turn auth on; before the database has said whether it
+    # holds any, a keyless request is refused (503), never served without a key.
+    overrides = [*database_overrides(tmp_path), "auth.cache_ttl_s=0"]
+    runtime = await start_with_models(make_runtime(*overrides, builtins=[ScriptedEngines()]))
+    key = await stored_key(key_store(runtime), "early")
+    database = database_of(runtime)
+    working = database.store.engine
+    database.store.engine = unreachable_engine(tmp_path)
+    async with await serve_http(runtime) as http:
+        try:
+            refused = await http.get("/v1/models")
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "key_store_unavailable"
+            assert refused.headers["retry-after"] == "5"
+            public = await http.get("/integrations/health")  # public routes still answer
+            assert "key_store_unavailable" not in public.text and public.status_code != 401
+        finally:
+            await database.store.engine.dispose()
+            database.store.engine = working
+        assert (await http.get("/v1/models")).status_code == 401  # it answered: keys exist
+        assert (await http.get("/v1/models", headers=bearer(key))).status_code == 200
+
+
 async def test_database_down_config_keys_work_stored_keys_get_503(
     make_runtime: MakeRuntime, tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ from hooks.specs import hookimpl
 from runtime.auth.keys import PUBLIC, KeyRing, Principal, presented_key
 from runtime.auth.limits import RateLimiter
 from runtime.auth.oidc import OidcVerifier, looks_like_jwt
-from runtime.auth.stored import StoredKeys
+from runtime.auth.stored import StoredKeys, unavailable
 from runtime.dispatch import HandlerError
 
 CHALLENGE = {"www-authenticate": "Bearer"}
@@ -45,14 +45,19 @@ class AuthPlugin:
 
     @hookimpl(trylast=True)
     async def authenticate(self, event: Any, ctx: Any) -> None:
-        if not self.enforced and not (self.stored and await self.stored.any_issued()):
-            return
+        issued: bool | None = True
+        if not self.enforced:
+            issued = await self.stored.any_issued() if self.stored else False
+            if issued is False:
+                return
         scope = self.route_scopes.get(event.route, "inference")
         key = presented_key(event.headers)
         principal = await self.identify(key) if key else None
         if principal is None:
             if scope == PUBLIC:
                 return
+            if key is None and issued is None:  # stored keys may exist: fail closed
+                raise unavailable("it has not answered since start")
             raise HandlerError(
                 401,
                 "an API key is required: send `Authorization: Bearer <key>` or `x-api-key`"

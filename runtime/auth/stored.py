@@ -75,7 +75,7 @@ class StoredKeys:
         self._down: tuple[float, str] = (float("-inf"), "")
         self.clock = clock
         self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
-        self._any: tuple[float, bool] = (float("-inf"), False)
+        self._any: tuple[float, bool | None] = (float("-inf"), None)  # None: never answered
         self._used: dict[str, float] = {}
         self._touched_at = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -96,10 +96,11 @@ class StoredKeys:
             self._note_use(digest)
         return principal
 
-    async def any_issued(self) -> bool:
+    async def any_issued(self) -> bool | None:
         """Whether the database holds a key, active or revoked: that turns auth on without
         `auth.required`, and revoking the last key must not turn it off again. Cached like
-        lookups; while the database cannot answer, the last answer stands."""
+        lookups; while the database cannot answer, the last answer stands. None until it has
+        answered once: the caller must then not serve keyless requests (fail closed)."""
         checked_at, answer = self._any
         now = self.clock()
         store = self.store()
@@ -134,11 +135,6 @@ class StoredKeys:
         self._cache.move_to_end(digest)
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
-
-    def forget(self) -> None:
-        """Drop every cached answer (a revocation made in this process takes effect now)."""
-        self._cache.clear()
-        self._any = (float("-inf"), False)
 
     # --- last_used_at, in the background -------------------------------------------------------
 
