@@ -4,6 +4,7 @@ unknown kid (the JWKS fetched again once), claims mapped to scopes (403 on an ad
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -175,6 +176,31 @@ async def test_an_unreachable_jwks_is_503(make_runtime: MakeRuntime, issuer: Iss
     assert down.status_code == 503 and down.json()["error"]["code"] == "jwks_unavailable"
 
 
+@pytest.mark.parametrize("algorithm", ["RS256\u2603", 'RS"256', "X" * 300])
+async def test_an_odd_algorithm_is_401_with_a_well_formed_challenge(
+    http: httpx.AsyncClient, algorithm: str
+) -> None:
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    token = f"{part({'alg': algorithm, 'kid': 'k1'})}.{part({'sub': 'x'})}.c2ln"
+    refused = await http.get("/v1/models", headers=bearer(token))
+    assert refused.status_code == 401, refused.text
+    challenge = refused.headers["www-authenticate"]
+    assert challenge == 'Bearer error="invalid_token", error_description="algorithm not accepted"'
+    message = refused.json()["error"]["message"]
+    assert "is not accepted" in message and len(message) < 100
+
+
+async def test_a_scope_claim_of_another_type_grants_no_scopes(
+    http: httpx.AsyncClient, issuer: Issuer
+) -> None:
+    for roles in (7, {"tiffin-ops": True}, None):
+        token = issuer.token(roles=roles)
+        refused = await http.get("/v1/models", headers=bearer(token))
+        assert refused.status_code == 403, refused.text
+
+
 def test_scope_claims_as_strings_or_lists() -> None:
     verifier = OidcVerifier(
         OidcConfig(jwks_url="http://unused", scope_claim="scp", scope_map={"ops": ["admin"]}),
@@ -184,3 +210,5 @@ def test_scope_claims_as_strings_or_lists() -> None:
     assert verifier.scopes({"scp": ["inference"]}) == {"inference"}
     assert verifier.scopes({"scp": "root"}) == frozenset()
     assert verifier.scopes({}) == frozenset()
+    assert verifier.scopes({"scp": 3}) == frozenset()  # not a 500
+    assert verifier.scopes({"scp": [1, "inference"]}) == {"inference"}

@@ -31,10 +31,12 @@ def looks_like_jwt(token: str) -> bool:
     return len(parts) == 3 and all(parts)
 
 
-def invalid_token(why: str) -> HandlerError:
+def invalid_token(why: str, detail: str = "") -> HandlerError:
+    """`why` is fixed text (it goes into the WWW-Authenticate header, latin-1 and quoted);
+    `detail`, which may quote the token's own header, only into the JSON message."""
     return HandlerError(
         401,
-        f"the bearer token is not valid: {why}",
+        f"the bearer token is not valid: {detail or why}",
         type="authentication_error",
         code="invalid_token",
         headers={"www-authenticate": f'{CHALLENGE}, error_description="{why}"'},
@@ -69,7 +71,8 @@ class OidcVerifier:
             raise invalid_token("malformed token") from None
         algorithm = str(header.get("alg", ""))
         if algorithm not in self.config.algorithms:
-            raise invalid_token(f"algorithm {algorithm!r} is not accepted")
+            shown = algorithm if len(algorithm) <= 20 else f"{algorithm[:20]}..."
+            raise invalid_token("algorithm not accepted", f"algorithm {shown!r} is not accepted")
         key = await self._key(str(header.get("kid", "")))
         try:
             claims = jwt.decode(
@@ -95,14 +98,19 @@ class OidcVerifier:
             raise invalid_token(type(exc).__name__) from None
         name = claims.get(self.config.name_claim)
         if not isinstance(name, str) or not name:
-            raise invalid_token(f"no {self.config.name_claim!r} claim")
+            raise invalid_token("no name claim", f"no {self.config.name_claim!r} claim")
         return Principal(name, self.scopes(claims), self.defaults)
 
     def scopes(self, claims: dict[str, Any]) -> frozenset[str]:
         """The claim's values (a space-separated string or a list), each mapped through
         `scope_map` when listed there, kept when a Tiffin scope itself."""
         raw = claims.get(self.config.scope_claim, [])
-        values = raw.split() if isinstance(raw, str) else [str(v) for v in raw or []]
+        if isinstance(raw, str):
+            values = raw.split()
+        elif isinstance(raw, list):
+            values = [v for v in raw if isinstance(v, str)]
+        else:  # a number, an object, null: no scopes, not a 500
+            values = []
         found: set[str] = set()
         for value in values:
             if value in self.config.scope_map:
