@@ -32,6 +32,7 @@ class Issuer:
     def __init__(self) -> None:
         self.keys: dict[str, rsa.RSAPrivateKey] = {"k1": new_rsa()}
         self.fetches = 0
+        self.failing = False  # answer 500, as an issuer having a bad minute does
         self.server = ThreadServer()
 
     def jwks(self) -> dict[str, Any]:
@@ -47,7 +48,8 @@ class Issuer:
         self.fetches += 1
         body = json.dumps(self.jwks()).encode()
         headers = [(b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        status = 500 if self.failing else 200
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     def token(
@@ -199,6 +201,38 @@ async def test_a_scope_claim_of_another_type_grants_no_scopes(
         token = issuer.token(roles=roles)
         refused = await http.get("/v1/models", headers=bearer(token))
         assert refused.status_code == 403, refused.text
+
+
+async def test_a_failed_jwks_fetch_is_503_and_old_keys_keep_working(
+    make_runtime: MakeRuntime, issuer: Issuer
+) -> None:
+    runtime = make_runtime(*oidc_overrides(issuer), builtins=[ScriptedEngines()])
+    verifier = runtime.auth.plugin.oidc
+    assert verifier is not None
+    verifier.clock = clock = FakeClock(1000.0)
+    token = issuer.token(roles=["tiffin-users"])
+    async with await http_client(runtime) as http:
+        issuer.failing = True  # the first fetch fails: 503, also for the next requests
+        for _ in range(2):
+            down = await http.get("/v1/models", headers=bearer(token))
+            assert down.status_code == 503 and down.json()["error"]["code"] == "jwks_unavailable"
+        assert issuer.fetches == 1  # not one fetch per request
+        issuer.failing = False
+        clock.now += 10
+        assert (await http.get("/v1/models", headers=bearer(token))).status_code == 200
+        # The cache runs out and the refetch fails: the keys we had still verify.
+        issuer.failing = True
+        clock.now += verifier.config.jwks_cache_s
+        assert (await http.get("/v1/models", headers=bearer(token))).status_code == 200
+        assert issuer.fetches == 3
+        issuer.keys["k2"] = new_rsa()  # a kid we could not fetch: 503, not 401
+        rotated = issuer.token(kid="k2", roles=["tiffin-users"])
+        clock.now += 10
+        down = await http.get("/v1/models", headers=bearer(rotated))
+        assert down.status_code == 503 and down.json()["error"]["code"] == "jwks_unavailable"
+        issuer.failing = False
+        clock.now += 10
+        assert (await http.get("/v1/models", headers=bearer(rotated))).status_code == 200
 
 
 def test_scope_claims_as_strings_or_lists() -> None:

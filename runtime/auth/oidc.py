@@ -3,8 +3,9 @@ iss, aud), their claims mapped to scopes.
 
 The JWKS is fetched with httpx (never blocking the event loop) and kept `jwks_cache_s`; a token
 signed with a key id the cached set lacks makes one refetch (the issuer rotated its keys), at
-most once per 10 s so a stream of forged kids cannot hammer the issuer. The token itself never
-reaches a log or an error message.
+most once per 10 s so a stream of forged kids cannot hammer the issuer. A failed fetch keeps
+the old set (its keys still verify) and makes a kid it lacks 503, retried after 10 s. The token
+itself never reaches a log or an error message.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class OidcVerifier:
         self.clock = clock
         self._client = client
         self._keys: dict[str, Any] = {}  # kid -> PyJWK
-        self._fetched_at = float("-inf")
+        self._fetched_at = float("-inf")  # the last attempt, successful or not
+        self._failed = ""  # why the last attempt failed; "" when it succeeded
         self._lock = asyncio.Lock()
         self.fetches = 0
 
@@ -120,19 +122,30 @@ class OidcVerifier:
         return frozenset(found & SCOPES)
 
     async def _key(self, kid: str) -> Any:
-        if self.clock() - self._fetched_at >= self.config.jwks_cache_s:
+        # After a failed fetch, try again within REFETCH_MIN_S rather than the whole cache time.
+        max_age = REFETCH_MIN_S if self._failed else self.config.jwks_cache_s
+        if self.clock() - self._fetched_at >= max_age:
             await self._fetch(self._fetched_at)
         if kid not in self._keys and self.clock() - self._fetched_at >= REFETCH_MIN_S:
             await self._fetch(self._fetched_at)  # the issuer may have rotated its keys
-        if kid in self._keys:
+        if kid in self._keys:  # the last key set that came, even when a refetch failed since
             return self._keys[kid]
         if not kid and len(self._keys) == 1:
             return next(iter(self._keys.values()))
+        if self._failed:  # the key may well be in the set we could not fetch
+            raise HandlerError(
+                503,
+                f"the OIDC key set cannot be fetched ({self._failed}); retry shortly",
+                type="service_unavailable",
+                code="jwks_unavailable",
+                headers={"retry-after": "5"},
+            )
         raise invalid_token("unknown signing key (kid)")
 
     async def _fetch(self, seen: float) -> None:
         """Fetch the JWKS, unless another request did since `seen` (requests arriving together
-        with a new kid make one fetch, not one each)."""
+        with a new kid make one fetch, not one each). A failure keeps the old set and is
+        remembered in `_failed`."""
         async with self._lock:
             if self._fetched_at != seen:
                 return
@@ -148,11 +161,7 @@ class OidcVerifier:
                     if self._client is None:
                         await client.aclose()
             except (httpx.HTTPError, ValueError, jwt.PyJWTError) as exc:
-                raise HandlerError(
-                    503,
-                    f"the OIDC key set cannot be fetched ({type(exc).__name__}); retry shortly",
-                    type="service_unavailable",
-                    code="jwks_unavailable",
-                    headers={"retry-after": "5"},
-                ) from None
+                self._failed = type(exc).__name__
+                return
             self._keys = {str(k.key_id or ""): k for k in jwks.keys}
+            self._failed = ""
