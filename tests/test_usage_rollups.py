@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from runtime.app import Runtime
-from runtime.persistence import migrate
+from runtime.persistence import migrate, rollups
 from runtime.persistence.request_log import RequestLogWriter, WriterSettings, to_row
 from runtime.persistence.spool import Spool
 from runtime.persistence.store import RequestLogStore
@@ -82,6 +82,19 @@ async def test_rollups_sum_per_key_model_and_hour(store: RequestLogStore) -> Non
     )
     assert by_key[None]["requests"] == 1
     assert await store.usage(T0 + HOUR, T0 + 2 * HOUR) == [{**usage[1], **later(usage[1])}]
+
+
+def test_summed_rows_come_in_one_order_whatever_the_batch() -> None:
+    # Workers upserting the same rollup rows in different orders can deadlock on PostgreSQL.
+    rows = [
+        record("a", T0 + HOUR, key="b"),
+        record("b", T0 + 5, key="b"),
+        record("c", T0 + 5, key="a", model="m2"),
+        record("d", T0 + 5, key="a"),
+    ]
+    order = [(r["key_name"], r["model"], r["bucket"]) for r in rollups.summed(rows)]
+    assert order == sorted(order) and len(order) == 4
+    assert rollups.summed(rows) == rollups.summed(reversed(rows))
 
 
 async def test_admin_usage_by_hour_and_day(make_runtime: MakeRuntime, tmp_path: Path) -> None:

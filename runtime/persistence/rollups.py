@@ -21,7 +21,9 @@ def bucket_of(at: float) -> float:
 
 
 def summed(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One rollup row per (key, model, hour) of `rows` (request-log rows)."""
+    """One rollup row per (key, model, hour) of `rows` (request-log rows), sorted by that key:
+    concurrent workers then upsert (and lock) rollup rows in one order, never deadlocking on
+    PostgreSQL."""
     sums: dict[tuple[str, str, float], dict[str, Any]] = {}
     for row in rows:
         at = float(row["time"])
@@ -39,7 +41,7 @@ def summed(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         entry["last_time"] = max(entry["last_time"], at)
     return [
         {"key_name": key, "model": model, "bucket": bucket, **entry}
-        for (key, model, bucket), entry in sums.items()
+        for (key, model, bucket), entry in sorted(sums.items())
     ]
 
 
