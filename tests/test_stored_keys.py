@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from runtime.__main__ import main
 from runtime.app import Runtime
 from runtime.auth import hash_key, new_key
+from runtime.auth.stored import StoredKeys
+from runtime.config import RateLimitConfig
+from runtime.dispatch import HandlerError
 from runtime.persistence import migrate
-from runtime.persistence.api_keys import ApiKeyStore
+from runtime.persistence.api_keys import ApiKeyStore, StoredKey
 from runtime.transports.http import create_app
 from runtime.transports.proto.tiffin.v1 import inference_pb2 as pb
 from runtime.transports.proto.tiffin.v1 import inference_pb2_grpc
@@ -202,6 +205,9 @@ async def test_keyless_requests_get_503_until_the_database_first_answers(
     overrides = [*database_overrides(tmp_path), "auth.cache_ttl_s=0"]
     runtime = await start_with_models(make_runtime(*overrides, builtins=[ScriptedEngines()]))
     key = await stored_key(key_store(runtime), "early")
+    stored = runtime.auth.plugin.stored
+    assert stored is not None
+    stored.clock = clock = FakeClock(1000.0)
     database = database_of(runtime)
     working = database.store.engine
     database.store.engine = unreachable_engine(tmp_path)
@@ -216,6 +222,8 @@ async def test_keyless_requests_get_503_until_the_database_first_answers(
         finally:
             await database.store.engine.dispose()
             database.store.engine = working
+        assert (await http.get("/v1/models")).status_code == 503  # no retry for `retry_s`
+        clock.now += stored.retry_s
         assert (await http.get("/v1/models")).status_code == 401  # it answered: keys exist
         assert (await http.get("/v1/models", headers=bearer(key))).status_code == 200
 
@@ -253,6 +261,69 @@ async def test_database_down_config_keys_work_stored_keys_get_503(
         assert (await http.get("/v1/models", headers=bearer(uncached))).status_code == 503
         clock.now += 1
         assert (await http.get("/v1/models", headers=bearer(uncached))).status_code == 200
+
+
+class GatedStore(ApiKeyStore):
+    """The real store, counting its queries and holding them until `gate` opens."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.counts = self.finds = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def count(self) -> int:
+        self.counts += 1
+        await self.gate.wait()
+        return await super().count()
+
+    async def find(self, digest: str) -> StoredKey | None:
+        self.finds += 1
+        await self.gate.wait()
+        return await super().find(digest)
+
+
+@pytest.fixture
+async def gated(tmp_path: Path) -> AsyncIterator[GatedStore]:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}")
+    await migrate.upgrade(engine)
+    yield GatedStore(engine)
+    await engine.dispose()
+
+
+async def test_concurrent_requests_share_one_query(gated: GatedStore) -> None:
+    key = await stored_key(gated, "shared")
+    stored = StoredKeys(lambda: gated, RateLimitConfig(), ttl_s=5, clock=(clock := FakeClock(0)))
+    gated.gate.clear()
+    waiting = asyncio.gather(*(stored.any_issued() for _ in range(5)))
+    looking = asyncio.gather(*(stored.lookup(key) for _ in range(5)))
+    await asyncio.sleep(0.01)
+    gated.gate.set()
+    assert await waiting == [True] * 5  # none answered yet: all wait for the one count
+    assert {p.name for p in await looking if p} == {"shared"}
+    assert (gated.counts, gated.finds) == (1, 1)
+    clock.now += 5  # stale: one refresh, the others answered from the old value meanwhile
+    gated.gate.clear()
+    refreshing = asyncio.gather(*(stored.any_issued() for _ in range(5)))
+    await asyncio.sleep(0.01)
+    assert gated.counts == 2
+    gated.gate.set()
+    assert await refreshing == [True] * 5
+    await stored.close()
+
+
+async def test_a_failed_count_is_not_retried_for_retry_s(tmp_path: Path) -> None:
+    store = GatedStore(unreachable_engine(tmp_path))
+    stored = StoredKeys(lambda: store, RateLimitConfig(), ttl_s=0, clock=(clock := FakeClock(0)))
+    assert await stored.any_issued() is None  # never answered
+    assert await stored.any_issued() is None
+    assert store.counts == 1  # within retry_s: no connect attempt per request
+    with pytest.raises(HandlerError) as down:
+        await stored.lookup(new_key())
+    assert down.value.status == 503 and store.finds == 0
+    clock.now += stored.retry_s
+    assert await stored.any_issued() is None and store.counts == 2
+    await store.engine.dispose()
 
 
 async def test_a_stored_key_over_websocket(make_runtime: MakeRuntime, tmp_path: Path) -> None:

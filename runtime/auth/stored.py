@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import time
 from collections import OrderedDict
@@ -76,6 +77,8 @@ class StoredKeys:
         self.clock = clock
         self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
         self._any: tuple[float, bool | None] = (float("-inf"), None)  # None: never answered
+        self._pending: dict[str, asyncio.Future[Principal | None]] = {}  # digest -> its query
+        self._counting: asyncio.Future[None] | None = None  # the count() under way
         self._used: dict[str, float] = {}
         self._touched_at = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -83,35 +86,56 @@ class StoredKeys:
 
     async def lookup(self, key: str) -> Principal | None:
         """The principal of a stored, unrevoked key; None for an unknown or revoked one.
-        Raises a 503 HandlerError when the database cannot say."""
+        Raises a 503 HandlerError when the database cannot say. Requests presenting the same
+        uncached key together share one query."""
         digest = hash_key(key)
-        now = self.clock()
         cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > self.clock():
             principal = cached[1]
         else:
-            principal = await self._fetch(digest)
-            self._remember(digest, (now + self.ttl_s, principal))
+            task = self._pending.get(digest)
+            if task is None:
+                task = self._pending[digest] = asyncio.ensure_future(self._fetch(digest))
+                task.add_done_callback(functools.partial(self._fetched, digest))
+            principal = await asyncio.shield(task)
         if principal is not None:
             self._note_use(digest)
         return principal
 
+    def _fetched(self, digest: str, task: asyncio.Future[Principal | None]) -> None:
+        self._pending.pop(digest, None)
+        if not task.cancelled() and task.exception() is None:
+            self._remember(digest, (self.clock() + self.ttl_s, task.result()))
+
     async def any_issued(self) -> bool | None:
         """Whether the database holds a key, active or revoked: that turns auth on without
         `auth.required`, and revoking the last key must not turn it off again. Cached like
-        lookups; while the database cannot answer, the last answer stands. None until it has
-        answered once: the caller must then not serve keyless requests (fail closed)."""
+        lookups; while the database cannot answer (or within `retry_s` of a failure), the last
+        answer stands. None until it has answered once: the caller must then not serve keyless
+        requests (fail closed). One query at a time: while it runs, others get the old answer
+        (or, with none yet, wait for that query)."""
         checked_at, answer = self._any
         now = self.clock()
         store = self.store()
-        if store is None or now - checked_at < self.ttl_s:
+        if store is None or now - checked_at < self.ttl_s or now < self._down[0]:
             return answer
+        if self._counting is None:
+            self._counting = asyncio.ensure_future(self._count(store))
+        elif answer is not None:
+            return answer
+        await asyncio.shield(self._counting)
+        return self._any[1]
+
+    async def _count(self, store: ApiKeyStore) -> None:
+        answer = self._any[1]
         try:
             answer = await store.count() > 0
         except Exception as exc:
+            self._down = (self.clock() + self.retry_s, type(exc).__name__)
             self.log.warning("stored keys: cannot count", error=type(exc).__name__)
-        self._any = (now, answer)
-        return answer
+        finally:
+            self._any = (self.clock(), answer)
+            self._counting = None
 
     async def _fetch(self, digest: str) -> Principal | None:
         store = self.store()
