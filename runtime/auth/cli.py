@@ -17,9 +17,6 @@ import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
-
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from runtime.app import to_settings
 from runtime.auth.keys import SCOPES, hash_key, new_key
@@ -75,16 +72,14 @@ def keys_main(args: Sequence[str]) -> int:
 
 def _store(settings: TiffinConfig) -> ApiKeyStore | None:
     """The database's key table, when the config selects the database integration."""
-    from runtime.integrations.database import async_url  # the CLI only: not on the auth path
+    from runtime.integrations.database import Target  # the CLI only: not on the auth path
 
     database = settings.integrations.get("database")
     if database is None or not database.enabled:
         return None
-    data_dir = Path(str(database.settings.get("data_dir") or ".tiffin/data")).expanduser()
-    url = async_url(str(database.settings.get("url") or ""), data_dir)
-    if url.startswith("sqlite"):
-        data_dir.mkdir(parents=True, exist_ok=True)
-    return ApiKeyStore(create_async_engine(url))
+    target = Target(database.settings)
+    target.prepare()
+    return ApiKeyStore(target.engine())
 
 
 async def _create_stored(

@@ -8,11 +8,12 @@ replays."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
@@ -57,20 +58,37 @@ def async_url(url: str, data_dir: Path) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+class Target:
+    """Where the database integration's settings point: the data dir, the async URL, and an
+    engine for it (building one connects to nothing; the first query does). The server and
+    the `keys` CLI both use it, so they open the same database the same way."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self.data_dir = Path(str(settings.get("data_dir") or ".tiffin/data")).expanduser()
+        self.url = async_url(str(settings.get("url") or ""), self.data_dir)
+        # `timeout` is asyncpg's connect timeout and SQLite's busy timeout: a database that
+        # hangs is soon "down".
+        self.timeout = float(settings.get("connect_timeout_s", 5.0))
+
+    def engine(self) -> AsyncEngine:
+        return create_async_engine(
+            self.url, pool_pre_ping=True, connect_args={"timeout": self.timeout}
+        )
+
+    def prepare(self) -> None:
+        """Make the data dir SQLite's file goes into."""
+        if self.url.startswith("sqlite"):
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+
+
 class DatabaseIntegration(BaseIntegration):
     """The request log's database: migrations at start, batched writes, `SELECT 1` health."""
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
-        self.data_dir = Path(str(self.settings.get("data_dir") or ".tiffin/data")).expanduser()
-        self.url = async_url(str(self.settings.get("url") or ""), self.data_dir)
-        # Building an engine connects to nothing; the first query does. `timeout` is asyncpg's
-        # connect timeout and SQLite's busy timeout: a database that hangs is soon "down".
-        timeout = float(self.settings.get("connect_timeout_s", 5.0))
-        engine = create_async_engine(
-            self.url, pool_pre_ping=True, connect_args={"timeout": timeout}
-        )
-        self.store = RequestLogStore(engine)
+        self.target = Target(self.settings)
+        self.data_dir, self.url = self.target.data_dir, self.target.url
+        self.store = RequestLogStore(self.target.engine())
         writer_settings = WriterSettings(
             batch_size=int(self.settings.get("batch_size", 100)),
             flush_interval_s=float(self.settings.get("flush_interval_s", 0.5)),
@@ -81,8 +99,7 @@ class DatabaseIntegration(BaseIntegration):
         self.revision: str | None = None
 
     async def initialize(self) -> None:
-        if self.store.engine.dialect.name == "sqlite":
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.target.prepare()
         try:
             self.revision = await migrate.upgrade(self.store.engine)
         except Exception:
