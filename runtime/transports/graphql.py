@@ -9,7 +9,6 @@ any resolver runs; a document over them is answered with a GraphQL error.
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionContext
 
 from runtime.config import GraphqlKind, RouteConfig
+from runtime.dispatch import HandlerError, parse_json
 from runtime.transports.graphql_fields import field
 
 if TYPE_CHECKING:
@@ -116,9 +116,9 @@ class TiffinGraphQLRouter(GraphQLRouter[dict[str, Any], None]):
         # Strawberry catches only syntax errors; input nested past the decoder's recursion
         # limit, or with a 5000-digit number, or not UTF-8, is the client's error too.
         try:
-            return json.loads(data)
-        except (ValueError, RecursionError):
-            raise HTTPException(400, "Unable to parse request body as JSON") from None
+            return parse_json(data, "the request body")
+        except HandlerError as exc:
+            raise HTTPException(exc.status, exc.message) from None
 
     async def run(self, request: Any, context: Any = UNSET, root_value: Any = UNSET) -> Any:
         """As strawberry's, but a request it refuses before execution (not JSON, `query` not
