@@ -82,7 +82,7 @@ class MetricsPlugin:
 
     @hookimpl(trylast=True)
     def on_event(self, event: Any) -> None:
-        if getattr(event, "origin", ""):
+        if event.remote:
             return  # another worker's, bridged through Redis: its own metrics count it
         data = event.data
         if event.type in ("model.loaded", "model.load_failed"):

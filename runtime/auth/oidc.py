@@ -63,7 +63,6 @@ class OidcVerifier:
         self._fetched_at = float("-inf")  # the last attempt, successful or not
         self._failed = ""  # why the last attempt failed; "" when it succeeded
         self._lock = asyncio.Lock()
-        self.fetches = 0
 
     async def verify(self, token: str) -> Principal:
         """The principal a valid token names; a 401 HandlerError (invalid_token) otherwise."""
@@ -150,7 +149,6 @@ class OidcVerifier:
             if self._fetched_at != seen:
                 return
             self._fetched_at = self.clock()
-            self.fetches += 1
             try:
                 client = self._client or httpx.AsyncClient(timeout=self.config.timeout_s)
                 try:
