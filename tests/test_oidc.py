@@ -104,7 +104,7 @@ async def test_valid_tokens_map_claims_to_scopes(http: httpx.AsyncClient, issuer
     assert (await http.get("/v1/models", headers=bearer(user))).status_code == 200
     forbidden = await http.get("/admin/requests", headers=bearer(user))
     assert forbidden.status_code == 403
-    assert "'alice' lacks the 'admin' scope" in forbidden.json()["error"]["message"]
+    assert "'oidc:alice' lacks the 'admin' scope" in forbidden.json()["error"]["message"]
     ops = issuer.token(sub="bob", roles=["tiffin-ops"])
     assert (await http.get("/admin/requests", headers=bearer(ops))).status_code == 200
     no_roles = issuer.token()
@@ -233,6 +233,19 @@ async def test_a_failed_jwks_fetch_is_503_and_old_keys_keep_working(
         issuer.failing = False
         clock.now += 10
         assert (await http.get("/v1/models", headers=bearer(rotated))).status_code == 200
+
+
+async def test_a_subject_named_like_a_key_has_its_own_limits(
+    make_runtime: MakeRuntime, issuer: Issuer
+) -> None:
+    overrides = [*oidc_overrides(issuer), KEYS, "auth.limits.requests_per_minute=1"]
+    runtime = make_runtime(*overrides, builtins=[ScriptedEngines()])
+    token = issuer.token(sub="app", roles=["tiffin-users"])  # the config key is named app too
+    async with await http_client(runtime) as http:
+        assert (await http.get("/v1/models", headers=bearer(token))).status_code == 200
+        assert (await http.get("/v1/models", headers=APP)).status_code == 200  # its own bucket
+        limited = await http.get("/v1/models", headers=bearer(token))
+        assert limited.status_code == 429 and "oidc:app" in limited.json()["error"]["message"]
 
 
 def test_scope_claims_as_strings_or_lists() -> None:

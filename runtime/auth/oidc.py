@@ -25,6 +25,7 @@ from runtime.dispatch import HandlerError
 Clock = Callable[[], float]
 REFETCH_MIN_S = 10.0
 CHALLENGE = 'Bearer error="invalid_token"'
+PREFIX = "oidc:"  # of every principal a token names
 
 
 def looks_like_jwt(token: str) -> bool:
@@ -100,7 +101,9 @@ class OidcVerifier:
         name = claims.get(self.config.name_claim)
         if not isinstance(name, str) or not name:
             raise invalid_token("no name claim", f"no {self.config.name_claim!r} claim")
-        return Principal(name, self.scopes(claims), self.defaults)
+        # Prefixed: a token's subject never shares rate limits or usage rows with a key that
+        # happens to bear the same name.
+        return Principal(f"{PREFIX}{name}", self.scopes(claims), self.defaults)
 
     def scopes(self, claims: dict[str, Any]) -> frozenset[str]:
         """The claim's values (a space-separated string or a list), each mapped through
