@@ -82,6 +82,12 @@ def test_keys_cli_stores_lists_and_revokes_keys_in_the_database(
     capsys.readouterr()
     assert main(["keys", "create", "--name", "ci", *database]) == 1
     assert "already named 'ci'" in capsys.readouterr().err
+    # Names that would share limits and usage rows with a config key or OIDC subjects.
+    declared = "auth.keys=[{name:ops,key:'',scopes:[admin]}]"
+    assert main(["keys", "create", "--name", "ops", declared, *database]) == 1
+    assert "declared in config (auth.keys)" in capsys.readouterr().err
+    assert main(["keys", "create", "--name", "oidc:alice", *database]) == 1
+    assert "OIDC" in capsys.readouterr().err
 
     assert main(["keys", "list", *database]) == 0
     listed = capsys.readouterr().out

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 
 from runtime.app import to_settings
 from runtime.auth.keys import SCOPES, hash_key, new_key
+from runtime.auth.oidc import PREFIX as OIDC_PREFIX
 from runtime.config import TiffinConfig, compose
 from runtime.errors import ConfigError
 from runtime.persistence import migrate
@@ -54,6 +55,10 @@ def keys_main(args: Sequence[str]) -> int:
         return 2
     store = _store(settings)
     if parsed.verb == "create":
+        clash = _name_clash(settings, parsed.name, stored=store is not None)
+        if clash:
+            print(f"tiffin: {clash}; choose another name", file=sys.stderr)
+            return 1
         scopes = parsed.scope or ["inference"]
         if store is None:
             if os.environ.get("DATABASE_URL"):
@@ -68,6 +73,17 @@ def keys_main(args: Sequence[str]) -> int:
     if parsed.verb == "list":
         return asyncio.run(_list(settings, store))
     return asyncio.run(_revoke(settings, store, parsed.name))
+
+
+def _name_clash(settings: TiffinConfig, name: str, *, stored: bool) -> str:
+    """Why `name` cannot be a new key's: principals share rate limits and usage rows by name,
+    so a stored key must not take a config key's name (in any env: one left empty here may be
+    set there), nor any key the `oidc:` prefix of token subjects. "" when it can."""
+    if name.startswith(OIDC_PREFIX):
+        return f"{OIDC_PREFIX!r} names the subjects of OIDC tokens"
+    if stored and any(declared.name == name for declared in settings.auth.keys):
+        return f"a key named {name!r} is declared in config (auth.keys)"
+    return ""
 
 
 def _store(settings: TiffinConfig) -> ApiKeyStore | None:
