@@ -229,7 +229,7 @@ class OidcConfig:
     algorithms: list[str] = field(default_factory=lambda: ["RS256"])  # accepted `alg`s
     scope_claim: str = "scope"  # the claim holding scopes or roles (`scope`, `scp`, `roles`)
     scope_map: dict[str, list[str]] = field(default_factory=dict)  # claim value -> scopes
-    name_claim: str = "sub"  # the claim naming the principal (logs, limits, usage)
+    name_claim: str = "sub"  # names the principal: `oidc:<value>` (logs, limits, usage)
     leeway_s: float = 30.0  # clock skew allowed on exp and nbf
     jwks_cache_s: float = 300.0  # how long a fetched JWKS is used (an unknown kid refetches)
     timeout_s: float = 5.0  # the JWKS fetch's timeout
