@@ -183,8 +183,9 @@ class StoredKeys:
             self.log.warning("stored keys: last_used_at not written", error=type(exc).__name__)
 
     async def close(self) -> None:
-        """Wait for background writes, then write what is left."""
-        for task in list(self._tasks):
+        """Wait for background writes and queries under way, then write what is left."""
+        queries = [f for f in (self._counting, *self._pending.values()) if f is not None]
+        for task in [*self._tasks, *queries]:
             with contextlib.suppress(Exception):
                 await task
         await self.touch()
