@@ -61,6 +61,18 @@ def request_body(model: Any) -> Callable[[_H], _H]:
     return mark
 
 
+def error_body(render: Callable[[HandlerError], Any]) -> Callable[[_H], _H]:
+    """Declare the body a handler's errors take on the wire when that is not OpenAI's shape
+    (Ollama's `{"error": "..."}`), so that a transport refusing a request before the handler
+    runs (a body that is not JSON, a missing key) answers in the handler's shape too."""
+
+    def mark(handler: _H) -> _H:
+        handler.__dict__["error_body"] = render
+        return handler
+
+    return mark
+
+
 @dataclass
 class Event:
     """One request, whatever transport it came in on."""

@@ -209,8 +209,18 @@ def _metrics(runtime: Runtime) -> Callable[[Request], Awaitable[Response]]:
 
 def _endpoint(runtime: Runtime, route: str) -> Callable[[Request], Awaitable[Response]]:
     dispatcher = runtime.dispatcher
+    # The handler's own error shape (Ollama's), for what is refused before it runs.
+    render = getattr(dispatcher.handlers.get(dispatcher.routes.get(route, "")), "error_body", None)
 
     async def endpoint(request: Request) -> Response:
+        try:
+            return await answer(request)
+        except HandlerError as exc:
+            if render is None:
+                raise
+            return JSONResponse(render(exc), status_code=exc.status, headers=exc.headers)
+
+    async def answer(request: Request) -> Response:
         event = Event(
             body=await _read_body(request),
             headers=request.headers,
