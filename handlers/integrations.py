@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from runtime.dispatch import Context, Event, HandlerError, Reply
+from runtime.errors import quoted
 from runtime.integrations import IntegrationStatus
 
 
@@ -50,7 +51,7 @@ async def get(event: Event, ctx: Context) -> dict[str, Any]:
         known = ", ".join(ctx.integrations.integrations) or "(none)"
         raise HandlerError(
             404,
-            f"integration {name!r} is not configured; configured: {known}",
+            f"integration {quoted(name)} is not configured; configured: {known}",
             type="not_found_error",
             code="integration_not_found",
             param="name",

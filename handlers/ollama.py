@@ -10,9 +10,9 @@ import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from handlers.generation import (
     Outcome,
@@ -21,7 +21,25 @@ from handlers.generation import (
     resolve_model,
     start_generation,
 )
-from runtime.dispatch import Context, Event, HandlerError, NdjsonStream, Reply, request_body
+from handlers.openai_types import (
+    INT32_MAX,
+    MinP,
+    Penalty,
+    RepeatPenalty,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+)
+from runtime.dispatch import (
+    Context,
+    Event,
+    HandlerError,
+    NdjsonStream,
+    Reply,
+    error_body,
+    request_body,
+)
 from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationRequest
 from runtime.models import LocalModel, ModelState
 
@@ -41,12 +59,41 @@ OPTIONS = {
 }
 
 
+class Options(BaseModel):
+    """Ollama's `options`, in the ranges of the OpenAI fields they become
+    (handlers/openai_types.py). Options Tiffin does not use (mirostat, num_thread, ...) are
+    ignored, as Ollama ignores the ones it does not know and as the OpenAI API ignores unknown
+    fields; a number that is not finite is refused anywhere in the body when it is decoded."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    repeat_penalty: RepeatPenalty | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    seed: Seed | None = None
+    # Ollama's -1 ("infinite") and -2 ("fill the context") both mean: until the context is full.
+    num_predict: Annotated[int, Field(ge=-2, le=INT32_MAX)] | None = None
+    num_ctx: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None  # checked, not used
+    stop: str | list[str] | None = None
+
+    @field_validator("num_predict")
+    @classmethod
+    def some_tokens(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("expected at least 1 token, or -1 or -2 for up to the context length")
+        return value
+
+
 class Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
     stream: bool = True
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: Options | None = None
     format: Literal["json"] | dict[str, Any] | None = None
     keep_alive: str | int | float | None = None
 
@@ -78,15 +125,22 @@ class EmbedRequest(BaseModel):
 Handler = Callable[[Event, Context], Awaitable[Any]]
 
 
-def ollama_errors(handler: Handler) -> Handler:
-    """Errors in Ollama's shape: `{"error": "message"}` with the same status."""
+def ollama_error(exc: HandlerError) -> dict[str, Any]:
+    """An error in Ollama's shape."""
+    return {"error": exc.message}
 
+
+def ollama_errors(handler: Handler) -> Handler:
+    """Errors in Ollama's shape: `{"error": "message"}` with the same status, also for what
+    the transport refuses before the handler runs."""
+
+    @error_body(ollama_error)
     @functools.wraps(handler)
     async def wrapped(event: Event, ctx: Context) -> Any:
         try:
             return await handler(event, ctx)
         except HandlerError as exc:
-            return Reply({"error": exc.message}, status=exc.status, headers=exc.headers)
+            return Reply(ollama_error(exc), status=exc.status, headers=exc.headers)
 
     return wrapped
 
@@ -175,12 +229,15 @@ def _model_entry(model: LocalModel) -> dict[str, Any]:
 
 def _request(ctx: Context, model: LocalModel, body: Request, **fields: Any) -> GenerationRequest:
     values = {**ctx.models.defaults(model.id), **fields}
+    options = body.options or Options()
     for option, name in OPTIONS.items():
-        if body.options.get(option) is not None:
-            values[name] = body.options[option]
-    stop = body.options.get("stop")
-    if stop:
-        values["stop"] = [stop] if isinstance(stop, str) else list(stop)
+        value = getattr(options, option)
+        if value is not None:
+            values[name] = value
+    if options.num_predict is not None and options.num_predict < 0:
+        values["max_tokens"] = None
+    if options.stop:
+        values["stop"] = [options.stop] if isinstance(options.stop, str) else list(options.stop)
     if body.format == "json":
         values["json_mode"] = True
     elif isinstance(body.format, dict):

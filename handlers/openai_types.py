@@ -6,18 +6,25 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The sampling ranges, shared with the Ollama API's `options` (handlers/ollama.py).
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+RepeatPenalty = Annotated[float, Field(gt=0.0)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 # Counts end up in C ints (llama.cpp) and int32 protobuf fields: bounded so that 2**64 is a 400,
 # not an overflow deep in an engine.
 INT32_MAX = 2**31 - 1
+TopK = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Tokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
 
 
 class Request(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers commonly do, so clients that
-    # send newer parameters keep working.
-    model_config = ConfigDict(extra="ignore")
+    # send newer parameters keep working. No float may be NaN or infinite: JSON bodies cannot
+    # carry one (runtime/client_json.py), but gRPC's doubles can, and `gt=0` alone lets inf by.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(Request):
@@ -46,13 +53,13 @@ class SamplingFields(Request):
 
     model: str = Field(min_length=1)
     temperature: Temperature | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    repeat_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    repeat_penalty: RepeatPenalty | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from runtime.dispatch import Context, Event, HandlerError
+from runtime.errors import quoted
 from runtime.integrations.database import DatabaseIntegration
 from runtime.persistence.rollups import BUCKET_S, PERIODS, bucket_of
 from runtime.secrets import redact_text
@@ -30,7 +31,9 @@ def moment(event: Event, name: str, default: float) -> float:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except ValueError:
         raise HandlerError(
-            400, f"{name}: expected unix seconds or an ISO 8601 time, got {text!r}", param=name
+            400,
+            f"{name}: expected unix seconds or an ISO 8601 time, got {quoted(text)}",
+            param=name,
         ) from None
 
 
@@ -46,7 +49,7 @@ async def usage(event: Event, ctx: Context) -> dict[str, Any]:
         raise HandlerError(400, "since must be before until", param="since")
     by = str(event.query.get("by") or "") or None
     if by is not None and by not in PERIODS:
-        raise HandlerError(400, f"by: expected hour or day, got {by!r}", param="by")
+        raise HandlerError(400, f"by: expected hour or day, got {quoted(by)}", param="by")
     database = ctx.integrations.integrations.get("database")
     if not isinstance(database, DatabaseIntegration) or not database.initialized:
         state = "not enabled" if database is None else f"not running ({database.status.value})"

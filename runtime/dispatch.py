@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -22,6 +21,7 @@ import pluggy
 import structlog
 
 from hooks import resolve, resolve_all
+from runtime import client_json
 from runtime.integrations.manager import IntegrationManager, current_manager
 from runtime.telemetry.tracing import Tracing
 
@@ -34,16 +34,19 @@ _H = TypeVar("_H", bound=Callable[..., Any])
 
 
 def parse_json(raw: str | bytes, what: str) -> Any:
-    """Decode JSON from a client, or raise a 400 (`invalid_json`) saying why. Besides syntax,
-    Python's decoder also fails on input nested past its recursion limit and on integer
-    literals over 4300 digits; those are the client's errors too, never a 500."""
+    """Decode JSON from a client, or raise a 400 (`invalid_json`) saying why and, when the
+    problem is at one place (a lone surrogate, a number that is not finite), naming it as
+    `param`: runtime/client_json.py holds what is refused."""
     try:
-        return json.loads(raw)
-    except RecursionError:
-        reason = "nested too deeply"
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
-        reason = str(exc).split("; use sys.")[0]
-    raise HandlerError(400, f"{what} is not valid JSON: {reason}", code="invalid_json")
+        return client_json.decode(raw)
+    except client_json.InvalidJson as exc:
+        where = f"{exc.path}: " if exc.path else ""
+        raise HandlerError(
+            400,
+            f"{what} is not valid JSON: {where}{exc.reason}",
+            code="invalid_json",
+            param=exc.path,
+        ) from None
 
 
 def request_body(model: Any) -> Callable[[_H], _H]:
@@ -53,6 +56,18 @@ def request_body(model: Any) -> Callable[[_H], _H]:
 
     def mark(handler: _H) -> _H:
         handler.__dict__["request_body"] = model
+        return handler
+
+    return mark
+
+
+def error_body(render: Callable[[HandlerError], Any]) -> Callable[[_H], _H]:
+    """Declare the body a handler's errors take on the wire when that is not OpenAI's shape
+    (Ollama's `{"error": "..."}`), so that a transport refusing a request before the handler
+    runs (a body that is not JSON, a missing key) answers in the handler's shape too."""
+
+    def mark(handler: _H) -> _H:
+        handler.__dict__["error_body"] = render
         return handler
 
     return mark

@@ -2,6 +2,26 @@
 
 from __future__ import annotations
 
+# How much of a client's value an error message repeats: enough to recognise it, never so
+# much that the message outgrows a gRPC status (8 KiB of metadata) or floods a log line.
+SHOWN_CHARS = 100
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """`value` as an error message may repeat it: whole when short, else its first `limit`
+    characters and its length (`mmm…(1000000 chars)`)."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}…({len(value)} chars)"
+
+
+def quoted(value: str, limit: int = SHOWN_CHARS) -> str:
+    """`value` quoted as `repr` quotes it (control characters and surrogates escaped),
+    truncated as `shown` does: `'mmm'…(1000000 chars)`."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}…({len(value)} chars)"
+
 
 class TiffinError(Exception):
     """Base class for Tiffin's own errors."""

@@ -30,6 +30,7 @@ from runtime.engines.base import (
     ProviderError,
     UnsupportedRequest,
 )
+from runtime.errors import SHOWN_CHARS, quoted
 from runtime.events import BusEvent, EventBus
 
 EngineFactory = Callable[[ModelSpec], Engine]
@@ -45,9 +46,11 @@ class ModelState(StrEnum):
 class ModelNotFound(LookupError):
     def __init__(self, model: str, known: Iterable[str]) -> None:
         self.model = model
-        close = difflib.get_close_matches(model, list(known), n=3, cutoff=0.4)
+        close: list[str] = []
+        if len(model) <= 4 * SHOWN_CHARS:  # a longer name is no typo of an id (nor worth difflib)
+            close = difflib.get_close_matches(model, list(known), n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        super().__init__(f"the model {model!r} does not exist{hint}")
+        super().__init__(f"the model {quoted(model)} does not exist{hint}")
 
 
 class QueueFull(Exception):

@@ -11,6 +11,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from runtime.errors import quoted
+
 SCHEME = "hf://"
 
 
@@ -46,16 +48,23 @@ class Source:
     filename: str | None = None
 
 
+MAX_SOURCE_CHARS = 1024  # far past any repo id and file name; bounds what errors repeat
+
+
 def parse_source(source: str) -> Source:
+    if len(source) > MAX_SOURCE_CHARS:
+        raise HubSourceError(
+            f"source {quoted(source)} is too long; expected at most {MAX_SOURCE_CHARS} characters"
+        )
     if not source.startswith(SCHEME):
         raise HubSourceError(
-            f"source {source!r} is not a Hugging Face source; expected hf://org/repo or "
+            f"source {quoted(source)} is not a Hugging Face source; expected hf://org/repo or "
             "hf://org/repo/file.gguf"
         )
     parts = [p for p in source[len(SCHEME) :].split("/") if p]
     if len(parts) < 2 or any(p in (".", "..") for p in parts):
         raise HubSourceError(
-            f"source {source!r} names no repository; expected hf://org/repo[/file.gguf]"
+            f"source {quoted(source)} names no repository; expected hf://org/repo[/file.gguf]"
         )
     filename = "/".join(parts[2:]) or None
     return Source(f"{parts[0]}/{parts[1]}", filename)
@@ -84,7 +93,9 @@ def select_files(
     one. The chosen one names `prefer_quant` (case-insensitive), else it is the smallest."""
     if filename is not None:
         if filename not in names:
-            raise HubNotFound(f"{repo_id} has no file {filename!r}; it has: {', '.join(names)}")
+            raise HubNotFound(
+                f"{repo_id} has no file {quoted(filename)}; it has: {', '.join(names)}"
+            )
         return Selection([filename], filename if _is_gguf(filename) else None, "named in source")
     matched = [n for n in names if _matches(n, allow_patterns)]
     if not matched:

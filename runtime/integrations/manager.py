@@ -24,7 +24,7 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, wait_exponential
 
 from runtime.config import IntegrationConfig
-from runtime.errors import StartupError
+from runtime.errors import StartupError, quoted
 from runtime.events import BusEvent, EventBus
 from runtime.graph import dependents_of, start_order
 from runtime.integrations.base import UP, BaseIntegration, Health, IntegrationStatus
@@ -76,7 +76,7 @@ class IntegrationManager:
             return self._integrations[name]
         except KeyError:
             known = ", ".join(self._integrations) or "(none)"
-            raise KeyError(f"no integration named {name!r}; configured: {known}") from None
+            raise KeyError(f"no integration named {quoted(name)}; configured: {known}") from None
 
     @property
     def integrations(self) -> Mapping[str, BaseIntegration]:

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
 from runtime.dispatch import HandlerError
+from runtime.errors import quoted
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -40,7 +41,7 @@ class ClosedCorsMiddleware(CORSMiddleware):
             return response
         origin = request_headers.get("origin", "")
         if not self.is_allowed_origin(origin):
-            reason = f"origin {origin!r} is not in server.cors.allow_origins"
+            reason = f"origin {quoted(origin)} is not in server.cors.allow_origins"
         else:
             reason = "the requested method or headers are not in server.cors.allow_methods/headers"
         error = HandlerError(403, f"CORS preflight refused: {reason}", type="permission_error")

@@ -9,6 +9,7 @@ any resolver runs; a document over them is answered with a GraphQL error.
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from fastapi import Request
 from graphql import GraphQLError
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from strawberry import UNSET
+from strawberry.asgi import ASGIWebSocketAdapter
 from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
 from strawberry.fastapi import GraphQLRouter
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
@@ -98,9 +100,31 @@ def _ready(info: strawberry.Info) -> bool:
     return bool(info.context["runtime"].ready)
 
 
+class _BadMessage(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _StrictMessages(ASGIWebSocketAdapter):
+    """Strawberry's socket, closing with 4400 (the protocol's "invalid message") and the
+    reason when a message is refused; strawberry itself would fail on a message that is JSON
+    but not an object (`1`, `[]`), and say nothing more precise than "not valid JSON"."""
+
+    async def iter_json(self, *, ignore_parsing_errors: bool = False) -> AsyncGenerator[object]:
+        try:
+            async for message in super().iter_json(ignore_parsing_errors=ignore_parsing_errors):
+                yield message
+        except _BadMessage as exc:
+            # A close reason holds 123 bytes.
+            await self.close(4400, exc.reason.encode()[:120].decode(errors="ignore"))
+
+
 class TiffinGraphQLRouter(GraphQLRouter[dict[str, Any], None]):
     """Strawberry's FastAPI router with Tiffin's GraphiQL page, whose scripts Tiffin serves
     itself (runtime/transports/graphiql/) so the IDE works without internet access."""
+
+    websocket_adapter_class = _StrictMessages
 
     def __init__(self, schema: strawberry.Schema, runtime: Runtime, graphiql: bool) -> None:
         super().__init__(
@@ -114,11 +138,30 @@ class TiffinGraphQLRouter(GraphQLRouter[dict[str, Any], None]):
 
     def parse_json(self, data: str | bytes) -> Any:
         # Strawberry catches only syntax errors; input nested past the decoder's recursion
-        # limit, or with a 5000-digit number, or not UTF-8, is the client's error too.
+        # limit, or with a 5000-digit number, or not UTF-8, or with a lone surrogate, is the
+        # client's error too. So is JSON that is no object: strawberry would call `.get` on
+        # it. (A list is a batch, which strawberry refuses itself.)
         try:
-            return parse_json(data, "the request body")
+            request = parse_json(data, "the request body")
         except HandlerError as exc:
             raise HTTPException(exc.status, exc.message) from None
+        if not isinstance(request, dict | list):
+            raise HTTPException(
+                400, f'expected a JSON object such as {{"query": "..."}}, got {_kind(request)}'
+            )
+        return request
+
+    def decode_json(self, data: str | bytes) -> object:
+        """A graphql-transport-ws message (HTTP bodies go through `parse_json`): JSON as
+        strict as a body's, and in the protocol's shape, or the socket closes with 4400."""
+        try:
+            message = parse_json(data, "the message")
+        except HandlerError as exc:
+            raise _BadMessage(exc.message) from None
+        problem = _message_problem(message)
+        if problem:
+            raise _BadMessage(problem)
+        return message
 
     async def run(self, request: Any, context: Any = UNSET, root_value: Any = UNSET) -> Any:
         """As strawberry's, but a request it refuses before execution (not JSON, `query` not
@@ -144,6 +187,43 @@ class TiffinGraphQLRouter(GraphQLRouter[dict[str, Any], None]):
         return FileResponse(
             _ASSETS / name, media_type=media_type, headers={"cache-control": "max-age=86400"}
         )
+
+
+def _message_problem(message: Any) -> str | None:
+    """What is wrong with a graphql-transport-ws message, for what strawberry would not
+    check before using it (an `id` used as a key, a `payload` read as an object)."""
+    if not isinstance(message, dict):
+        return f"a message must be a JSON object, got {_kind(message)}"
+    if not isinstance(message.get("type"), str):
+        return "a message needs a `type` string"
+    if message["type"] not in ("subscribe", "complete"):
+        return None
+    if not isinstance(message.get("id"), str):
+        return f"a {message['type']} message needs an `id` string"
+    if message["type"] == "complete":
+        return None
+    payload = message.get("payload")
+    if not isinstance(payload, dict) or not isinstance(payload.get("query"), str):
+        return "a subscribe message needs a `payload` object with a `query` string"
+    for key in ("variables", "extensions"):
+        if not isinstance(payload.get(key), dict | None):
+            return f"`payload.{key}` must be an object or null"
+    if not isinstance(payload.get("operationName"), str | None):
+        return "`payload.operationName` must be a string or null"
+    return None
+
+
+def _kind(value: Any) -> str:
+    """The JSON type of a decoded value, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
 
 
 def create_router(runtime: Runtime) -> TiffinGraphQLRouter:

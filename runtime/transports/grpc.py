@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from runtime.dispatch import Context, Event, HandlerError, NdjsonStream, Reply
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, shown
 from runtime.telemetry.logging import bind_request
 from runtime.transports import grpc_codec as codec
 from runtime.transports.grpc_tracing import server_span
@@ -300,5 +300,7 @@ async def _abort(
     trailers = [("x-request-id", event.request_id)]
     if headers and "retry-after" in headers:  # a rate limit says when to come back
         trailers.append(("retry-after", headers["retry-after"]))
-    await context.abort(codec.status_code(status), message, tuple(trailers))
+    # A status message travels in a header (8 KiB of metadata by default): a longer one would
+    # reach the client as RESOURCE_EXHAUSTED instead of its code.
+    await context.abort(codec.status_code(status), shown(message, 500), tuple(trailers))
     raise AssertionError("unreachable: abort raises")  # pragma: no cover

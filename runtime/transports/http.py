@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.dispatch import Event, HandlerError, NdjsonStream, Reply, parse_json
+from runtime.errors import shown
 from runtime.telemetry.logging import bind_request
 from runtime.transports import graphql
 from runtime.transports.cors import install_cors
@@ -187,10 +188,10 @@ def _fallback(app: FastAPI) -> Callable[[Request], Awaitable[Response]]:
         if allowed:
             return error_response(
                 405,
-                f"method {request.method} is not allowed on {request.url.path}",
+                f"method {request.method} is not allowed on {shown(request.url.path)}",
                 headers={"allow": ", ".join(allowed)},
             )
-        return error_response(404, f"no route for {request.method} {request.url.path}")
+        return error_response(404, f"no route for {request.method} {shown(request.url.path)}")
 
     return not_found
 
@@ -208,8 +209,18 @@ def _metrics(runtime: Runtime) -> Callable[[Request], Awaitable[Response]]:
 
 def _endpoint(runtime: Runtime, route: str) -> Callable[[Request], Awaitable[Response]]:
     dispatcher = runtime.dispatcher
+    # The handler's own error shape (Ollama's), for what is refused before it runs.
+    render = getattr(dispatcher.handlers.get(dispatcher.routes.get(route, "")), "error_body", None)
 
     async def endpoint(request: Request) -> Response:
+        try:
+            return await answer(request)
+        except HandlerError as exc:
+            if render is None:
+                raise
+            return JSONResponse(render(exc), status_code=exc.status, headers=exc.headers)
+
+    async def answer(request: Request) -> Response:
         event = Event(
             body=await _read_body(request),
             headers=request.headers,
@@ -339,9 +350,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = str(exc.detail)
         if exc.status_code == 404:
-            message = f"no route for {request.method} {request.url.path}"
+            message = f"no route for {request.method} {shown(request.url.path)}"
         elif exc.status_code == 405:
-            message = f"method {request.method} is not allowed on {request.url.path}"
+            message = f"method {request.method} is not allowed on {shown(request.url.path)}"
         return error_response(exc.status_code, message, headers=dict(exc.headers or {}))
 
     @app.exception_handler(RequestValidationError)

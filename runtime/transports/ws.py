@@ -26,6 +26,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from runtime.config import WsMode
 from runtime.dispatch import Event, HandlerError, Reply
+from runtime.errors import quoted
 from runtime.transports import ws_frames as frames
 from runtime.transports.ws_outbox import Close, Outbox
 
@@ -142,7 +143,9 @@ class Socket:
         """Called once the socket is accepted."""
 
     async def received(self, frame: frames.Frame) -> None:
-        raise frames.invalid(f"unknown frame type {frame['type']!r} on this socket", param="type")
+        raise frames.invalid(
+            f"unknown frame type {quoted(frame['type'])} on this socket", param="type"
+        )
 
     async def closed(self) -> None:
         """Called when the socket is over, however it ended."""

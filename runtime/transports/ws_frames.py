@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from runtime.dispatch import HandlerError, parse_json
+from runtime.errors import shown
 
 HISTORY_LIMIT = 100  # messages a `message`-style conversation keeps (oldest dropped)
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -54,7 +55,7 @@ def parse(text: str) -> Frame:
         raise invalid(f"frame must be a JSON object, got {type(frame).__name__}")
     kind = frame.get("type", "chat")
     if not isinstance(kind, str):
-        raise invalid(f"`type` must be a string, got {json.dumps(kind)}", param="type")
+        raise invalid(f"`type` must be a string, got {shown(json.dumps(kind))}", param="type")
     frame["type"] = kind
     return frame
 
