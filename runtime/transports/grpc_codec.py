@@ -79,7 +79,7 @@ async def stream_messages(
         if with_role and index not in started:
             values["role"] = "assistant"
         started.add(index)
-        return message_class(index=index, **meta, **values)
+        return message_class(**{"index": index, **meta, **values})
 
     chunks = _chunks(result) if isinstance(result, Mapping) else result
     async for chunk in chunks:
