@@ -222,3 +222,27 @@ def test_two_verbs_or_an_unknown_word_exit_2_with_one_line(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.strip() == message
+
+
+OLLAMA_TIMEOUT_ERROR = (
+    "tiffin: config error: integrations.ollama.settings.timeout: got 'x', expected a number (float)"
+)
+
+
+def test_a_setting_of_the_wrong_type_is_one_line_and_exit_2() -> None:
+    result = run_cli(
+        "env=prod", "integrations=ollama,grafana", "integrations.ollama.settings.timeout=x", "plan"
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.strip() == OLLAMA_TIMEOUT_ERROR
+
+
+@pytest.mark.parametrize("verb", ["plan", "check", "serve", "build"])
+def test_every_verb_checks_the_settings_before_anything_starts(
+    capsys: pytest.CaptureFixture[str], verb: str
+) -> None:
+    bad = ["integrations=ollama", "integrations.ollama.settings.timeout=x"]
+    assert main([verb, *TEST_OVERRIDES, *bad]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == OLLAMA_TIMEOUT_ERROR

