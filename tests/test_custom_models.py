@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from runtime.__main__ import main
 from runtime.app import Runtime
 from runtime.engines.detect import ModelFormatError, detect_engine
 from runtime.errors import ConfigError, StartupError
 from runtime.integrations.custom_models import CustomModelsIntegration
+from tests.conftest import TEST_OVERRIDES
 from tests.tiny_llama import write_config
 
 MakeRuntime = Callable[..., Runtime]
@@ -199,6 +201,30 @@ async def test_a_source_outside_models_dir_is_refused(
             *overrides(models_dir, tmp_path / "cache", "[{id:sneaky,source:../outside.gguf}]")
         )
     assert raised.value.key == "integrations.custom_models.settings.models[0].source"
+
+
+@pytest.mark.parametrize(
+    ("scheme", "hint"),
+    [("file://", "write the path itself"), ("hf://", "POST /admin/models/pull")],
+)
+def test_a_url_source_is_a_config_error_when_the_config_is_read(
+    make_runtime: MakeRuntime,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    scheme: str,
+    hint: str,
+) -> None:
+    models_dir = tmp_path / "models"
+    source = f"{scheme}{gguf_file(models_dir / 'tiny.gguf')}"  # a real file, inside models_dir
+    models = f"[{{id:tiny,source:'{source}'}}]"
+    with pytest.raises(ConfigError) as raised:
+        make_runtime(*overrides(models_dir, tmp_path / "cache", models))
+    assert raised.value.key == "integrations.custom_models.settings.models[0].source"
+    assert raised.value.value == source
+    assert "pkg:<" in raised.value.expected and hint in raised.value.expected
+    # `plan` says so too, with exit 2, starting nothing.
+    assert main(["plan", *TEST_OVERRIDES, *overrides(models_dir, tmp_path / "cache", models)]) == 2
+    assert f"got {source!r}" in capsys.readouterr().err
 
 
 async def test_a_packaged_gguf_is_assembled_into_cache_dir(

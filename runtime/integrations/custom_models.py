@@ -13,11 +13,13 @@ import asyncio
 import copy
 import importlib
 import os
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, cast
+from urllib.parse import unquote, urlsplit
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -81,6 +83,10 @@ DEFAULT_CUSTOMMODELSINTEGRATION_CONFIG = IntegrationConfig(
 
 
 _PKG = "pkg:<an installed Python package that ships a model>"
+_SOURCES = f"a path, a file or directory name under models_dir, or {_PKG}"
+# `file:///srv/m.gguf`, `hf://org/repo`, `https://...`: a URL is no source (it would be read as
+# a relative name under models_dir and fail only at start).
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class CustomModelsIntegration(BaseIntegration):
@@ -117,6 +123,10 @@ class CustomModelsIntegration(BaseIntegration):
         if model.engine not in ("auto", *ENGINES):
             raise ConfigError(
                 f"{key}.engine", model.engine, f"auto or one of: {', '.join(ENGINES)}"
+            )
+        if _URL.match(model.source):
+            raise ConfigError(
+                f"{key}.source", model.source, f"{_SOURCES}; {_url_hint(model.source)}"
             )
         if model.source.startswith("pkg:"):
             check_module_name(f"{key}.source", model.source, _PKG, dotted=False, prefix="pkg:")
@@ -266,6 +276,16 @@ class CustomModelsIntegration(BaseIntegration):
                 ModelSpec(ModelConfig(id=model_id, source=str(entry)), path, engine, self.name)
             )
         return found
+
+
+def _url_hint(source: str) -> str:
+    """What to write instead of the URL `source`."""
+    scheme = source.split("://", 1)[0].lower()
+    if scheme == "file":
+        return f"not a URL: write the path itself ({unquote(urlsplit(source).path)})"
+    if scheme == "hf":
+        return "not a URL: pull Hub models with POST /admin/models/pull (huggingface_hub)"
+    return "not a URL: download the model into models_dir"
 
 
 def _first_gguf(directory: Path, model_id: str) -> Path:
