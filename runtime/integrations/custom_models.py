@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runtime.code_names import check_module_name
+from runtime.code_names import check_import_origin, check_module_name
 from runtime.config import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
 from runtime.engines.base import ModelSpec
 from runtime.engines.detect import ENGINES, ModelFormatError, detect_engine
@@ -130,6 +130,7 @@ class CustomModelsIntegration(BaseIntegration):
             )
         if model.source.startswith("pkg:"):
             check_module_name(f"{key}.source", model.source, _PKG, dotted=False, prefix="pkg:")
+            check_import_origin(f"{key}.source", model.source, _PKG, prefix="pkg:")
         else:
             self._confine(f"{key}.source", self._declared_path(model.source))
         for name, value in model.engine_settings.items():
@@ -235,6 +236,10 @@ class CustomModelsIntegration(BaseIntegration):
     def _from_package(self, package: str, model_id: str) -> Path:
         """A model shipped as a Python package: `assemble(path)` for chunked files (the GGUF
         packages), else a `get_model_path()` / `MODEL_DIR` directory inside the package."""
+        # Again at start, before the import: the working directory may have changed since.
+        check_import_origin(
+            f"integrations.{self.name}.settings.models[{model_id}].source", package, _PKG
+        )
         try:
             module = importlib.import_module(package)
         except ImportError:
