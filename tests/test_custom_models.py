@@ -4,6 +4,7 @@ why, and the integration composed through Hydra and started by a Runtime."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -320,6 +321,29 @@ async def test_a_declared_gguf_directory_is_not_offered_again_by_the_scan(
     await runtime.start()
     assert list(runtime.models.models) == ["gemma"]
     assert runtime.models.get("gemma").spec.path.name == "gemma.gguf"
+
+
+async def test_a_link_to_a_served_file_is_listed_as_rejected_with_the_file_it_repeats(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    models_dir = tmp_path / "models"
+    real = gguf_file(models_dir / "real.gguf")
+    (models_dir / "link.gguf").symlink_to(real)
+    os.link(real, models_dir / "hard.gguf")
+    os.link(gguf_file(models_dir / "a.gguf"), models_dir / "b.gguf")  # both found by the scan
+    gguf_file(models_dir / "other.gguf")
+    declared = "[{id:real,source:real.gguf},{id:other.gguf,source:other.gguf}]"
+    gguf_file(models_dir / "other.gguf.gguf")  # its id would be the declared `other.gguf`
+    runtime = make_runtime(*overrides(models_dir, tmp_path / "cache", declared))
+    await runtime.start()
+    assert set(runtime.models.models) == {"real", "other.gguf", "a"}
+    assert custom_models(runtime).rejected == {
+        "link.gguf": "same file as real.gguf (model 'real')",
+        "hard.gguf": "same file as real.gguf (model 'real')",
+        "b.gguf": "same file as a.gguf (model 'a')",
+        "other.gguf.gguf": "model id 'other.gguf' is taken by the declared model with source "
+        "other.gguf",
+    }
 
 
 def test_workers_starting_at_once_assemble_the_packaged_gguf_without_a_race(

@@ -161,10 +161,22 @@ class CustomModelsIntegration(BaseIntegration):
         self.rejected = {}  # a retry or rescan reports the files as they are now
         resolved = [await asyncio.to_thread(self._resolve, model) for model in self.declared]
         specs = [spec for spec, _ in resolved]
-        # Both the source and the file served: a directory source is served from its .gguf.
-        used = {path.resolve() for spec, source in resolved for path in (spec.path, source)}
+        # Files by identity (device, inode), so a symlink or a hard link to a file already
+        # served is known as the same file: both the source and the file served (a directory
+        # source is served from its .gguf).
+        served: dict[tuple[int, int], str] = {}
+        for spec, source in resolved:
+            for path in (spec.path, source):
+                _remember(served, path, f"{spec.config.source} (model {spec.config.id!r})")
+        # The scan's entries that are the declared sources themselves.
+        named = {
+            _entry(self._declared_path(m.source))
+            for m in self.declared
+            if not m.source.startswith("pkg:")
+        }
+        taken = {s.config.id: f"the declared model with source {s.config.source}" for s in specs}
         if self.scan and self.models_dir.is_dir():
-            specs += self._scan(used, {s.config.id for s in specs})
+            specs += self._scan(served, named, taken)
         self.specs = specs
 
     async def health_check(self) -> Health:
@@ -255,13 +267,21 @@ class CustomModelsIntegration(BaseIntegration):
             return Path(module.MODEL_DIR)
         raise ModelFormatError(f"model {model_id}: package {package!r} does not expose a model")
 
-    def _scan(self, used: set[Path], taken: set[str]) -> list[ModelSpec]:
+    def _scan(
+        self, served: dict[tuple[int, int], str], named: set[Path], taken: dict[str, str]
+    ) -> list[ModelSpec]:
+        """Models found in models_dir that no declared model uses; every entry skipped, but
+        the declared sources themselves and hidden ones, is listed in `rejected` with why."""
         found: list[ModelSpec] = []
         for entry in sorted(self.models_dir.iterdir()):
-            if entry.name.startswith(".") or entry.resolve() in used:
+            if entry.name.startswith(".") or _entry(entry) in named:
                 continue
             model_id = entry.stem if entry.is_file() else entry.name
+            if same := _same_file(served, entry):
+                self._reject(entry, f"same file as {same}")
+                continue
             if model_id in taken:
+                self._reject(entry, f"model id {model_id!r} is taken by {taken[model_id]}")
                 continue
             key = f"integrations.{self.name}.settings.models_dir"
             try:
@@ -274,13 +294,48 @@ class CustomModelsIntegration(BaseIntegration):
                 )
                 self._confine(key, path)  # a .gguf inside a folder may be a link out too
             except (ConfigError, ModelFormatError) as exc:
-                self.rejected[entry.name] = str(exc)
-                self.log.warning("model file skipped", file=entry.name, reason=str(exc))
+                self._reject(entry, str(exc))
+                continue
+            if same := _same_file(served, path):  # a folder holding a link to a served .gguf
+                self._reject(entry, f"same file as {same}")
                 continue
             found.append(
                 ModelSpec(ModelConfig(id=model_id, source=str(entry)), path, engine, self.name)
             )
+            for served_path in (entry, path):
+                _remember(served, served_path, f"{entry.name} (model {model_id!r})")
+            taken[model_id] = f"{entry.name} in models_dir"
         return found
+
+    def _reject(self, entry: Path, reason: str) -> None:
+        self.rejected[entry.name] = reason
+        self.log.warning("model file skipped", file=entry.name, reason=reason)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file `path` is (after symlinks), as the filesystem knows it; None if it is not."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
+def _remember(served: dict[tuple[int, int], str], path: Path, what: str) -> None:
+    identity = _identity(path)
+    if identity is not None:
+        served.setdefault(identity, what)
+
+
+def _same_file(served: dict[tuple[int, int], str], path: Path) -> str | None:
+    identity = _identity(path)
+    return served.get(identity) if identity is not None else None
+
+
+def _entry(path: Path) -> Path:
+    """A directory entry by its place: the folders above it resolved, not the entry itself (a
+    link in models_dir is its own entry, not the file it points to)."""
+    return path.absolute().parent.resolve() / path.name
 
 
 def _url_hint(source: str) -> str:
