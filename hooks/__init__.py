@@ -11,7 +11,7 @@ import pluggy
 
 from hooks import specs
 from hooks.specs import PROJECT, hookimpl, hookspec
-from runtime.code_names import check_module_name
+from runtime.code_names import check_import_origin, check_module_name
 from runtime.errors import ConfigError
 
 __all__ = ["PROJECT", "hookimpl", "hookspec", "make_plugin_manager", "resolve", "resolve_all"]
@@ -32,6 +32,7 @@ def make_plugin_manager(
         pm.register(plugin, name=f"tiffin.builtin.{type(plugin).__name__}")
     for name in plugin_names:
         check_module_name("plugins", name, "a dotted name of a plugin module")
+        check_import_origin("plugins", name, "a plugin module")
         try:
             module = importlib.import_module(name)
         except ImportError as exc:

@@ -1,5 +1,10 @@
 """`python -m runtime [verb] [hydra overrides...]` (also installed as `tiffin`).
 
+The verb may stand anywhere among the words (`python -m runtime env=prod plan` is `plan
+env=prod`): a bare word is never a Hydra override, so the one bare word that is a verb is the
+verb; the words after `keys` are its own (`keys revoke plan` revokes a key named plan). Two
+verbs, or a bare word that is no verb, is a usage error (exit 2).
+
 Verbs: `serve` (default) starts the BentoML service; `plan` prints the resolved start plan as
 JSON and starts nothing; `check` starts the integrations once, health-checks them, prints a table
 and exits non-zero if a required one fails; `keys create|list|revoke` manages API keys
@@ -14,6 +19,7 @@ Exit codes: 0 ok, 1 a required integration failed, 2 the config is invalid.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import os
 import signal
@@ -36,7 +42,9 @@ from runtime.telemetry.logging import configure_logging
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-VERBS = ("serve", "plan", "check")
+VERBS = ("serve", "plan", "check", "build", "keys")
+# Flags that take the next word as their value (`--cfg job`), which is then no verb.
+VALUE_FLAGS = ("--cfg", "-c")
 USAGE = """\
 usage: python -m runtime [serve|plan|check] [--help] [--cfg job] [--info] [key=value ...]
        python -m runtime keys create --name NAME [--scope admin|inference] | list | revoke NAME
@@ -49,19 +57,27 @@ usage: python -m runtime [serve|plan|check] [--help] [--cfg job] [--info] [key=v
   keys    make an API key (shown once), list the configured and stored ones, revoke a stored one
   build   bake the resolved config into a Bento (bentoml build; --gpu: the CUDA image)
 
-Overrides are Hydra's: pick group options (env=prod, integrations=ollama,grafana,
-+integrations=redis) or set any key (server.http_port=9000, logging.format=json).
+The verb may come anywhere among the words. Overrides are Hydra's: pick group options
+(env=prod, integrations=ollama,grafana, +integrations=redis) or set any key
+(server.http_port=9000, logging.format=json).
 Configuration errors exit with status 2; HYDRA_FULL_ERROR=1 shows the traceback.
 """
 
 
+class UsageError(Exception):
+    """Words that name no command: the CLI prints the message and exits 2."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "keys":
-        return keys_main(args[1:])
-    if args and args[0] == "build":
-        return build_main(args[1:])
-    verb = args.pop(0) if args and args[0] in VERBS else "serve"
+    try:
+        verb, args = split_verb(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as error:
+        print(f"tiffin: usage error: {error}", file=sys.stderr)
+        return 2
+    if verb == "keys":
+        return keys_main(args)
+    if verb == "build":
+        return build_main(args)
     show_cfg, show_info, overrides = _flags(args)
     if show_cfg == "help":
         print(_help())
@@ -87,6 +103,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     if verb == "check":
         return asyncio.run(_check(runtime))
     return _serve(cfg, runtime)
+
+
+def split_verb(words: Sequence[str]) -> tuple[str, list[str]]:
+    """The verb among `words`, wherever it stands (`serve` when there is none), and the other
+    words for it. `keys` takes the words after it first (its sub-command), then the overrides
+    before it. Raises UsageError for two verbs, or a bare word that is no verb."""
+    verb: str | None = None
+    rest: list[str] = []
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word in VERBS:
+            if verb is not None:
+                raise UsageError(
+                    f"two verbs, {verb!r} and {word!r}; give one of: {', '.join(VERBS)}"
+                )
+            verb = word
+            if word == "keys":
+                return verb, [*words[index + 1 :], *rest]
+        elif word in VALUE_FLAGS:
+            rest += words[index : index + 2]
+            index += 1
+        elif _is_bare(word):
+            close = difflib.get_close_matches(word, VERBS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UsageError(
+                f"{word!r} is neither a verb ({', '.join(VERBS)}) nor a key=value override{hint}"
+            )
+        else:
+            rest.append(word)
+        index += 1
+    return verb or "serve", rest
+
+
+def _is_bare(word: str) -> bool:
+    """A word Hydra would refuse as an override: no `=`, no flag, no `~key` deletion."""
+    return "=" not in word and not word.startswith(("-", "~"))
 
 
 def _flags(args: list[str]) -> tuple[str | None, bool, list[str]]:

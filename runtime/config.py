@@ -7,6 +7,7 @@ first in its defaults, so every YAML layer merged on top is type-checked against
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -415,6 +416,7 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
             if name not in available:
                 raise ConfigError(INTEGRATIONS, name, f"one of: {', '.join(available) or '(none)'}")
         because = close_dependencies(selection, dependencies_of)
+        _refuse_unselected(other, list(because))
         cfg = _compose([*other, f"{INTEGRATIONS}=[{','.join(because)}]"])
     _validate_integrations(cfg, because)
     return cfg
@@ -489,6 +491,21 @@ def _default_selection(overrides: list[str]) -> list[str]:
     return list(_compose(rest)[INTEGRATIONS])
 
 
+def _refuse_unselected(overrides: Sequence[str], selected: list[str]) -> None:
+    """An override of an integration's key (`integrations.ollama.settings.timeout=...`) needs
+    that integration selected; say so rather than Hydra's "not in the config"."""
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        parts = key.split(".")
+        if parts[0] == INTEGRATIONS and len(parts) > 1 and parts[1] not in selected:
+            raise ConfigError(
+                key,
+                parts[1],
+                f"a selected integration (selected: {', '.join(selected) or 'none'}); "
+                f"select it with +{INTEGRATIONS}={parts[1]}",
+            )
+
+
 def _targets_other_integration(override: str, name: str) -> bool:
     key = override.lstrip("+~").split("=", 1)[0]
     return key.startswith(f"{INTEGRATIONS}.") and not key.startswith(f"{INTEGRATIONS}.{name}.")
@@ -551,6 +568,13 @@ def _config_error(exc: OmegaConfBaseException) -> ConfigError:
         return ConfigError(key, m["value"], f"one of: {', '.join(options)}")
     if m := _KEY.search(message):
         where = "the config" if m["type"] == "struct" else m["type"]
+        # A typo of a key that is there (`settings.timout`) gets the key it was meant to be.
+        parent = getattr(exc, "parent_node", None)
+        known = [str(k) for k in parent] if isinstance(parent, DictConfig) else []
+        if close := difflib.get_close_matches(m["value"], known, n=1):
+            return ConfigError(
+                key, m["value"], f"a key that {where} defines; did you mean {close[0]!r}?"
+            )
         return ConfigError(key, m["value"], f"a key that {where} defines (add one with +{key}=...)")
     return ConfigError(key, message, "a value the schema accepts")
 

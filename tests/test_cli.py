@@ -1,4 +1,5 @@
-"""`python -m runtime` as a subprocess: plan, check, errors, --help, --cfg."""
+"""`python -m runtime` as a subprocess (and `main(argv)` in-process): verbs, plan, check,
+errors, --help, --cfg."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 
 import pytest
 
+from runtime.__main__ import main, split_verb
 from tests.conftest import PYTHON, ROOT, TEST_OVERRIDES, cli_env
 
 # Every selectable integration: one YAML file each under conf/integrations/.
@@ -160,3 +162,87 @@ def test_the_readme_error_example_is_true() -> None:
     result = run_cli("server.http_port=abc")
     assert result.returncode == 2
     assert result.stderr.strip() == readme[start + 1]
+
+
+def test_the_verb_may_come_after_the_overrides_as_people_type_it() -> None:
+    result = run_cli("env=prod", "integrations=ollama,grafana", "plan")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["env"] == "prod"
+    assert plan["start_order"] == ["prometheus", "grafana", "ollama"]
+
+
+def test_main_takes_the_verb_anywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*TEST_OVERRIDES, "integrations=queue", "plan", "server.http_port=9001"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["start_order"] == ["queue"]
+    assert plan["endpoints"]["http"] == "127.0.0.1:9001"
+
+
+@pytest.mark.parametrize(
+    ("words", "verb", "rest"),
+    [
+        (["env=prod", "plan"], "plan", ["env=prod"]),
+        (["env=prod", "build", "--gpu"], "build", ["env=prod", "--gpu"]),
+        (["--cfg", "job", "env=prod"], "serve", ["--cfg", "job", "env=prod"]),
+        (["~integrations", "check"], "check", ["~integrations"]),
+        # keys takes its sub-command first; a key may be named like a verb.
+        (
+            ["integrations=database", "keys", "revoke", "plan"],
+            "keys",
+            ["revoke", "plan", "integrations=database"],
+        ),
+    ],
+)
+def test_split_verb_finds_the_verb_and_keeps_the_other_words(
+    words: list[str], verb: str, rest: list[str]
+) -> None:
+    assert split_verb(words) == (verb, rest)
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        (
+            ["plan", "env=test", "check"],
+            "tiffin: usage error: two verbs, 'plan' and 'check'; "
+            "give one of: serve, plan, check, build, keys",
+        ),
+        (
+            ["env=test", "pln"],
+            "tiffin: usage error: 'pln' is neither a verb (serve, plan, check, build, keys) "
+            "nor a key=value override; did you mean 'plan'?",
+        ),
+    ],
+)
+def test_two_verbs_or_an_unknown_word_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], words: list[str], message: str
+) -> None:
+    assert main(words) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == message
+
+
+OLLAMA_TIMEOUT_ERROR = (
+    "tiffin: config error: integrations.ollama.settings.timeout: got 'x', expected a number (float)"
+)
+
+
+def test_a_setting_of_the_wrong_type_is_one_line_and_exit_2() -> None:
+    result = run_cli(
+        "env=prod", "integrations=ollama,grafana", "integrations.ollama.settings.timeout=x", "plan"
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.strip() == OLLAMA_TIMEOUT_ERROR
+
+
+@pytest.mark.parametrize("verb", ["plan", "check", "serve", "build"])
+def test_every_verb_checks_the_settings_before_anything_starts(
+    capsys: pytest.CaptureFixture[str], verb: str
+) -> None:
+    bad = ["integrations=ollama", "integrations.ollama.settings.timeout=x"]
+    assert main([verb, *TEST_OVERRIDES, *bad]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == OLLAMA_TIMEOUT_ERROR

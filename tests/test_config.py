@@ -117,6 +117,13 @@ def test_integration_types_accept_the_platform_guide_spelling(compose_test: Comp
         (["env=nope"], "env", "nope", "one of: dev, prod, staging, test"),
         (["server.http_port=abc"], "server.http_port", "abc", "a value of type Integer"),
         (["server.nope=1"], "server.nope", "nope", "a key that ServerConfig defines"),
+        (["server.http_prot=1"], "server.http_prot", "http_prot", "did you mean 'http_port'?"),
+        (
+            ["integrations=db", "integrations.cache.priority=1"],
+            "integrations.cache.priority",
+            "cache",
+            "a selected integration (selected: db); select it with +integrations=cache",
+        ),
         (["logging.format=xml"], "logging.format", "xml", "one of: console, json"),
         (
             ["integrations=db", "integrations.db.type=cloud"],

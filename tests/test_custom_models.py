@@ -4,16 +4,19 @@ why, and the integration composed through Hydra and started by a Runtime."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from runtime.__main__ import main
 from runtime.app import Runtime
 from runtime.engines.detect import ModelFormatError, detect_engine
 from runtime.errors import ConfigError, StartupError
 from runtime.integrations.custom_models import CustomModelsIntegration
+from tests.conftest import TEST_OVERRIDES
 from tests.tiny_llama import write_config
 
 MakeRuntime = Callable[..., Runtime]
@@ -201,6 +204,30 @@ async def test_a_source_outside_models_dir_is_refused(
     assert raised.value.key == "integrations.custom_models.settings.models[0].source"
 
 
+@pytest.mark.parametrize(
+    ("scheme", "hint"),
+    [("file://", "write the path itself"), ("hf://", "POST /admin/models/pull")],
+)
+def test_a_url_source_is_a_config_error_when_the_config_is_read(
+    make_runtime: MakeRuntime,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    scheme: str,
+    hint: str,
+) -> None:
+    models_dir = tmp_path / "models"
+    source = f"{scheme}{gguf_file(models_dir / 'tiny.gguf')}"  # a real file, inside models_dir
+    models = f"[{{id:tiny,source:'{source}'}}]"
+    with pytest.raises(ConfigError) as raised:
+        make_runtime(*overrides(models_dir, tmp_path / "cache", models))
+    assert raised.value.key == "integrations.custom_models.settings.models[0].source"
+    assert raised.value.value == source
+    assert "pkg:<" in raised.value.expected and hint in raised.value.expected
+    # `plan` says so too, with exit 2, starting nothing.
+    assert main(["plan", *TEST_OVERRIDES, *overrides(models_dir, tmp_path / "cache", models)]) == 2
+    assert f"got {source!r}" in capsys.readouterr().err
+
+
 async def test_a_packaged_gguf_is_assembled_into_cache_dir(
     make_runtime: MakeRuntime, tmp_path: Path
 ) -> None:
@@ -294,6 +321,29 @@ async def test_a_declared_gguf_directory_is_not_offered_again_by_the_scan(
     await runtime.start()
     assert list(runtime.models.models) == ["gemma"]
     assert runtime.models.get("gemma").spec.path.name == "gemma.gguf"
+
+
+async def test_a_link_to_a_served_file_is_listed_as_rejected_with_the_file_it_repeats(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    models_dir = tmp_path / "models"
+    real = gguf_file(models_dir / "real.gguf")
+    (models_dir / "link.gguf").symlink_to(real)
+    os.link(real, models_dir / "hard.gguf")
+    os.link(gguf_file(models_dir / "a.gguf"), models_dir / "b.gguf")  # both found by the scan
+    gguf_file(models_dir / "other.gguf")
+    declared = "[{id:real,source:real.gguf},{id:other.gguf,source:other.gguf}]"
+    gguf_file(models_dir / "other.gguf.gguf")  # its id would be the declared `other.gguf`
+    runtime = make_runtime(*overrides(models_dir, tmp_path / "cache", declared))
+    await runtime.start()
+    assert set(runtime.models.models) == {"real", "other.gguf", "a"}
+    assert custom_models(runtime).rejected == {
+        "link.gguf": "same file as real.gguf (model 'real')",
+        "hard.gguf": "same file as real.gguf (model 'real')",
+        "b.gguf": "same file as a.gguf (model 'a')",
+        "other.gguf.gguf": "model id 'other.gguf' is taken by the declared model with source "
+        "other.gguf",
+    }
 
 
 def test_workers_starting_at_once_assemble_the_packaged_gguf_without_a_race(

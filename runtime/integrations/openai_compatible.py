@@ -11,7 +11,8 @@ by itself once the upstream answers.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import httpx
 
@@ -22,6 +23,33 @@ from runtime.integrations.base import BaseIntegration, Health
 from runtime.integrations.circuit import CircuitBreaker
 from runtime.integrations.openai_upstream import UpstreamEngine
 from runtime.integrations.platform import platform_model
+from runtime.integrations.settings import defaults_of
+
+
+@dataclass
+class CircuitSettings:
+    """The circuit breaker in front of the upstream."""
+
+    failure_threshold: int = 5  # failures in a row that open it
+    reset_after_s: float = 30.0  # how long it stays open before one request may try again
+
+
+@dataclass
+class OpenAICompatibleSettings:
+    """`integrations.<name>.settings` of an OpenAI-compatible upstream."""
+
+    base_url: str = "http://localhost:8080/v1"  # the upstream's /v1 (OPENAI_COMPATIBLE_BASE_URL)
+    api_key: str = ""  # sent as a bearer token (OPENAI_COMPATIBLE_API_KEY)
+    model_prefix: str = ""  # prefix of the served model ids; empty: `<name>/`
+    timeout: float = 300.0  # seconds for a whole request
+    connect_timeout: float = 5.0
+    max_retries: int = 2  # before the first token: transport errors, 5xx, 429
+    retry_backoff_s: float = 0.2  # doubles each retry
+    circuit: CircuitSettings = field(default_factory=CircuitSettings)
+    max_queue: int = 256  # per model, waiting beyond those running; more get 429
+    # Per upstream model: aliases, fallbacks, defaults, max_queue, timeout_s (ModelConfig fields).
+    models: dict[str, Any] = field(default_factory=dict)
+
 
 DEFAULT_OPENAICOMPATIBLEINTEGRATION_CONFIG = IntegrationConfig(
     _target_="runtime.integrations.openai_compatible.OpenAICompatibleIntegration",
@@ -30,21 +58,14 @@ DEFAULT_OPENAICOMPATIBLEINTEGRATION_CONFIG = IntegrationConfig(
     priority=40,
     health_check_interval=30.0,
     retry_config=RetryConfig(max_retries=3, backoff_factor=2.0, max_backoff=60.0),
-    settings={
-        "base_url": "http://localhost:8080/v1",
-        "api_key": "",
-        "timeout": 300.0,
-        "connect_timeout": 5.0,
-        "max_retries": 2,
-        "retry_backoff_s": 0.2,
-        "circuit": {"failure_threshold": 5, "reset_after_s": 30.0},
-        "models": {},
-    },
+    settings=defaults_of(OpenAICompatibleSettings),
 )
 
 
 class OpenAICompatibleIntegration(BaseIntegration):
     """Offers an OpenAI-compatible upstream's models to the ModelRouter."""
+
+    settings_schema: ClassVar[type[Any]] = OpenAICompatibleSettings
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)

@@ -25,8 +25,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from dataclasses import asdict
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -35,12 +35,36 @@ from opentelemetry.trace import Span
 from runtime.config import IntegrationConfig, IntegrationType, RetryConfig, TiffinConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.settings import defaults_of
 from runtime.secrets import MASK, redact
 from runtime.telemetry.tracing import TracingSettings, exporter_names
 
 TARGET = "runtime.integrations.opentelemetry.OpenTelemetryIntegration"
-_TRACING_DEFAULTS = asdict(TracingSettings(enabled=True, exporters=[]))
-_TRACING_DEFAULTS.pop("enabled")
+
+
+@dataclass
+class OpenTelemetrySettings:
+    """`integrations.opentelemetry.settings`: TracingSettings' fields (runtime/telemetry/tracing.py
+    holds their meaning and checks their values), less `enabled` (selecting the integration turns
+    tracing on), plus `check_endpoint`."""
+
+    # A list or OTel's comma-separated string; empty: telemetry.exporters.
+    exporters: Any = field(default_factory=list)
+    protocol: str = "http/protobuf"
+    endpoint: str = ""
+    # A mapping or OTel's `k=v,k2=v2` string; empty: OTEL_EXPORTER_OTLP_HEADERS.
+    headers: Any = field(default_factory=dict)
+    timeout_s: float = 10.0
+    sampling_ratio: float = 1.0
+    service_name: str = "tiffin"
+    service_version: str = ""
+    environment: str = ""
+    excluded_paths: list[str] = field(default_factory=lambda: ["/livez", "/readyz", "/metrics"])
+    max_queue_size: int = 2048
+    max_export_batch_size: int = 512
+    schedule_delay_ms: int = 1000
+    check_endpoint: bool = True  # health checks reach the collector
+
 
 DEFAULT_OPENTELEMETRYINTEGRATION_CONFIG = IntegrationConfig(
     _target_=TARGET,
@@ -49,7 +73,7 @@ DEFAULT_OPENTELEMETRYINTEGRATION_CONFIG = IntegrationConfig(
     priority=10,
     health_check_interval=30.0,
     retry_config=RetryConfig(max_retries=2, backoff_factor=2.0, max_backoff=60.0),
-    settings={**_TRACING_DEFAULTS, "check_endpoint": True},
+    settings=defaults_of(OpenTelemetrySettings),
 )
 
 
@@ -84,6 +108,8 @@ def tracing_settings(config: TiffinConfig) -> TracingSettings:
 
 class OpenTelemetryIntegration(BaseIntegration):
     """Spans on demand (`create_span`) and the health of the trace export."""
+
+    settings_schema: ClassVar[type[Any]] = OpenTelemetrySettings
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)

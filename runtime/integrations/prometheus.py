@@ -8,13 +8,25 @@ whether it is scraping Tiffin (the `up` series of the configured job), and gives
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import httpx
 
 from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.settings import defaults_of
+
+
+@dataclass
+class PrometheusSettings:
+    """`integrations.prometheus.settings`."""
+
+    url: str = "http://localhost:9090"  # the Prometheus server (PROMETHEUS_URL)
+    timeout: float = 5.0  # seconds for one call to its API
+    job: str = "llm-platform"  # the scrape job that targets Tiffin
+
 
 DEFAULT_PROMETHEUSINTEGRATION_CONFIG = IntegrationConfig(
     _target_="runtime.integrations.prometheus.PrometheusIntegration",
@@ -23,12 +35,14 @@ DEFAULT_PROMETHEUSINTEGRATION_CONFIG = IntegrationConfig(
     priority=20,
     health_check_interval=30.0,
     retry_config=RetryConfig(max_retries=2, backoff_factor=2.0, max_backoff=60.0),
-    settings={"url": "http://localhost:9090", "timeout": 5.0, "job": "llm-platform"},
+    settings=defaults_of(PrometheusSettings),
 )
 
 
 class PrometheusIntegration(BaseIntegration):
     """Health of the Prometheus server, and whether it scrapes Tiffin."""
+
+    settings_schema: ClassVar[type[Any]] = PrometheusSettings
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)

@@ -19,7 +19,8 @@ import contextlib
 import os
 import secrets
 import socket
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
@@ -27,10 +28,26 @@ from runtime.integrations.base import BaseIntegration, Health
 from runtime.integrations.redis_bridge import EventBridge
 from runtime.integrations.redis_link import RedisLink
 from runtime.integrations.redis_rates import RedisRateStore
+from runtime.integrations.settings import defaults_of
 from runtime.secrets import redact_text
 
 # What crosses between processes: what /ws/models, modelStatusUpdates and alert feeds show.
 BRIDGED_EVENTS = ["model.*", "integration.*", "*.pull", "huggingface_hub.download", "alert.*"]
+
+
+@dataclass
+class RedisSettings:
+    """`integrations.redis.settings`."""
+
+    url: str = "redis://localhost:6379/0"  # REDIS_URL
+    stream: str = "tiffin:events"  # the Redis Stream that bridges events
+    stream_maxlen: int = 10_000  # about how many entries the stream keeps
+    key_prefix: str = "tiffin:"  # of every key Tiffin writes
+    bridge_events: list[str] = field(default_factory=lambda: list(BRIDGED_EVENTS))
+    socket_timeout_s: float = 0.5  # every call to Redis (connect, command)
+    block_s: float = 1.0  # how long a blocking stream read waits beyond socket_timeout_s
+    reconnect_interval_s: float = 1.0  # between pings while Redis is down
+
 
 DEFAULT_REDISINTEGRATION_CONFIG = IntegrationConfig(
     _target_="runtime.integrations.redis.RedisIntegration",
@@ -39,21 +56,14 @@ DEFAULT_REDISINTEGRATION_CONFIG = IntegrationConfig(
     priority=5,
     health_check_interval=10.0,
     retry_config=RetryConfig(max_retries=2, backoff_factor=2.0, max_backoff=30.0),
-    settings={
-        "url": "redis://localhost:6379/0",
-        "stream": "tiffin:events",
-        "stream_maxlen": 10_000,
-        "key_prefix": "tiffin:",
-        "bridge_events": list(BRIDGED_EVENTS),
-        "socket_timeout_s": 0.5,
-        "block_s": 1.0,
-        "reconnect_interval_s": 1.0,
-    },
+    settings=defaults_of(RedisSettings),
 )
 
 
 class RedisIntegration(BaseIntegration):
     """The event bridge and the shared rate-limit store on one Redis."""
+
+    settings_schema: ClassVar[type[Any]] = RedisSettings
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)

@@ -61,7 +61,7 @@ class IntegrationRegistry:
 
     def create(self, config: IntegrationConfig, bus: EventBus) -> BaseIntegration:
         cls = self.resolve(config._target_, key=f"integrations.{config.name}._target_")
-        self._log.debug(
-            "instantiating integration", integration=config.name, target=config._target_
-        )
-        return cls(config=config, bus=bus)
+        # Logged once built: building checks the settings, and a config error stays one line.
+        integration = cls(config=config, bus=bus)
+        self._log.debug("instantiated integration", integration=config.name, target=config._target_)
+        return integration

@@ -7,13 +7,20 @@ not committed. `setup.py` runs this for `pip install .` (into the build director
     python -m runtime.transports.protoc            # regenerate next to the .proto files
     python -m runtime.transports.protoc OUT_DIR    # into OUT_DIR (the build, the staleness test)
 
+Importing `runtime.transports.proto` runs `ensure_generated()`: code that is missing or older
+than its .proto (a fresh clone, an edited .proto) is generated then, so every entry point works
+from a clean checkout without that step.
+
 Only the standard library and grpcio-tools are imported, so a build can load this file by path.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -61,6 +68,45 @@ def generate(out: Path = PROTO_ROOT, root: Path = PROTO_ROOT) -> list[Path]:
         text = path.read_text()
         path.write_text(_IMPORT.sub(rf"\1 {PACKAGE}.\2", text))
     return written
+
+
+def ensure_generated(out: Path = PROTO_ROOT, root: Path = PROTO_ROOT) -> list[Path]:
+    """Generate the code under `out` if a file is missing or older than a .proto under `root`;
+    returns what was written ([] when it was current). Each file is written beside its place
+    and renamed into it, so processes starting at once (BentoML workers) never import a
+    half-written one. Code that is there but stale is kept when it cannot be regenerated
+    (grpcio-tools not installed, `out` read-only, as in an installed package)."""
+    wanted = generated_files(out, root)
+    if not _stale(wanted, root):
+        return []
+    present = all(path.exists() for path in wanted)
+    if importlib.util.find_spec("grpc_tools") is None:
+        if present:
+            return []
+        raise ImportError(
+            f"the gRPC code under {out} is not generated and grpcio-tools is not installed: "
+            "pip install 'grpcio-tools>=1.85.1,<1.86', or run python -m runtime.transports.protoc "
+            "where it is"
+        )
+    try:
+        with tempfile.TemporaryDirectory(dir=out, prefix=".protoc-") as scratch:
+            for path in generate(Path(scratch), root):
+                target = out / path.relative_to(scratch)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    except OSError as exc:
+        if present:
+            return []
+        raise ImportError(f"cannot generate the gRPC code under {out}: {exc}") from exc
+    return wanted
+
+
+def _stale(generated: list[Path], root: Path) -> bool:
+    try:
+        oldest = min(path.stat().st_mtime for path in generated)
+    except (OSError, ValueError):  # one is missing
+        return True
+    return any((root / proto).stat().st_mtime > oldest for proto in proto_files(root))
 
 
 def main(argv: list[str]) -> int:
