@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 import handlers
 from runtime.app import Runtime
+from runtime.errors import ConfigError
 from runtime.events import BusEvent
 from runtime.integrations.hub_files import (
     HubError,
@@ -310,3 +311,29 @@ def test_offline_setting_follows_hf_hub_offline(
     assert not offline()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert offline()
+
+
+async def test_pull_setting_downloads_at_start_and_serves_it(
+    compose_test: Callable[..., DictConfig], fake: FakeHub, tmp_path: Path
+) -> None:
+    """`settings.pull` is the README's one command for an instruction-tuned model from the Hub:
+    the file is downloaded while the integration starts and served under its file's name."""
+    pull = f"integrations.huggingface_hub.settings.pull=[hf://{REPO}/{Q8}]"
+    config = hub_config(compose_test, fake.url, tmp_path / "hf", pull)
+    runtime = Runtime(config, builtins=handlers.builtin_plugins())
+    await runtime.start()
+    try:
+        served = runtime.models.get(Q8.removesuffix(".gguf"))
+        assert served.spec.path.name == Q8 and served.spec.provider == "huggingface_hub"
+        assert served.spec.path.is_relative_to(tmp_path / "hf")
+    finally:
+        await runtime.stop()
+
+
+def test_a_pull_setting_that_is_not_a_hub_source_is_a_config_error(
+    compose_test: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    bad = "integrations.huggingface_hub.settings.pull=[https://example.invalid/x.gguf]"
+    config = hub_config(compose_test, "http://127.0.0.1:9", tmp_path / "hf", bad)
+    with pytest.raises(ConfigError, match=r"settings\.pull\[0\].*hf://org/repo"):
+        Runtime(config, builtins=handlers.builtin_plugins())

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from runtime.config import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
 from runtime.engines.base import ModelSpec
 from runtime.engines.detect import ModelFormatError, detect_engine
+from runtime.errors import ConfigError, shown
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
 from runtime.integrations.hub_files import (
@@ -56,6 +57,8 @@ class HuggingFaceHubSettings:
     prefer_quant: str = "Q4_K_M"  # among several .gguf files of a repo, the one named so
     # Per model id: aliases, chat_format, defaults, context_length... (ModelConfig fields).
     models: dict[str, Any] = field(default_factory=dict)
+    # hf://org/repo[/file.gguf] sources to download (or find in the cache) at start and serve.
+    pull: list[str] = field(default_factory=list)
 
 
 DEFAULT_HUGGINGFACEHUBINTEGRATION_CONFIG = IntegrationConfig(
@@ -100,12 +103,24 @@ class HuggingFaceHubIntegration(BaseIntegration):
         self._token: str | bool = str(self.settings.get("api_token") or "") or False
         self.api = hub.HfApi(endpoint=self.endpoint, token=self._token)
         self.specs: dict[str, ModelSpec] = {}
+        self.sources = [str(s) for s in self.settings.get("pull") or []]
+        for index, source in enumerate(self.sources):
+            try:
+                parse_source(source)
+            except HubError as exc:
+                key = f"integrations.{self.name}.settings.pull[{index}]"
+                raise ConfigError(key, shown(source), "hf://org/repo[/file.gguf]") from exc
 
     async def initialize(self) -> None:
         await asyncio.to_thread(self.cache_dir.mkdir, parents=True, exist_ok=True)
         if not self.offline:
             await self._ping()
         self.specs = await asyncio.to_thread(self._cached_specs)
+        for source in self.sources:  # a failure fails the start; the manager retries it
+            parsed = parse_source(source)
+            download = await self.download_model(parsed.repo_id, parsed.filename)
+            spec = self._spec(parsed.repo_id, download.snapshot, download.gguf, parsed.filename)
+            self.specs[spec.config.id] = spec
 
     async def health_check(self) -> Health:
         if self.offline:
