@@ -186,7 +186,9 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        """Started, every required integration up, every preloaded model loaded (`/readyz`)."""
+        """Started, not draining, every required integration up, and every preloaded model
+        able to serve (`/readyz`, gRPC health): a model unloaded for idleness still counts, as
+        the next request loads it again."""
         return (
             self.started
             and not self.dispatcher.draining

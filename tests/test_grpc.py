@@ -290,6 +290,29 @@ async def test_health_follows_readiness(make_runtime: MakeRuntime) -> None:
         await server.stop(0)
 
 
+async def test_health_stays_serving_when_a_preloaded_model_idles_out(
+    make_runtime: MakeRuntime,
+) -> None:
+    runtime = make_runtime("transports.grpc=true", builtins=[ScriptedEngines()])
+    config = ModelConfig(id="m1", source="x", preload=True, idle_unload_s=0.1)
+    runtime.models.register(ModelSpec(config, Path("x"), "scripted"))
+    await runtime.start()
+    server, channel = await serve(runtime)
+    health = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service="tiffin.v1.Inference")
+    try:
+        assert (await health.Check(request)).status == health_pb2.HealthCheckResponse.SERVING
+        await eventually(lambda: runtime.models.get("m1").engine is None)
+        # Unloaded for idleness, it loads again on the next request: still able to serve.
+        assert (await health.Check(request)).status == health_pb2.HealthCheckResponse.SERVING
+        watch = health.Watch(request)
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
 async def test_workers_share_the_port(make_runtime: MakeRuntime) -> None:
     runtime = make_runtime("transports.grpc=true")
     first = GrpcServer(runtime, host="127.0.0.1", port=0)

