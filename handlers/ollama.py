@@ -86,7 +86,7 @@ def ollama_errors(handler: Handler) -> Handler:
         try:
             return await handler(event, ctx)
         except HandlerError as exc:
-            return Reply({"error": exc.message}, status=exc.status, headers=exc.headers)
+            return Reply({"error": exc.message}, status=exc.status, headers=exc.headers, error=exc)
 
     return wrapped
 

@@ -224,6 +224,21 @@ async def test_invalid_requests_and_unknown_models(api: Grpc) -> None:
     assert "nope" in (unknown.value.details() or "")
 
 
+async def test_a_message_that_does_not_decode_is_counted_as_a_400(api: Grpc) -> None:
+    raw = api.channel.unary_stream(
+        "/tiffin.v1.Inference/Chat", request_serializer=None, response_deserializer=None
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        [m async for m in raw(b"\xff" * 64)]
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    body, _ = api.runtime.metrics.exposition()
+    counted = (
+        'llm_errors_total{endpoint="chat_completions",model="",provider="",status="400",'
+        'transport="grpc",type="invalid_request_error"} 1.0'
+    )
+    assert counted in body.decode()
+
+
 async def test_the_client_deadline_stops_the_generation(api: Grpc, recorder: FailOnDemand) -> None:
     engine = await api.engine("m1")
     engine.enqueue(["a", "b"])

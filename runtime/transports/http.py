@@ -211,7 +211,6 @@ def _endpoint(runtime: Runtime, route: str) -> Callable[[Request], Awaitable[Res
 
     async def endpoint(request: Request) -> Response:
         event = Event(
-            body=await _read_body(request),
             headers=request.headers,
             path_params=request.path_params,
             query=request.query_params,
@@ -219,6 +218,11 @@ def _endpoint(runtime: Runtime, route: str) -> Callable[[Request], Awaitable[Res
             route=route,
             request_id=request.state.request_id,
         )
+        try:
+            event.body = await _read_body(request)
+        except HandlerError as exc:  # not JSON: still a request to this route, and an error
+            await dispatcher.refuse(route, event, exc)
+            raise
         ctx = dispatcher.context(event)
         work = asyncio.ensure_future(dispatcher.dispatch(route, event, ctx))
         gone = asyncio.ensure_future(_disconnected(request))
