@@ -61,6 +61,36 @@ def test_serves_integrations_and_stops_cleanly_on_sigterm(serve: Serve, tmp_path
     assert "hunter2" not in log
 
 
+def test_made_up_paths_do_not_grow_the_metrics(serve: Serve) -> None:
+    """BentoML labelled its request series with the raw path: 3,000 made-up paths grew
+    /metrics from 374 KB to 12 MB, and the server's memory with it. Every label is bounded:
+    a path no route serves is `other`."""
+    served = serve()
+    served.wait_for("/readyz", 200)
+    with httpx.Client(base_url=served.url, timeout=10) as client:
+        assert client.get("/v1/models").status_code == 200
+        for batch in range(3):
+            for n in range(100):
+                assert client.get(f"/scan/{batch}/{n}/.env").status_code == 404
+            text = client.get("/metrics").text
+            if batch == 0:
+                first = _series(text)
+    assert _series(text) == first  # 200 more made-up paths: not one new series
+    assert "/scan/" not in text
+    other = 'bentoml_service_request_total{endpoint="other",http_response_code="404"'
+    assert other in text and 'endpoint="/v1/models"' in text
+    assert served.stop() == 0
+
+
+def _series(metrics: str) -> set[str]:
+    """Each sample's name and labels, without its value."""
+    return {
+        line.rsplit(" ", 1)[0]
+        for line in metrics.splitlines()
+        if line and not line.startswith("#") and "_created" not in line
+    }
+
+
 def test_readyz_is_503_while_a_required_integration_is_unhealthy(
     serve: Serve,
 ) -> None:
