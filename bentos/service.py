@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 
 import handlers
 from bentos.runner import RunnerProxyClient, build_runner
+from bentos.traffic_metrics import RouteTrafficMetrics, TrafficMetrics
 from runtime.app import Runtime
 from runtime.bake import is_baked, load_baked
 from runtime.config import ServingConfig, Topology, compose, load_config_file
@@ -131,6 +132,12 @@ def build_service(cfg: DictConfig) -> Any:
     runtime = Runtime(cfg, builtins=handlers.builtin_plugins())
     server = runtime.settings.server
     app = create_app(runtime)
+    # BentoML's own traffic metrics label by raw path (unbounded): off below, these instead.
+    context = bentoml.server_context
+    traffic = TrafficMetrics(
+        runtime.metrics.registry, lambda: (context.bento_name, context.bento_version)
+    )
+    app.add_middleware(RouteTrafficMetrics, router=app.router, metrics=traffic)
     log = structlog.get_logger("tiffin.service")
     split = runtime.settings.serving.topology is Topology.split
     runner = build_runner(runtime) if split else None
@@ -146,11 +153,14 @@ def build_service(cfg: DictConfig) -> Any:
         resources={"gpu": api_gpus} if api_gpus else {},
         traffic={"timeout": int(server.request_timeout_s)},
         endpoints={"livez": "/livez", "readyz": "/readyz"},
+        # Its per-path request metrics grow with every made-up path (bentos/traffic_metrics.py
+        # records the same families by route); /metrics is then the app's own.
+        metrics={"enabled": False, "namespace": "bentoml_service"},
     )
     @bentoml.asgi_app(app, path="/")
     class Tiffin:
         """Serves the Runtime's HTTP app (and its gRPC server when `transports.grpc`);
-        BentoML adds /livez, /readyz and /metrics."""
+        BentoML adds /livez and /readyz."""
 
         if runner is not None:
             # Its own process (and GPU); BentoML starts it with this service.

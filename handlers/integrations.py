@@ -11,11 +11,13 @@ from runtime.integrations import IntegrationStatus
 
 
 async def status(event: Event, ctx: Context) -> dict[str, Any]:
-    """Every configured integration with its status, health and (masked) settings."""
+    """Every configured integration with its status, health and (masked) settings, and the
+    runtime's configuration `warnings` (`[{code, message}]`, empty when there are none)."""
     manager = ctx.integrations
     return {
         **manager.summary(),
         "integrations": {name: i.describe() for name, i in manager.integrations.items()},
+        "warnings": ctx.runtime.warnings(),
     }
 
 
@@ -23,7 +25,8 @@ async def health(event: Event, ctx: Context) -> Reply:
     """200 when every required integration is up, 503 otherwise; the body lists each one.
 
     Overall `status` is `healthy` (all active), `degraded` (serving, something optional down)
-    or `unhealthy` (a required integration is down).
+    or `unhealthy` (a required integration is down). `warnings` as in `status`: this route is
+    public, so an operator whose every other request gets 401 still learns why.
     """
     manager = ctx.integrations
     entries = {}
@@ -38,7 +41,12 @@ async def health(event: Event, ctx: Context) -> Reply:
         }
     all_active = all(e["healthy"] for e in entries.values())
     overall = "healthy" if all_active else "degraded" if manager.ready else "unhealthy"
-    body = {"status": overall, "ready": manager.ready, "integrations": entries}
+    body = {
+        "status": overall,
+        "ready": manager.ready,
+        "integrations": entries,
+        "warnings": ctx.runtime.warnings(),
+    }
     return Reply(body, status=200 if manager.ready else 503)
 
 

@@ -140,7 +140,7 @@ def ollama_errors(handler: Handler) -> Handler:
         try:
             return await handler(event, ctx)
         except HandlerError as exc:
-            return Reply(ollama_error(exc), status=exc.status, headers=exc.headers)
+            return Reply(ollama_error(exc), status=exc.status, headers=exc.headers, error=exc)
 
     return wrapped
 

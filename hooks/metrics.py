@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from hooks.specs import hookimpl
-from runtime.telemetry.metrics import GenerationRecord, Metrics, RequestRecord
+from runtime.telemetry.metrics import GenerationRecord, Metrics, RequestRecord, error_type_for
 from runtime.telemetry.resources import ResourceReader
 
 # IntegrationStatus values that count as up (runtime.integrations.base.UP; hooks sit below
@@ -42,13 +42,10 @@ class MetricsPlugin:
     def request_finished(
         self, event: Any, ctx: Any, status: int, seconds: float, error: Any
     ) -> None:
-        error_type = None
         if error is not None:
             error_type = getattr(error, "type", "server_error")
-        elif status >= 500:
-            error_type = "server_error"
-        elif status == 499:
-            error_type = "cancelled"
+        else:  # a handler's Reply with an error status (Ollama's API), a crash, a cancel
+            error_type = error_type_for(status)
         self.metrics.request_finished(
             RequestRecord(
                 endpoint=event.route,
@@ -108,6 +105,9 @@ class MetricsPlugin:
         self._reader = ResourceReader()
         for name in runtime.integrations.integrations:
             self.metrics.restarts.labels(name)  # 0 from the start, so increase() sees the first
+        for endpoint, transports in served_routes(runtime.settings).items():
+            for transport in transports:
+                self.metrics.route_served(endpoint, transport)
         self.sample()
         self._sampler = asyncio.get_running_loop().create_task(
             self._sample_forever(), name="tiffin:metrics-sampler"
@@ -137,10 +137,10 @@ class MetricsPlugin:
         for model in runtime.models.models.values():
             waiting = model.in_flight if model.engine is None else _queued(model.engine)
             m.queue_depth.labels(model.id, model.spec.provider).set(waiting)
-            # Load counters exist at 0 before the first load, so increase() sees its first
-            # failure (a series born at 1 has no earlier sample to increase from).
-            for status in ("success", "failure"):
-                m.model_loads.labels(model.id, model.spec.provider, status)
+            # Its counters and histograms exist at 0 before its first load and generation, so
+            # increase() sees the first one (a series born at 1 has no earlier sample). Models
+            # a platform offers later get theirs at the next sample.
+            m.model_served(model.id, model.spec.provider)
         self._count_active_models()
         for name, integration in runtime.integrations.integrations.items():
             self._integration_up(name, integration.status.value in UP_VALUES)
@@ -164,6 +164,26 @@ class MetricsPlugin:
                 self.sample()
             except Exception:
                 self._log.exception("sampling metrics failed")
+
+
+def served_routes(settings: Any) -> dict[str, list[str]]:
+    """Each route of the route table and the transports that serve it, as the transports
+    decide (a column, and the transport on; /v1/ HTTP routes only with `openai_api`)."""
+    on = settings.transports
+    served: dict[str, list[str]] = {}
+    for name, route in settings.handlers.routes.items():
+        http = route.http is not None and (on.openai_api or not route.http.path.startswith("/v1/"))
+        served[name] = [
+            transport
+            for transport, serves in (
+                ("http", http),
+                ("grpc", route.grpc is not None and on.grpc),
+                ("ws", route.ws is not None and on.websocket),
+                ("graphql", route.graphql is not None and on.graphql),
+            )
+            if serves
+        ]
+    return served
 
 
 def _queued(engine: Any) -> int:

@@ -213,6 +213,8 @@ async def _check(runtime: Runtime) -> int:
             + "  "
             + row[4]
         )
+    for warning in runtime.warnings():
+        print(f"tiffin: warning: {warning['message']}", file=sys.stderr)
     if failure is not None:
         print(f"tiffin: {failure}", file=sys.stderr)
         return 1

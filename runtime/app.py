@@ -150,6 +150,8 @@ class Runtime:
         self.log.info(
             "runtime starting", env=self.settings.env, integrations=self.integrations.order
         )
+        for warning in self.warnings():
+            self.log.warning(warning["message"], code=warning["code"])
         self.tracing.start()
         await self.integrations.start_all()
         for name in self.integrations.order:
@@ -186,7 +188,9 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        """Started, every required integration up, every preloaded model loaded (`/readyz`)."""
+        """Started, not draining, every required integration up, and every preloaded model
+        able to serve (`/readyz`, gRPC health): a model unloaded for idleness still counts, as
+        the next request loads it again."""
         return (
             self.started
             and not self.dispatcher.draining
@@ -195,6 +199,15 @@ class Runtime:
         )
 
     # --- descriptions ---------------------------------------------------------------------------
+
+    def warnings(self) -> list[dict[str, str]]:
+        """Configuration that serves, but not as an operator would want: logged at start, shown
+        by `python -m runtime check` and in /integrations/status and /integrations/health."""
+        found: list[dict[str, str]] = []
+        keyless = self.auth.keyless_warning()
+        if keyless:
+            found.append({"code": "auth_without_keys", "message": keyless})
+        return found
 
     def plan(self) -> dict[str, Any]:
         """The resolved start plan that `python -m runtime plan` prints; starts nothing."""

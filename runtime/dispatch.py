@@ -130,6 +130,9 @@ class Reply:
     body: Any
     status: int = 200
     headers: Mapping[str, str] = field(default_factory=dict)
+    # The error an error status answers, when the handler turned one into its own shape
+    # (Ollama's API): `request_finished` gets it, so metrics count its type.
+    error: HandlerError | None = None
 
 
 @dataclass
@@ -250,8 +253,20 @@ class Dispatcher:
             return NdjsonStream(FinishingStream(result.items, finish))
         if hasattr(result, "__aiter__") and not isinstance(result, Mapping):
             return FinishingStream(result, finish)
-        await finish(result.status if isinstance(result, Reply) else 200, None)
+        if isinstance(result, Reply):
+            await finish(result.status, result.error)
+        else:
+            await finish(200, None)
         return result
+
+    async def refuse(self, route: str, event: Event, error: HandlerError) -> None:
+        """Record a request that its transport refused before it could be dispatched (a body
+        that is not JSON, a gRPC message that does not decode): `request_started` and
+        `request_finished` see it as they see any other, so metrics count its error."""
+        event.route = route
+        ctx = self.context(event)
+        await resolve_all(ctx.hooks.request_started(event=event, ctx=ctx))
+        await _Finish(event, ctx, lambda _: None)(error.status, error)
 
     @property
     def draining(self) -> bool:

@@ -132,6 +132,13 @@ class LocalModel:
             await self._emit("model.unloaded")
             return True
 
+    @property
+    def servable(self) -> bool:
+        """Loaded, or loaded once and unloaded (or reloading) since: it loads on demand."""
+        if self.state is ModelState.loaded:
+            return True
+        return self.loads > 0 and self.state in (ModelState.unloaded, ModelState.loading)
+
     def admit(self) -> None:
         limit = self.spec.config.max_queue
         if self.in_flight > limit:  # one running plus `max_queue` waiting
@@ -244,10 +251,10 @@ class ModelRouter:
 
     @property
     def ready(self) -> bool:
-        """Every model marked `preload` is loaded."""
-        return all(
-            m.state is ModelState.loaded for m in self._models.values() if m.spec.config.preload
-        )
+        """Every model marked `preload` can serve: loaded, or loaded before and unloaded since
+        (idle, or by an operator), so the next request loads it again. One that never loaded,
+        or whose last load failed, cannot: readiness must not send traffic to it."""
+        return all(m.servable for m in self._models.values() if m.spec.config.preload)
 
     # --- work ---------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from runtime.__main__ import main
 from runtime.app import Runtime
 from runtime.auth import KeyRing, RateLimiter, hash_key, presented_key
 from runtime.config import ApiKeyConfig, LogFormat, LoggingConfig, ModelConfig, RateLimitConfig
-from runtime.dispatch import HandlerError
+from runtime.dispatch import Event, HandlerError
 from runtime.engines.base import ModelSpec
 from runtime.errors import ConfigError
 from runtime.events import BusEvent
@@ -139,6 +139,45 @@ async def test_required_with_no_keys_refuses_all_but_public_routes(
         ]:
             response = await http.request(method, path, json=chat(model="m1"), headers=APP)
             assert response.status_code == 401, (path, response.text)
+
+
+async def test_required_with_no_keys_is_said_at_start_and_on_the_status_routes(
+    make_runtime: MakeRuntime, log_stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TIFFIN_ADMIN_KEY", raising=False)
+    monkeypatch.delenv("TIFFIN_API_KEY", raising=False)
+    runtime = make_runtime("env=prod", "telemetry.tracing=false", builtins=[ScriptedEngines()])
+    async with await http_client(runtime) as http:
+        [logged] = [
+            json.loads(line)
+            for line in log_stream.getvalue().splitlines()
+            if "auth_without_keys" in line
+        ]
+        assert logged["level"] == "warning"
+        message = logged["event"]
+        assert "no API key is configured" in message
+        assert "auth.keys declares admin, client with no value" in message
+        assert "python -m runtime keys create --name NAME --scope admin" in message
+        # Public, so the operator whose every other request gets 401 can read why.
+        health = await http.get("/integrations/health")
+        assert health.status_code == 200
+        assert health.json()["warnings"] == [{"code": "auth_without_keys", "message": message}]
+    # /integrations/status needs a key that cannot exist here: its handler says the same.
+    event = Event()
+    status = await runtime.handlers["integrations.status"](event, runtime.dispatcher.context(event))
+    assert status["warnings"] == [{"code": "auth_without_keys", "message": message}]
+
+
+def test_no_keyless_warning_where_a_key_can_authenticate(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    assert make_runtime("auth.required=true", KEYS).warnings() == []
+    assert make_runtime().warnings() == []  # auth off
+    oidc = "auth.oidc.jwks_url=http://127.0.0.1:9/jwks.json"
+    assert make_runtime("auth.required=true", oidc).warnings() == []
+    database = ["integrations=database", f"integrations.database.settings.data_dir={tmp_path}"]
+    # Any key stored in the database turns auth on; it may hold some.
+    assert make_runtime("auth.required=true", *database).warnings() == []
 
 
 async def test_auth_is_off_in_dev_and_test_without_keys(make_runtime: MakeRuntime) -> None:

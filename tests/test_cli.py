@@ -118,6 +118,16 @@ def test_check_passes_when_everything_is_healthy() -> None:
     assert lines[2].split()[:3] == ["dashboards", "false", "active"]
 
 
+def test_check_warns_when_auth_is_on_with_no_key_to_pass_it() -> None:
+    result = run_cli("check", *TEST_OVERRIDES, "integrations=dashboards", "auth.required=true")
+    assert result.returncode == 0, result.stderr  # a warning, not a failure
+    [warning] = [line for line in result.stderr.splitlines() if line.startswith("tiffin: warning:")]
+    assert "auth is on (auth.required) but no API key is configured" in warning
+    assert "`python -m runtime keys create --name NAME --scope admin [overrides...]`" in warning
+    healthy = run_cli("check", *TEST_OVERRIDES, "integrations=dashboards")
+    assert "tiffin: warning:" not in healthy.stderr
+
+
 def test_check_fails_when_a_required_integration_fails() -> None:
     result = run_cli(
         "check",

@@ -224,6 +224,21 @@ async def test_invalid_requests_and_unknown_models(api: Grpc) -> None:
     assert "nope" in (unknown.value.details() or "")
 
 
+async def test_a_message_that_does_not_decode_is_counted_as_a_400(api: Grpc) -> None:
+    raw = api.channel.unary_stream(
+        "/tiffin.v1.Inference/Chat", request_serializer=None, response_deserializer=None
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        [m async for m in raw(b"\xff" * 64)]
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    body, _ = api.runtime.metrics.exposition()
+    counted = (
+        'llm_errors_total{endpoint="chat_completions",model="",provider="",status="400",'
+        'transport="grpc",type="invalid_request_error"} 1.0'
+    )
+    assert counted in body.decode()
+
+
 async def test_the_client_deadline_stops_the_generation(api: Grpc, recorder: FailOnDemand) -> None:
     engine = await api.engine("m1")
     engine.enqueue(["a", "b"])
@@ -285,6 +300,29 @@ async def test_health_follows_readiness(make_runtime: MakeRuntime) -> None:
         await runtime.stop()
         answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+async def test_health_stays_serving_when_a_preloaded_model_idles_out(
+    make_runtime: MakeRuntime,
+) -> None:
+    runtime = make_runtime("transports.grpc=true", builtins=[ScriptedEngines()])
+    config = ModelConfig(id="m1", source="x", preload=True, idle_unload_s=0.1)
+    runtime.models.register(ModelSpec(config, Path("x"), "scripted"))
+    await runtime.start()
+    server, channel = await serve(runtime)
+    health = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service="tiffin.v1.Inference")
+    try:
+        assert (await health.Check(request)).status == health_pb2.HealthCheckResponse.SERVING
+        await eventually(lambda: runtime.models.get("m1").engine is None)
+        # Unloaded for idleness, it loads again on the next request: still able to serve.
+        assert (await health.Check(request)).status == health_pb2.HealthCheckResponse.SERVING
+        watch = health.Watch(request)
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
     finally:
         await channel.close()
         await server.stop(0)

@@ -47,6 +47,7 @@ async def test_status_lists_every_integration_with_secrets_masked(
     assert response.status_code == 200
     body = response.json()
     assert body["ready"] is True
+    assert body["warnings"] == []
     assert set(body["integrations"]) == {"metrics", "dashboards", "db"}
     dashboards = body["integrations"]["dashboards"]
     assert dashboards["status"] == "active"

@@ -15,16 +15,19 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hooks.metrics import served_routes
 from runtime.app import Runtime
 from runtime.config import ModelConfig
 from runtime.dispatch import Event, FinishingStream
 from runtime.engines.base import ModelSpec
-from runtime.telemetry.metrics import Metrics
+from runtime.telemetry.metrics import ROUTE_ERRORS, Metrics
 from runtime.transports.http import create_app
+from tests.conftest import ROOT, cli_env
 from tests.test_openai_api import ScriptedEngines, chat
 
 MakeRuntime = Callable[..., Runtime]
 CHAT = "chat_completions"
+HELLO = {"role": "user", "content": "hi"}
 
 
 class Scrape:
@@ -103,6 +106,61 @@ async def test_requests_are_counted_by_route_transport_model_and_status(api: Api
     assert m.value("llm_errors_total", endpoint=CHAT, status="404") == 1
     assert m.value("llm_errors_total", type="invalid_request_error") == 2
     assert m.value("llm_requests_in_flight") == 0
+
+
+# The families the platform guide names, that dashboards and alerts query. The GPU's exists
+# only where NVML finds a GPU; durations from the first request (a quantile of none is no data).
+GUIDE_FAMILIES_FROM_THE_START = (
+    "llm_requests_total",
+    "llm_model_loads_total",
+    "llm_active_models",
+    "llm_cpu_usage_percent",
+    "llm_errors_total",
+    "llm_cost_total",
+)
+
+
+async def test_a_fresh_runtime_shows_every_series_at_zero(api: Api) -> None:
+    """Before any request: what dashboards and alerts query exists at 0, not "no data", and
+    the first request or error is an increase from 0 that rate() can see."""
+    m = await api.scrape()
+    for family in GUIDE_FAMILIES_FROM_THE_START:
+        assert m.has(family), family
+    for endpoint, transports in served_routes(api.runtime.settings).items():
+        for transport in transports:
+            route = {"endpoint": endpoint, "transport": transport}
+            assert m.has("llm_requests_total", **route, status="200"), route
+            assert m.has("llm_requests_in_flight", **route), route
+            for status, kind in ROUTE_ERRORS:
+                assert m.has("llm_errors_total", **route, status=str(status), type=kind)
+    assert m.has("llm_errors_total", endpoint=CHAT, transport="graphql", type="rate_limit_error")
+    for model in ("m1", "embedder", "broken"):
+        labels = {"model": model, "provider": "local"}
+        for kind in ("prompt", "completion"):
+            assert m.has("llm_tokens_total", **labels, kind=kind)
+        assert m.has("llm_cost_total", **labels)
+        assert m.has("llm_time_to_first_token_seconds_count", **labels)
+        assert m.has("llm_time_per_output_token_seconds_count", **labels)
+    for family in ("llm_requests_total", "llm_errors_total", "llm_tokens_total", "llm_cost_total"):
+        assert m.value(family) == 0
+    # Bounded: routes x transports x a fixed set of errors, never more.
+    errors = [s for s in m.samples if s.name == "llm_errors_total"]
+    pairs = sum(len(t) for t in served_routes(api.runtime.settings).values())
+    assert len(errors) == pairs * len(ROUTE_ERRORS)
+
+
+async def test_a_4xx_counts_with_its_status_and_type(api: Api) -> None:
+    not_json = await api.http.post("/v1/chat/completions", content=b"{")
+    assert not_json.status_code == 400
+    unknown = await api.http.post("/api/chat", json={"model": "nope", "messages": [HELLO]})
+    assert unknown.status_code == 404 and "error" in unknown.json()  # Ollama's shape
+    m = await api.scrape()
+    bad = {"endpoint": CHAT, "transport": "http", "status": "400"}
+    assert m.value("llm_requests_total", **bad) == 1
+    assert m.value("llm_errors_total", **bad, type="invalid_request_error") == 1
+    missing = {"endpoint": "ollama_chat", "status": "404", "type": "invalid_request_error"}
+    assert m.value("llm_errors_total", **missing) == 1
+    assert m.value("llm_errors_total") == 2
 
 
 async def test_generations_record_tokens_latency_and_cost(api: Api) -> None:
@@ -220,6 +278,33 @@ async def test_exposition_adds_up_every_worker_under_multiprocess_mode(
     m = Scrape(body.decode())
     assert m.value("llm_requests_total", endpoint=CHAT, status="200") == 5
     assert m.value("llm_request_duration_seconds_count", endpoint=CHAT) == 5
+
+
+async def test_a_fresh_worker_writes_its_zero_series_under_multiprocess_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under BentoML's workers, a series exists on /metrics only once a worker has written it
+    to PROMETHEUS_MULTIPROC_DIR: a worker that starts and serves nothing writes its zeros."""
+    script = (
+        "import asyncio, handlers\n"
+        "from runtime.app import compose_runtime\n"
+        "async def main():\n"
+        "    runtime = compose_runtime(['env=test', '~integrations'],"
+        " builtins=handlers.builtin_plugins())\n"
+        "    await runtime.start()\n"
+        "    await runtime.stop()\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**cli_env(), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    process = await asyncio.create_subprocess_exec(_python(), "-c", script, env=env, cwd=str(ROOT))
+    assert await asyncio.wait_for(process.wait(), timeout=120) == 0
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    m = Scrape(Metrics().exposition()[0].decode())
+    for family in ("llm_requests_total", "llm_errors_total", "llm_active_models"):
+        assert m.has(family), family
+    assert m.has("llm_errors_total", endpoint=CHAT, transport="http", status="401")
+    assert m.has("llm_requests_in_flight", endpoint=CHAT, transport="ws")
+    assert m.value("llm_requests_total") == 0 and m.value("llm_errors_total") == 0
 
 
 def _python() -> str:

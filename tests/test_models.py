@@ -130,6 +130,23 @@ async def test_idle_models_are_unloaded() -> None:
     await router.stop()
 
 
+async def test_a_preloaded_model_unloaded_for_idleness_stays_ready() -> None:
+    router, _, _ = router_with(preload=True, idle_unload_s=0.1)
+    await router.start()
+    assert router.ready
+    await eventually(lambda: router.get("m1").state is ModelState.unloaded, within=5)
+    assert router.ready  # the next request loads it again: still able to serve
+    await router.unload("m1")
+    assert router.ready
+    broken = ScriptedEngine(router.get("m1").spec)
+    broken.fail_load = "weights are corrupt"
+    router.get("m1")._factory = lambda spec: broken  # the next load fails
+    with pytest.raises(EngineError):
+        await collect(router)
+    assert not router.ready  # a reload that failed cannot serve
+    await router.stop()
+
+
 async def test_embeddings_and_tokenize_go_through_the_router() -> None:
     router, _, _ = router_with()
     result = await router.embed("m1", ["ab", "c"])

@@ -44,10 +44,32 @@ class Auth:
     keys: KeyRing
     limiter: RateLimiter
     plugin: AuthPlugin
+    # Keys declared in auth.keys with no value (their environment variable unset).
+    unset_keys: tuple[str, ...] = ()
 
     @property
     def enforced(self) -> bool:
         return self.plugin.enforced
+
+    def keyless_warning(self) -> str | None:
+        """Why no request can authenticate, when auth is on (`auth.required`) with no config
+        key, no OIDC and no database of keys: every route but the public ones answers 401.
+        None otherwise (a database may hold keys this cannot see from here)."""
+        plugin = self.plugin
+        if not plugin.enforced or len(self.keys) or plugin.oidc or plugin.stored is not None:
+            return None
+        unset = ""
+        if self.unset_keys:
+            names = ", ".join(self.unset_keys)
+            several = len(self.unset_keys) > 1
+            variables = "are their environment variables" if several else "is its variable"
+            unset = f" (auth.keys declares {names} with no value: {variables} set?)"
+        return (
+            "auth is on (auth.required) but no API key is configured"
+            f"{unset}, so every request except public routes gets 401; make a key with"
+            " `python -m runtime keys create --name NAME --scope admin [overrides...]`"
+            " (add integrations=database to store it in the database) or configure auth.oidc"
+        )
 
     @classmethod
     def from_settings(cls, settings: TiffinConfig, limiter: RateLimiter | None = None) -> Auth:
@@ -56,6 +78,7 @@ class Auth:
         `auth.required` or when any key is configured."""
         auth = settings.auth
         keys = KeyRing.from_config(auth.keys, auth.limits)
+        unset = tuple(d.name for d in auth.keys if not d.key and not d.key_sha256.strip())
         for declared in auth.keys:
             declared.key = ""
         limiter = limiter or RateLimiter()
@@ -68,7 +91,7 @@ class Auth:
         oidc = OidcVerifier(auth.oidc, auth.limits) if auth.oidc.jwks_url else None
         enforced = auth.required or len(keys) > 0 or oidc is not None
         plugin = AuthPlugin(keys, scopes, limiter, enforced=enforced, oidc=oidc)
-        return cls(keys, limiter, plugin)
+        return cls(keys, limiter, plugin, unset_keys=unset)
 
     def use_store(self, store: StoreProvider, settings: TiffinConfig) -> StoredKeys:
         """Look keys up in the database too (the database integration is selected); auth is

@@ -42,11 +42,46 @@ ERROR_TYPES = frozenset(
         "not_found_error",
         "rate_limit_error",
         "server_error",
+        "service_unavailable",
         "timeout",
         "cancelled",
         "api_error",
     }
 )
+# The errors every route may answer before a model is chosen (so with model=""), as status and
+# type: each served route starts with these `llm_errors_total` series at 0. A 404 for an unknown
+# model is OpenAI's invalid_request_error; not_found_error is for other things (integrations).
+ROUTE_ERRORS = (
+    (400, "invalid_request_error"),
+    (401, "authentication_error"),
+    (403, "permission_error"),
+    (404, "invalid_request_error"),
+    (404, "not_found_error"),
+    (429, "rate_limit_error"),
+    (500, "server_error"),
+    (503, "server_error"),
+)
+# The type of a failed request that raised no error of its own (a handler's Reply with 4xx).
+STATUS_ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    499: "cancelled",
+    504: "timeout",
+}
+
+
+def error_type_for(status: int) -> str | None:
+    """The error type of a request that ended with `status` and raised nothing: None below
+    400, OpenAI's type for the usual statuses, else invalid_request_error (4xx) or
+    server_error (5xx)."""
+    if status < 400:
+        return None
+    return STATUS_ERROR_TYPES.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
+
 
 REQUEST_LABELS = ("endpoint", "transport", "model", "provider", "status")
 MODEL_LABELS = ("model", "provider")
@@ -204,6 +239,30 @@ class Metrics:
             ("name",),
             registry=r,
         )
+
+    # --- series known from the start -----------------------------------------------------------
+
+    def route_served(self, endpoint: str, transport: str) -> None:
+        """Give a route, on one transport, its series at 0 before its first request: requests
+        (status 200), in flight, and the errors of ROUTE_ERRORS. A series born at 1 has
+        no earlier sample, so rate() and increase() would miss the first request or error, and
+        dashboards and alerts would say "no data" on a fresh server. (Durations are left to
+        the first request: a quantile of no requests is no data whatever the buckets hold.)"""
+        labels = (endpoint, transport, "", "")
+        self.requests.labels(*labels, "200")
+        self.in_flight.labels(endpoint, transport)
+        for status, kind in ROUTE_ERRORS:
+            self.errors.labels(*labels, str(status), kind)
+
+    def model_served(self, model: str, provider: str) -> None:
+        """Give a model its generation series at 0 before its first generation."""
+        for kind in ("prompt", "completion"):
+            self.tokens.labels(model, provider, kind)
+        self.cost.labels(model, provider)
+        self.ttft.labels(model, provider)
+        self.tpot.labels(model, provider)
+        for status in ("success", "failure"):
+            self.model_loads.labels(model, provider, status)
 
     # --- recording ------------------------------------------------------------------------------
 

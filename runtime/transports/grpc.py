@@ -218,6 +218,10 @@ class _Rpc:
         self, request: Message, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tuple[Any, Context, Event]:
         if isinstance(request, _Undecodable):
+            refused = Event(transport="grpc", route=self.route)
+            await self.runtime.dispatcher.refuse(
+                self.route, refused, HandlerError(400, request.message)
+            )
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         event = self.event(request, context)
         bind_request(event.request_id)

@@ -151,7 +151,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         app.include_router(graphql.create_router(runtime), prefix=graphql.PATH)
     # Last route: every other path and method answers in JSON too, also when BentoML mounts this
     # app (it only forwards paths that some route of the app matches).
-    app.add_api_route("/{path:path}", _fallback(app), methods=_METHODS, include_in_schema=False)
+    app.add_api_route(FALLBACK_PATH, _fallback(app), methods=_METHODS, include_in_schema=False)
     _install_error_handlers(app)
     install_openapi(app, schemas)
     install_cors(app, runtime.settings.server.cors)
@@ -164,6 +164,8 @@ def create_app(runtime: Runtime) -> FastAPI:
 
 
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+# The last route: any path no other route serves (answered 404 or 405 in JSON).
+FALLBACK_PATH = "/{path:path}"
 
 
 def _no_native_telemetry() -> dict[str, Any]:
@@ -197,8 +199,8 @@ def _fallback(app: FastAPI) -> Callable[[Request], Awaitable[Response]]:
 
 
 def _metrics(runtime: Runtime) -> Callable[[Request], Awaitable[Response]]:
-    """Prometheus' text format. (Under BentoML its own /metrics answers first, from the same
-    multiprocess files, with BentoML's families beside ours.)"""
+    """Prometheus' text format: under BentoML's workers, every worker's samples from the
+    multiprocess files (BentoML's own /metrics is off, see bentos/traffic_metrics.py)."""
 
     async def metrics(request: Request) -> Response:
         body, content_type = runtime.metrics.exposition()
@@ -222,7 +224,6 @@ def _endpoint(runtime: Runtime, route: str) -> Callable[[Request], Awaitable[Res
 
     async def answer(request: Request) -> Response:
         event = Event(
-            body=await _read_body(request),
             headers=request.headers,
             path_params=request.path_params,
             query=request.query_params,
@@ -230,6 +231,11 @@ def _endpoint(runtime: Runtime, route: str) -> Callable[[Request], Awaitable[Res
             route=route,
             request_id=request.state.request_id,
         )
+        try:
+            event.body = await _read_body(request)
+        except HandlerError as exc:  # not JSON: still a request to this route, and an error
+            await dispatcher.refuse(route, event, exc)
+            raise
         ctx = dispatcher.context(event)
         work = asyncio.ensure_future(dispatcher.dispatch(route, event, ctx))
         gone = asyncio.ensure_future(_disconnected(request))
