@@ -174,7 +174,10 @@ def _model_entry(model: LocalModel) -> dict[str, Any]:
 
 
 def _request(ctx: Context, model: LocalModel, body: Request, **fields: Any) -> GenerationRequest:
-    values = {**ctx.models.defaults(model.id), **fields}
+    defaults = ctx.models.defaults(model.id)
+    if "max_tokens" in defaults:  # a model's default cap, fitted to the context like the server's
+        defaults["default_max_tokens"] = defaults.pop("max_tokens")
+    values = {**defaults, **fields}
     for option, name in OPTIONS.items():
         if body.options.get(option) is not None:
             values[name] = body.options[option]
