@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from handlers.generation import (
     Outcome,
@@ -23,6 +23,7 @@ from handlers.generation import (
 )
 from runtime.dispatch import Context, Event, HandlerError, NdjsonStream, Reply, request_body
 from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationRequest
+from runtime.engines.schema_limits import SchemaTooComplex, check_schema
 from runtime.models import LocalModel, ModelState
 
 # The Ollama API version Tiffin answers for (clients check it before using newer endpoints).
@@ -49,6 +50,16 @@ class Request(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     format: Literal["json"] | dict[str, Any] | None = None
     keep_alive: str | int | float | None = None
+
+    @field_validator("format")
+    @classmethod
+    def schema_within_limits(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            try:
+                check_schema(value)
+            except SchemaTooComplex as exc:  # a 400 in Ollama's shape, before any engine
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class Message(BaseModel):

@@ -148,3 +148,89 @@ async def test_closing_streams_frees_the_engine(engine: LlamaCppEngine) -> None:
     assert engine.stats()["tokens_generated"] - before <= 8 * 3 + 3
     assert engine.stats()["queued"] == 0
     assert not engine.stats()["busy"]
+
+
+# --- issue 14: one request must not kill a worker ------------------------------------------------
+
+
+async def test_a_default_cap_shortens_to_the_room_a_prompt_leaves(engine: LlamaCppEngine) -> None:
+    capped = await run(engine, prompt="Once upon a time", default_max_tokens=5, temperature=0)
+    assert capped["usage"].completion_tokens == 5 and capped["finish"] == {0: "length"}
+    prompt = "word " * 505  # about 506 of the 512 tokens: room for a few, not for 2048
+    long = await run(engine, prompt=prompt, default_max_tokens=2048, temperature=0)
+    room = 512 - long["usage"].prompt_tokens
+    assert 0 < long["usage"].completion_tokens <= room
+    with pytest.raises(ContextLengthExceeded):  # a client's own max_tokens must still fit
+        engine.generate(GenerationRequest(model="gemma", prompt=prompt, max_tokens=2048))
+
+
+async def test_a_schema_compiling_does_not_hold_up_a_plain_request(
+    engine: LlamaCppEngine,
+) -> None:
+    """The schema's grammar is built and compiled off the worker thread, before its job is
+    queued: a plain request that arrives meanwhile is served first."""
+    schema = {"enum": [f"colour-{i}" for i in range(300)]}
+    events: list[str] = []
+
+    async def consume(name: str, request: GenerationRequest) -> str:
+        text = ""
+        async for chunk in engine.generate(request):
+            if f"{name} first" not in events:
+                events.append(f"{name} first")
+            text += chunk.text
+        events.append(f"{name} done")
+        return text
+
+    constrained = asyncio.create_task(
+        consume(
+            "schema",
+            GenerationRequest(
+                model="gemma", prompt="Colour:", max_tokens=2, temperature=0, json_schema=schema
+            ),
+        )
+    )
+    plain = asyncio.create_task(
+        consume("plain", GenerationRequest(model="gemma", prompt="Hi", max_tokens=2, temperature=0))
+    )
+    answer, _ = await asyncio.wait_for(asyncio.gather(constrained, plain), 300)
+    assert events.index("plain done") < events.index("schema first")
+    assert answer and any(f'"colour-{i}"'.startswith(answer) for i in range(300))
+
+
+async def test_a_client_gone_during_a_schema_request_frees_the_worker(
+    engine: LlamaCppEngine,
+) -> None:
+    schema = {"type": "string", "maxLength": 1000}
+    before = engine.stats()["tokens_generated"]
+    # Gone while the grammar compiles: the job never reaches the worker.
+    stream = engine.generate(
+        GenerationRequest(model="gemma", prompt="Say:", max_tokens=400, json_schema=schema)
+    )
+    waiting = asyncio.create_task(anext(stream))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    # Gone after its first token: generation stops within a token.
+    stream = engine.generate(
+        GenerationRequest(model="gemma", prompt="Say:", max_tokens=400, json_schema=schema)
+    )
+    await asyncio.wait_for(anext(stream), 120)
+    await stream.aclose()  # type: ignore[attr-defined]
+    result = await run(engine, prompt="Hi", max_tokens=3, temperature=0)
+    assert result["usage"].completion_tokens == 3
+    assert engine.stats()["tokens_generated"] - before <= 3 + 3
+    assert engine.stats()["queued"] == 0 and not engine.stats()["busy"]
+
+
+async def test_a_grammar_llama_cpp_refuses_is_a_400_not_a_crash(engine: LlamaCppEngine) -> None:
+    schema = {"type": "string", "pattern": "^(a{0,1000})?$"}  # within the schema limits
+    with pytest.raises(UnsupportedRequest, match=r"llama\.cpp refused the grammar") as refused:
+        await run(engine, prompt="x", max_tokens=1, json_schema=schema)
+    assert refused.value.param == "response_format"
+    with pytest.raises(UnsupportedRequest, match="minLength 100000 at / is more than 1000"):
+        engine.generate(
+            GenerationRequest(
+                model="gemma", prompt="x", json_schema={"type": "string", "minLength": 100000}
+            )
+        )
