@@ -4,7 +4,10 @@ One worker thread per loaded model runs generations one at a time, driving llama
 generator directly: each token is turned into text (UTF-8 safe, stop strings held back) and sent
 to the event loop as it is produced; closing the stream stops generation before the next token.
 Chat prompts use the GGUF's own chat template when it has one, else the configured
-`chat_format` (llama-cpp-python's formats: gemma, chatml, llama-3...).
+`chat_format` (llama-cpp-python's formats: gemma, chatml, llama-3...). Only the template's own
+markup is tokenized as control tokens: message text that spells `<end_of_turn>` stays text.
+A JSON schema is checked against runtime/engines/schema_limits.py and compiled to a grammar on
+a thread of its own before the job is queued, so a schema never stalls the worker.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import asyncio
 import json
 import os
 import random
+import re
+import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -39,6 +44,10 @@ from runtime.engines.text import TextAssembler
 from runtime.engines.worker import Emit, ThreadWorker
 
 MAX_TOP_LOGPROBS = 20
+# Stands in for a message's text while the chat template renders (private-use characters
+# around a per-request nonce, so no client text can imitate it).
+CONTENT_MARK = "\ue000{nonce}:{index}\ue001"
+CONTENT_MARK_RE = "\ue000{nonce}:([0-9]+)\ue001"
 
 
 class LlamaCppEngine:
@@ -100,7 +109,7 @@ class LlamaCppEngine:
         return int(self._llama_args["n_ctx"])
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self._llm.tokenize(text.encode(), add_bos=False, special=False))
+        return list(self._llm.tokenize(_utf8(text, "input"), add_bos=False, special=False))
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
         raise EngineError(f"{self.config.id} is a text generation model; it has no embeddings")
@@ -160,29 +169,51 @@ class LlamaCppEngine:
     def _prompt(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
         stop = list(request.stop)
         if request.messages is not None:
-            assert self._format is not None
-            try:
-                formatted = self._format(messages=request.messages, tools=request.tools)
-            except Exception as exc:  # a template's raise_exception, bad roles...
-                raise UnsupportedRequest(
-                    f"messages cannot be formatted: {exc}", "messages"
-                ) from None
-            extra = formatted.stop or []
-            stop += [extra] if isinstance(extra, str) else list(extra)
-            text, add_bos = formatted.prompt, not formatted.added_special
-            tokens = self._llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+            tokens, extra = self._chat_tokens(request)
+            stop += extra
         else:
-            tokens = self._llm.tokenize(
-                (request.prompt or "").encode(), add_bos=True, special=False
-            )
-        return list(tokens), [s for s in stop if s]
+            text = _utf8(request.prompt or "", "prompt")
+            tokens = list(self._llm.tokenize(text, add_bos=True, special=False))
+        return tokens, [s for s in stop if s]
+
+    def _chat_tokens(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
+        """The chat template's markup as control tokens, each message's text as plain text
+        (as llama.cpp's server does): the template is rendered with a mark in place of every
+        message's content, and the pieces between the marks are tokenized apart."""
+        assert self._format is not None and request.messages is not None
+        nonce = secrets.token_hex(8)
+        contents: list[bytes] = []
+        messages = []
+        for position, message in enumerate(request.messages):
+            content = message.get("content")
+            if isinstance(content, str) and content:
+                contents.append(_utf8(content, f"messages[{position}].content"))
+                mark = CONTENT_MARK.format(nonce=nonce, index=len(contents) - 1)
+                message = {**message, "content": mark}
+            messages.append(message)
+        try:
+            formatted = self._format(messages=messages, tools=request.tools)
+        except Exception as exc:  # a template's raise_exception, bad roles...
+            raise UnsupportedRequest(f"messages cannot be formatted: {exc}", "messages") from None
+        extra = formatted.stop or []
+        add_bos = not formatted.added_special
+        tokens: list[int] = []
+        pieces = re.split(CONTENT_MARK_RE.format(nonce=nonce), formatted.prompt)
+        for position, piece in enumerate(pieces):
+            if position % 2:  # a message's text (a template may use it more than once)
+                text, special = contents[int(piece)], False
+            else:  # the template's markup (and whatever else it rendered: roles, tools...)
+                text, special = _utf8(piece, "messages"), True
+            first = position == 0 and add_bos
+            tokens += self._llm.tokenize(text, add_bos=first, special=special)
+        return tokens, [extra] if isinstance(extra, str) else list(extra)
 
     def _stop_tokens(self, stop: list[str]) -> set[int]:
         """Stop strings that are single special tokens (`<end_of_turn>`) never appear in the
         detokenized text, so they are matched by id."""
         ids = set()
         for text in stop:
-            tokens = self._llm.tokenize(text.strip().encode(), add_bos=False, special=True)
+            tokens = self._llm.tokenize(_utf8(text.strip(), "stop"), add_bos=False, special=True)
             if len(tokens) == 1 and not self._llm.detokenize(tokens):
                 ids.add(tokens[0])
         return ids
@@ -339,3 +370,16 @@ class LlamaCppEngine:
             bytes=list(piece),
             top=alternatives,
         )
+
+
+def _utf8(text: str, field: str) -> bytes:
+    """`text` as UTF-8; a lone surrogate (which JSON can carry as \\ud800) is the client's
+    error, named, not a crash."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise UnsupportedRequest(
+            f"{field} is not valid Unicode text: it has a lone surrogate"
+            f" {text[exc.start]!a} at position {exc.start}",
+            field,
+        ) from None
