@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import structlog
 
 from runtime.config import ModelConfig
 from runtime.engines.base import ContextLengthExceeded, GenerationRequest, UnsupportedRequest
@@ -276,3 +277,26 @@ async def test_a_grammar_llama_cpp_refuses_is_a_400_not_a_crash(engine: LlamaCpp
                 model="gemma", prompt="x", json_schema={"type": "string", "minLength": 100000}
             )
         )
+
+
+async def test_chat_without_a_template_or_chat_format_warns_once() -> None:
+    config = ModelConfig(id="gemma-base", source="pkg", context_length=256)
+    engine = LlamaCppEngine(gguf.assemble(), config)
+    await engine.load()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(2):
+                await run(engine, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+            await run(engine, prompt="Hi", max_tokens=1)
+    finally:
+        await engine.unload()
+    warnings = [log for log in logs if log["log_level"] == "warning"]
+    assert len(warnings) == 1
+    assert warnings[0]["model"] == "gemma-base"
+    assert "chat_format" in warnings[0]["fix"] and "instruction-tuned" in warnings[0]["fix"]
+
+
+async def test_a_configured_chat_format_does_not_warn(engine: LlamaCppEngine) -> None:
+    with structlog.testing.capture_logs() as logs:
+        await run(engine, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+    assert [log for log in logs if log["log_level"] == "warning"] == []

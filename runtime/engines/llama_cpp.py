@@ -181,6 +181,7 @@ class LlamaCppEngine:
         (as llama.cpp's server does): the template is rendered with a mark in place of every
         message's content, and the pieces between the marks are tokenized apart."""
         assert self._format is not None and request.messages is not None
+        self._warn_once_about_the_format()
         nonce = secrets.token_hex(8)
         contents: list[bytes] = []
         messages = []
@@ -207,6 +208,22 @@ class LlamaCppEngine:
             first = position == 0 and add_bos
             tokens += self._llm.tokenize(text, add_bos=first, special=special)
         return tokens, [extra] if isinstance(extra, str) else list(extra)
+
+    def _warn_once_about_the_format(self) -> None:
+        if not self._warn_fallback_format:
+            return
+        self._warn_fallback_format = False
+        self._log.warning(
+            "chat prompts use a fallback format",
+            model=self.config.id,
+            format="chatml",
+            reason="the GGUF has no chat template and the model sets no chat_format",
+            fix=(
+                "set chat_format for this model (integrations.custom_models.settings.models"
+                "[].chat_format: gemma, chatml, llama-3, mistral-instruct...) or serve an"
+                " instruction-tuned GGUF that carries its chat template"
+            ),
+        )
 
     def _stop_tokens(self, stop: list[str]) -> set[int]:
         """Stop strings that are single special tokens (`<end_of_turn>`) never appear in the
@@ -268,6 +285,7 @@ class LlamaCppEngine:
                 stop_token_ids=[eos],
             )
         name = self.config.chat_format or "chatml"
+        self._warn_fallback_format = self.config.chat_format is None
         for candidate in (name.replace("-", "_"), name.replace("-", "")):
             formatter = getattr(llama_chat_format, f"format_{candidate}", None)
             if callable(formatter):
