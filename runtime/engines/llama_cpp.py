@@ -180,26 +180,28 @@ class LlamaCppEngine:
         """The chat template's markup as control tokens, each message's text as plain text
         (as llama.cpp's server does): the template is rendered with a mark in place of every
         message's content, and the pieces between the marks are tokenized apart."""
-        assert self._format is not None and request.messages is not None
+        assert request.messages is not None
         self._warn_once_about_the_format()
         nonce = secrets.token_hex(8)
         contents: list[bytes] = []
-        messages = []
+        marked = []
         for position, message in enumerate(request.messages):
             content = message.get("content")
             if isinstance(content, str) and content:
                 contents.append(_utf8(content, f"messages[{position}].content"))
                 mark = CONTENT_MARK.format(nonce=nonce, index=len(contents) - 1)
                 message = {**message, "content": mark}
-            messages.append(message)
-        try:
-            formatted = self._format(messages=messages, tools=request.tools)
-        except Exception as exc:  # a template's raise_exception, bad roles...
-            raise UnsupportedRequest(f"messages cannot be formatted: {exc}", "messages") from None
-        extra = formatted.stop or []
+            marked.append(message)
+        formatted = self._render(marked, request.tools)
+        pieces = re.split(CONTENT_MARK_RE.format(nonce=nonce), formatted.prompt)
+        if any(nonce in piece for piece in pieces[::2]):
+            # The template transformed a message's text (`| tojson`, say), so the marks are
+            # lost: render the text itself, once sure that none of it would become markup.
+            self._refuse_control_text(request.messages)
+            formatted = self._render(request.messages, request.tools)
+            pieces = [formatted.prompt]
         add_bos = not formatted.added_special
         tokens: list[int] = []
-        pieces = re.split(CONTENT_MARK_RE.format(nonce=nonce), formatted.prompt)
         for position, piece in enumerate(pieces):
             if position % 2:  # a message's text (a template may use it more than once)
                 text, special = contents[int(piece)], False
@@ -207,7 +209,30 @@ class LlamaCppEngine:
                 text, special = _utf8(piece, "messages"), True
             first = position == 0 and add_bos
             tokens += self._llm.tokenize(text, add_bos=first, special=special)
+        extra = formatted.stop or []
         return tokens, [extra] if isinstance(extra, str) else list(extra)
+
+    def _render(self, messages: list[dict[str, Any]], tools: Any) -> Any:
+        assert self._format is not None
+        try:
+            return self._format(messages=messages, tools=tools)
+        except Exception as exc:  # a template's raise_exception, bad roles...
+            raise UnsupportedRequest(f"messages cannot be formatted: {exc}", "messages") from None
+
+    def _refuse_control_text(self, messages: list[dict[str, Any]]) -> None:
+        for position, message in enumerate(messages):
+            content = message.get("content")
+            if not isinstance(content, str) or not content:
+                continue
+            text = _utf8(content, f"messages[{position}].content")
+            tokenize = self._llm.tokenize
+            if tokenize(text, add_bos=False, special=True) != tokenize(text, add_bos=False):
+                raise UnsupportedRequest(
+                    f"messages[{position}].content spells one of this model's control tokens"
+                    " (such as <end_of_turn>), which its chat template cannot keep apart from"
+                    " its own markup",
+                    f"messages[{position}].content",
+                )
 
     def _warn_once_about_the_format(self) -> None:
         if not self._warn_fallback_format:
