@@ -5,7 +5,8 @@ generator directly: each token is turned into text (UTF-8 safe, stop strings hel
 to the event loop as it is produced; closing the stream stops generation before the next token.
 Chat prompts use the GGUF's own chat template when it has one, else the configured
 `chat_format` (llama-cpp-python's formats: gemma, chatml, llama-3...). Only the template's own
-markup is tokenized as control tokens: message text that spells `<end_of_turn>` stays text.
+markup is tokenized as control tokens (runtime/engines/chat_tokens.py): message text that spells
+`<end_of_turn>` stays text.
 A JSON schema is checked against runtime/engines/schema_limits.py and compiled to a grammar on
 a thread of its own before the job is queued, so a schema never stalls the worker.
 """
@@ -16,8 +17,6 @@ import asyncio
 import json
 import os
 import random
-import re
-import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -39,15 +38,12 @@ from runtime.engines.base import (
     Usage,
     token_budget,
 )
+from runtime.engines.chat_tokens import chat_tokens, utf8
 from runtime.engines.schema_limits import SchemaTooComplex, check_grammar, check_schema
 from runtime.engines.text import TextAssembler
 from runtime.engines.worker import Emit, ThreadWorker
 
 MAX_TOP_LOGPROBS = 20
-# Stands in for a message's text while the chat template renders (private-use characters
-# around a per-request nonce, so no client text can imitate it).
-CONTENT_MARK = "\ue000{nonce}:{index}\ue001"
-CONTENT_MARK_RE = "\ue000{nonce}:([0-9]+)\ue001"
 
 
 class LlamaCppEngine:
@@ -109,7 +105,7 @@ class LlamaCppEngine:
         return int(self._llama_args["n_ctx"])
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self._llm.tokenize(_utf8(text, "input"), add_bos=False, special=False))
+        return list(self._llm.tokenize(utf8(text, "input"), add_bos=False, special=False))
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
         raise EngineError(f"{self.config.id} is a text generation model; it has no embeddings")
@@ -169,48 +165,13 @@ class LlamaCppEngine:
     def _prompt(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
         stop = list(request.stop)
         if request.messages is not None:
-            tokens, extra = self._chat_tokens(request)
+            self._warn_once_about_the_format()
+            tokens, extra = chat_tokens(self._llm, self._render, request.messages, request.tools)
             stop += extra
         else:
-            text = _utf8(request.prompt or "", "prompt")
+            text = utf8(request.prompt or "", "prompt")
             tokens = list(self._llm.tokenize(text, add_bos=True, special=False))
         return tokens, [s for s in stop if s]
-
-    def _chat_tokens(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
-        """The chat template's markup as control tokens, each message's text as plain text
-        (as llama.cpp's server does): the template is rendered with a mark in place of every
-        message's content, and the pieces between the marks are tokenized apart."""
-        assert request.messages is not None
-        self._warn_once_about_the_format()
-        nonce = secrets.token_hex(8)
-        contents: list[bytes] = []
-        marked = []
-        for position, message in enumerate(request.messages):
-            content = message.get("content")
-            if isinstance(content, str) and content:
-                contents.append(_utf8(content, f"messages[{position}].content"))
-                mark = CONTENT_MARK.format(nonce=nonce, index=len(contents) - 1)
-                message = {**message, "content": mark}
-            marked.append(message)
-        formatted = self._render(marked, request.tools)
-        pieces = re.split(CONTENT_MARK_RE.format(nonce=nonce), formatted.prompt)
-        if any(nonce in piece for piece in pieces[::2]):
-            # The template transformed a message's text (`| tojson`, say), so the marks are
-            # lost: render the text itself, once sure that none of it would become markup.
-            self._refuse_control_text(request.messages)
-            formatted = self._render(request.messages, request.tools)
-            pieces = [formatted.prompt]
-        add_bos = not formatted.added_special
-        tokens: list[int] = []
-        for position, piece in enumerate(pieces):
-            if position % 2:  # a message's text (a template may use it more than once)
-                text, special = contents[int(piece)], False
-            else:  # the template's markup (and whatever else it rendered: roles, tools...)
-                text, special = _utf8(piece, "messages"), True
-            first = position == 0 and add_bos
-            tokens += self._llm.tokenize(text, add_bos=first, special=special)
-        extra = formatted.stop or []
-        return tokens, [extra] if isinstance(extra, str) else list(extra)
 
     def _render(self, messages: list[dict[str, Any]], tools: Any) -> Any:
         assert self._format is not None
@@ -218,21 +179,6 @@ class LlamaCppEngine:
             return self._format(messages=messages, tools=tools)
         except Exception as exc:  # a template's raise_exception, bad roles...
             raise UnsupportedRequest(f"messages cannot be formatted: {exc}", "messages") from None
-
-    def _refuse_control_text(self, messages: list[dict[str, Any]]) -> None:
-        for position, message in enumerate(messages):
-            content = message.get("content")
-            if not isinstance(content, str) or not content:
-                continue
-            text = _utf8(content, f"messages[{position}].content")
-            tokenize = self._llm.tokenize
-            if tokenize(text, add_bos=False, special=True) != tokenize(text, add_bos=False):
-                raise UnsupportedRequest(
-                    f"messages[{position}].content spells one of this model's control tokens"
-                    " (such as <end_of_turn>), which its chat template cannot keep apart from"
-                    " its own markup",
-                    f"messages[{position}].content",
-                )
 
     def _warn_once_about_the_format(self) -> None:
         if not self._warn_fallback_format:
@@ -255,7 +201,7 @@ class LlamaCppEngine:
         detokenized text, so they are matched by id."""
         ids = set()
         for text in stop:
-            tokens = self._llm.tokenize(_utf8(text.strip(), "stop"), add_bos=False, special=True)
+            tokens = self._llm.tokenize(utf8(text.strip(), "stop"), add_bos=False, special=True)
             if len(tokens) == 1 and not self._llm.detokenize(tokens):
                 ids.add(tokens[0])
         return ids
@@ -413,16 +359,3 @@ class LlamaCppEngine:
             bytes=list(piece),
             top=alternatives,
         )
-
-
-def _utf8(text: str, field: str) -> bytes:
-    """`text` as UTF-8; a lone surrogate (which JSON can carry as \\ud800) is the client's
-    error, named, not a crash."""
-    try:
-        return text.encode()
-    except UnicodeEncodeError as exc:
-        raise UnsupportedRequest(
-            f"{field} is not valid Unicode text: it has a lone surrogate"
-            f" {text[exc.start]!a} at position {exc.start}",
-            field,
-        ) from None
