@@ -57,7 +57,7 @@ SHOWN_CHARS = 60  # how much of an offending value an error message quotes
 
 @dataclass(frozen=True)
 class SchemaLimits:
-    """What one schema may ask (README: "Structured output limits")."""
+    """What one schema may ask (the reasons and measurements are in the module docstring)."""
 
     max_depth: int = 32  # containers nested in the schema document
     max_nodes: int = 10_000  # values in the schema document
