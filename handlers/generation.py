@@ -83,8 +83,13 @@ def resolve_model(ctx: Context, model_id: str, capability: str) -> LocalModel:
 
 
 def sampling(model: LocalModel, fields: BaseModel) -> dict[str, Any]:
-    """The model's configured defaults, then whatever the request set."""
-    values = {**NEUTRAL, **{k: v for k, v in model.spec.config.defaults.items() if k in SAMPLING}}
+    """The model's configured defaults, then whatever the request set. The model's
+    `max_tokens` is a default cap (`default_max_tokens`): fitted to the room the prompt leaves,
+    where a client's max_tokens that does not fit is refused."""
+    defaults = model.spec.config.defaults
+    values = {**NEUTRAL, **{k: v for k, v in defaults.items() if k in SAMPLING}}
+    if values.pop("max_tokens", None) is not None:
+        values["default_max_tokens"] = int(defaults["max_tokens"])
     for name in SAMPLING:
         value = getattr(fields, name, None)
         if value is not None:
@@ -150,6 +155,10 @@ async def start_generation(
     """Run `before_generate`, open the model's stream and wait for its first chunk, so that
     unknown models, full queues and over-long prompts become errors before anything is sent.
     The returned iterator fills the Outcome as it goes; `after_generate` runs when it ends."""
+    if request.default_max_tokens is None:
+        # A request that names no max_tokens stops here rather than at the end of the context
+        # (limits.default_max_tokens; 0: no cap). limits.max_tokens, when set, caps it further.
+        request.default_max_tokens = ctx.runtime.settings.limits.default_max_tokens or None
     replaced = await ctx.runtime.call_first("before_generate", request=request, ctx=ctx)
     if isinstance(replaced, GenerationRequest):
         request = replaced

@@ -41,6 +41,7 @@ from runtime.dispatch import (
     request_body,
 )
 from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationRequest
+from runtime.engines.schema_limits import SchemaTooComplex, check_schema
 from runtime.models import LocalModel, ModelState
 
 # The Ollama API version Tiffin answers for (clients check it before using newer endpoints).
@@ -96,6 +97,16 @@ class Request(BaseModel):
     options: Options | None = None
     format: Literal["json"] | dict[str, Any] | None = None
     keep_alive: str | int | float | None = None
+
+    @field_validator("format")
+    @classmethod
+    def schema_within_limits(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            try:
+                check_schema(value)
+            except SchemaTooComplex as exc:  # a 400 in Ollama's shape, before any engine
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class Message(BaseModel):
@@ -228,14 +239,18 @@ def _model_entry(model: LocalModel) -> dict[str, Any]:
 
 
 def _request(ctx: Context, model: LocalModel, body: Request, **fields: Any) -> GenerationRequest:
-    values = {**ctx.models.defaults(model.id), **fields}
+    defaults = ctx.models.defaults(model.id)
+    if "max_tokens" in defaults:  # a model's default cap, fitted to the context like the server's
+        defaults["default_max_tokens"] = defaults.pop("max_tokens")
+    values = {**defaults, **fields}
     options = body.options or Options()
     for option, name in OPTIONS.items():
         value = getattr(options, option)
         if value is not None:
             values[name] = value
     if options.num_predict is not None and options.num_predict < 0:
-        values["max_tokens"] = None
+        # Ollama's -1 (no limit) and -2 (fill the context): no cap but the context's end.
+        values["max_tokens"], values["default_max_tokens"] = None, 0
     if options.stop:
         values["stop"] = [options.stop] if isinstance(options.stop, str) else list(options.stop)
     if body.format == "json":

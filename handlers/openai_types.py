@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from runtime.engines.schema_limits import SchemaTooComplex, check_schema
+
 # The sampling ranges, shared with the Ollama API's `options` (handlers/ollama.py).
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -45,6 +47,11 @@ class ResponseFormat(Request):
     def schema_given(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("response_format.json_schema is required when type is json_schema")
+        if self.type == "json_schema" and self.json_schema is not None:
+            try:
+                check_schema(self.json_schema.schema_)
+            except SchemaTooComplex as exc:  # a 400 naming response_format, before any engine
+                raise ValueError(f"json_schema.schema: {exc}") from None
         return self
 
 

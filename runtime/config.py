@@ -166,6 +166,10 @@ class LimitsConfig:
     """Per-request limits (0: no limit), answered in each protocol's own error shape."""
 
     max_tokens: int = 0  # a request asking for more tokens gets 400
+    # A request that sets no max_tokens generates at most this many (fewer when the prompt
+    # leaves less room in the context); a model's defaults.max_tokens overrides it. 0: no cap,
+    # up to the end of the context.
+    default_max_tokens: int = 2048
     # Streams open at once per client (the auth principal's name, else one anonymous bucket);
     # one more gets 429 with Retry-After.
     max_concurrent_streams: int = 0

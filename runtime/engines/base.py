@@ -42,6 +42,9 @@ class GenerationRequest:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     max_tokens: int | None = None
+    # The cap when `max_tokens` is unset (limits.default_max_tokens, a model's
+    # defaults.max_tokens): unlike max_tokens, a prompt that leaves less room shortens it.
+    default_max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -115,6 +118,19 @@ class ContextLengthExceeded(EngineError):
             f"this model's maximum context length is {context_length} tokens, but the request "
             f"needs {prompt_tokens} prompt tokens{wanted}"
         )
+
+
+def token_budget(request: GenerationRequest, prompt_tokens: int, context_length: int) -> int:
+    """How many tokens a local engine may generate for `request`: its max_tokens (refused when
+    the context has no room for it), else its default_max_tokens or the context's room."""
+    room = context_length - prompt_tokens
+    if room <= 0 or (request.max_tokens is not None and request.max_tokens > room):
+        raise ContextLengthExceeded(prompt_tokens, context_length, request.max_tokens)
+    if request.max_tokens is not None:
+        return request.max_tokens
+    if request.default_max_tokens is not None and request.default_max_tokens > 0:
+        return min(room, request.default_max_tokens)
+    return room
 
 
 class ProviderError(EngineError):

@@ -21,13 +21,13 @@ from runtime.engines.base import (
     CHAT,
     COMPLETION,
     Chunk,
-    ContextLengthExceeded,
     Embeddings,
     EngineError,
     GenerationRequest,
     TokenLogprob,
     UnsupportedRequest,
     Usage,
+    token_budget,
 )
 from runtime.engines.text import render_chat
 
@@ -310,13 +310,9 @@ class ExLlamaV2Engine:
 
         ids = self.prompt_ids(request)
         prompt_tokens = int(ids.shape[-1])
-        limit = self.context_limit
-        room = limit - prompt_tokens
         # Checked here: a job the generator rejects at enqueue time wedges its queue, and one
         # longer than the model's max_seq_len runs past its position embeddings.
-        if room <= 0 or (request.max_tokens is not None and request.max_tokens > room):
-            raise ContextLengthExceeded(prompt_tokens, limit, request.max_tokens)
-        budget = request.max_tokens if request.max_tokens is not None else room
+        budget = token_budget(request, prompt_tokens, self.context_limit)
         settings = ExLlamaV2Sampler.Settings(**sampler_fields(request))
         completion_total = 0
         for index in range(request.n):

@@ -4,11 +4,16 @@ One worker thread per loaded model runs generations one at a time, driving llama
 generator directly: each token is turned into text (UTF-8 safe, stop strings held back) and sent
 to the event loop as it is produced; closing the stream stops generation before the next token.
 Chat prompts use the GGUF's own chat template when it has one, else the configured
-`chat_format` (llama-cpp-python's formats: gemma, chatml, llama-3...).
+`chat_format` (llama-cpp-python's formats: gemma, chatml, llama-3...). Only the template's own
+markup is tokenized as control tokens (runtime/engines/chat_tokens.py): message text that spells
+`<end_of_turn>` stays text.
+A JSON schema is checked against runtime/engines/schema_limits.py and compiled to a grammar on
+a thread of its own before the job is queued, so a schema never stalls the worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -18,20 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 
 from runtime.config import ModelConfig
 from runtime.engines.base import (
     CHAT,
     COMPLETION,
     Chunk,
-    ContextLengthExceeded,
     Embeddings,
     EngineError,
     GenerationRequest,
     TokenLogprob,
     UnsupportedRequest,
     Usage,
+    token_budget,
 )
+from runtime.engines.chat_tokens import chat_tokens, utf8
+from runtime.engines.schema_limits import SchemaTooComplex, check_grammar, check_schema
 from runtime.engines.text import TextAssembler
 from runtime.engines.worker import Emit, ThreadWorker
 
@@ -58,13 +66,16 @@ class LlamaCppEngine:
         self._llm: Any = None
         self._worker: ThreadWorker[Chunk] | None = None
         self._format: Callable[..., Any] | None = None
+        # Chats are formatted with a fallback the weights were not trained on: said once.
+        self._warn_fallback_format = False
+        # Held while a grammar is test-compiled (off the worker), so unload waits for it.
+        self._grammar_lock = threading.Lock()
         self._tokens_generated = 0
+        self._log = structlog.get_logger("tiffin.engines.llama_cpp")
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def load(self) -> None:
-        import asyncio
-
         self._llm = await asyncio.to_thread(self._create)
         self._format = self._chat_formatter()
         self._worker = ThreadWorker(f"llama-cpp:{self.config.id}")
@@ -82,9 +93,10 @@ class LlamaCppEngine:
             self._worker.close()
             self._worker.join(timeout=30)
         self._worker = None
-        if self._llm is not None:
-            self._llm.close()
-        self._llm = None
+        with self._grammar_lock:  # a grammar test-compiling now reads the vocabulary
+            if self._llm is not None:
+                self._llm.close()
+            self._llm = None
 
     # --- the Engine protocol ------------------------------------------------------------------
 
@@ -93,7 +105,7 @@ class LlamaCppEngine:
         return int(self._llama_args["n_ctx"])
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self._llm.tokenize(text.encode(), add_bos=False, special=False))
+        return list(self._llm.tokenize(utf8(text, "input"), add_bos=False, special=False))
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
         raise EngineError(f"{self.config.id} is a text generation model; it has no embeddings")
@@ -113,71 +125,122 @@ class LlamaCppEngine:
         if self._worker is None:
             raise EngineError(f"{self.config.id} is not loaded")
         prompt, stop = self._prompt(request)
-        budget = self._budget(request, len(prompt))
-        grammar = self._grammar(request)
+        budget = token_budget(request, len(prompt), self.context_length)
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
             raise UnsupportedRequest(
                 f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs"
             )
-
+        if request.json_schema is not None:
+            check_schema(request.json_schema)
         stop_ids = self._stop_tokens(stop)
+        return self._stream(request, prompt, (stop, stop_ids), budget)
+
+    async def _stream(
+        self,
+        request: GenerationRequest,
+        prompt: list[int],
+        stops: tuple[list[str], set[int]],
+        budget: int,
+    ) -> AsyncIterator[Chunk]:
+        grammar = None
+        if request.json_schema is not None or request.json_mode:
+            # Off the worker and the event loop: requests behind this one keep being served
+            # while it compiles, and a client gone meanwhile never reaches the queue.
+            grammar = await asyncio.to_thread(self._grammar, request.json_schema)
+        if self._worker is None:  # unloaded meanwhile
+            raise EngineError(f"{self.config.id} is not loaded")
 
         def job(emit: Emit, cancelled: threading.Event) -> None:
-            self._run(request, prompt, (stop, stop_ids), budget, grammar, emit, cancelled)
+            self._run(request, prompt, stops, budget, grammar, emit, cancelled)
 
-        return self._worker.stream(job)
+        stream = self._worker.stream(job)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]  # cancels the job
 
     # --- preparing a request (event loop) ----------------------------------------------------
 
     def _prompt(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
         stop = list(request.stop)
         if request.messages is not None:
-            assert self._format is not None
-            try:
-                formatted = self._format(messages=request.messages, tools=request.tools)
-            except Exception as exc:  # a template's raise_exception, bad roles...
-                raise UnsupportedRequest(
-                    f"messages cannot be formatted: {exc}", "messages"
-                ) from None
-            extra = formatted.stop or []
-            stop += [extra] if isinstance(extra, str) else list(extra)
-            text, add_bos = formatted.prompt, not formatted.added_special
-            tokens = self._llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+            self._warn_once_about_the_format()
+            tokens, extra = chat_tokens(self._llm, self._render, request.messages, request.tools)
+            stop += extra
         else:
-            tokens = self._llm.tokenize(
-                (request.prompt or "").encode(), add_bos=True, special=False
-            )
-        return list(tokens), [s for s in stop if s]
+            text = utf8(request.prompt or "", "prompt")
+            tokens = list(self._llm.tokenize(text, add_bos=True, special=False))
+        return tokens, [s for s in stop if s]
+
+    def _render(self, messages: list[dict[str, Any]], tools: Any) -> Any:
+        assert self._format is not None
+        try:
+            return self._format(messages=messages, tools=tools)
+        except Exception as exc:  # a template's raise_exception, bad roles...
+            raise UnsupportedRequest(f"messages cannot be formatted: {exc}", "messages") from None
+
+    def _warn_once_about_the_format(self) -> None:
+        if not self._warn_fallback_format:
+            return
+        self._warn_fallback_format = False
+        self._log.warning(
+            "chat prompts use a fallback format",
+            model=self.config.id,
+            format="chatml",
+            reason="the GGUF has no chat template and the model sets no chat_format",
+            fix=(
+                "set chat_format for this model (integrations.custom_models.settings.models"
+                "[].chat_format: gemma, chatml, llama-3, mistral-instruct...) or serve an"
+                " instruction-tuned GGUF that carries its chat template"
+            ),
+        )
 
     def _stop_tokens(self, stop: list[str]) -> set[int]:
         """Stop strings that are single special tokens (`<end_of_turn>`) never appear in the
         detokenized text, so they are matched by id."""
         ids = set()
         for text in stop:
-            tokens = self._llm.tokenize(text.strip().encode(), add_bos=False, special=True)
+            tokens = self._llm.tokenize(utf8(text.strip(), "stop"), add_bos=False, special=True)
             if len(tokens) == 1 and not self._llm.detokenize(tokens):
                 ids.add(tokens[0])
         return ids
 
-    def _budget(self, request: GenerationRequest, prompt_tokens: int) -> int:
-        room = self.context_length - prompt_tokens
-        if room <= 0 or (request.max_tokens is not None and request.max_tokens > room):
-            raise ContextLengthExceeded(prompt_tokens, self.context_length, request.max_tokens)
-        return request.max_tokens if request.max_tokens is not None else room
+    def _grammar(self, schema: dict[str, Any] | None) -> Any:
+        """The grammar for a JSON schema (or any JSON when None), built and test-compiled here,
+        on a thread of the default executor: bounded work, once the schema passed its limits."""
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
-    def _grammar(self, request: GenerationRequest) -> Any:
-        if request.json_schema is None and not request.json_mode:
-            return None
-        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
-
-        if request.json_schema is not None:
+        source = JSON_GBNF
+        if schema is not None:
             try:
-                return LlamaGrammar.from_json_schema(json.dumps(request.json_schema), verbose=False)
-            except Exception as exc:
+                source = json_schema_to_gbnf(json.dumps(schema))
+            except Exception as exc:  # the converter asserts and raises on what it lacks
+                detail = str(exc)[:200]
                 raise UnsupportedRequest(
-                    f"response_format.json_schema is not supported: {exc}", "response_format"
+                    f"response_format.json_schema is not supported: {detail}", "response_format"
                 ) from None
-        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+            check_grammar(source)
+        self._check_compiles(source)
+        return LlamaGrammar.from_string(source, verbose=False)
+
+    def _check_compiles(self, source: str) -> None:
+        """llama.cpp refuses some grammars by handing back no sampler, and llama-cpp-python
+        would add that null to its chain and crash at the first token: try it here first."""
+        import llama_cpp
+
+        with self._grammar_lock:
+            if self._llm is None:
+                raise EngineError(f"{self.config.id} is not loaded")
+            sampler = llama_cpp.llama_sampler_init_grammar(
+                self._llm._model.vocab, source.encode(), b"root"
+            )
+            if not sampler:
+                raise SchemaTooComplex(
+                    "llama.cpp refused the grammar built from the schema (it nests or repeats"
+                    " more than llama.cpp allows): lower maxLength/maxItems or pattern counts"
+                )
+            llama_cpp.llama_sampler_free(sampler)
 
     def _chat_formatter(self) -> Callable[..., Any]:
         from llama_cpp import llama_chat_format
@@ -193,6 +256,7 @@ class LlamaCppEngine:
                 stop_token_ids=[eos],
             )
         name = self.config.chat_format or "chatml"
+        self._warn_fallback_format = self.config.chat_format is None
         for candidate in (name.replace("-", "_"), name.replace("-", "")):
             formatter = getattr(llama_chat_format, f"format_{candidate}", None)
             if callable(formatter):

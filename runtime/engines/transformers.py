@@ -21,12 +21,12 @@ from runtime.engines.base import (
     CHAT,
     COMPLETION,
     Chunk,
-    ContextLengthExceeded,
     Embeddings,
     EngineError,
     GenerationRequest,
     UnsupportedRequest,
     Usage,
+    token_budget,
 )
 from runtime.engines.text import CHATML_TEMPLATE, TextAssembler
 from runtime.engines.worker import Emit, ThreadWorker
@@ -137,10 +137,7 @@ class TransformersEngine:
                 param="presence_penalty",
             )
         prompt = self._prompt(request)
-        room = self._context_length - len(prompt)
-        if room <= 0 or (request.max_tokens is not None and request.max_tokens > room):
-            raise ContextLengthExceeded(len(prompt), self._context_length, request.max_tokens)
-        budget = request.max_tokens if request.max_tokens is not None else room
+        budget = token_budget(request, len(prompt), self._context_length)
 
         def job(emit: Emit, cancelled: threading.Event) -> None:
             self._run(request, prompt, budget, emit, cancelled)
