@@ -297,6 +297,33 @@ async def pull_and_chat(runtime: Runtime) -> None:
         assert status == 404 and "missing.gguf" in message
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["../../../../../escape.gguf", "/abs.gguf", "weights/../../escape.gguf", "C:\\escape.gguf"],
+)
+async def test_a_listed_file_name_that_would_leave_the_cache_is_refused(
+    runtime: Runtime, fake: FakeHub, repo: HubRepo, tmp_path: Path, name: str
+) -> None:
+    """A mirror's listing is not trusted: a name that is absolute or climbs out of the repo's
+    folder is a 400 naming it, and nothing is fetched or written, in the cache or outside."""
+    fake.repos["tiffin-test/escape"] = HubRepo("tiffin-test/escape", {name: repo.files[Q8]})
+    before = sorted(tmp_path.parent.rglob("*"))
+    try:
+        async with http(runtime) as client:
+            reply = await client.post(
+                "/admin/models/pull", json={"source": "hf://tiffin-test/escape"}
+            )
+    finally:
+        del fake.repos["tiffin-test/escape"]
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert repr(name) in error["message"] and "tiffin-test/escape" in error["message"]
+    assert (error["param"], error["code"]) == ("source", "unsafe_file_name")
+    assert not [r for r in fake.requests if "/resolve/" in r["path"] and "escape" in r["path"]]
+    assert sorted(tmp_path.parent.rglob("*")) == before  # nothing new, inside the cache or not
+    assert not Path("/abs.gguf").exists()  # noqa: ASYNC240
+
+
 def test_offline_setting_follows_hf_hub_offline(
     compose_test: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:

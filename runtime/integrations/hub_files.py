@@ -5,6 +5,7 @@ downloads drive. No network and no event loop here, so each is easy to test and 
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,9 @@ from types import TracebackType
 from typing import Any
 
 SCHEME = "hf://"
+# A drive (`C:`), and characters no file name of a repo has: NUL and the other controls.
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class HubError(Exception):
@@ -24,6 +28,13 @@ class HubError(Exception):
 class HubSourceError(HubError):
     status = 400
     code = "invalid_source"
+
+
+class HubFileNameError(HubError):
+    """The Hub (or a mirror) listed a file name that is not a plain path inside the repo."""
+
+    status = 400
+    code = "unsafe_file_name"
 
 
 class HubNotFound(HubError):
@@ -81,7 +92,9 @@ def select_files(
 ) -> Selection:
     """One file when `filename` is given; else the files matching `allow_patterns` (all when
     None), keeping only one .gguf: a repo usually ships one per quantisation and serving needs
-    one. The chosen one names `prefer_quant` (case-insensitive), else it is the smallest."""
+    one. The chosen one names `prefer_quant` (case-insensitive), else it is the smallest.
+    Raises HubFileNameError if any listed name is unsafe (see `check_file_names`)."""
+    check_file_names(names, repo_id)
     if filename is not None:
         if filename not in names:
             raise HubNotFound(f"{repo_id} has no file {filename!r}; it has: {', '.join(names)}")
@@ -101,6 +114,29 @@ def select_files(
         chosen = min(ggufs, key=lambda n: (sizes.get(n, 0), n))
         reason = f"no .gguf names {prefer_quant}; the smallest of {len(ggufs)}"
     return Selection([n for n in matched if not _is_gguf(n) or n == chosen], chosen, reason)
+
+
+def check_file_names(names: Sequence[str], repo_id: str) -> None:
+    """Refuse a listing that holds a name which is not a plain relative path inside the repo:
+    absolute (`/x`, `C:x`, `\\x`), climbing out (`..`), with backslashes or control characters.
+    The Hub never lists such names; a mirror that does is not trusted for any file of the repo,
+    so nothing of it is downloaded (a file would land outside its folder in the cache)."""
+    for name in names:
+        parts = name.split("/")
+        if (
+            not name
+            or name.startswith("/")
+            or "\\" in name
+            or _DRIVE.match(name)
+            or _CONTROL.search(name)
+            or any(part in ("", ".", "..") for part in parts)
+        ):
+            shown = name if len(name) <= 200 else name[:200] + "..."
+            raise HubFileNameError(
+                f"{repo_id} lists the file name {shown!r}, which is not a path inside the "
+                "repository; expected a relative path such as dir/model.gguf, without '..', "
+                "'.', empty parts, backslashes or a leading '/' or drive (nothing was downloaded)"
+            )
 
 
 def _is_gguf(name: str) -> bool:
