@@ -324,6 +324,29 @@ async def test_a_listed_file_name_that_would_leave_the_cache_is_refused(
     assert not Path("/abs.gguf").exists()  # noqa: ASYNC240
 
 
+async def test_a_download_answer_that_would_write_outside_the_cache_is_refused(
+    runtime: Runtime, fake: FakeHub, repo: HubRepo, tmp_path: Path
+) -> None:
+    """huggingface_hub writes a download to blobs/<ETag>: a mirror's ETag `../../../../x`
+    would put it (and its lock) beside the test's folder, outside the cache."""
+    hostile = HubFile(repo.files[Q8].path, lfs=True)
+    hostile.oid = "../../../../escaped"
+    fake.repos["tiffin-test/etag"] = HubRepo("tiffin-test/etag", {"model.gguf": hostile})
+    before = sorted(tmp_path.parent.rglob("*"))
+    try:
+        async with http(runtime) as client:
+            reply = await client.post(
+                "/admin/models/pull", json={"source": "hf://tiffin-test/etag"}
+            )
+    finally:
+        del fake.repos["tiffin-test/etag"]
+    assert reply.status_code == 502, reply.text
+    error = reply.json()["error"]
+    assert (error["param"], error["code"]) == ("source", "unsafe_hub_answer")
+    assert "'../../../../escaped'" in error["message"] and "ETag" in error["message"]
+    assert sorted(tmp_path.parent.rglob("*")) == before
+
+
 def test_offline_setting_follows_hf_hub_offline(
     compose_test: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,6 +16,10 @@ SCHEME = "hf://"
 # A drive (`C:`), and characters no file name of a repo has: NUL and the other controls.
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What the library makes cache paths of: blobs/<etag> (a git blob id or a sha256 on the Hub),
+# snapshots/<commit>, and a Xet hash. Plain names only: no `/`, no leading `.`.
+_BLOB_NAME = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z._-]{0,127}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 class HubError(Exception):
@@ -35,6 +39,12 @@ class HubFileNameError(HubError):
 
     status = 400
     code = "unsafe_file_name"
+
+
+class HubUnsafeAnswer(HubError):
+    """The Hub (or a mirror) answered a download with names the cache cannot safely use."""
+
+    code = "unsafe_hub_answer"
 
 
 class HubNotFound(HubError):
@@ -136,6 +146,26 @@ def check_file_names(names: Sequence[str], repo_id: str) -> None:
                 f"{repo_id} lists the file name {shown!r}, which is not a path inside the "
                 "repository; expected a relative path such as dir/model.gguf, without '..', "
                 "'.', empty parts, backslashes or a leading '/' or drive (nothing was downloaded)"
+            )
+
+
+def check_file_answer(
+    what: str, etag: str | None, commit: str | None, xet_hash: str | None = None
+) -> None:
+    """Refuse a file's metadata (the answer to its HEAD) whose ETag, commit or Xet hash is not a
+    plain name: huggingface_hub writes the download to `blobs/<etag>` and links it from
+    `snapshots/<commit>`, so a mirror's `ETag: "../../x"` would put a file outside the cache."""
+    checks = [("ETag", etag, _BLOB_NAME), ("commit", commit, _COMMIT)]
+    if xet_hash is not None:
+        checks.append(("Xet hash", xet_hash, _BLOB_NAME))
+    for label, value, pattern in checks:
+        if value is None or not pattern.match(value):
+            shown = "none" if value is None else repr(value[:100])
+            raise HubUnsafeAnswer(
+                f"{what}: the Hub answered the {label} {shown}, which the cache cannot use; "
+                "expected "
+                + ("a 40-character hex commit" if pattern is _COMMIT else "a plain hash")
+                + " (nothing was downloaded)"
             )
 
 
