@@ -34,6 +34,9 @@ class FakeOllama(ThreadServer):
         self.models = {"gemma3:270m": gguf.stat().st_size}
         super().__init__(port)
         self.requests: list[dict[str, Any]] = []
+        # Ollama releases before ollama/ollama#5371 left prompt_eval_count out of the final
+        # line when the prompt was cached; False answers like them.
+        self.report_prompt_eval_count = True
 
     def start(self) -> None:
         self.serve(self.app(), "fake Ollama")
@@ -157,6 +160,8 @@ class FakeOllama(ThreadServer):
             prompt_eval_count=len(self.llm.tokenize(prompt.encode())),
             eval_count=count,
         )
+        if not self.report_prompt_eval_count:
+            del final["prompt_eval_count"]
         yield final
 
     def _line(self, body: dict[str, Any], field: str, text: str, done: bool) -> dict[str, Any]:

@@ -298,6 +298,56 @@ async def pull_and_chat(runtime: Runtime) -> None:
         assert status == 404 and "missing.gguf" in message
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["../../../../../escape.gguf", "/abs.gguf", "weights/../../escape.gguf", "C:\\escape.gguf"],
+)
+async def test_a_listed_file_name_that_would_leave_the_cache_is_refused(
+    runtime: Runtime, fake: FakeHub, repo: HubRepo, tmp_path: Path, name: str
+) -> None:
+    """A mirror's listing is not trusted: a name that is absolute or climbs out of the repo's
+    folder is a 400 naming it, and nothing is fetched or written, in the cache or outside."""
+    fake.repos["tiffin-test/escape"] = HubRepo("tiffin-test/escape", {name: repo.files[Q8]})
+    before = sorted(tmp_path.parent.rglob("*"))
+    try:
+        async with http(runtime) as client:
+            reply = await client.post(
+                "/admin/models/pull", json={"source": "hf://tiffin-test/escape"}
+            )
+    finally:
+        del fake.repos["tiffin-test/escape"]
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert repr(name) in error["message"] and "tiffin-test/escape" in error["message"]
+    assert (error["param"], error["code"]) == ("source", "unsafe_file_name")
+    assert not [r for r in fake.requests if "/resolve/" in r["path"] and "escape" in r["path"]]
+    assert sorted(tmp_path.parent.rglob("*")) == before  # nothing new, inside the cache or not
+    assert not Path("/abs.gguf").exists()  # noqa: ASYNC240
+
+
+async def test_a_download_answer_that_would_write_outside_the_cache_is_refused(
+    runtime: Runtime, fake: FakeHub, repo: HubRepo, tmp_path: Path
+) -> None:
+    """huggingface_hub writes a download to blobs/<ETag>: a mirror's ETag `../../../../x`
+    would put it (and its lock) beside the test's folder, outside the cache."""
+    hostile = HubFile(repo.files[Q8].path, lfs=True)
+    hostile.oid = "../../../../escaped"
+    fake.repos["tiffin-test/etag"] = HubRepo("tiffin-test/etag", {"model.gguf": hostile})
+    before = sorted(tmp_path.parent.rglob("*"))
+    try:
+        async with http(runtime) as client:
+            reply = await client.post(
+                "/admin/models/pull", json={"source": "hf://tiffin-test/etag"}
+            )
+    finally:
+        del fake.repos["tiffin-test/etag"]
+    assert reply.status_code == 502, reply.text
+    error = reply.json()["error"]
+    assert (error["param"], error["code"]) == ("source", "unsafe_hub_answer")
+    assert "'../../../../escaped'" in error["message"] and "ETag" in error["message"]
+    assert sorted(tmp_path.parent.rglob("*")) == before
+
+
 def test_offline_setting_follows_hf_hub_offline(
     compose_test: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:

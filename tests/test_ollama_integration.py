@@ -113,6 +113,34 @@ async def test_models_are_discovered_and_served_through_the_openai_api(
         assert len(embedded.json()["data"]) == 2
 
 
+async def test_a_streamed_answer_reports_its_prompt_tokens(
+    runtime: Runtime, fake: FakeOllama
+) -> None:
+    chat: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+    async def usage() -> dict[str, int]:
+        async with http(runtime) as client:
+            streamed = await client.post("/v1/chat/completions", json=chat)
+        lines = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        return dict(json.loads(lines[-2])["usage"])  # the last chunk: `choices: []`, usage
+
+    reported = await usage()  # Ollama's prompt_eval_count, from its final line
+    assert reported["prompt_tokens"] > 0 and 0 < reported["completion_tokens"] <= 3
+    fake.report_prompt_eval_count = False  # as older Ollama does for a cached prompt
+    try:
+        estimated = await usage()
+    finally:
+        fake.report_prompt_eval_count = True
+    assert estimated["prompt_tokens"] > 0  # estimated, not 0
+
+
 async def test_the_platform_guides_calls(runtime: Runtime) -> None:
     ollama = ollama_of(runtime)
     answer = await ollama.generate("gemma3:270m", "Why is the sky blue?", num_predict=5)

@@ -281,6 +281,42 @@ async def test_a_hung_redis_costs_one_short_timeout_then_nothing(
     await eventually(lambda: redis_a.status is IntegrationStatus.active, within=5)
 
 
+async def test_stop_is_prompt_even_when_redis_py_loses_the_cancel(
+    compose_test: Callable[..., DictConfig],
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On Python 3.11, redis-py loses a cancel that lands as a command finishes sending (its
+    asyncio.wait_for, CPython gh-86296). The watch loop then read on, and stop waited out the
+    manager's 30 s shutdown limit, past compose's stop_grace_period. The loss is injected (the
+    read returns as if never cancelled), so the test does not hang on that timing."""
+    runtime = Runtime(
+        compose_test(*redis_overrides(redis_server.url)), builtins=handlers.builtin_plugins()
+    )
+    await runtime.start()
+    integration = redis_of(runtime)
+    reads, watch = integration.link.reads, integration._watch
+    real_xread, calls, lost = reads.xread, [], []
+
+    async def xread(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        try:
+            return await real_xread(*args, **kwargs)
+        except asyncio.CancelledError:
+            if lost:
+                raise
+            lost.append(1)
+            return None
+
+    monkeypatch.setattr(reads, "xread", xread)
+    await eventually(lambda: calls, within=10)  # the watch loop is in a (blocking) read
+    started = time.monotonic()
+    await asyncio.wait_for(runtime.stop(), timeout=60)
+    assert time.monotonic() - started < 10  # a hang guard: it took the full 30 s
+    assert lost and watch is not None and watch.done()
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("tiffin:redis")]
+
+
 # --- served: two BentoML workers ------------------------------------------------------------------
 
 

@@ -1,6 +1,9 @@
 """A circuit breaker for a remote provider: after `threshold` failures in a row it opens, and
 requests fail fast instead of piling onto a provider that is down; after `reset_after_s` one
-trial request is let through (half-open), and its outcome closes or re-opens the circuit."""
+trial request is let through (half-open), and its outcome closes or re-opens the circuit.
+
+What counts as a failure is the caller's to say; openai_compatible keeps one breaker for the
+upstream (it cannot be reached) and one per upstream model (it answers that model with 5xx)."""
 
 from __future__ import annotations
 
@@ -45,6 +48,13 @@ class CircuitBreaker:
     def success(self) -> None:
         self.state = CircuitState.closed
         self.failures = 0
+
+    def release(self) -> None:
+        """A trial let through by `allow()` ended with no verdict on this provider (another
+        breaker refused the request, or it failed for a reason that is not this one's): the
+        circuit is open again with its wait over, so the next request is the trial."""
+        if self.state is CircuitState.half_open:
+            self.state = CircuitState.open
 
     def failure(self) -> None:
         self.failures += 1

@@ -5,6 +5,7 @@ downloads drive. No network and no event loop here, so each is easy to test and 
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,13 @@ from typing import Any
 from runtime.errors import quoted
 
 SCHEME = "hf://"
+# A drive (`C:`), and characters no file name of a repo has: NUL and the other controls.
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What the library makes cache paths of: blobs/<etag> (a git blob id or a sha256 on the Hub),
+# snapshots/<commit>, and a Xet hash. Plain names only: no `/`, no leading `.`.
+_BLOB_NAME = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z._-]{0,127}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 class HubError(Exception):
@@ -26,6 +34,19 @@ class HubError(Exception):
 class HubSourceError(HubError):
     status = 400
     code = "invalid_source"
+
+
+class HubFileNameError(HubError):
+    """The Hub (or a mirror) listed a file name that is not a plain path inside the repo."""
+
+    status = 400
+    code = "unsafe_file_name"
+
+
+class HubUnsafeAnswer(HubError):
+    """The Hub (or a mirror) answered a download with names the cache cannot safely use."""
+
+    code = "unsafe_hub_answer"
 
 
 class HubNotFound(HubError):
@@ -90,7 +111,9 @@ def select_files(
 ) -> Selection:
     """One file when `filename` is given; else the files matching `allow_patterns` (all when
     None), keeping only one .gguf: a repo usually ships one per quantisation and serving needs
-    one. The chosen one names `prefer_quant` (case-insensitive), else it is the smallest."""
+    one. The chosen one names `prefer_quant` (case-insensitive), else it is the smallest.
+    Raises HubFileNameError if any listed name is unsafe (see `check_file_names`)."""
+    check_file_names(names, repo_id)
     if filename is not None:
         if filename not in names:
             raise HubNotFound(
@@ -112,6 +135,49 @@ def select_files(
         chosen = min(ggufs, key=lambda n: (sizes.get(n, 0), n))
         reason = f"no .gguf names {prefer_quant}; the smallest of {len(ggufs)}"
     return Selection([n for n in matched if not _is_gguf(n) or n == chosen], chosen, reason)
+
+
+def check_file_names(names: Sequence[str], repo_id: str) -> None:
+    """Refuse a listing that holds a name which is not a plain relative path inside the repo:
+    absolute (`/x`, `C:x`, `\\x`), climbing out (`..`), with backslashes or control characters.
+    The Hub never lists such names; a mirror that does is not trusted for any file of the repo,
+    so nothing of it is downloaded (a file would land outside its folder in the cache)."""
+    for name in names:
+        parts = name.split("/")
+        if (
+            not name
+            or name.startswith("/")
+            or "\\" in name
+            or _DRIVE.match(name)
+            or _CONTROL.search(name)
+            or any(part in ("", ".", "..") for part in parts)
+        ):
+            shown = name if len(name) <= 200 else name[:200] + "..."
+            raise HubFileNameError(
+                f"{repo_id} lists the file name {shown!r}, which is not a path inside the "
+                "repository; expected a relative path such as dir/model.gguf, without '..', "
+                "'.', empty parts, backslashes or a leading '/' or drive (nothing was downloaded)"
+            )
+
+
+def check_file_answer(
+    what: str, etag: str | None, commit: str | None, xet_hash: str | None = None
+) -> None:
+    """Refuse a file's metadata (the answer to its HEAD) whose ETag, commit or Xet hash is not a
+    plain name: huggingface_hub writes the download to `blobs/<etag>` and links it from
+    `snapshots/<commit>`, so a mirror's `ETag: "../../x"` would put a file outside the cache."""
+    checks = [("ETag", etag, _BLOB_NAME), ("commit", commit, _COMMIT)]
+    if xet_hash is not None:
+        checks.append(("Xet hash", xet_hash, _BLOB_NAME))
+    for label, value, pattern in checks:
+        if value is None or not pattern.match(value):
+            shown = "none" if value is None else repr(value[:100])
+            raise HubUnsafeAnswer(
+                f"{what}: the Hub answered the {label} {shown}, which the cache cannot use; "
+                "expected "
+                + ("a 40-character hex commit" if pattern is _COMMIT else "a plain hash")
+                + " (nothing was downloaded)"
+            )
 
 
 def _is_gguf(name: str) -> bool:

@@ -38,6 +38,7 @@ from runtime.integrations.hub_files import (
     Selection,
     cached_repos,
     cached_snapshot,
+    check_file_answer,
     parse_source,
     progress_class,
     select_files,
@@ -289,6 +290,8 @@ class HuggingFaceHubIntegration(BaseIntegration):
                 )
 
         def fetch() -> tuple[Path, int]:
+            if not self.offline:
+                self._check_answer(repo_id, name, revision)
             path = hub.hf_hub_download(
                 repo_id,
                 name,
@@ -307,6 +310,15 @@ class HuggingFaceHubIntegration(BaseIntegration):
             finished = {**event, "phase": "finish", "size": local_size}
             await self.emit("huggingface_hub.download", finished)
         return local
+
+    def _check_answer(self, repo_id: str, name: str, revision: str) -> None:
+        """Ask for the file's metadata first and refuse names the cache cannot use (see
+        hub_files.check_file_answer). The library asks again as it downloads: a mirror that
+        answers differently the second time is beyond this check."""
+        url = hub.hf_hub_url(repo_id, name, revision=revision, endpoint=self.endpoint)
+        meta = hub.get_hf_file_metadata(url, token=self._token, endpoint=self.endpoint)
+        xet = meta.xet_file_data.file_hash if meta.xet_file_data is not None else None
+        check_file_answer(f"{repo_id}/{name}", meta.etag, meta.commit_hash, xet)
 
     def _cached_files(self, repo_id: str, revision: str) -> tuple[list[str], dict[str, int]]:
         snapshot = cached_snapshot(self.cache_dir, repo_id, revision)
@@ -344,6 +356,8 @@ class HuggingFaceHubIntegration(BaseIntegration):
             ) from None
         except OSError as exc:
             raise HubError(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from None
+        except ValueError as exc:  # the library refusing a name or an answer it cannot use
+            raise HubError(f"{what}: unusable answer from the Hub: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -20,8 +20,8 @@ from runtime.engines.base import (
     ModelSpec,
     ProviderError,
     UnsupportedRequest,
-    Usage,
 )
+from runtime.integrations.token_counts import Tally, TokenCounter
 
 if TYPE_CHECKING:
     from runtime.integrations.ollama import OllamaIntegration
@@ -83,9 +83,11 @@ class OllamaEngine:
         self.spec = spec
         self.ollama = ollama
         self.ollama_model = ollama_model
+        # Counts Ollama leaves out (older releases drop prompt_eval_count for a cached prompt).
+        self.counter = TokenCounter(spec.config.id, spec.config.engine_settings, ollama.log)
 
     async def load(self) -> None:
-        return None  # Ollama loads on first use (and keep_alive unloads)
+        await self.counter.load()  # Ollama loads on first use (and keep_alive unloads)
 
     async def unload(self) -> None:
         return None
@@ -104,6 +106,7 @@ class OllamaEngine:
             raise ProviderError(400, "Ollama answers one choice per request (n=1)", param="n")
         path = "/api/chat" if request.messages is not None else "/api/generate"
         response = await self._open(path, ollama_body(request, self.ollama_model))
+        tally = Tally()
         try:
             async for line in response.aiter_lines():
                 if not line.strip():
@@ -114,14 +117,14 @@ class OllamaEngine:
                 message = record.get("message") or {}
                 text = message.get("content") if "message" in record else record.get("response")
                 if text:
-                    yield Chunk(text=text)
+                    chunk = Chunk(text=text)
+                    tally.add(chunk)
+                    yield chunk
                 if record.get("done"):
+                    tally.report(record.get("prompt_eval_count"), record.get("eval_count"))
                     yield Chunk(
                         finish_reason="length" if record.get("done_reason") == "length" else "stop",
-                        usage=Usage(
-                            int(record.get("prompt_eval_count") or 0),
-                            int(record.get("eval_count") or 0),
-                        ),
+                        usage=self.counter.usage(request, tally),
                     )
                     return
             raise httpx.RemoteProtocolError("the stream ended before done")

@@ -4,9 +4,11 @@ text-generation-webui, OpenAI itself) behind Tiffin.
 Its models come from the upstream's `/v1/models`, re-read at every health check; each is
 served as `<model_prefix><upstream id>` (prefix `<name>/` by default), with per-model aliases,
 fallbacks and defaults from `settings.models`. Several upstreams are several config files with
-this `_target_` (the file name is the instance's name). A circuit breaker guards the upstream:
-while it is open, requests fail fast and the integration reports `degraded`; it closes again
-by itself once the upstream answers.
+this `_target_` (the file name is the instance's name). Circuit breakers guard the upstream and
+each of its models (openai_upstream.py says what each counts): while the upstream's is open,
+its requests fail fast and the integration reports `degraded`; while a model's is open, that
+model's requests fail fast and the others are served. Each closes again by itself once a trial
+request succeeds (the upstream's also when a health check reaches it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.engines.base import ModelSpec
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
-from runtime.integrations.circuit import CircuitBreaker
+from runtime.integrations.circuit import CircuitBreaker, CircuitState
 from runtime.integrations.openai_upstream import UpstreamEngine
 from runtime.integrations.platform import platform_model
 from runtime.integrations.settings import defaults_of
@@ -75,15 +77,25 @@ class OpenAICompatibleIntegration(BaseIntegration):
         self.max_retries = int(settings.get("max_retries", 2))
         self.retry_backoff_s = float(settings.get("retry_backoff_s", 0.2))
         circuit = dict(settings.get("circuit") or {})
-        self.circuit = CircuitBreaker(
-            int(circuit.get("failure_threshold", 5)), float(circuit.get("reset_after_s", 30.0))
-        )
+        self.circuit_threshold = int(circuit.get("failure_threshold", 5))
+        self.circuit_reset_after_s = float(circuit.get("reset_after_s", 30.0))
+        # The upstream's breaker (can it be reached?) and one per upstream model id.
+        self.circuit = CircuitBreaker(self.circuit_threshold, self.circuit_reset_after_s)
+        self.model_circuits: dict[str, CircuitBreaker] = {}
         self.overrides: dict[str, Any] = dict(settings.get("models") or {})
         # Requests waiting per model beyond those running; the upstream batches or queues them
         # itself, so the bound is wider than a local engine's.
         self.max_queue = int(settings.get("max_queue", 256))
         self._client: httpx.AsyncClient | None = None
         self.upstream_models: list[str] = []
+
+    def model_circuit(self, upstream_id: str) -> CircuitBreaker:
+        """The breaker of one upstream model (made on first use, kept while it is listed)."""
+        circuit = self.model_circuits.get(upstream_id)
+        if circuit is None:
+            circuit = CircuitBreaker(self.circuit_threshold, self.circuit_reset_after_s)
+            self.model_circuits[upstream_id] = circuit
+        return circuit
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -122,6 +134,8 @@ class OpenAICompatibleIntegration(BaseIntegration):
         self.circuit.success()
         if found != self.upstream_models:
             self.upstream_models = found
+            listed = set(found)
+            self.model_circuits = {m: c for m, c in self.model_circuits.items() if m in listed}
             await self.emit("models.changed", {"models": self.model_ids()})
         return Health(True, f"{len(found)} models", data=self._health_data())
 
@@ -131,7 +145,16 @@ class OpenAICompatibleIntegration(BaseIntegration):
         self._client = None
 
     def _health_data(self) -> dict[str, Any]:
-        return {"circuit": self.circuit.state.value, "failures": self.circuit.failures}
+        failing = {
+            model: {"circuit": circuit.state.value, "failures": circuit.failures}
+            for model, circuit in sorted(self.model_circuits.items())
+            if circuit.failures or circuit.state is not CircuitState.closed
+        }
+        return {
+            "circuit": self.circuit.state.value,
+            "failures": self.circuit.failures,
+            "failing_models": failing,
+        }
 
     async def _list_models(self) -> list[str]:
         response = await self.client.get("/models", timeout=10.0)

@@ -1,9 +1,12 @@
 """An OpenAI-compatible upstream's model behind the Engine protocol: requests go out as OpenAI
 JSON, streamed answers come back as server-sent events and become Chunks.
 
-Failures before the first token are retried (transport errors, 5xx, 429) and counted by the
-upstream's circuit breaker; an open circuit fails fast. A failure after the first token ends
-the stream with a ProviderError: what was sent cannot be taken back.
+Failures before the first token are retried (transport errors, 5xx, 429) and counted by two
+circuit breakers: the upstream's counts what says it cannot be reached (connection errors,
+timeouts), the model's what it answers for that model (5xx, 408, 429). An open circuit fails
+fast: one model the upstream keeps failing never stops its other models, an unreachable upstream
+stops them all. A 4xx is the request's fault and no failure. A failure after the first token
+ends the stream with a ProviderError: what was sent cannot be taken back.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from runtime.engines.base import (
     ProviderError,
     TokenLogprob,
     UnsupportedRequest,
-    Usage,
 )
 from runtime.integrations.circuit import CircuitState
+from runtime.integrations.token_counts import Tally, TokenCounter
 from runtime.secrets import MASK, redact_text
 
 if TYPE_CHECKING:
@@ -80,7 +83,8 @@ def request_body(request: GenerationRequest, upstream_model: str) -> dict[str, A
 
 
 def chunks_of(event: dict[str, Any], secrets: Sequence[str] = ()) -> list[Chunk]:
-    """The Chunks in one streamed event, or in a whole response (chat or text completion)."""
+    """The Chunks in one streamed event, or in a whole response (chat or text completion);
+    its `usage`, if any, is the caller's to read (see token_counts.py)."""
     if isinstance(event.get("error"), dict):
         raise provider_error(502, event, secrets)
     found = []
@@ -96,11 +100,14 @@ def chunks_of(event: dict[str, Any], secrets: Sequence[str] = ()) -> list[Chunk]
                 finish_reason=choice.get("finish_reason"),
             )
         )
-    usage = event.get("usage")
-    if usage:  # some servers report only part of it
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        found.append(Chunk(usage=Usage(int(prompt or 0), int(completion or 0))))
     return found
+
+
+def report_usage(event: dict[str, Any], tally: Tally) -> None:
+    """Note the counts an event's `usage` holds (some servers report only part of it)."""
+    usage = event.get("usage")
+    if isinstance(usage, dict):
+        tally.report(usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
 
 def _logprobs(value: Any) -> list[TokenLogprob]:
@@ -169,18 +176,32 @@ class UpstreamEngine:
         self.spec = spec
         self.upstream = upstream
         self.upstream_model = upstream_model  # the upstream's own id for the model
+        # This model's breaker (the upstream keeps one per model), beside upstream.circuit.
+        self.circuit = upstream.model_circuit(upstream_model)
+        # Counts the upstream leaves out of an answer's usage.
+        self.counter = TokenCounter(spec.config.id, spec.config.engine_settings, upstream.log)
 
     async def load(self) -> None:
-        return None  # the upstream holds the weights
+        await self.counter.load()  # the upstream holds the weights; a tokenizer may be named
 
     async def unload(self) -> None:
         return None
 
     def tokenize(self, text: str) -> list[int]:
-        raise EngineError(f"{self.spec.config.id} is served by {self.upstream.name}; no tokenizer")
+        tokenizer = self.counter.tokenizer
+        if tokenizer is None:
+            raise EngineError(
+                f"{self.spec.config.id} is served by {self.upstream.name}; no tokenizer"
+            )
+        return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
     def stats(self) -> dict[str, Any]:
-        return {"provider": self.upstream.name, "circuit": self.upstream.circuit.state.value}
+        return {
+            "provider": self.upstream.name,
+            "circuit": self.upstream.circuit.state.value,
+            "model_circuit": self.circuit.state.value,
+            "missing_usage_counted_by": self.counter.method,
+        }
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         if request.tools:
@@ -191,12 +212,17 @@ class UpstreamEngine:
         path = "/chat/completions" if request.messages is not None else "/completions"
         secrets = self.upstream.secrets
         response = await self._open(path, request_body(request, self.upstream_model))
+        tally = Tally()
         try:
             if not request.stream:
-                for chunk in chunks_of(json.loads(await response.aread()), secrets):
+                whole = json.loads(await response.aread())
+                for chunk in chunks_of(whole, secrets):
+                    tally.add(chunk)
                     yield chunk
+                report_usage(whole, tally)
+                yield Chunk(usage=self.counter.usage(request, tally))
                 return
-            pieces, usage_seen, done = 0, False, False
+            done = False
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -204,18 +230,19 @@ class UpstreamEngine:
                 if data == "[DONE]":
                     done = True
                     break
-                for chunk in chunks_of(json.loads(data), secrets):
-                    pieces += bool(chunk.text)
-                    usage_seen |= chunk.usage is not None
+                event = json.loads(data)
+                for chunk in chunks_of(event, secrets):
+                    tally.add(chunk)
                     yield chunk
+                report_usage(event, tally)  # include_usage: a last event, `choices: []`
             if not done:  # the connection closed cleanly, but the answer is cut off
                 raise httpx.RemoteProtocolError("the stream ended before [DONE]")
-            if not usage_seen:
-                # Some servers ignore include_usage; they send a piece per token, so that count
-                # is the completion estimate (the prompt's size stays unknown).
-                yield Chunk(usage=Usage(0, pieces))
+            # Servers that ignore include_usage send no counts: token_counts fills them in.
+            yield Chunk(usage=self.counter.usage(request, tally))
         except (httpx.HTTPError, json.JSONDecodeError) as exc:
-            self.upstream.circuit.failure()
+            # A broken connection is the upstream's failure; a garbled answer, this model's.
+            broken = isinstance(exc, httpx.HTTPError)
+            (self.upstream.circuit if broken else self.circuit).failure()
             raise ProviderError(
                 502,
                 f"{self.upstream.name} failed mid-stream: {type(exc).__name__}: {exc}",
@@ -237,8 +264,11 @@ class UpstreamEngine:
             ) from None
         finally:
             await response.aclose()
-        usage = payload.get("usage") or {}
-        return Embeddings(vectors=vectors, prompt_tokens=int(usage.get("prompt_tokens", 0)))
+        usage = payload.get("usage")
+        reported = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        if not isinstance(reported, int) or reported <= 0:
+            reported = sum(self.counter.count(text) for text in texts)
+        return Embeddings(vectors=vectors, prompt_tokens=reported)
 
     async def _open(self, path: str, body: dict[str, Any]) -> httpx.Response:
         """Send the request and return the response once its status is a success, retrying
@@ -246,42 +276,59 @@ class UpstreamEngine:
         upstream = self.upstream
         attempts = upstream.max_retries + 1
         for attempt in range(attempts):
-            if not upstream.circuit.allow():
-                raise ProviderError(
-                    503,
-                    f"{upstream.name} is unavailable (circuit open after repeated failures; "
-                    f"next try in {upstream.circuit.retry_in:.0f}s)",
-                    code="upstream_unavailable",
-                )
+            self._admit()
             try:
                 client = upstream.client
                 outgoing = client.build_request("POST", path, json=body)
                 response = await client.send(outgoing, stream=True)
             except BaseException as exc:
-                cancelled = not isinstance(exc, httpx.HTTPError)  # (or a bug of ours)
-                # A half-open circuit's trial must end in a verdict, even when the client went
-                # away mid-connect; otherwise a cancellation is not the upstream's failure.
-                if not cancelled or upstream.circuit.state is CircuitState.half_open:
-                    upstream.circuit.failure()
-                if cancelled:
+                if not isinstance(exc, httpx.HTTPError):  # cancelled (or a bug of ours)
+                    # A half-open circuit's trial must end in a verdict, even when the client
+                    # went away mid-connect; otherwise a cancellation is nobody's failure.
+                    for circuit in (upstream.circuit, self.circuit):
+                        if circuit.state is CircuitState.half_open:
+                            circuit.failure()
                     raise
+                upstream.circuit.failure()  # unreachable: every model's requests would fail
+                self.circuit.release()  # and nothing is known about this one
                 error = ProviderError(
                     503,
                     f"{upstream.name} cannot be reached: {type(exc).__name__}: {exc}",
                     code="upstream_unavailable",
                 )
             else:
+                upstream.circuit.success()  # it answered
                 if response.is_success:
-                    upstream.circuit.success()
+                    self.circuit.success()
                     return response
                 error = await _error_of(response, upstream.secrets)
                 if not error.retryable:
-                    upstream.circuit.success()  # it answered: the request was at fault
+                    self.circuit.success()  # the request was at fault, not the model
                     raise error
-                upstream.circuit.failure()
+                self.circuit.failure()  # failing this model; the others may be fine
             if attempt + 1 < attempts:
                 await asyncio.sleep(upstream.retry_backoff_s * 2**attempt)
         raise error
+
+    def _admit(self) -> None:
+        """Raise ProviderError (503) while the upstream's or this model's circuit is open."""
+        upstream = self.upstream
+        if not upstream.circuit.allow():
+            raise ProviderError(
+                503,
+                f"{upstream.name} is unavailable (circuit open after repeated failures; "
+                f"next try in {upstream.circuit.retry_in:.0f}s)",
+                code="upstream_unavailable",
+            )
+        if not self.circuit.allow():
+            upstream.circuit.release()  # a trial it let through never went out
+            raise ProviderError(
+                503,
+                f"{self.spec.config.id} is unavailable: {upstream.name} failed it "
+                f"{self.circuit.failures} times in a row (circuit open; next try in "
+                f"{self.circuit.retry_in:.0f}s)",
+                code="upstream_unavailable",
+            )
 
 
 async def _error_of(response: httpx.Response, secrets: Sequence[str]) -> ProviderError:

@@ -15,7 +15,6 @@ answers again the bridge and the shared counters resume.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 import socket
@@ -26,7 +25,7 @@ from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
 from runtime.integrations.redis_bridge import EventBridge
-from runtime.integrations.redis_link import RedisLink
+from runtime.integrations.redis_link import RedisLink, cancel_until_done
 from runtime.integrations.redis_rates import RedisRateStore
 from runtime.integrations.settings import defaults_of
 from runtime.secrets import redact_text
@@ -90,8 +89,12 @@ class RedisIntegration(BaseIntegration):
         # The Runtime's RateLimiter counts here (runtime/app.py): in Redis while it is up.
         self.rate_store = RedisRateStore(self.link, str(setting("key_prefix")))
         self._watch: asyncio.Task[None] | None = None
+        self._stopping = False
+        # The longest one Redis call may take: a stop waits no longer than this for a task.
+        self.call_limit_s = float(setting("block_s")) + float(setting("socket_timeout_s"))
 
     async def initialize(self) -> None:
+        self._stopping = False
         self.link.open()
         try:
             await self.link.ping()
@@ -105,8 +108,9 @@ class RedisIntegration(BaseIntegration):
         )
 
     async def _watch_loop(self) -> None:
-        """Read the stream while Redis is up; ping it back to life while it is not."""
-        while True:
+        """Read the stream while Redis is up; ping it back to life while it is not. Ends when
+        cancelled, or at the next turn once a stop began (a cancel redis-py lost)."""
+        while not self._stopping:
             if self.link.up:
                 try:
                     await self.bridge.read_once()
@@ -148,12 +152,14 @@ class RedisIntegration(BaseIntegration):
         return Health(True, detail, latency_s=latency, data=data)
 
     async def shutdown(self) -> None:
+        """Stop the watch loop and the bridge, then close the clients: at once, even with a
+        stream read blocked in Redis (cancelled; cancelled again should redis-py lose it)."""
+        self._stopping = True
         if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+            if not await cancel_until_done(self._watch, self.call_limit_s + 1.0):
+                self.log.warning("redis watch loop did not stop; closing its connection")
             self._watch = None
-        await self.bridge.stop()
+        await self.bridge.stop(self.call_limit_s + 1.0)
         await self.link.close()
 
     @property

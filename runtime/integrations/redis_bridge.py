@@ -15,7 +15,6 @@ so entries that other processes added meanwhile still arrive.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import json
 import time
@@ -23,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from runtime.events import BusEvent, EventBus
-from runtime.integrations.redis_link import RedisLink
+from runtime.integrations.redis_link import RedisLink, cancel_until_done
 
 BATCH = 100
 
@@ -66,14 +65,13 @@ class EventBridge:
                 self._send_loop(), name="tiffin:redis-bridge-send"
             )
 
-    async def stop(self) -> None:
+    async def stop(self, within: float = 2.0) -> None:
+        """Stop listening and sending; events still queued are not sent."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
         if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+            await cancel_until_done(self._sender, within)
             self._sender = None
 
     # --- out ------------------------------------------------------------------------------------

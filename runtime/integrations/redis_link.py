@@ -10,6 +10,7 @@ URL's password.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -20,6 +21,30 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from runtime.secrets import redact_text
+
+# How often a task that must stop is cancelled again, in case redis-py lost the cancel.
+RECANCEL_EVERY_S = 0.05
+
+
+async def cancel_until_done(task: asyncio.Task[None], within: float) -> bool:
+    """Cancel `task` and wait for it to end, cancelling again until it does, for at most
+    `within` seconds; True if it ended.
+
+    One cancel is not enough: on Python 3.11, redis-py sends every command through
+    `asyncio.wait_for`, which drops a cancel that lands just as the send completes (CPython
+    gh-86296), and the task goes on as if never cancelled. A stop that awaited it would then
+    wait forever (or for the manager's 30 s shutdown limit), and the task would outlive it.
+    Tasks stopped this way also check a stop flag of their own between calls."""
+    deadline = time.monotonic() + within
+    while not task.done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        task.cancel()
+        await asyncio.wait({task}, timeout=min(RECANCEL_EVERY_S, remaining))
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure on the way out does not hold up the stop
+    return True
 
 
 class RedisLink:
