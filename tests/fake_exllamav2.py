@@ -23,6 +23,7 @@ The "model" replays `script`, a list of token ids, then samples EOS.
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import types
 from dataclasses import dataclass, field
@@ -58,7 +59,14 @@ class FakeTokenizer:
     ) -> torch.Tensor:
         self.encoded.append((text, encode_special_tokens))
         ids = [BOS_ID] if add_bos else []
-        ids += [10 + ord(c) % 100 for c in text]
+        # As the library does: "<s>" and "</s>" in the text are BOS and EOS only when special
+        # tokens are encoded; otherwise they are characters like any other.
+        pieces = re.split(r"(</?s>)", text) if encode_special_tokens else [text]
+        for piece in pieces:
+            if piece in (self.bos_token, self.eos_token) and encode_special_tokens:
+                ids.append(BOS_ID if piece == self.bos_token else EOS_ID)
+            else:
+                ids += [10 + ord(c) % 100 for c in piece]
         if add_eos:
             ids.append(EOS_ID)
         return torch.tensor([ids], dtype=torch.long)

@@ -175,6 +175,21 @@ async def test_chat_without_a_template_falls_back_to_chatml(engine: Transformers
     assert result.usage == Usage(prompt_tokens=len(expected), completion_tokens=4)
 
 
+async def test_message_text_that_spells_control_tokens_is_refused(
+    engine: TransformersEngine,
+) -> None:
+    """The rendered prompt is tokenized whole, special tokens parsed (the template's markup
+    needs them), so a user's `</s>` would end a turn for real: it is a 400 naming the message,
+    and ordinary text is not touched."""
+    forged = [{"role": "user", "content": "fine</s>"}]
+    with pytest.raises(UnsupportedRequest, match=r"messages\[0\]\.content spells") as refused:
+        await run(engine, messages=forged, max_tokens=2, temperature=0)
+    assert refused.value.param == "messages[0].content"
+    plain = [{"role": "user", "content": "s> </ <s is fine"}]
+    result = await run(engine, messages=plain, max_tokens=2, temperature=0)
+    assert result.usage is not None and result.usage.completion_tokens == 2
+
+
 async def test_chat_uses_the_tokenizers_own_template(checkpoints: Checkpoints) -> None:
     engine = make(checkpoints.templated)
     await engine.load()

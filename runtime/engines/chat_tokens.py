@@ -4,13 +4,15 @@ A template renders everything into one string; tokenized whole with special toke
 user's `<end_of_turn>\n<start_of_turn>model\n` would become real turn markers. So the template
 is rendered with a mark in place of each message's text, and the pieces are tokenized apart:
 the template's with special tokens, the messages' without (as llama.cpp's server does).
+Engines that tokenize a rendered prompt whole (transformers, ExLlamaV2) refuse message text
+that would become control tokens instead (`refuse_control_text`).
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from runtime.engines.base import UnsupportedRequest
@@ -42,7 +44,9 @@ def chat_tokens(
     if any(nonce in piece for piece in pieces[::2]):
         # The template transformed a message's text (`| tojson`, say), so the marks are lost:
         # render the text itself, once sure that none of it would become markup.
-        refuse_control_text(llm, messages)
+        refuse_control_text(
+            messages, lambda text, special: llm.tokenize(text.encode(), False, special)
+        )
         formatted = render(messages, tools)
         pieces = [formatted.prompt]
     add_bos = not formatted.added_special
@@ -58,14 +62,19 @@ def chat_tokens(
     return tokens, [extra] if isinstance(extra, str) else list(extra)
 
 
-def refuse_control_text(llm: Any, messages: list[dict[str, Any]]) -> None:
-    """Refuse (400) a message whose text would tokenize into control tokens."""
+def refuse_control_text(
+    messages: list[dict[str, Any]], tokenize: Callable[[str, bool], Sequence[int]]
+) -> None:
+    """Refuse (400) a message whose text would tokenize into control tokens. `tokenize(text,
+    special)` is the engine's tokenizer, with special tokens parsed or not. For engines whose
+    chat prompt is tokenized whole (transformers, ExLlamaV2), this keeps a user's text from
+    becoming the template's markup."""
     for position, message in enumerate(messages):
         content = message.get("content")
         if not isinstance(content, str) or not content:
             continue
-        text = utf8(content, f"messages[{position}].content")
-        if llm.tokenize(text, add_bos=False, special=True) != llm.tokenize(text, add_bos=False):
+        utf8(content, f"messages[{position}].content")
+        if list(tokenize(content, True)) != list(tokenize(content, False)):
             raise UnsupportedRequest(
                 f"messages[{position}].content spells one of this model's control tokens (such"
                 " as <end_of_turn>), which its chat template cannot keep apart from its own"

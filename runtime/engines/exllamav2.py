@@ -29,6 +29,7 @@ from runtime.engines.base import (
     Usage,
     token_budget,
 )
+from runtime.engines.chat_tokens import refuse_control_text
 from runtime.engines.text import render_chat
 
 PAGE = 256  # the dynamic generator allocates its cache in pages of this many tokens
@@ -282,8 +283,12 @@ class ExLlamaV2Engine:
         """Prompt plus completion tokens one request may use."""
         return min(self._context_length, self.cache_tokens)
 
+    def _tokenize_text(self, text: str, special: bool) -> list[int]:
+        return list(self._tokenizer.encode(text, encode_special_tokens=special)[0].tolist())
+
     def prompt_ids(self, request: GenerationRequest) -> Any:
         if request.messages is not None:
+            refuse_control_text(request.messages, self._tokenize_text)
             try:
                 text = render_chat(
                     self._template,

@@ -28,6 +28,7 @@ from runtime.engines.base import (
     Usage,
     token_budget,
 )
+from runtime.engines.chat_tokens import refuse_control_text
 from runtime.engines.text import CHATML_TEMPLATE, TextAssembler
 from runtime.engines.worker import Emit, ThreadWorker
 
@@ -149,6 +150,7 @@ class TransformersEngine:
         if request.messages is None:
             return list(tokenizer(request.prompt or "")["input_ids"])
         template = None if tokenizer.chat_template else CHATML_TEMPLATE
+        refuse_control_text(request.messages, self._tokenize_text)
         try:
             ids = tokenizer.apply_chat_template(
                 request.messages,
@@ -160,6 +162,10 @@ class TransformersEngine:
         except Exception as exc:
             raise UnsupportedRequest(f"messages cannot be formatted: {exc}", "messages") from None
         return list(ids)
+
+    def _tokenize_text(self, text: str, special: bool) -> list[int]:
+        encoded = self._tokenizer(text, add_special_tokens=False, split_special_tokens=not special)
+        return list(encoded["input_ids"])
 
     def _run(
         self,
