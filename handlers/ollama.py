@@ -21,16 +21,7 @@ from handlers.generation import (
     resolve_model,
     start_generation,
 )
-from handlers.openai_types import (
-    INT32_MAX,
-    MinP,
-    Penalty,
-    RepeatPenalty,
-    Seed,
-    Temperature,
-    TopK,
-    TopP,
-)
+from handlers.openai_types import INT32_MAX, Sampling
 from runtime.dispatch import (
     Context,
     Event,
@@ -60,22 +51,12 @@ OPTIONS = {
 }
 
 
-class Options(BaseModel):
+class Options(Sampling):
     """Ollama's `options`, in the ranges of the OpenAI fields they become
     (handlers/openai_types.py). Options Tiffin does not use (mirostat, num_thread, ...) are
     ignored, as Ollama ignores the ones it does not know and as the OpenAI API ignores unknown
     fields; a number that is not finite is refused anywhere in the body when it is decoded."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    min_p: MinP | None = None
-    repeat_penalty: RepeatPenalty | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    seed: Seed | None = None
     # Ollama's -1 ("infinite") and -2 ("fill the context") both mean: until the context is full.
     num_predict: Annotated[int, Field(ge=-2, le=INT32_MAX)] | None = None
     num_ctx: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None  # checked, not used

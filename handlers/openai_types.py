@@ -55,10 +55,10 @@ class ResponseFormat(Request):
         return self
 
 
-class SamplingFields(Request):
-    """Parameters shared by chat and text completions (with llama.cpp's extensions)."""
+class Sampling(Request):
+    """The sampling parameters (OpenAI's, with llama.cpp's extensions) in their ranges; the
+    Ollama API's `options` (handlers/ollama.py) take the same ones."""
 
-    model: str = Field(min_length=1)
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = None
@@ -67,6 +67,12 @@ class SamplingFields(Request):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     seed: Seed | None = None
+
+
+class SamplingFields(Sampling):
+    """Parameters shared by chat and text completions."""
+
+    model: str = Field(min_length=1)
     stop: str | list[str] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
