@@ -1,9 +1,10 @@
 """Adversarial fuzzing of a served Tiffin, bounded and on loopback only.
 
 Starts `python -m runtime` as production runs it (env=prod: auth on, JSON logs; one worker,
-gRPC on), with the packaged models, then sends every named case of scripts/fuzz_inputs.py
-(the inputs that crashed a worker, held a model hostage or answered 500 in issue 14's run) on
-each transport that can carry it, then `--count` seeded random mutations of valid bodies.
+gRPC on; answers capped at 64 tokens by limits.default_max_tokens), with the packaged models,
+then sends every named case of scripts/fuzz_inputs.py (the inputs that crashed a worker, held
+a model hostage or answered 500 in issue 14's run) on each transport that can carry it, then
+`--count` seeded random mutations of valid bodies.
 Each input is one request with a time limit; after each, the server must still be alive.
 
   5xx     an HTTP 5xx, a GraphQL error with a 5xx status, a WebSocket error frame of a server
@@ -84,6 +85,9 @@ class Server:
             "server.workers=1",
             "telemetry.tracing=false",
             "telemetry.exporters=[prometheus]",
+            # A body that lost its max_tokens is a valid request for up to 2048 tokens (minutes
+            # of the base model rambling on a shared CPU), not a hang: keep valid answers short.
+            "limits.default_max_tokens=64",
             f"integrations.custom_models.settings.cache_dir={self.work / 'models'}",
         ]
 
