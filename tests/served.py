@@ -3,6 +3,8 @@ and for clients (the official `openai` package) that talk to a served Tiffin."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -11,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 
 from tests.conftest import PYTHON, ROOT, cli_env, free_port
 
@@ -52,6 +55,9 @@ class Served:
             env=cli_env(),
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
+            # Its own process group, so that kill() reaches the `bentoml serve` it starts too
+            # (a SIGKILL to `python -m runtime` alone leaves that running, holding its port).
+            start_new_session=True,
         )
         return cls(process, port, log)
 
@@ -74,9 +80,18 @@ class Served:
         return self.process.wait(timeout=60)
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        """SIGKILL the CLI, BentoML's arbiter and its workers (which run in sessions of their
+        own, so neither the CLI's death nor its process group reaches them)."""
+        family: list[psutil.Process] = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            family = psutil.Process(self.process.pid).children(recursive=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        for process in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(family, timeout=10)
+        self.process.wait()
 
 
 @contextmanager
