@@ -22,9 +22,14 @@ requests sent to the last token; median over repeats), TTFT p50/p95 (request sen
 token) and inter-token latency p50/p95 (gaps between a stream's tokens), pooled over repeats.
 
 --busy adds, each repeat, one single-stream wave per system with one bounded busy-loop process
-per core running beside it, against the same repeat's quiet single stream (the issue's "threads
+per core running beside it, against the quiet single-stream waves (the issue's "threads
 collapse on a busy CPU"). A wave ends at --wave-timeout (a busy one at --busy-seconds): what
-arrived by then is counted.
+arrived by then is counted. The load average lags by about a minute: the quiet waves just after
+a busy one show a high load with the loops already gone.
+
+A single stream of 128 tokens lasts about 1.5 s, and on 2 cores the served systems' rate swings
+from one such wave to the next (40-85 tok/s seen for the same server): use --repeats 5 or more
+when the single-stream figure matters.
 
     .venv/bin/python scripts/bench_concurrency.py [--concurrency 1,2,4,8] [--max-tokens 128]
         [--repeats 2] [--systems tiffin,server,direct] [--threads 2] [--busy] [--json]
