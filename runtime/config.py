@@ -7,8 +7,6 @@ first in its defaults, so every YAML layer merged on top is type-checked against
 
 from __future__ import annotations
 
-import difflib
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from runtime.config_errors import config_error
 from runtime.errors import ConfigError
 from runtime.graph import close_dependencies, start_order
 
@@ -449,7 +448,7 @@ def load_config_file(path: str | Path) -> DictConfig:
         loaded = OmegaConf.load(path)
         cfg = OmegaConf.merge(OmegaConf.structured(TiffinConfig), loaded)
     except OmegaConfBaseException as exc:
-        raise _config_error(exc) from None
+        raise config_error(exc) from None
     return cast(DictConfig, cfg)
 
 
@@ -538,10 +537,10 @@ def _compose(overrides: Sequence[str]) -> DictConfig:
     except ConfigCompositionException as exc:
         cause = exc.__cause__
         if isinstance(cause, OmegaConfBaseException):
-            raise _config_error(cause) from None
+            raise config_error(cause) from None
         raise ConfigError("overrides", " ".join(overrides), str(exc).splitlines()[0]) from None
     except OmegaConfBaseException as exc:
-        raise _config_error(exc) from None
+        raise config_error(exc) from None
 
 
 def _missing_option_error(exc: MissingConfigException, overrides: Sequence[str]) -> ConfigError:
@@ -552,35 +551,6 @@ def _missing_option_error(exc: MissingConfigException, overrides: Sequence[str])
     searchpath = [o for o in overrides if o.startswith("hydra.")]
     options = group_options(group, searchpath)
     return ConfigError(group, option, f"one of: {', '.join(options) or '(none)'}")
-
-
-_CONVERT = re.compile(
-    r"Value '(?P<value>.*?)' (?:of type '.*' )?could not be converted to (?P<type>\w+)"
-)
-_ENUM = re.compile(r"Invalid value '(?P<value>.*)', expected one of (?P<options>\[.*\])")
-_KEY = re.compile(r"Key '(?P<value>.*?)' (?:is )?not in '?(?P<type>\w+)'?")
-
-
-def _config_error(exc: OmegaConfBaseException) -> ConfigError:
-    key = str(getattr(exc, "full_key", None) or "config")
-    message = str(getattr(exc, "msg", exc)).splitlines()[0]
-    if m := _CONVERT.search(message):
-        return ConfigError(key, m["value"], f"a value of type {m['type']}")
-    if m := _ENUM.search(message):
-        # IntegrationType has upper-case aliases for the platform guide; list each value once.
-        options = dict.fromkeys(o.strip().lower() for o in m["options"].strip("[]").split(","))
-        return ConfigError(key, m["value"], f"one of: {', '.join(options)}")
-    if m := _KEY.search(message):
-        where = "the config" if m["type"] == "struct" else m["type"]
-        # A typo of a key that is there (`settings.timout`) gets the key it was meant to be.
-        parent = getattr(exc, "parent_node", None)
-        known = [str(k) for k in parent] if isinstance(parent, DictConfig) else []
-        if close := difflib.get_close_matches(m["value"], known, n=1):
-            return ConfigError(
-                key, m["value"], f"a key that {where} defines; did you mean {close[0]!r}?"
-            )
-        return ConfigError(key, m["value"], f"a key that {where} defines (add one with +{key}=...)")
-    return ConfigError(key, message, "a value the schema accepts")
 
 
 def _validate_integrations(cfg: DictConfig, because: dict[str, str | None]) -> None:
