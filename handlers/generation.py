@@ -82,14 +82,21 @@ def resolve_model(ctx: Context, model_id: str, capability: str) -> LocalModel:
     return model
 
 
+def model_defaults(model: LocalModel) -> dict[str, Any]:
+    """The model's configured defaults, as GenerationRequest fields. Its `max_tokens` is a
+    default cap (`default_max_tokens`): fitted to the room the prompt leaves, where a client's
+    max_tokens that does not fit is refused."""
+    values = dict(model.spec.config.defaults)
+    cap = values.pop("max_tokens", None)
+    if cap is not None:
+        values["default_max_tokens"] = int(cap)
+    return values
+
+
 def sampling(model: LocalModel, fields: BaseModel) -> dict[str, Any]:
-    """The model's configured defaults, then whatever the request set. The model's
-    `max_tokens` is a default cap (`default_max_tokens`): fitted to the room the prompt leaves,
-    where a client's max_tokens that does not fit is refused."""
-    defaults = model.spec.config.defaults
-    values = {**NEUTRAL, **{k: v for k, v in defaults.items() if k in SAMPLING}}
-    if values.pop("max_tokens", None) is not None:
-        values["default_max_tokens"] = int(defaults["max_tokens"])
+    """The model's configured defaults (`model_defaults`), then whatever the request set."""
+    wanted = {*SAMPLING, "default_max_tokens"}
+    values = {**NEUTRAL, **{k: v for k, v in model_defaults(model).items() if k in wanted}}
     for name in SAMPLING:
         value = getattr(fields, name, None)
         if value is not None:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from handlers.generation import (
     Outcome,
     embed_texts,
+    model_defaults,
     parse,
     resolve_model,
     start_generation,
@@ -161,7 +162,7 @@ async def chat(event: Event, ctx: Context) -> Any:
     body = parse(ChatRequest, event.body)
     model = resolve_model(ctx, body.model, CHAT)
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
-    request = _request(ctx, model, body, messages=messages)
+    request = _request(model, body, messages=messages)
     return await _answer(ctx, request, body.stream, "message")
 
 
@@ -172,12 +173,12 @@ async def generate(event: Event, ctx: Context) -> Any:
     body = parse(GenerateRequest, event.body)
     if body.raw:
         model = resolve_model(ctx, body.model, COMPLETION)
-        request = _request(ctx, model, body, prompt=body.prompt)
+        request = _request(model, body, prompt=body.prompt)
     else:
         model = resolve_model(ctx, body.model, CHAT)
         system = [{"role": "system", "content": body.system}] if body.system else []
         messages = [*system, {"role": "user", "content": body.prompt}]
-        request = _request(ctx, model, body, messages=messages)
+        request = _request(model, body, messages=messages)
     return await _answer(ctx, request, body.stream, "response")
 
 
@@ -219,11 +220,8 @@ def _model_entry(model: LocalModel) -> dict[str, Any]:
     }
 
 
-def _request(ctx: Context, model: LocalModel, body: Request, **fields: Any) -> GenerationRequest:
-    defaults = ctx.models.defaults(model.id)
-    if "max_tokens" in defaults:  # a model's default cap, fitted to the context like the server's
-        defaults["default_max_tokens"] = defaults.pop("max_tokens")
-    values = {**defaults, **fields}
+def _request(model: LocalModel, body: Request, **fields: Any) -> GenerationRequest:
+    values = {**model_defaults(model), **fields}
     options = body.options or Options()
     for option, name in OPTIONS.items():
         value = getattr(options, option)

@@ -246,9 +246,6 @@ class ModelRouter:
     def describe_all(self) -> list[dict[str, Any]]:
         return [model.describe() for model in self._models.values()]
 
-    def defaults(self, model_id: str) -> dict[str, Any]:
-        return dict(self.get(model_id).spec.config.defaults)
-
     @property
     def ready(self) -> bool:
         """Every model marked `preload` can serve: loaded, or loaded before and unloaded since
