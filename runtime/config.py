@@ -110,7 +110,8 @@ class ModelConfig:
     defaults: dict[str, Any] = field(default_factory=dict)
     preload: bool = False
     idle_unload_s: float = 0.0  # 0: stay loaded
-    max_queue: int = 16  # requests waiting beyond the one running; more get 429
+    # Requests waiting beyond the running ones (engine_settings.parallel); more get 429.
+    max_queue: int = 16
     timeout_s: float = 300.0  # one generation's limit
     # Price per 1k tokens for the estimate_cost hook: {prompt_per_1k, completion_per_1k}.
     prices: dict[str, float] = field(default_factory=dict)

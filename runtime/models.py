@@ -139,9 +139,17 @@ class LocalModel:
             return True
         return self.loads > 0 and self.state in (ModelState.unloaded, ModelState.loading)
 
+    @property
+    def slots(self) -> int:
+        """Requests its engine runs at once: a batching engine's `parallel` (its stats say,
+        a runner's model in the runner's stats), else one."""
+        stats = self.engine.stats() if self.engine is not None else {}
+        parallel = stats.get("parallel") or (stats.get("runner") or {}).get("parallel") or 1
+        return max(1, int(parallel))
+
     def admit(self) -> None:
         limit = self.spec.config.max_queue
-        if self.in_flight > limit:  # one running plus `max_queue` waiting
+        if self.in_flight >= limit + self.slots:  # `slots` running plus `max_queue` waiting
             raise QueueFull(
                 self.id, limit, retry_after=max(1, int(self.spec.config.timeout_s // 60))
             )

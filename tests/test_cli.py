@@ -73,6 +73,11 @@ def test_plan_takes_key_overrides() -> None:
             "expected dependencies without a cycle",
         ),
         (
+            ["integrations.custom_models.settings.models.0.engine_settings.parallel=0"],
+            "tiffin: config error: integrations.custom_models.settings.models[0]"
+            ".engine_settings.parallel: got 0, expected an integer >= 1",
+        ),
+        (
             ["server.http_port=abc"],
             "tiffin: config error: server.http_port: got 'abc', expected a value of type Integer",
         ),

@@ -1,28 +1,26 @@
-"""GGUF models on the CPU with llama-cpp-python.
+"""GGUF models on the CPU with llama-cpp-python, many requests at once.
 
-One worker thread per loaded model runs generations one at a time, driving llama.cpp's token
-generator directly: each token is turned into text (UTF-8 safe, stop strings held back) and sent
-to the event loop as it is produced; closing the stream stops generation before the next token.
-Chat prompts use the GGUF's own chat template when it has one, else the configured
-`chat_format` (llama-cpp-python's formats: gemma, chatml, llama-3...). Only the template's own
-markup is tokenized as control tokens (runtime/engines/chat_tokens.py): message text that spells
-`<end_of_turn>` stays text.
+The model's context belongs to a BatchScheduler (runtime/engines/llama_scheduler.py): one thread
+that decodes every active sequence in the same `llama_decode` step, with llama.cpp's native
+sampler chains (runtime/engines/llama_sampling.py), a prompt cache per slot and chunked prefill.
+This module prepares requests on the event loop: the prompt's tokens, the token budget, stop
+strings, the grammar for a JSON schema. Chat prompts use the GGUF's own chat template when it
+has one, else the configured `chat_format` (llama-cpp-python's formats: gemma, chatml,
+llama-3...). Only the template's own markup is tokenized as control tokens
+(runtime/engines/chat_tokens.py): message text that spells `<end_of_turn>` stays text.
 A JSON schema is checked against runtime/engines/schema_limits.py and compiled to a grammar on
-a thread of its own before the job is queued, so a schema never stalls the worker.
+a thread of its own before the job is queued, so a schema never stalls the scheduler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import random
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
 
 from runtime.config import ModelConfig
@@ -33,17 +31,18 @@ from runtime.engines.base import (
     Embeddings,
     EngineError,
     GenerationRequest,
-    TokenLogprob,
     UnsupportedRequest,
-    Usage,
     token_budget,
 )
 from runtime.engines.chat_tokens import chat_tokens, utf8
+from runtime.engines.llama_scheduler import BatchScheduler, Job
+from runtime.engines.llama_settings import llama_settings
 from runtime.engines.schema_limits import SchemaTooComplex, check_grammar, check_schema
-from runtime.engines.text import TextAssembler
-from runtime.engines.worker import Emit, ThreadWorker
 
 MAX_TOP_LOGPROBS = 20
+# The high-level `Llama` object is kept for the vocabulary, tokenizer and chat template; its own
+# context is never decoded with, so it is made as small as llama.cpp allows.
+_UNUSED_CONTEXT = 256
 
 
 class LlamaCppEngine:
@@ -52,48 +51,80 @@ class LlamaCppEngine:
     def __init__(self, path: Path, config: ModelConfig) -> None:
         self.path = path
         self.config = config
-        settings = dict(config.engine_settings)
-        threads = int(settings.pop("n_threads", 0) or os.cpu_count() or 1)
-        self._llama_args: dict[str, Any] = {
-            "n_ctx": config.context_length,
-            "n_threads": threads,
-            "n_threads_batch": int(settings.pop("n_threads_batch", threads)),
-            "n_batch": int(settings.pop("n_batch", 512)),
-            "n_gpu_layers": int(settings.pop("n_gpu_layers", 0)),
-            "verbose": bool(settings.pop("verbose", False)),
-            **settings,
-        }
+        self.settings = llama_settings(config, f"models.{config.id}.engine_settings")
+        self.parallel = self.settings.parallel
         self._llm: Any = None
-        self._worker: ThreadWorker[Chunk] | None = None
+        self._context: Any = None
+        self._scheduler: BatchScheduler | None = None
         self._format: Callable[..., Any] | None = None
         # Chats are formatted with a fallback the weights were not trained on: said once.
         self._warn_fallback_format = False
-        # Held while a grammar is test-compiled (off the worker), so unload waits for it.
+        # Held while a grammar is test-compiled (off the scheduler), so unload waits for it.
         self._grammar_lock = threading.Lock()
-        self._tokens_generated = 0
         self._log = structlog.get_logger("tiffin.engines.llama_cpp")
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def load(self) -> None:
-        self._llm = await asyncio.to_thread(self._create)
+        self._llm, self._context = await asyncio.to_thread(self._create)
         self._format = self._chat_formatter()
-        self._worker = ThreadWorker(f"llama-cpp:{self.config.id}")
+        settings = self.settings
+        llm = self._llm
+        self._scheduler = BatchScheduler(
+            f"llama-cpp:{self.config.id}",
+            self._context,
+            llm._model.vocab,
+            lambda token: bytes(llm.detokenize([token])),
+            parallel=settings.parallel,
+            slot_context=settings.slot_context,
+            batch_tokens=settings.batch_tokens,
+            prompt_cache=settings.prompt_cache,
+        )
 
-    def _create(self) -> Any:
+    def _create(self) -> tuple[Any, Any]:
+        import llama_cpp
         from llama_cpp import Llama
 
+        settings = self.settings
+        args: dict[str, Any] = {"n_gpu_layers": 0, "verbose": False, **settings.llama_args}
         try:
-            return Llama(model_path=str(self.path), **self._llama_args)
+            llm = Llama(
+                model_path=str(self.path),
+                n_ctx=_UNUSED_CONTEXT,
+                n_batch=_UNUSED_CONTEXT,
+                n_threads=settings.n_threads,
+                n_threads_batch=settings.n_threads_batch,
+                **args,
+            )
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"llama.cpp could not load {self.path.name}: {exc}") from exc
+        params = llm.context_params  # the user's llama.cpp settings (flash_attn, type_k...)
+        params.n_ctx = settings.n_ctx
+        params.n_batch = settings.batch_tokens
+        params.n_ubatch = min(settings.batch_tokens, 512)
+        params.n_seq_max = settings.parallel
+        params.kv_unified = True
+        params.n_threads = settings.n_threads
+        params.n_threads_batch = settings.n_threads_batch
+        context = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if not context:
+            llm.close()
+            raise EngineError(
+                f"llama.cpp could not make a context of {settings.n_ctx} cells for"
+                f" {settings.parallel} sequences of {self.path.name}"
+            )
+        return llm, context
 
     async def unload(self) -> None:
-        if self._worker is not None:
-            self._worker.close()
-            self._worker.join(timeout=30)
-        self._worker = None
+        import llama_cpp
+
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.close)
+        self._scheduler = None
         with self._grammar_lock:  # a grammar test-compiling now reads the vocabulary
+            if self._context is not None:
+                llama_cpp.llama_free(self._context)
+            self._context = None
             if self._llm is not None:
                 self._llm.close()
             self._llm = None
@@ -101,8 +132,14 @@ class LlamaCppEngine:
     # --- the Engine protocol ------------------------------------------------------------------
 
     @property
+    def scheduler(self) -> BatchScheduler | None:
+        """The loaded model's scheduler (None when unloaded)."""
+        return self._scheduler
+
+    @property
     def context_length(self) -> int:
-        return int(self._llama_args["n_ctx"])
+        """A request's context: one slot's share of the KV cache."""
+        return self.settings.slot_context
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._llm.tokenize(utf8(text, "input"), add_bos=False, special=False))
@@ -111,19 +148,28 @@ class LlamaCppEngine:
         raise EngineError(f"{self.config.id} is a text generation model; it has no embeddings")
 
     def stats(self) -> dict[str, Any]:
-        worker = self._worker
+        scheduler = self._scheduler
+        batching = scheduler.stats() if scheduler else {}
         return {
             "engine": "llama_cpp",
             "context_length": self.context_length,
-            "n_threads": self._llama_args["n_threads"],
-            "queued": worker.queued if worker else 0,
-            "busy": worker.busy if worker else False,
-            "tokens_generated": self._tokens_generated,
+            "n_threads": self.settings.n_threads,
+            "batch_tokens": self.settings.batch_tokens,
+            **batching,
+            "queued": batching.get("waiting", 0),
+            "busy": bool(batching.get("slots_busy", 0)),
+            "tokens_generated": batching.get("tokens_generated", 0),
         }
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        if self._worker is None:
+        if self._scheduler is None:
             raise EngineError(f"{self.config.id} is not loaded")
+        if request.n > self.parallel:
+            raise UnsupportedRequest(
+                f"n is {request.n}, but {self.config.id} decodes at most {self.parallel}"
+                " sequences at once (engine_settings.parallel)",
+                param="n",
+            )
         prompt, stop = self._prompt(request)
         budget = token_budget(request, len(prompt), self.context_length)
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
@@ -144,16 +190,15 @@ class LlamaCppEngine:
     ) -> AsyncIterator[Chunk]:
         grammar = None
         if request.json_schema is not None or request.json_mode:
-            # Off the worker and the event loop: requests behind this one keep being served
+            # Off the scheduler and the event loop: requests behind this one keep being served
             # while it compiles, and a client gone meanwhile never reaches the queue.
             grammar = await asyncio.to_thread(self._grammar, request.json_schema)
-        if self._worker is None:  # unloaded meanwhile
+        scheduler = self._scheduler
+        if scheduler is None:  # unloaded meanwhile
             raise EngineError(f"{self.config.id} is not loaded")
-
-        def job(emit: Emit, cancelled: threading.Event) -> None:
-            self._run(request, prompt, stops, budget, grammar, emit, cancelled)
-
-        stream = self._worker.stream(job)
+        stop, stop_ids = stops
+        job = Job(request, prompt, budget, stop, stop_ids, grammar, asyncio.get_running_loop())
+        stream = scheduler.stream(job)
         try:
             async for chunk in stream:
                 yield chunk
@@ -206,10 +251,11 @@ class LlamaCppEngine:
                 ids.add(tokens[0])
         return ids
 
-    def _grammar(self, schema: dict[str, Any] | None) -> Any:
-        """The grammar for a JSON schema (or any JSON when None), built and test-compiled here,
-        on a thread of the default executor: bounded work, once the schema passed its limits."""
-        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
+    def _grammar(self, schema: dict[str, Any] | None) -> str:
+        """The GBNF grammar for a JSON schema (or any JSON when None), built and test-compiled
+        here, on a thread of the default executor: bounded work, once the schema passed its
+        limits."""
+        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
         source = JSON_GBNF
         if schema is not None:
@@ -222,11 +268,11 @@ class LlamaCppEngine:
                 ) from None
             check_grammar(source)
         self._check_compiles(source)
-        return LlamaGrammar.from_string(source, verbose=False)
+        return source
 
     def _check_compiles(self, source: str) -> None:
-        """llama.cpp refuses some grammars by handing back no sampler, and llama-cpp-python
-        would add that null to its chain and crash at the first token: try it here first."""
+        """llama.cpp refuses some grammars by handing back no sampler: try it here, where the
+        refusal is a 400, not on the scheduler."""
         import llama_cpp
 
         with self._grammar_lock:
@@ -262,100 +308,3 @@ class LlamaCppEngine:
             if callable(formatter):
                 return formatter  # type: ignore[no-any-return]
         raise EngineError(f"unknown chat_format {name!r} for {self.config.id}")
-
-    # --- generation (worker thread) --------------------------------------------------------------
-
-    def _run(
-        self,
-        request: GenerationRequest,
-        prompt: list[int],
-        stops: tuple[list[str], set[int]],
-        budget: int,
-        grammar: Any,
-        emit: Emit,
-        cancelled: threading.Event,
-    ) -> None:
-        import llama_cpp
-
-        llm = self._llm
-        vocab = llm._model.vocab
-        stop, stop_ids = stops
-        completion_total = 0
-        for index in range(request.n):
-            if request.seed is not None or request.temperature <= 0:
-                # A reproducible run (greedy or seeded) evaluates the whole prompt: logits from a
-                # reused cache prefix are computed in other batch shapes and differ in the last
-                # bits, which flips near-ties, so the answer would depend on earlier requests.
-                llm.reset()
-            llm.set_seed(
-                # A sampling seed, not a secret: `random` is right here.
-                request.seed + index if request.seed is not None else random.getrandbits(31)  # nosec B311
-            )
-            text = TextAssembler(stop)
-            pending: list[TokenLogprob] = []
-            produced, finish = 0, "length"
-            tokens = llm.generate(
-                prompt,
-                temp=request.temperature,
-                top_p=request.top_p,
-                top_k=request.top_k,
-                min_p=request.min_p,
-                repeat_penalty=request.repeat_penalty,
-                presence_penalty=request.presence_penalty,
-                frequency_penalty=request.frequency_penalty,
-                grammar=grammar,
-            )
-            try:
-                for token in tokens:
-                    if cancelled.is_set():
-                        return
-                    if token in stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token):
-                        finish = "stop"
-                        break
-                    produced += 1
-                    if request.logprobs is not None:
-                        pending.append(self._logprob(token, request.logprobs))
-                    piece = text.feed(llm.detokenize([token]))
-                    if piece or text.stopped:
-                        emit(Chunk(index=index, text=piece, logprobs=pending))
-                        pending = []
-                    if text.stopped:
-                        finish = "stop"
-                        break
-                    if produced >= budget:
-                        break
-            finally:
-                tokens.close()
-                self._tokens_generated += produced  # cancelled runs count too (see stats)
-            completion_total += produced
-            last = index == request.n - 1
-            emit(
-                Chunk(
-                    index=index,
-                    text=text.flush(),
-                    logprobs=pending,
-                    finish_reason=finish,
-                    usage=Usage(len(prompt), completion_total) if last else None,
-                )
-            )
-
-    def _logprob(self, token: int, top: int) -> TokenLogprob:
-        llm = self._llm
-        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
-        shifted = logits - logits.max()
-        logprobs = shifted - np.log(np.exp(shifted).sum())
-        piece = llm.detokenize([token])
-        alternatives: list[tuple[str, float]] = []
-        if top:
-            best = np.argpartition(-logprobs, top)[:top]
-            best = best[np.argsort(-logprobs[best])]
-            alternatives = [
-                (llm.detokenize([int(t)]).decode("utf-8", "replace"), float(logprobs[t]))
-                for t in best
-            ]
-        return TokenLogprob(
-            token=piece.decode("utf-8", "replace"),
-            logprob=float(logprobs[token]),
-            bytes=list(piece),
-            top=alternatives,
-        )

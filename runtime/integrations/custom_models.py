@@ -28,6 +28,7 @@ from runtime.code_names import check_import_origin, check_module_name
 from runtime.config import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
 from runtime.engines.base import ModelSpec
 from runtime.engines.detect import ENGINES, ModelFormatError, detect_engine
+from runtime.engines.llama_settings import llama_settings
 from runtime.errors import ConfigError
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
@@ -44,7 +45,7 @@ PACKAGED_MODELS: tuple[dict[str, Any], ...] = (
         "preload": True,
         "max_queue": 16,
         "defaults": {"temperature": 1.0, "top_p": 0.95, "top_k": 64},
-        "engine_settings": {"n_batch": 512},
+        "engine_settings": {"parallel": 4, "batch_tokens": 512},
     },
     {
         "id": "all-minilm-l6-v2",
@@ -133,6 +134,8 @@ class CustomModelsIntegration(BaseIntegration):
             check_import_origin(f"{key}.source", model.source, _PKG, prefix="pkg:")
         else:
             self._confine(f"{key}.source", self._declared_path(model.source))
+        if model.engine == "llama_cpp" or model.source.lower().endswith(".gguf"):
+            llama_settings(model, f"{key}.engine_settings")  # parallel, batch_tokens, n_ctx
         for name, value in model.engine_settings.items():
             # Files an engine opens besides the weights (llama.cpp's lora_path, lora_base...).
             if name.endswith(("_path", "_base", "_file")) and isinstance(value, str) and value:

