@@ -96,6 +96,7 @@ class Settings:
     systems: tuple[str, ...]
     threads: int
     n_ctx: int
+    parallel: int
     busy: bool
     busy_seconds: float
     wave_timeout: float
@@ -303,6 +304,7 @@ def tiffin_command(settings: Settings, port: int, work: Path) -> list[str]:
         f"server.run_dir={work / 'tiffin-run'}",
         f"{MODELS}.0.context_length={settings.n_ctx}",
         f"++{MODELS}.0.engine_settings.n_threads={settings.threads}",
+        f"++{MODELS}.0.engine_settings.parallel={settings.parallel}",
         f"{MODELS}.1.preload=false",
     ]
 
@@ -551,6 +553,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="n_threads everywhere (default 2)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="the servers' context length")
     parser.add_argument(
+        "--parallel", type=int, default=8, help="Tiffin's engine_settings.parallel (default 8)"
+    )
+    parser.add_argument(
         "--busy",
         action="store_true",
         help="also one single-stream wave per system and repeat beside a busy loop per core",
@@ -579,6 +584,7 @@ def main() -> int:
         systems=systems,
         threads=args.threads,
         n_ctx=args.n_ctx,
+        parallel=args.parallel,
         busy=args.busy,
         busy_seconds=args.busy_seconds,
         wave_timeout=args.wave_timeout,
