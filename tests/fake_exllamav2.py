@@ -14,6 +14,11 @@ What is kept from the real thing, because the engine depends on it:
   return_probs / return_top_tokens: token_ids [1,T], token_probs [1,T], top_k_tokens [1,T,K],
   top_k_probs [1,T,K].
 - ExLlamaV2Sampler.Settings is a dataclass with the library's (non-neutral) defaults.
+- The async generator wraps the dynamic generator (`.generator`), whose `iterate()` its one task
+  calls while jobs remain: at most `max_batch_size` jobs are active, the rest wait in
+  `pending_jobs`, and each step returns results for several jobs. `page_size`, `max_pages` and
+  `referenced_pages` are its page table; an eos result carries `prompt_tokens` and
+  `cached_tokens`.
 Unlike the real job, the fake refuses keyword arguments it does not know (the real one swallows
 them in **kwargs), so a misspelt option fails here instead of being silently ignored.
 
@@ -410,10 +415,6 @@ class FakeDynamicGeneratorAsync:
         self.made: list[FakeDynamicJob] = []
         self.cancelled: list[FakeDynamicJob] = []
         self.closed = False
-
-    @property
-    def script(self) -> list[int]:
-        return self.generator.script
 
     async def _run_iteration(self) -> None:
         try:
