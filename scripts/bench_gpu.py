@@ -211,7 +211,7 @@ async def main() -> None:
             model=engine._model,
             cache=cache,
             tokenizer=engine._tokenizer,
-            max_batch_size=engine.max_batch_size if paged else 1,
+            max_batch_size=engine.parallel if paged else 1,
             paged=paged,
         )
         texts = prompts(args.requests + 2, args.prompt_words)

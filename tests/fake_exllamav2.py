@@ -14,6 +14,11 @@ What is kept from the real thing, because the engine depends on it:
   return_probs / return_top_tokens: token_ids [1,T], token_probs [1,T], top_k_tokens [1,T,K],
   top_k_probs [1,T,K].
 - ExLlamaV2Sampler.Settings is a dataclass with the library's (non-neutral) defaults.
+- The async generator wraps the dynamic generator (`.generator`), whose `iterate()` its one task
+  calls while jobs remain: at most `max_batch_size` jobs are active, the rest wait in
+  `pending_jobs`, and each step returns results for several jobs. `page_size`, `max_pages` and
+  `referenced_pages` are its page table; an eos result carries `prompt_tokens` and
+  `cached_tokens`.
 Unlike the real job, the fake refuses keyword arguments it does not know (the real one swallows
 them in **kwargs), so a misspelt option fails here instead of being silently ignored.
 
@@ -23,6 +28,7 @@ The "model" replays `script`, a list of token ids, then samples EOS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sys
 import types
@@ -34,6 +40,7 @@ import torch
 
 PIECES = ["<unk>", "<s>", "</s>", "Hello", ",", " world", "!", " END", " again", "\u00e9"]
 BOS_ID, EOS_ID = 1, 2
+PAGE_SIZE = 256  # exllamav2's PAGED_PAGE_SIZE
 HELLO_WORLD = [3, 4, 5, 6]
 
 
@@ -109,7 +116,8 @@ class ExLlamaV2Sampler:
 
 
 class FakeDynamicJob:
-    """ExLlamaV2DynamicJob's constructor signature, minus **kwargs."""
+    """ExLlamaV2DynamicJob's constructor signature, minus **kwargs; the rest is its state in the
+    generator (serial_number, new_tokens, cached_pages, is_finished) and the fake's own."""
 
     def __init__(
         self,
@@ -145,87 +153,208 @@ class FakeDynamicJob:
         self.return_top_tokens = return_top_tokens
         self.return_probs = return_probs
         self.identifier = identifier
+        self.serial_number: int | None = None
         self.new_tokens = 0
+        self.cached_pages = 0
         self.is_finished = False
+        # The fake's own: the pages the job holds and what it has output or held back.
+        self.page_hashes: list[object] = []
+        self.new_unique_pages = 0
+        self.allocated_pages: list[FakePage] = []
+        self.completion = ""
+        self.held = ""
 
 
-class FakeDynamicGeneratorAsync:
-    """ExLlamaV2DynamicGeneratorAsync: jobs by their sync job, one task streaming each."""
+@dataclass(eq=False)
+class FakePage:
+    """A CachePage: `phash` indexes it in the generator's referenced or unreferenced pages, and
+    `kv_position == page_size` means it holds a full page of keys and values."""
 
-    def __init__(self, script: list[int]) -> None:
+    index: int
+    phash: object
+    access_serial: int
+    ref_count: int = 0
+    kv_position: int = 0
+
+
+class FakeDynamicGenerator:
+    """ExLlamaV2DynamicGenerator's job queue and page table, as the library keeps them:
+    `enqueue` appends to `pending_jobs`; each `iterate()` starts pending jobs while fewer than
+    `max_batch_size` are active and the cache has free pages for a job's prompt plus its
+    max_new_tokens (a "started" result each), then samples one token for every active job (one
+    "streaming" result each); a job that ends releases its pages. Full pages of a prompt are
+    hashed by their tokens and everything before them, so a later job with the same prefix reuses
+    them (`cached_tokens` in its eos result). Unpaged, the whole cache is one page.
+    Simplified: a prompt is ingested in one step, and a job that does not fit is skipped
+    without the library's max_skips limit."""
+
+    def __init__(self, script: list[int], max_batch_size: int, cache_tokens: int, paged: bool):
         self.script = script
-        self.jobs: dict[FakeDynamicJob, FakeDynamicJobAsync] = {}
-        self.made: list[FakeDynamicJob] = []
-        self.cancelled: list[FakeDynamicJob] = []
-        self.closed = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self.max_batch_size = max_batch_size
+        self.paged = paged
+        self.page_size = PAGE_SIZE if paged else cache_tokens
+        assert cache_tokens % PAGE_SIZE == 0, "cache.max_seq_len must be a multiple of 256"
+        self.max_pages = max(cache_tokens // self.page_size, 1)
+        self.max_total_tokens = cache_tokens
+        self.job_serial = 0
+        self.pending_jobs: list[FakeDynamicJob] = []
+        self.active_jobs: list[FakeDynamicJob] = []
+        pages = [FakePage(i, ("unused", i), i) for i in range(self.max_pages)]
+        self.referenced_pages: dict[object, FakePage] = {}
+        self.unreferenced_pages: dict[object, FakePage] = {p.phash: p for p in pages}
+        self.access_serial = self.max_pages
+        self.iterations = 0
 
-    def enqueue(self, job: FakeDynamicJobAsync) -> None:
-        assert job.job not in self.jobs
-        self.jobs[job.job] = job
-        self.made.append(job.job)
-        self._tasks.append(asyncio.get_running_loop().create_task(self._stream(job)))
+    def enqueue(self, job: FakeDynamicJob) -> int:
+        ids = job.input_ids[0].tolist()
+        context_pages = (len(ids) - 1) // self.page_size
+        total_pages = -(-(len(ids) + job.max_new_tokens) // self.page_size)
+        job.page_hashes = [tuple(ids[: (i + 1) * self.page_size]) for i in range(context_pages)]
+        job.new_unique_pages = total_pages - context_pages
+        assert total_pages <= self.max_pages, f"Job requires {total_pages} pages"
+        job.serial_number = self.job_serial
+        self.job_serial += 1
+        self.pending_jobs.append(job)
+        return job.serial_number
 
-    async def cancel(self, job: FakeDynamicJobAsync) -> None:
-        assert job.job in self.jobs
-        del self.jobs[job.job]
-        self.cancelled.append(job.job)
+    def cancel(self, job: FakeDynamicJob) -> None:
+        if job in self.pending_jobs:
+            self.pending_jobs.remove(job)
+        elif job in self.active_jobs:
+            self._deallocate(job)
+            self.active_jobs.remove(job)
 
-    async def close(self) -> None:
-        self.closed = True
-        for task in self._tasks:
-            task.cancel()
+    def num_remaining_jobs(self) -> int:
+        return len(self.pending_jobs) + len(self.active_jobs)
 
-    async def _stream(self, async_job: FakeDynamicJobAsync) -> None:
-        job = async_job.job
-        completion = held = ""
-        for token in [*self.script, EOS_ID]:
-            # Paced like a GPU slower than its consumer: one result waiting at a time.
-            while not async_job.queue.empty():  # noqa: ASYNC110 (the queue is the library's)
-                await asyncio.sleep(0)
-            if job not in self.jobs:  # cancelled
+    def iterate(self) -> list[dict[str, Any]]:
+        self.iterations += 1
+        results: list[dict[str, Any]] = []
+        self._start_jobs(results)
+        for job in list(self.active_jobs):
+            self._sample(job, results)
+        return results
+
+    # --- the page table -------------------------------------------------------------------------
+
+    def _start_jobs(self, results: list[dict[str, Any]]) -> None:
+        for job in list(self.pending_jobs):
+            if len(self.active_jobs) >= self.max_batch_size:
                 return
-            job.new_tokens += 1
-            result: dict[str, Any] = {"job": job, "stage": "streaming", "eos": False}
+            needed = len([h for h in job.page_hashes if h not in self.referenced_pages])
+            if needed + job.new_unique_pages > len(self.unreferenced_pages):
+                continue
+            self.pending_jobs.remove(job)
+            self.active_jobs.append(job)
+            self._allocate(job)
+            result: dict[str, Any] = {
+                "job": job,
+                "stage": "started",
+                "eos": False,
+                "serial": job.serial_number,
+            }
             if job.identifier is not None:
                 result["identifier"] = job.identifier
-            if token in job.stop_tokens:
-                # A stop_token eos emits no text: what was held back, and the stop token's own
-                # piece, go under "held".
-                result.update(eos=True, eos_reason="stop_token", eos_triggering_token_id=token)
-                if held + PIECES[token]:
-                    result["held"] = {"text": held + PIECES[token]}
+            results.append(result)
+
+    def _allocate(self, job: FakeDynamicJob) -> None:
+        for phash in job.page_hashes:
+            page = self.referenced_pages.get(phash) or self.unreferenced_pages.get(phash)
+            if page is None:
+                page = self._oldest_free_page(phash)
+            self._add_ref(page)
+            job.allocated_pages.append(page)
+        for _ in range(job.new_unique_pages):
+            page = self._oldest_free_page(object())
+            self._add_ref(page)
+            job.allocated_pages.append(page)
+        for page in job.allocated_pages:  # pages already holding the prompt's start
+            if page.kv_position != self.page_size:
+                break
+            job.cached_pages += 1
+        for page in job.allocated_pages[: len(job.page_hashes)]:  # the prompt, ingested
+            page.kv_position = self.page_size
+
+    def _oldest_free_page(self, phash: object) -> FakePage:
+        page = min(self.unreferenced_pages.values(), key=lambda p: p.access_serial)
+        del self.unreferenced_pages[page.phash]
+        page.phash, page.kv_position = phash, 0
+        self.unreferenced_pages[phash] = page
+        return page
+
+    def _add_ref(self, page: FakePage) -> None:
+        self.access_serial += 1
+        page.access_serial = self.access_serial
+        if page.ref_count == 0:
+            del self.unreferenced_pages[page.phash]
+            self.referenced_pages[page.phash] = page
+        page.ref_count += 1
+
+    def _deallocate(self, job: FakeDynamicJob) -> None:
+        for page in job.allocated_pages:
+            page.ref_count -= 1
+            if page.ref_count == 0:
+                del self.referenced_pages[page.phash]
+                self.unreferenced_pages[page.phash] = page
+        job.allocated_pages = []
+
+    # --- sampling: the model replays the script, then EOS ---------------------------------------
+
+    def _sample(self, job: FakeDynamicJob, results: list[dict[str, Any]]) -> None:
+        tokens = [*self.script, EOS_ID]
+        token = tokens[min(job.new_tokens, len(tokens) - 1)]
+        job.new_tokens += 1
+        result: dict[str, Any] = {
+            "job": job,
+            "stage": "streaming",
+            "eos": False,
+            "serial": job.serial_number,
+        }
+        if job.identifier is not None:
+            result["identifier"] = job.identifier
+        if token in job.stop_tokens:
+            # A stop_token eos emits no text: what was held back, and the stop token's own
+            # piece, go under "held".
+            result.update(eos=True, eos_reason="stop_token", eos_triggering_token_id=token)
+            if job.held + PIECES[token]:
+                result["held"] = {"text": job.held + PIECES[token]}
+        else:
+            piece, job.held = job.held + PIECES[token], ""
+            completion = job.completion
+            hit = next((s for s in job.stop_strings if s in completion + piece), None)
+            if hit is not None:
+                piece = (completion + piece)[len(completion) : (completion + piece).index(hit)]
+                result.update(eos=True, eos_reason="stop_string", eos_triggering_string=hit)
+            elif job.new_tokens >= job.max_new_tokens:
+                result.update(eos=True, eos_reason="max_new_tokens")
             else:
-                piece, held = held + PIECES[token], ""
-                hit = next((s for s in job.stop_strings if s in completion + piece), None)
-                if hit is not None:
-                    piece = (completion + piece)[len(completion) : (completion + piece).index(hit)]
-                    result.update(eos=True, eos_reason="stop_string", eos_triggering_string=hit)
-                elif job.new_tokens >= job.max_new_tokens:
-                    result.update(eos=True, eos_reason="max_new_tokens")
-                else:
-                    # Hold back an ending that may grow into a stop string.
-                    size = max(
-                        (
-                            n
-                            for s in job.stop_strings
-                            for n in range(1, len(s))
-                            if piece.endswith(s[:n])
-                        ),
-                        default=0,
-                    )
-                    piece, held = piece[: len(piece) - size], piece[len(piece) - size :]
-                if piece:
-                    result["text"] = piece
-                completion += piece
-                self._add_probs(job, token, result)
-            if result["eos"]:
-                job.is_finished = True
-                result.update(full_completion=completion, new_tokens=job.new_tokens)
-                del self.jobs[job]
-            await async_job.put_result(result)
-            if result["eos"]:
-                return
+                # Hold back an ending that may grow into a stop string.
+                size = max(
+                    (
+                        n
+                        for s in job.stop_strings
+                        for n in range(1, len(s))
+                        if piece.endswith(s[:n])
+                    ),
+                    default=0,
+                )
+                piece, job.held = piece[: len(piece) - size], piece[len(piece) - size :]
+            if piece:
+                result["text"] = piece
+            job.completion += piece
+            self._add_probs(job, token, result)
+        if result["eos"]:
+            job.is_finished = True
+            result.update(
+                full_completion=job.completion,
+                new_tokens=job.new_tokens,
+                prompt_tokens=int(job.input_ids.shape[-1]),
+                cached_pages=job.cached_pages,
+                cached_tokens=job.cached_pages * self.page_size,
+            )
+            self._deallocate(job)
+            self.active_jobs.remove(job)
+        results.append(result)
 
     @staticmethod
     def _add_probs(job: FakeDynamicJob, token: int, result: dict[str, Any]) -> None:
@@ -238,6 +367,104 @@ class FakeDynamicGeneratorAsync:
             others = [t for t in range(3, len(PIECES)) if t != token][: k - 1]
             result["top_k_tokens"] = torch.tensor([[[token, *others]]])
             result["top_k_probs"] = torch.tensor([[[0.5, *[0.3 / (i + 1) for i in range(k - 1)]]]])
+
+
+class FakeModel:
+    """The loaded ExLlamaV2 model; here the tokens it will generate."""
+
+    def __init__(self, script: list[int]) -> None:
+        self.script = script
+        self.unloaded = False
+
+    def unload(self) -> None:
+        self.unloaded = True
+
+
+class FakeCache:
+    """ExLlamaV2Cache: `max_seq_len` tokens shared by every job, and its bytes per device."""
+
+    def __init__(self, max_seq_len: int) -> None:
+        self.max_seq_len = max_seq_len
+
+    def footprint(self) -> list[int]:
+        return [self.max_seq_len * 1024]
+
+
+class FakeDynamicGeneratorAsync:
+    """ExLlamaV2DynamicGeneratorAsync, as the library writes it: the dynamic generator under
+    `generator`, and one task that calls its `iterate()` while jobs remain and routes each
+    result to its job's queue. Unlike the library, no step is taken while a result waits to
+    be read (a GPU slower than its consumers), so the tests see each step."""
+
+    def __init__(
+        self,
+        model: FakeModel,
+        cache: FakeCache,
+        tokenizer: FakeTokenizer,
+        max_batch_size: int | None = None,
+        paged: bool = True,
+    ) -> None:
+        self.generator = FakeDynamicGenerator(
+            model.script, max_batch_size or 16, cache.max_seq_len, paged
+        )
+        self.jobs: dict[FakeDynamicJob, FakeDynamicJobAsync] = {}
+        self.condition = asyncio.Condition()
+        self.iteration_task = asyncio.create_task(self._run_iteration())
+        self._notifying: set[asyncio.Task[None]] = set()
+        # What the tests look at.
+        self.made: list[FakeDynamicJob] = []
+        self.cancelled: list[FakeDynamicJob] = []
+        self.closed = False
+
+    async def _run_iteration(self) -> None:
+        try:
+            while True:
+                async with self.condition:
+                    await self.condition.wait_for(
+                        lambda: len(self.jobs) > 0 or self.iteration_task.cancelled()
+                    )
+                # The pacing the library does not have (its queues are the library's).
+                while any(not job.queue.empty() for job in self.jobs.values()):  # noqa: ASYNC110
+                    await asyncio.sleep(0)
+                results = self.generator.iterate()
+                for result in results:
+                    job = result["job"]
+                    async_job = self.jobs[job]
+                    await async_job.put_result(result)
+                    if result["eos"]:
+                        del self.jobs[job]
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            for async_job in self.jobs.values():
+                await async_job.put_result(exc)
+
+    def enqueue(self, job: FakeDynamicJobAsync) -> None:
+        assert job.job not in self.jobs
+        self.jobs[job.job] = job
+        self.generator.enqueue(job.job)
+        self.made.append(job.job)
+        task = asyncio.create_task(self._notify_condition())
+        self._notifying.add(task)  # the library keeps no reference; a test should not lose it
+        task.add_done_callback(self._notifying.discard)
+
+    async def _notify_condition(self) -> None:
+        async with self.condition:
+            self.condition.notify_all()
+
+    async def close(self) -> None:
+        self.closed = True
+        self.iteration_task.cancel()
+        await self._notify_condition()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.iteration_task
+
+    async def cancel(self, job: FakeDynamicJobAsync) -> None:
+        assert job.job in self.jobs
+        self.generator.cancel(job.job)
+        del self.jobs[job.job]
+        self.cancelled.append(job.job)
 
 
 class FakeDynamicJobAsync:

@@ -75,7 +75,8 @@ def test_plan_takes_key_overrides() -> None:
         (
             ["integrations.custom_models.settings.models.0.engine_settings.parallel=0"],
             "tiffin: config error: integrations.custom_models.settings.models[0]"
-            ".engine_settings.parallel: got 0, expected an integer >= 1",
+            ".engine_settings.parallel: got 0, expected an integer >= 1"
+            " (sequences decoded together)",
         ),
         (
             ["server.http_port=abc"],

@@ -284,6 +284,19 @@ def test_an_unknown_engine_is_a_config_error(make_runtime: MakeRuntime, tmp_path
     assert "llama_cpp" in str(raised.value)
 
 
+def test_parallel_below_1_is_a_config_error_when_the_config_is_read(
+    make_runtime: MakeRuntime, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # An engine reads engine_settings when it loads, maybe long after start: refused at start.
+    models = "[{id:odd,source:odd.gguf,engine_settings:{parallel:0}}]"
+    with pytest.raises(ConfigError) as raised:
+        make_runtime(*overrides(tmp_path, tmp_path, models))
+    key = "integrations.custom_models.settings.models[0].engine_settings.parallel"
+    assert (raised.value.key, raised.value.value) == (key, 0)
+    assert main(["plan", *TEST_OVERRIDES, *overrides(tmp_path, tmp_path, models)]) == 2
+    assert f"{key}: got 0, expected an integer >= 1" in capsys.readouterr().err
+
+
 async def test_a_rescan_forgets_files_that_were_removed(
     make_runtime: MakeRuntime, tmp_path: Path
 ) -> None:

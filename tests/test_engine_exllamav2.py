@@ -34,12 +34,15 @@ from runtime.engines.exllamav2 import (
     sampler_fields,
 )
 from runtime.engines.text import render_chat
+from runtime.errors import ConfigError
 from tests import fake_exllamav2
 from tests.fake_exllamav2 import (
     EOS_ID,
     HELLO_WORLD,
     PIECES,
+    FakeCache,
     FakeDynamicGeneratorAsync,
+    FakeModel,
     FakeTokenizer,
     Settings,
 )
@@ -176,22 +179,34 @@ class Collected:
 
 
 @pytest.fixture
-def serve(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Served]:
-    """An engine whose private library objects are the fakes; as if `load()` had run."""
+async def serve(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[..., Served]]:
+    """An engine whose private library objects are the fakes, and its generator started as
+    `load()` starts it; `settings` are its engine_settings."""
     fake_exllamav2.install(monkeypatch)
+    generators: list[FakeDynamicGeneratorAsync] = []
 
     def _serve(
-        script: list[int] = HELLO_WORLD, cache_tokens: int = 512, max_seq_len: int = 4096
+        script: list[int] = HELLO_WORLD,
+        cache_tokens: int = 512,
+        max_seq_len: int = 4096,
+        paged: bool = True,
+        **settings: Any,
     ) -> Served:
-        engine = ExLlamaV2Engine(Path("/models/exl"), ModelConfig(id="exl", source="exl"))
-        generator = FakeDynamicGeneratorAsync(script)
+        config = ModelConfig(id="exl", source="exl", engine_settings=settings)
+        engine = ExLlamaV2Engine(Path("/models/exl"), config)
         tokenizer = FakeTokenizer()
-        engine._generator, engine._tokenizer = generator, tokenizer
+        engine._model, engine._cache = FakeModel(script), FakeCache(cache_tokens)
+        engine._tokenizer = tokenizer
         engine._eos_ids, engine._pieces, engine._plain_pieces = [EOS_ID], PIECES, PIECES
         engine.cache_tokens, engine._context_length = cache_tokens, max_seq_len
-        return Served(engine, generator, tokenizer)
+        engine.paged = paged
+        engine._start_generator()
+        generators.append(engine._generator)
+        return Served(engine, engine._generator, tokenizer)
 
-    return _serve
+    yield _serve
+    for generator in generators:
+        await generator.close()
 
 
 async def collect(stream: AsyncIterator[Chunk]) -> Collected:
@@ -410,6 +425,138 @@ def test_auto_pages_only_where_flash_attn_can_and_true_without_it_is_an_error() 
         paged_attention(True, available=False)
 
 
+# --- batching: engine_settings.parallel and the stats every batching engine reports --------------
+
+
+async def settle(steps: int = 20) -> None:
+    """Let the generator's task and the streams' tasks run a while."""
+    for _ in range(steps):
+        await asyncio.sleep(0)
+
+
+async def test_parallel_is_the_generators_max_batch_size(serve: Callable[..., Served]) -> None:
+    assert serve(parallel=3).generator.generator.max_batch_size == 3
+    assert serve().generator.generator.max_batch_size == 16  # as before `parallel` had a name
+    assert serve(max_batch_size=4).generator.generator.max_batch_size == 4  # that older name
+    assert serve(max_batch_size=4, parallel=2).generator.generator.max_batch_size == 2
+    # Unpaged, the library runs one job at a time, and the stats say so.
+    unpaged = serve(parallel=8, paged=False)
+    assert unpaged.generator.generator.max_batch_size == 1
+    assert unpaged.engine.stats()["parallel"] == 1
+
+
+@pytest.mark.parametrize("value", [0, -1, "four", 2.5, True])
+def test_parallel_below_1_or_not_an_integer_is_a_config_error(value: object) -> None:
+    config = ModelConfig(id="exl", source="exl", engine_settings={"parallel": value})
+    with pytest.raises(ConfigError) as raised:
+        ExLlamaV2Engine(Path("/models/exl"), config)
+    assert raised.value.key == "engine_settings.parallel"
+    assert raised.value.value == value
+    assert "engine_settings.parallel" in str(raised.value)
+    older = ModelConfig(id="exl", source="exl", engine_settings={"max_batch_size": 0})
+    with pytest.raises(ConfigError, match=r"^engine_settings\.max_batch_size: got 0"):
+        ExLlamaV2Engine(Path("/models/exl"), older)
+
+
+async def test_stats_before_any_request(serve: Callable[..., Served]) -> None:
+    stats = serve(parallel=4, cache_tokens=1024).engine.stats()
+    slots = ("parallel", "slots_busy", "slots_free", "running", "waiting")
+    assert [stats[key] for key in slots] == [4, 0, 4, 0, 0]
+    assert (stats["kv_cells_used"], stats["kv_cells_total"]) == (0, 1024)
+    assert (stats["prompt_cache_hit_tokens"], stats["prompt_tokens_evaluated"]) == (0, 0)
+    assert (stats["steps"], stats["sequences_per_step"]) == (0, {})
+
+
+async def test_two_concurrent_streams_are_decoded_in_the_same_steps(
+    serve: Callable[..., Served],
+) -> None:
+    served = serve(parallel=2)
+    streams = [served.engine.generate(request(prompt="Hi", max_tokens=10)) for _ in range(2)]
+    firsts = await asyncio.gather(*(anext(stream) for stream in streams))
+    assert [c.text for c in firsts] == ["Hello", "Hello"]
+    during = served.engine.stats()
+    assert (during["running"], during["waiting"]) == (2, 0)
+    assert (during["slots_busy"], during["slots_free"]) == (2, 0)
+    # "Hi" plus 10 tokens fits a page; each job holds one from its first step.
+    assert (during["kv_cells_used"], during["kv_cells_total"]) == (512, 512)
+    rest = await asyncio.gather(*(collect(stream) for stream in streams))
+    assert ["Hello" + out.text() for out in rest] == ["Hello, world!"] * 2
+    stats = served.engine.stats()
+    assert stats["steps"] == 5  # four tokens and EOS, for both at once
+    assert stats["sequences_per_step"] == {"2": 5}
+    assert (stats["running"], stats["slots_free"], stats["kv_cells_used"]) == (0, 2, 0)
+
+
+async def test_parallel_1_makes_concurrent_streams_take_turns(
+    serve: Callable[..., Served],
+) -> None:
+    served = serve(parallel=1)
+    first = served.engine.generate(request(prompt="Hi", max_tokens=10))
+    assert (await anext(first)).text == "Hello"
+    second = asyncio.create_task(
+        collect(served.engine.generate(request(prompt="Yo", max_tokens=10)))
+    )
+    await settle()
+    during = served.engine.stats()
+    assert (during["running"], during["waiting"]) == (1, 1)
+    assert (during["slots_busy"], during["slots_free"]) == (1, 0)
+    assert (await collect(first)).text() == ", world!"
+    assert (await second).text() == "Hello, world!"
+    stats = served.engine.stats()
+    assert stats["steps"] == 10
+    assert stats["sequences_per_step"] == {"1": 10}
+    assert (stats["waiting"], stats["slots_free"]) == (0, 1)
+
+
+async def test_a_cancelled_stream_frees_its_slot_for_a_waiting_one(
+    serve: Callable[..., Served],
+) -> None:
+    served = serve(script=[8] * 200, cache_tokens=1024, parallel=1)
+    endless = served.engine.generate(request(prompt="Hi", max_tokens=150))
+    await anext(endless)
+    waiting = asyncio.create_task(
+        collect(served.engine.generate(request(prompt="Hi", max_tokens=3)))
+    )
+    await settle()
+    assert served.engine.stats()["waiting"] == 1
+    assert served.engine.stats()["slots_free"] == 0
+    await endless.aclose()  # type: ignore[attr-defined]
+    stats = served.engine.stats()
+    assert (stats["slots_free"], stats["running"], stats["waiting"]) == (1, 0, 1)
+    assert served.generator.cancelled == served.generator.made[:1]
+    assert (await waiting).text() == " again" * 3
+    stats = served.engine.stats()
+    assert (stats["parallel"], stats["slots_free"], stats["waiting"]) == (1, 1, 0)
+    assert stats["kv_cells_used"] == 0
+    # The cancelled job's prompt is not counted: the library reports it only at eos.
+    assert stats["prompt_tokens_evaluated"] == 3
+
+
+async def test_a_cancelled_stream_returns_its_slot(serve: Callable[..., Served]) -> None:
+    served = serve(script=[8] * 200, cache_tokens=1024, parallel=2)
+    stream = served.engine.generate(request(prompt="Hi", max_tokens=150))
+    await anext(stream)
+    assert served.engine.stats()["slots_free"] == 1
+    assert served.engine.stats()["kv_cells_used"] == 256
+    await stream.aclose()  # type: ignore[attr-defined]
+    stats = served.engine.stats()
+    assert (stats["slots_free"], stats["slots_busy"], stats["kv_cells_used"]) == (2, 0, 0)
+
+
+async def test_a_prompt_whose_start_is_cached_counts_as_a_cache_hit(
+    serve: Callable[..., Served],
+) -> None:
+    served = serve(cache_tokens=1024)
+    prompt = "x" * 300  # with BOS, 301 tokens: one whole page and 45 more
+    for _ in range(2):
+        out = await collect(served.engine.generate(request(prompt=prompt, max_tokens=4)))
+        assert out.finish == {0: "length"}
+    stats = served.engine.stats()
+    assert stats["prompt_cache_hit_tokens"] == 256  # the second prompt's first page
+    assert stats["prompt_tokens_evaluated"] == 301 + 45
+    assert stats["sequences_per_step"] == {"1": 8}
+
+
 # --- on a GPU -----------------------------------------------------------------------------------
 
 
@@ -465,5 +612,13 @@ async def test_a_tiny_fp16_llama_streams_and_cancels_on_the_gpu(tmp_path: Path) 
         chat = [{"role": "user", "content": "the sea </ s>"}]
         answered = await collect(engine.generate(request(messages=chat, max_tokens=4)))
         assert answered.finish and engine.active_jobs == 0
+        stats = engine.stats()
+        assert (stats["running"], stats["waiting"], stats["kv_cells_used"]) == (0, 0, 0)
+        assert stats["kv_cells_total"] == 1024  # paged or not (unpaged: one page of 1024)
+        assert stats["steps"] == sum(stats["sequences_per_step"].values()) > 0
+        if engine.paged:  # with flash-attn's paged attention, two streams share steps
+            both = [request(prompt=p, max_tokens=8, temperature=0) for p in ("the sea", "a cat")]
+            await asyncio.gather(*(collect(engine.generate(r)) for r in both))
+            assert "2" in engine.stats()["sequences_per_step"]
     finally:
         await engine.unload()

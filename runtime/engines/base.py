@@ -7,12 +7,13 @@ of Chunks; closing it (or abandoning it) stops the work and frees the engine.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from runtime.config import ModelConfig
+from runtime.errors import ConfigError
 
 CHAT = "chat"
 COMPLETION = "completion"
@@ -131,6 +132,20 @@ def token_budget(request: GenerationRequest, prompt_tokens: int, context_length:
     if request.default_max_tokens is not None and request.default_max_tokens > 0:
         return min(room, request.default_max_tokens)
     return room
+
+
+def parallel_setting(
+    settings: Mapping[str, Any],
+    default: int,
+    where: str = "engine_settings",
+    name: str = "parallel",
+) -> int:
+    """`engine_settings.parallel`: how many sequences an engine decodes together, an integer
+    of at least 1; anything else is a ConfigError naming `{where}.{name}`."""
+    value = settings.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}.{name}", value, "an integer >= 1 (sequences decoded together)")
+    return value
 
 
 class ProviderError(EngineError):

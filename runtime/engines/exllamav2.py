@@ -1,6 +1,7 @@
 """EXL2/GPTQ (and FP16) Hugging Face checkpoints on CUDA with ExLlamaV2's dynamic generator:
-a paged cache shared by every request, continuous batching (each request is one job), streaming,
-and `job.cancel()` when the client goes away.
+a paged cache shared by every request, continuous batching (each request is one job, at most
+`engine_settings.parallel` decoded together), streaming, and `job.cancel()` when the client
+goes away.
 
 exllamav2 is imported only when a model is loaded, so CPU installs never need it. The request
 mapping (`sampler_fields`, `job_fields`, `finish_reason`, `logprobs_of`) is plain code, tested on
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,18 @@ from runtime.engines.base import (
     TokenLogprob,
     UnsupportedRequest,
     Usage,
+    parallel_setting,
     token_budget,
 )
 from runtime.engines.chat_tokens import refuse_control_text
 from runtime.engines.text import render_chat
 
 PAGE = 256  # the dynamic generator allocates its cache in pages of this many tokens
+# Jobs decoded together: the generator's max_batch_size, 16 here since this engine was written
+# (the setting was called max_batch_size). The cache bounds it too: a job holds pages for its
+# prompt plus its max_tokens from its first step, so a request without max_tokens holds a
+# whole context, and cache_size must be parallel x context_length for that many to run at once.
+DEFAULT_PARALLEL = 16
 FINISH = {
     "stop_token": "stop",
     "stop_string": "stop",
@@ -162,7 +170,10 @@ class ExLlamaV2Engine:
         self.cache_tokens = _round_up(int(settings.get("cache_size", config.context_length)), PAGE)
         self.cache_type = str(settings.get("cache_type", "fp16"))
         self.gpu_split: list[float] | None = settings.get("gpu_split")
-        self.max_batch_size = int(settings.get("max_batch_size", 16))
+        # `max_batch_size`, this setting's name before issue 15, still counts without `parallel`.
+        legacy = "max_batch_size" in settings and "parallel" not in settings
+        name = "max_batch_size" if legacy else "parallel"
+        self.parallel = parallel_setting(settings, DEFAULT_PARALLEL, name=name)
         # "auto" (the default): paged when flash-attn >= 2.5.7 is importable, else the library's
         # unpaged mode, which runs one job at a time. True insists on paged attention.
         paged = settings.get("paged", "auto")
@@ -179,19 +190,58 @@ class ExLlamaV2Engine:
         # several requests at once, but one sequence may not outgrow the model's positions.
         self._context_length = config.context_length
         self.active_jobs = 0
+        # Cumulative, from every generator step (see _count_step).
+        self._steps = 0
+        self._sequences_per_step: Counter[str] = Counter()
+        self._prompt_cache_hit_tokens = 0
+        self._prompt_tokens_evaluated = 0
 
     async def load(self) -> None:
         await asyncio.to_thread(self._load_weights)
+        self._start_generator()
+
+    def _start_generator(self) -> None:
+        """The dynamic generator over the loaded model and cache. Its async wrapper starts its
+        own task, so it is made on the event loop. Unpaged, the library runs one job at a time."""
         from exllamav2.generator import ExLlamaV2DynamicGeneratorAsync
 
-        # The async generator starts its own task, so it is made on the event loop.
-        self._generator = ExLlamaV2DynamicGeneratorAsync(
+        generator = ExLlamaV2DynamicGeneratorAsync(
             model=self._model,
             cache=self._cache,
             tokenizer=self._tokenizer,
-            max_batch_size=self.max_batch_size if self.paged else 1,
+            max_batch_size=self.parallel if self.paged else 1,
             paged=bool(self.paged),
         )
+        # The wrapper's task calls `generator.generator.iterate()` once a step, and the library
+        # has no hook for a step: the bound method is wrapped on this instance to count them.
+        iterate = generator.generator.iterate
+
+        def counted_iterate() -> list[dict[str, Any]]:
+            results: list[dict[str, Any]] = iterate()
+            self._count_step(results)
+            return results
+
+        generator.generator.iterate = counted_iterate
+        self._generator = generator
+
+    def _count_step(self, results: list[dict[str, Any]]) -> None:
+        """Step counters from one `iterate()`'s results. Every job decoded in a step returns one
+        "streaming" result; a step with no results did nothing (the wrapper's task spins so
+        while jobs wait for cache pages) and is not counted. A step that only ingests a long
+        prompt, chunk by chunk, counts under "0"."""
+        if not results:
+            return
+        decoded = {result["job"] for result in results if result.get("stage") == "streaming"}
+        self._steps += 1
+        self._sequences_per_step[str(len(decoded))] += 1
+        for result in results:
+            if result.get("eos"):
+                # A finished job's result says how long its prompt was and how much of it
+                # was already in the cache (whole pages another job had filled).
+                prompt = int(result.get("prompt_tokens", 0))
+                cached = min(int(result.get("cached_tokens", 0)), prompt)
+                self._prompt_cache_hit_tokens += cached
+                self._prompt_tokens_evaluated += prompt - cached
 
     def _load_weights(self) -> None:
         try:
@@ -264,6 +314,7 @@ class ExLlamaV2Engine:
             "cache_type": self.cache_type,
             "context_length": self.context_limit,
             "active_jobs": self.active_jobs,
+            **self._batch_stats(),
         }
         try:
             import torch
@@ -277,6 +328,41 @@ class ExLlamaV2Engine:
         if self._cache is not None:
             stats["cache_bytes"] = sum(self._cache.footprint())
         return stats
+
+    def _batch_stats(self) -> dict[str, Any]:
+        """The keys every batching engine reports, read from the dynamic generator's own queue
+        and page table. Each job here is one sequence (no CFG), so jobs count sequences."""
+        core = self._generator.generator if self._generator is not None else None
+        if core is None:
+            parallel, running, waiting = self.parallel, 0, 0
+            page_size, pages, pages_used = PAGE, self.cache_tokens // PAGE, 0
+        else:
+            # max_batch_size, not `parallel`: unpaged, the generator runs one job at a time.
+            parallel = int(core.max_batch_size)
+            running, waiting = len(core.active_jobs), len(core.pending_jobs)
+            # Unpaged, the whole cache is one page.
+            page_size, pages = int(core.page_size), int(core.max_pages)
+            pages_used = len(core.referenced_pages)
+        return {
+            "parallel": parallel,
+            "slots_busy": running,
+            # Slots may be free while jobs wait: a job starts only when the cache also has
+            # free pages for its prompt plus its max_tokens.
+            "slots_free": max(parallel - running, 0),
+            "running": running,
+            "waiting": waiting,
+            # Pages held by running jobs, whole: a job holds its pages from its first step.
+            # Pages no job holds keep their keys and values for a later prompt that starts
+            # the same way, but are free for any job: they are not counted.
+            "kv_cells_used": pages_used * page_size,
+            "kv_cells_total": pages * page_size,
+            # From finished jobs only: the library reports a job's prompt and cached tokens in
+            # its eos result, so a cancelled job's prompt is not counted.
+            "prompt_cache_hit_tokens": self._prompt_cache_hit_tokens,
+            "prompt_tokens_evaluated": self._prompt_tokens_evaluated,
+            "steps": self._steps,
+            "sequences_per_step": dict(self._sequences_per_step),
+        }
 
     @property
     def context_limit(self) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.config import ModelConfig
+from runtime.engines.base import parallel_setting
 from runtime.errors import ConfigError
 
 DEFAULT_PARALLEL = 4
@@ -40,7 +41,8 @@ class LlamaSettings:
 def llama_settings(config: ModelConfig, key: str = "engine_settings") -> LlamaSettings:
     """The settings of `config`, or a ConfigError naming `key`.<setting> and what it needs."""
     settings = dict(config.engine_settings)
-    parallel = _integer(settings.pop("parallel", DEFAULT_PARALLEL), f"{key}.parallel", 1)
+    parallel = parallel_setting(settings, DEFAULT_PARALLEL, key)
+    settings.pop("parallel", None)
     batch_tokens = _integer(
         settings.pop("batch_tokens", settings.pop("n_batch", DEFAULT_BATCH_TOKENS)),
         f"{key}.batch_tokens",

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runtime.code_names import check_import_origin, check_module_name
 from runtime.config import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.base import ModelSpec, parallel_setting
 from runtime.engines.detect import ENGINES, ModelFormatError, detect_engine
 from runtime.engines.llama_settings import llama_settings
 from runtime.errors import ConfigError
@@ -134,8 +134,10 @@ class CustomModelsIntegration(BaseIntegration):
             check_import_origin(f"{key}.source", model.source, _PKG, prefix="pkg:")
         else:
             self._confine(f"{key}.source", self._declared_path(model.source))
+        # Read by each engine when it loads, which may be long after start: checked here too.
+        parallel_setting(model.engine_settings, default=1, where=f"{key}.engine_settings")
         if model.engine == "llama_cpp" or model.source.lower().endswith(".gguf"):
-            llama_settings(model, f"{key}.engine_settings")  # parallel, batch_tokens, n_ctx
+            llama_settings(model, f"{key}.engine_settings")  # batch_tokens, n_ctx, threads
         for name, value in model.engine_settings.items():
             # Files an engine opens besides the weights (llama.cpp's lora_path, lora_base...).
             if name.endswith(("_path", "_base", "_file")) and isinstance(value, str) and value:
