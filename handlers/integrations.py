@@ -8,17 +8,34 @@ from typing import Any
 from runtime.dispatch import Context, Event, HandlerError, Reply
 from runtime.errors import quoted
 from runtime.integrations import IntegrationStatus
+from runtime.telemetry.batching import batching_stats
 
 
 async def status(event: Event, ctx: Context) -> dict[str, Any]:
-    """Every configured integration with its status, health and (masked) settings, and the
-    runtime's configuration `warnings` (`[{code, message}]`, empty when there are none)."""
+    """Every configured integration with its status, health and (masked) settings, the
+    runtime's configuration `warnings` (`[{code, message}]`, empty when there are none), and
+    `models`: each model whose engine batches, with its slots busy and free, sequences running
+    and requests waiting (a runner-placed model: as the runner last said)."""
     manager = ctx.integrations
     return {
         **manager.summary(),
         "integrations": {name: i.describe() for name, i in manager.integrations.items()},
+        "models": batching_models(ctx),
         "warnings": ctx.runtime.warnings(),
     }
+
+
+def batching_models(ctx: Context) -> dict[str, dict[str, Any]]:
+    found = {}
+    for model in ctx.models.describe_all():
+        batching = batching_stats(model.get("stats"))
+        if batching is not None:
+            found[model["id"]] = {
+                "provider": model["provider"],
+                "state": model["state"],
+                **batching.slots(),
+            }
+    return found
 
 
 async def health(event: Event, ctx: Context) -> Reply:

@@ -15,6 +15,7 @@ from runtime.dispatch import Context, Event, HandlerError
 from runtime.events import BusEvent
 from runtime.integrations.database import DatabaseIntegration
 from runtime.secrets import redact_text
+from runtime.telemetry.batching import slot_fields
 from runtime.telemetry.live import GenerationRequestRecord
 
 RECORD_FIELDS = [name for name in GenerationRequestRecord.__dataclass_fields__ if name != "id"]
@@ -47,6 +48,8 @@ def _models(ctx: Context) -> list[dict[str, Any]]:
                 "state": model["state"],
                 "in_flight": model["in_flight"],
                 "queue_depth": int(queued) if queued is not None else 0,
+                # A batching engine's slots and sequences; None for the other engines.
+                **slot_fields(stats),
             }
         )
     return found
@@ -58,8 +61,9 @@ def _snapshot(ctx: Context, event: Event) -> dict[str, Any]:
 
 
 async def snapshot(event: Event, ctx: Context) -> dict[str, Any]:
-    """Requests, tokens/s, latency percentiles, in flight, queue depth, per model, over the last
-    `window` seconds (default 60) of this worker."""
+    """Requests, tokens/s, latency percentiles, in flight, queue depth, per model (with a
+    batching engine's slots busy and free, sequences running and requests waiting), over the
+    last `window` seconds (default 60) of this worker."""
     return _snapshot(ctx, event)
 
 

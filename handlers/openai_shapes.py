@@ -11,6 +11,7 @@ from typing import Any
 from handlers.generation import Outcome
 from runtime.engines.base import Chunk, TokenLogprob, Usage
 from runtime.models import LocalModel
+from runtime.telemetry.batching import batching_stats
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,10 @@ class Meta:
 
 
 def model_card(model: LocalModel) -> dict[str, Any]:
+    """OpenAI's model object, plus Tiffin's fields; `slots_busy` and `slots_free` only where
+    the engine batches (and is loaded)."""
     described = model.describe()
+    batching = batching_stats(described["stats"])
     return {
         "id": model.id,
         "object": "model",
@@ -31,6 +35,11 @@ def model_card(model: LocalModel) -> dict[str, Any]:
             k: described[k]
             for k in ("provider", "engine", "state", "capabilities", "aliases", "context_length")
         },
+        **(
+            {}
+            if batching is None
+            else {"slots_busy": batching.slots_busy, "slots_free": batching.slots_free}
+        ),
     }
 
 

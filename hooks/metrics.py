@@ -3,7 +3,8 @@
 Registered by the Runtime (with `trylast`, like every built-in) when `telemetry.metrics` is on.
 Requests and generations are recorded as they finish; model loads and integration status from
 bus events; gauges that describe state (CPU, memory, GPU, queue depth, loaded models,
-integrations up) are sampled every `telemetry.sample_interval_s` seconds.
+integrations up, the batching engines' slots and counts) are sampled every
+`telemetry.sample_interval_s` seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import structlog
 
 from hooks.specs import hookimpl
+from runtime.telemetry.batching import batching_stats
 from runtime.telemetry.metrics import GenerationRecord, Metrics, RequestRecord, error_type_for
 from runtime.telemetry.resources import ResourceReader
 
@@ -135,8 +137,15 @@ class MetricsPlugin:
             m.gpu_memory.labels(str(gpu.index)).set(gpu.used_bytes)
             m.gpu_memory_total.labels(str(gpu.index)).set(gpu.total_bytes)
         for model in runtime.models.models.values():
-            waiting = model.in_flight if model.engine is None else _queued(model.engine)
+            stats = None if model.engine is None else _stats(model.engine)
+            waiting = model.in_flight if stats is None else _queued(stats)
             m.queue_depth.labels(model.id, model.spec.provider).set(waiting)
+            # In-process engines only: a runner's stats are a copy each API worker holds.
+            batching = batching_stats(stats, runner=False)
+            if batching is None:
+                m.engines.gone(model.id, model.spec.provider)
+            else:
+                m.engines.observe(model.id, model.spec.provider, model.engine, batching)
             # Its counters and histograms exist at 0 before its first load and generation, so
             # increase() sees the first one (a series born at 1 has no earlier sample). Models
             # a platform offers later get theirs at the next sample.
@@ -186,8 +195,16 @@ def served_routes(settings: Any) -> dict[str, list[str]]:
     return served
 
 
-def _queued(engine: Any) -> int:
+def _stats(engine: Any) -> dict[str, Any]:
     try:
-        return int(engine.stats().get("queued", 0))
-    except Exception:
+        stats = engine.stats()
+    except Exception:  # an engine failing to say how it is must not stop the sampling
+        return {}
+    return stats if isinstance(stats, dict) else {}
+
+
+def _queued(stats: dict[str, Any]) -> int:
+    try:
+        return int(stats.get("queued", 0))
+    except (TypeError, ValueError):
         return 0

@@ -1,7 +1,8 @@
 """A scriptable engine for tests of the router and handlers (never of an engine itself):
 `enqueue(["Hel", "lo"])` sets what the next generation yields (an exception in the list is raised
 at that point, as an engine failing mid-stream would); `gate` can hold a generation open so tests
-can fill queues or time out deterministically."""
+can fill queues or time out deterministically. `extra_stats` is merged into `stats()`, so a test
+can make it report what a batching engine reports (slots, KV cells, decode steps)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class ScriptedEngine:
         self.gate: asyncio.Event | None = None
         self.closed = 0
         self.fail_load: str | None = None
+        self.extra_stats: dict[str, Any] = {}
 
     def enqueue(self, pieces: list[str | Exception]) -> None:
         self.script.append(pieces)
@@ -69,4 +71,23 @@ class ScriptedEngine:
         return [ord(c) for c in text]
 
     def stats(self) -> dict[str, Any]:
-        return {"engine": "scripted", "requests": len(self.requests)}
+        return {"engine": "scripted", "requests": len(self.requests), **self.extra_stats}
+
+
+def batching(**changes: Any) -> dict[str, Any]:
+    """What a batching engine's `stats()` adds (issue 15's contract), with `changes` applied: 8
+    slots, 3 busy; 2 requests waiting; 10 decode steps so far, 4 of one sequence and 6 of three."""
+    return {
+        "parallel": 8,
+        "slots_busy": 3,
+        "slots_free": 5,
+        "running": 3,
+        "waiting": 2,
+        "kv_cells_used": 1200,
+        "kv_cells_total": 4096,
+        "prompt_cache_hit_tokens": 100,
+        "prompt_tokens_evaluated": 40,
+        "steps": 10,
+        "sequences_per_step": {"1": 4, "3": 6},
+        **changes,
+    }

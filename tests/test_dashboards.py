@@ -107,12 +107,41 @@ def test_the_four_dashboards() -> None:
 def test_every_metric_family_is_on_a_dashboard() -> None:
     used = " ".join(promql_expressions())
     families: list[Metric] = list(Metrics().registry.collect())
-    assert len(families) == 18
+    assert len(families) == 27
     for family in families:
         name = {"counter": f"{family.name}_total", "histogram": f"{family.name}_bucket"}.get(
             family.type, family.name
         )
         assert re.search(rf"\b{name}\b", used), f"{name} is on no dashboard"
+
+
+def test_model_performance_shows_the_batching_engines() -> None:
+    model = build_dashboards()[1]
+    titles = [p["title"] for p in model["panels"]]
+    batching = titles[titles.index("Batching") + 1 :]
+    assert batching == [
+        "Running sequences vs slots",
+        "Requests waiting for a slot",
+        "KV cache cells used vs total",
+        "Prompt tokens/s: prompt cache hits vs evaluated",
+        "Prompt cache hit ratio",
+        "Sequences per decode step",
+    ]
+    used = " ".join(promql_expressions(model))
+    for name in (
+        "llm_engine_sequences_running",
+        "llm_engine_slots_total",
+        "llm_engine_requests_waiting",
+        "llm_engine_kv_cells_used",
+        "llm_engine_kv_cells_total",
+        "llm_engine_prompt_cache_hit_tokens_total",
+        "llm_engine_prompt_tokens_evaluated_total",
+    ):
+        assert re.search(rf"\b{name}\{{model=~", used), name
+    assert (
+        "histogram_quantile(0.95, sum by (model, le) (rate(llm_engine_sequences_per_step_bucket"
+        in used
+    )
 
 
 def test_the_content_marker_follows_the_content() -> None:

@@ -26,6 +26,7 @@ from runtime.engines.base import ModelSpec
 from runtime.transports.http import create_app
 from tests.chromium import chromium_page
 from tests.conftest import TEST_OVERRIDES, eventually, free_port
+from tests.scripted_engine import batching
 from tests.served import Served as ServedProcess
 from tests.test_openai_api import ScriptedEngines, chat
 
@@ -99,6 +100,22 @@ async def test_models_query(gql: Gql) -> None:
         "capabilities": ["chat", "completion"],
     }
     assert set(models) == {"m1", "broken"}
+
+
+async def test_models_query_shows_a_batching_engines_slots(gql: Gql) -> None:
+    await gql.runtime.models.load("m1")
+    gql.plugin.built["m1"].extra_stats = batching(slots_busy=5, slots_free=3)
+    document = """{
+      models { id slotsBusy slotsFree }
+      metrics { models { id slotsBusy slotsFree running waiting } }
+    }"""
+    answer = data(await gql(document))
+    models = {m["id"]: m for m in answer["models"]}
+    assert models["m1"] == {"id": "m1", "slotsBusy": 5, "slotsFree": 3}
+    assert models["broken"] == {"id": "broken", "slotsBusy": None, "slotsFree": None}
+    live = {m["id"]: m for m in answer["metrics"]["models"]}
+    assert live["m1"] == {"id": "m1", "slotsBusy": 5, "slotsFree": 3, "running": 3, "waiting": 2}
+    assert live["broken"]["slotsBusy"] is None and live["broken"]["waiting"] is None
 
 
 async def test_integrations_query(gql: Gql) -> None:

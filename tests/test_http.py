@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -10,7 +11,9 @@ import pytest
 
 from hooks import hookimpl
 from runtime.app import Runtime
+from runtime.config import ModelConfig
 from runtime.dispatch import Event
+from runtime.engines.base import ModelSpec
 from runtime.transports.http import create_app
 from tests.conftest import eventually
 from tests.fakes import Scripted
@@ -58,6 +61,33 @@ async def test_status_lists_every_integration_with_secrets_masked(
         "api_key": "***",
     }
     assert "hunter2" not in response.text and "sk-dashboards-secret" not in response.text
+
+
+async def test_status_shows_the_slots_of_each_batching_model(make_runtime: MakeRuntime) -> None:
+    from tests.scripted_engine import batching
+    from tests.test_openai_api import ScriptedEngines  # here: that module imports this one
+
+    engines = ScriptedEngines()
+    runtime = make_runtime(builtins=[engines])
+    for model_id in ("m1", "m2", "m3"):
+        config = ModelConfig(id=model_id, source="x")
+        runtime.models.register(ModelSpec(config, Path("x"), "scripted", provider="local"))
+    async with await client_for(runtime) as http:
+        assert (await http.get("/integrations/status")).json()["models"] == {}
+        for model_id in ("m1", "m2"):
+            await runtime.models.load(model_id)
+        engines.built["m1"].extra_stats = batching(slots_busy=1, slots_free=7, running=1)
+        body = (await http.get("/integrations/status")).json()
+    assert body["models"] == {  # m2 does not batch, m3 is not loaded
+        "m1": {
+            "provider": "local",
+            "state": "loaded",
+            "slots_busy": 1,
+            "slots_free": 7,
+            "running": 1,
+            "waiting": 2,
+        }
+    }
 
 
 async def test_one_integration_status_and_404_for_unknown(client: httpx.AsyncClient) -> None:

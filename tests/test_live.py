@@ -20,6 +20,7 @@ from runtime.engines.base import ModelSpec
 from runtime.events import BusEvent
 from runtime.telemetry.live import LiveStats, percentile
 from runtime.transports.http import create_app
+from tests.scripted_engine import ScriptedEngine, batching
 from tests.test_openai_api import ScriptedEngines, chat
 
 MakeRuntime = Callable[..., Runtime]
@@ -126,3 +127,24 @@ def test_percentiles_and_bounded_memory() -> None:
         stats.request_started()
         stats.request_finished(str(i), "chat_completions", "http", "m", "local", 200, 0.1)
     assert len(stats.recent(100)) == 10 and stats.totals["requests"] == 50
+
+
+async def test_the_snapshot_shows_a_batching_engines_slots(
+    runtime: Runtime, http: httpx.AsyncClient
+) -> None:
+    await runtime.models.load("m1")
+    engine = runtime.models.get("m1").engine
+    assert isinstance(engine, ScriptedEngine)
+    engine.extra_stats = batching(slots_busy=6, slots_free=2, running=6, waiting=1)
+    snap = (await http.get("/metrics/live")).json()
+    by_id = {m["id"]: m for m in snap["models"]}
+    assert {k: by_id["m1"][k] for k in ("slots_busy", "slots_free", "running", "waiting")} == {
+        "slots_busy": 6,
+        "slots_free": 2,
+        "running": 6,
+        "waiting": 1,
+    }
+    # m2 is not loaded, and its engine would not batch anyway: no slots to show.
+    assert [by_id["m2"][k] for k in ("slots_busy", "slots_free", "running", "waiting")] == [
+        None
+    ] * 4

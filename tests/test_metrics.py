@@ -23,6 +23,7 @@ from runtime.engines.base import ModelSpec
 from runtime.telemetry.metrics import ROUTE_ERRORS, Metrics
 from runtime.transports.http import create_app
 from tests.conftest import ROOT, cli_env
+from tests.scripted_engine import batching
 from tests.test_openai_api import ScriptedEngines, chat
 
 MakeRuntime = Callable[..., Runtime]
@@ -389,3 +390,112 @@ async def test_an_integration_waiting_for_its_dependency_is_not_up(
     scrape = Scrape(body.decode())
     assert scrape.value("integration_up", name="db") == 0
     assert scrape.value("integration_up", name="cache") == 0
+
+
+# --- batching engines (issue 15) ------------------------------------------------------------------
+
+
+def _sample(api: Api) -> None:
+    from hooks.metrics import MetricsPlugin
+
+    plugin = api.runtime.plugins.get_plugin("tiffin.builtin.MetricsPlugin")
+    assert isinstance(plugin, MetricsPlugin)
+    plugin.sample()
+
+
+async def test_a_batching_engine_is_sampled_into_the_engine_families(api: Api) -> None:
+    engine = await _loaded(api, "m1")
+    engine.extra_stats = batching()
+    _sample(api)
+    m = await api.scrape()
+    labels = {"model": "m1", "provider": "local"}
+    assert m.value("llm_engine_sequences_running", **labels) == 3
+    assert m.value("llm_engine_requests_waiting", **labels) == 2
+    assert m.value("llm_engine_slots_busy", **labels) == 3
+    assert m.value("llm_engine_slots_total", **labels) == 8
+    assert m.value("llm_engine_kv_cells_used", **labels) == 1200
+    assert m.value("llm_engine_kv_cells_total", **labels) == 4096
+    assert m.value("llm_engine_prompt_cache_hit_tokens_total", **labels) == 100
+    assert m.value("llm_engine_prompt_tokens_evaluated_total", **labels) == 40
+    assert m.value("llm_engine_sequences_per_step_count", **labels) == 10
+    assert m.value("llm_engine_sequences_per_step_bucket", **labels, le="1.0") == 4
+    assert m.value("llm_engine_sequences_per_step_bucket", **labels, le="2.0") == 4
+    assert m.value("llm_engine_sequences_per_step_bucket", **labels, le="4.0") == 10
+    assert m.value("llm_engine_sequences_per_step_sum", **labels) == 22
+
+    engine.extra_stats = batching(
+        slots_busy=8,
+        slots_free=0,
+        prompt_cache_hit_tokens=160,
+        prompt_tokens_evaluated=90,
+        sequences_per_step={"1": 4, "3": 6, "8": 2},
+    )
+    _sample(api)
+    _sample(api)  # a second reading of the same counts adds nothing
+    m = await api.scrape()
+    assert m.value("llm_engine_slots_busy", **labels) == 8
+    assert m.value("llm_engine_prompt_cache_hit_tokens_total", **labels) == 160
+    assert m.value("llm_engine_prompt_tokens_evaluated_total", **labels) == 90
+    assert m.value("llm_engine_sequences_per_step_count", **labels) == 12
+    assert m.value("llm_engine_sequences_per_step_bucket", **labels, le="8.0") == 12
+    assert m.value("llm_engine_sequences_per_step_sum", **labels) == 38
+    # Engines that do not batch have no engine series (m1's only).
+    assert {s.labels["model"] for s in m.samples if s.name.startswith("llm_engine_")} == {"m1"}
+
+    await api.runtime.models.unload("m1")
+    _sample(api)
+    m = await api.scrape()
+    assert m.value("llm_engine_slots_total", **labels) == 0
+    assert m.value("llm_engine_sequences_running", **labels) == 0
+    assert m.value("llm_engine_prompt_cache_hit_tokens_total", **labels) == 160
+
+    reloaded = await _loaded(api, "m1")
+    assert reloaded is not engine
+    reloaded.extra_stats = batching(prompt_cache_hit_tokens=5, sequences_per_step={"2": 1})
+    _sample(api)
+    m = await api.scrape()
+    assert m.value("llm_engine_slots_total", **labels) == 8
+    assert m.value("llm_engine_prompt_cache_hit_tokens_total", **labels) == 165
+    assert m.value("llm_engine_sequences_per_step_count", **labels) == 13
+
+
+async def test_a_runner_placed_model_and_a_failing_engine_add_no_engine_series(api: Api) -> None:
+    """A runner's stats reach every API worker as a copy: each would add them again."""
+    engine = await _loaded(api, "m1")
+    engine.extra_stats = {"placement": "runner", "runner": batching()}
+    embedder = await _loaded(api, "embedder")
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("the scheduler thread died")
+
+    embedder.stats = broken  # type: ignore[method-assign]
+    _sample(api)
+    m = await api.scrape()
+    assert not [s for s in m.samples if s.name.startswith("llm_engine_")]
+    assert m.value("llm_queue_depth", model="embedder") == 0
+
+
+async def test_engine_families_add_up_every_worker_under_multiprocess_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers, each with its own engine of m1: slots and counts add up in one scrape."""
+    script = (
+        "from runtime.telemetry.batching import batching_stats\n"
+        "from runtime.telemetry.metrics import Metrics\n"
+        "from tests.scripted_engine import batching\n"
+        "m = Metrics()\n"
+        "m.engines.observe('m1', 'local', object(), batching_stats(batching(slots_busy={n})))\n"
+    )
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for n in (2, 3):
+        process = await asyncio.create_subprocess_exec(
+            _python(), "-c", script.format(n=n), env=env, cwd=str(ROOT)
+        )
+        assert await process.wait() == 0
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    m = Scrape(Metrics().exposition()[0].decode())
+    assert m.value("llm_engine_slots_busy", model="m1") == 5
+    assert m.value("llm_engine_slots_total", model="m1") == 16
+    assert m.value("llm_engine_kv_cells_total", model="m1") == 2 * 4096
+    assert m.value("llm_engine_prompt_cache_hit_tokens_total", model="m1") == 200
+    assert m.value("llm_engine_sequences_per_step_count", model="m1") == 20

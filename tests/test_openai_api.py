@@ -19,7 +19,7 @@ from runtime.config import ModelConfig
 from runtime.engines.base import EMBEDDINGS, EngineError, ModelSpec
 from runtime.transports.http import create_app
 from tests.conftest import eventually
-from tests.scripted_engine import ScriptedEngine
+from tests.scripted_engine import ScriptedEngine, batching
 from tests.test_http import assert_openai_error
 
 MakeRuntime = Callable[..., Runtime]
@@ -195,6 +195,15 @@ async def test_invalid_json_is_400(api: Api) -> None:
         "/v1/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"}
     )
     assert assert_openai_error(response, 400, "invalid_request_error")["code"] == "invalid_json"
+
+
+async def test_a_model_card_has_slots_only_where_the_engine_batches(api: Api) -> None:
+    (await api.engine("m1")).extra_stats = batching(slots_busy=2, slots_free=6)
+    await api.engine("embedder")
+    cards = {c["id"]: c for c in (await api.http.get("/v1/models")).json()["data"]}
+    assert (cards["m1"]["slots_busy"], cards["m1"]["slots_free"]) == (2, 6)
+    assert "slots_busy" not in cards["embedder"] and "slots_free" not in cards["broken"]
+    assert (await api.http.get("/v1/models/m1")).json()["slots_free"] == 6
 
 
 async def test_unknown_model_is_404_with_close_matches(api: Api) -> None:

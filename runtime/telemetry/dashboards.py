@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from runtime.telemetry.engine_panels import batching_panels
 from runtime.telemetry.panels import (
     Json,
     dashboard,
@@ -242,8 +243,14 @@ def model_performance() -> Json:
     return dashboard(
         UIDS[1],
         "Model Performance",
-        "Per model: time to first token, decode speed, throughput, errors, queues and loads.",
-        [("Speed", speed), ("Throughput", throughput), ("Capacity", capacity)],
+        "Per model: time to first token, decode speed, throughput, errors, queues and loads,"
+        " and the batching engines' slots, KV cache, prompt cache and sequences per step.",
+        [
+            ("Speed", speed),
+            ("Throughput", throughput),
+            ("Capacity", capacity),
+            ("Batching", batching_panels(MODEL)),
+        ],
         variables=[label_variable("model", "Model", "llm_tokens_total")],
         tags=["llm", "models"],
     )

@@ -138,7 +138,8 @@ class LiveStats:
 
     def snapshot(self, models: Iterable[dict[str, Any]], window_s: float = 60.0) -> dict[str, Any]:
         """Totals since start, rates and latency percentiles over the last `window_s` seconds,
-        and per-model state (`models`: id, provider, state, in_flight, queue_depth)."""
+        and per-model state (`models`: id, provider, state, in_flight, queue_depth and, from a
+        batching engine, slots_busy, slots_free, running, waiting)."""
         now = self._clock()
         since = now - window_s
         span = max(min(window_s, now - self.started_at), 1e-9)

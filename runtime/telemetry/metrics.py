@@ -27,6 +27,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from runtime.telemetry.engine_metrics import EngineMetrics
+
 # Seconds: LLM requests run from milliseconds (cached, errors) to minutes (long generations).
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -239,6 +241,8 @@ class Metrics:
             ("name",),
             registry=r,
         )
+        # The batching engines' slots, KV cells, prompt cache and decode steps (`llm_engine_*`).
+        self.engines = EngineMetrics(r)
 
     # --- series known from the start -----------------------------------------------------------
 

@@ -43,6 +43,18 @@ class ModelMetrics:
     requests: int
     completion_tokens_per_s: float
     latency_p95_s: float | None
+    slots_busy: int | None = strawberry.field(
+        default=None, description="Slots of a batching engine in use; null for other engines."
+    )
+    slots_free: int | None = strawberry.field(
+        default=None, description="Slots of a batching engine free; null for other engines."
+    )
+    running: int | None = strawberry.field(
+        default=None, description="Sequences a batching engine is prefilling or decoding."
+    )
+    waiting: int | None = strawberry.field(
+        default=None, description="Requests waiting inside a batching engine for a slot."
+    )
 
 
 @strawberry.type(description="This worker's live metrics over the last `windowS` seconds.")
@@ -113,6 +125,10 @@ def metrics_snapshot(snapshot: dict[str, Any]) -> MetricsSnapshot:
                 requests=int(m.get("requests") or 0),
                 completion_tokens_per_s=float(m.get("completion_tokens_per_s") or 0.0),
                 latency_p95_s=m.get("latency_p95_s"),
+                slots_busy=m.get("slots_busy"),
+                slots_free=m.get("slots_free"),
+                running=m.get("running"),
+                waiting=m.get("waiting"),
             )
             for m in snapshot.get("models") or []
         ],

@@ -19,6 +19,15 @@ class Model:
     engine: str | None = None
     aliases: list[str] = strawberry.field(default_factory=list)
     context_length: int | None = None
+    slots_busy: int | None = strawberry.field(
+        default=None,
+        description="Slots of a batching engine decoding a sequence now; null when the model's "
+        "engine does not batch or is not loaded.",
+    )
+    slots_free: int | None = strawberry.field(
+        default=None,
+        description="Slots of a batching engine free for a new request; null as for slotsBusy.",
+    )
 
 
 @strawberry.type(description="One configured integration and its state.")
@@ -83,6 +92,8 @@ def model(card: dict[str, Any]) -> Model:
         engine=card.get("engine"),
         aliases=list(card.get("aliases") or []),
         context_length=card.get("context_length"),
+        slots_busy=card.get("slots_busy"),
+        slots_free=card.get("slots_free"),
     )
 
 
