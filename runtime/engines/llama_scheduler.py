@@ -424,18 +424,18 @@ class BatchScheduler:
         job = sequence.job
         job.unfinished -= 1
         last = job.unfinished == 0
-        job.send(
-            Chunk(
-                index=sequence.index,
-                text=sequence.text.flush(),
-                logprobs=sequence.logprobs,
-                finish_reason=reason,
-                usage=Usage(len(job.prompt), job.completion_tokens) if last else None,
-            )
+        chunk = Chunk(
+            index=sequence.index,
+            text=sequence.text.flush(),
+            logprobs=sequence.logprobs,
+            finish_reason=reason,
+            usage=Usage(len(job.prompt), job.completion_tokens) if last else None,
         )
+        # Free before the caller hears the end, so stats read after a stream are settled.
+        self._free(sequence, keep_cells=True)
+        job.send(chunk)
         if last:
             job.send(_DONE)
-        self._free(sequence, keep_cells=True)
 
 
 def _put(batch: Any, row: int, token: int, position: int, seq_id: int, output: bool) -> None:
