@@ -23,16 +23,31 @@ token) and inter-token latency p50/p95 (gaps between a stream's tokens), pooled 
 
 --busy adds, each repeat, one single-stream wave per system with one bounded busy-loop process
 per core running beside it, against the quiet single-stream waves (the issue's "threads
-collapse on a busy CPU"). A wave ends at --wave-timeout (a busy one at --busy-seconds): what
-arrived by then is counted. The load average lags by about a minute: the quiet waves just after
-a busy one show a high load with the loops already gone.
+collapse on a busy CPU"). With it, a second Tiffin runs with its default settings (no n_threads,
+no parallel given: what a user gets), as the system `defaults`, in the single-stream waves only.
+
+--sampled adds, each repeat, one single-stream wave per served system with Gemma's sampling
+(temperature 1.0, top_p 0.95, top_k 64), against the direct (greedy) decode.
+
+--join adds, each repeat, two Tiffin-only scenarios: a ninth request sent 1 s into a wave of 8
+streams (its TTFT), and a prompt of about 2,000 tokens sent 1 s into a wave of 4 streams (the
+longest gap between two tokens of the 4 running streams from then until the long request's first
+token, which is when its prefill ends).
+
+A wave ends at --wave-timeout (a busy one at --busy-seconds): what arrived by then is counted.
+The load average lags by about a minute: the quiet waves just after a busy one show a high load
+with the loops already gone.
+
+Tiffin runs with --parallel 16 slots by default, more than the largest wave, so that the ninth
+request of --join finds a free slot (llama.cpp's server needs `--parallel 9` for the same).
 
 A single stream of 128 tokens lasts about 1.5 s, and on 2 cores the served systems' rate swings
 from one such wave to the next (40-85 tok/s seen for the same server): use --repeats 5 or more
 when the single-stream figure matters.
 
     .venv/bin/python scripts/bench_concurrency.py [--concurrency 1,2,4,8] [--max-tokens 128]
-        [--repeats 2] [--systems tiffin,server,direct] [--threads 2] [--busy] [--json]
+        [--repeats 2] [--systems tiffin,server,direct] [--threads 2] [--parallel 8] [--busy]
+        [--sampled] [--join] [--json]
 
 Prints a table and one JSON line (the line alone with --json).
 """
@@ -76,6 +91,9 @@ TOPICS = (
 # temperature 1.0; llama-cpp-python's server has repeat_penalty 1.1 and min_p 0.05).
 GREEDY: dict[str, Any] = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 GREEDY |= {"repeat_penalty": 1.0}
+# Gemma's recommended sampling (the packaged model's defaults).
+SAMPLED: dict[str, Any] = {"temperature": 1.0, "top_p": 0.95, "top_k": 64, "min_p": 0.0}
+SAMPLED |= {"repeat_penalty": 1.0}
 
 
 def prompts(count: int) -> list[str]:
@@ -98,6 +116,8 @@ class Settings:
     n_ctx: int
     parallel: int
     busy: bool
+    sampled: bool
+    join: bool
     busy_seconds: float
     wave_timeout: float
     env: str
@@ -123,6 +143,7 @@ class Wave:
     system: str
     concurrency: int
     busy: bool
+    sampled: bool
     repeat: int
     wall_s: float
     streams: list[Stream]
@@ -255,10 +276,16 @@ def put(batch: Any, slot: int, token: int, position: int, sequence: int, output:
 
 
 async def http_stream(
-    client: httpx.AsyncClient, base: str, prompt: str, max_tokens: int, start: float, until: float
+    client: httpx.AsyncClient,
+    base: str,
+    prompt: str,
+    max_tokens: int,
+    start: float,
+    until: float,
+    sampling: dict[str, Any] = GREEDY,
 ) -> Stream:
     """One streamed completion; times from `start` (the wave's), cut at `until`."""
-    body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": max_tokens, **GREEDY}
+    body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": max_tokens, **sampling}
     body |= {"stream": True, "stream_options": {"include_usage": True}}
     stream, usage = Stream(), None
     async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
@@ -282,16 +309,56 @@ async def http_stream(
 
 
 async def http_wave(
-    client: httpx.AsyncClient, base: str, texts: list[str], max_tokens: int, limit_s: float
+    client: httpx.AsyncClient,
+    base: str,
+    texts: list[str],
+    max_tokens: int,
+    limit_s: float,
+    sampling: dict[str, Any] = GREEDY,
 ) -> list[Stream]:
     start = time.perf_counter()
-    streams = (http_stream(client, base, t, max_tokens, start, start + limit_s) for t in texts)
+    until = start + limit_s
+    streams = (http_stream(client, base, t, max_tokens, start, until, sampling) for t in texts)
     return list(await asyncio.gather(*streams))
 
 
-def tiffin_command(settings: Settings, port: int, work: Path) -> list[str]:
+async def join_scenarios(client: httpx.AsyncClient, base: str, max_tokens: int) -> dict[str, float]:
+    """Tiffin alone: the ninth request's TTFT while 8 stream, and the longest pause of 4
+    running streams while a ~2,000-token prompt is prefilled beside them."""
+    start = time.perf_counter()
+    until = start + 300
+
+    async def late(prompt: str, tokens: int) -> Stream:
+        await asyncio.sleep(1.0)
+        return await http_stream(client, base, prompt, tokens, start, until)
+
+    running = [http_stream(client, base, t, max_tokens, start, until) for t in prompts(8)]
+    *_, ninth = await asyncio.gather(*running, late(prompts(9)[8], 16))
+    long_prompt = " ".join(["The river ran on past the mill and the old stone bridge."] * 150)
+    start = time.perf_counter()
+    running = [http_stream(client, base, t, max_tokens, start, until) for t in prompts(4)]
+    *four, joined = await asyncio.gather(*running, late(long_prompt, 4))
+    end = joined.ttft or 0.0
+    gaps = [
+        b - a
+        for stream in four
+        for a, b in zip(stream.times, stream.times[1:], strict=False)
+        if b >= 1.0 and a <= end
+    ]
+    return {
+        "ninth_ttft_ms": (ninth.ttft or 0.0) * 1e3 - 1e3,
+        "long_prompt_ttft_ms": end * 1e3 - 1e3,
+        "long_prompt_max_gap_ms": max(gaps, default=0.0) * 1e3,
+    }
+
+
+def tiffin_command(settings: Settings, port: int, work: Path, defaults: bool = False) -> list[str]:
     """One worker, only the chat model (the embeddings model is not preloaded, and never
-    asked for), n_threads as given."""
+    asked for), n_threads and parallel as given, or Tiffin's own defaults for both."""
+    tuned = [
+        f"++{MODELS}.0.engine_settings.n_threads={settings.threads}",
+        f"++{MODELS}.0.engine_settings.parallel={settings.parallel}",
+    ]
     return [
         sys.executable,
         "-m",
@@ -301,10 +368,9 @@ def tiffin_command(settings: Settings, port: int, work: Path) -> list[str]:
         "server.workers=1",
         "server.host=127.0.0.1",
         f"server.http_port={port}",
-        f"server.run_dir={work / 'tiffin-run'}",
+        f"server.run_dir={work / ('defaults-run' if defaults else 'tiffin-run')}",
         f"{MODELS}.0.context_length={settings.n_ctx}",
-        f"++{MODELS}.0.engine_settings.n_threads={settings.threads}",
-        f"++{MODELS}.0.engine_settings.parallel={settings.parallel}",
+        *([] if defaults else tuned),
         f"{MODELS}.1.preload=false",
     ]
 
@@ -352,6 +418,12 @@ class Systems:
                 serving(tiffin_command(settings, port, work), f"{base}/readyz", work / "tiffin.log")
             )
             self.bases["tiffin"] = base
+        if "defaults" in settings.systems:
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            command = tiffin_command(settings, port, work, defaults=True)
+            stack.enter_context(serving(command, f"{base}/readyz", work / "defaults.log"))
+            self.bases["defaults"] = base
         if "server" in settings.systems:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
@@ -363,7 +435,13 @@ class Systems:
             stack.callback(self.direct.close)
 
     async def wave(
-        self, client: httpx.AsyncClient, system: str, size: int, max_tokens: int, limit_s: float
+        self,
+        client: httpx.AsyncClient,
+        system: str,
+        size: int,
+        max_tokens: int,
+        limit_s: float,
+        sampling: dict[str, Any] = GREEDY,
     ) -> tuple[float, list[Stream]]:
         texts = prompts(size)
         start = time.perf_counter()
@@ -371,7 +449,8 @@ class Systems:
             assert self.direct is not None
             streams = self.direct.wave(texts, max_tokens, limit_s)
         else:
-            streams = await http_wave(client, self.bases[system], texts, max_tokens, limit_s)
+            base = self.bases[system]
+            streams = await http_wave(client, base, texts, max_tokens, limit_s, sampling)
         ends = [s.times[-1] for s in streams if s.times]
         return (max(ends) if ends else time.perf_counter() - start), streams
 
@@ -391,26 +470,42 @@ async def measure(settings: Settings, model: Path) -> tuple[list[Wave], dict[str
                 for size in settings.concurrency if system == "direct" else (1,):
                     await systems.wave(client, system, size, min(4, settings.max_tokens), 60)
 
-            async def one(system: str, size: int, repeat: int, busy: bool) -> None:
+            async def one(
+                system: str, size: int, repeat: int, busy: bool, sampled: bool = False
+            ) -> None:
                 timeout = settings.busy_seconds - 1 if busy else settings.wave_timeout
+                sampling = SAMPLED if sampled else GREEDY
                 before = os.getloadavg()[0]
                 wall, streams = await systems.wave(
-                    client, system, size, settings.max_tokens, timeout
+                    client, system, size, settings.max_tokens, timeout, sampling
                 )
                 after = os.getloadavg()[0]
-                waves.append(Wave(system, size, busy, repeat, wall, streams, before, after))
+                wave = Wave(system, size, busy, sampled, repeat, wall, streams, before, after)
+                waves.append(wave)
                 await asyncio.sleep(0.5)  # let the last system's threads go idle
 
+            extra["join"] = []
             for repeat in range(settings.repeats):
                 turn = repeat % len(settings.systems)
                 order = settings.systems[turn:] + settings.systems[:turn]
                 for size in settings.concurrency:
                     for system in order:
-                        await one(system, size, repeat, busy=False)
+                        if system != "defaults" or size == 1:
+                            await one(system, size, repeat, busy=False)
+                if settings.sampled:
+                    for system in order:
+                        if system in ("tiffin", "server"):
+                            await one(system, 1, repeat, busy=False, sampled=True)
                 if settings.busy:
                     for system in order:
                         with busy_cpu(settings.busy_seconds + 5):
                             await one(system, 1, repeat, busy=True)
+                if settings.join:
+                    found = await join_scenarios(
+                        client, systems.bases["tiffin"], settings.max_tokens
+                    )
+                    extra["join"].append(found)
+                    await asyncio.sleep(0.5)
         extra["load_avg_1m_at_end"] = os.getloadavg()[0]
     return waves, extra
 
@@ -430,6 +525,7 @@ def summarise(waves: list[Wave]) -> dict[str, Any]:
         "system": waves[0].system,
         "concurrency": waves[0].concurrency,
         "busy": waves[0].busy,
+        "sampled": waves[0].sampled,
         "waves": len(waves),
         "requests": len(streams),
         "tokens": sum(s.tokens for s in streams),
@@ -446,15 +542,15 @@ def summarise(waves: list[Wave]) -> dict[str, Any]:
 
 def report(settings: Settings, waves: list[Wave], extra: dict[str, Any]) -> dict[str, Any]:
     rows = []
-    for loaded in (False, True):
+    for loaded, with_sampling in ((False, False), (False, True), (True, False)):
         for size in sorted({w.concurrency for w in waves}):
             for system in settings.systems:
-                cell = [
-                    w for w in waves if (w.system, w.concurrency, w.busy) == (system, size, loaded)
-                ]
+                key = (system, size, loaded, with_sampling)
+                cell = [w for w in waves if (w.system, w.concurrency, w.busy, w.sampled) == key]
                 if cell:
                     rows.append(summarise(cell))
-    quiet = {(r["system"], r["concurrency"]): r for r in rows if not r["busy"]}
+    quiet = {(r["system"], r["concurrency"]): r for r in rows if not r["busy"] and not r["sampled"]}
+    sampled = {r["system"]: r for r in rows if r["sampled"]}
 
     def ratio(a: tuple[str, int], b: tuple[str, int], key: str) -> float | None:
         if a not in quiet or b not in quiet or not quiet[b][key] or quiet[a][key] is None:
@@ -470,6 +566,10 @@ def report(settings: Settings, waves: list[Wave], extra: dict[str, Any]) -> dict
         }
         for size in settings.concurrency
     }
+    for system, row in sampled.items():
+        if ("direct", 1) in quiet:
+            reference = quiet[("direct", 1)]["agg_tok_s"]
+            ratios["1"][f"{system}_sampled_vs_direct"] = row["agg_tok_s"] / reference
     busy = {
         r["system"]: {
             "quiet_tok_s": quiet[(r["system"], 1)]["agg_tok_s"],
@@ -488,24 +588,41 @@ def report(settings: Settings, waves: list[Wave], extra: dict[str, Any]) -> dict
             "max": max(max(w.load_before, w.load_after) for w in mine),
         }
     return {
-        "settings": {**asdict(settings), "sampling": GREEDY, "endpoint": "/v1/completions"},
+        "settings": {
+            **asdict(settings),
+            "sampling": GREEDY,
+            "sampled_sampling": SAMPLED,
+            "endpoint": "/v1/completions",
+        },
         "cpus": os.cpu_count(),
         **extra,
         "load_avg_1m": load,
         "results": rows,
         "ratios": ratios,
         "busy": busy,
+        "join": _join_summary(extra.pop("join", [])),
     }
+
+
+def _join_summary(found: list[dict[str, float]]) -> dict[str, Any]:
+    if not found:
+        return {}
+    summary: dict[str, Any] = {"repeats": found}
+    for key in found[0]:
+        values = [f[key] for f in found]
+        summary[f"{key}_p50"] = percentile(values, 50)
+        summary[f"{key}_p95"] = percentile(values, 95)
+    return summary
 
 
 def table(result: dict[str, Any]) -> str:
     columns = ["tokens_per_request", "agg_tok_s", "ttft_p50_ms", "ttft_p95_ms"]
     columns += ["itl_p50_ms", "itl_p95_ms"]
-    lines = [f"{'system':<8}{'conc':>5}{'busy':>6}" + "".join(f"{c:>20}" for c in columns)]
+    lines = [f"{'system':<9}{'conc':>5}{'kind':>8}" + "".join(f"{c:>20}" for c in columns)]
     for row in result["results"]:
         cells = "".join(f"{'-':>20}" if row[c] is None else f"{row[c]:>20.1f}" for c in columns)
-        busy = "yes" if row["busy"] else "no"
-        lines.append(f"{row['system']:<8}{row['concurrency']:>5}{busy:>6}" + cells)
+        kind = "busy" if row["busy"] else "sampled" if row["sampled"] else "quiet"
+        lines.append(f"{row['system']:<9}{row['concurrency']:>5}{kind:>8}" + cells)
     lines.append("")
     for size, found in result["ratios"].items():
         parts = [f"{k} {v:.2f}" for k, v in found.items() if v is not None]
@@ -514,6 +631,17 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"busy CPU, {system}: {found['busy_tok_s']:.1f} tok/s against"
             f" {found['quiet_tok_s']:.1f} quiet ({found['busy_vs_quiet']:.2f})"
+        )
+    if join := result["join"]:
+        lines.append(
+            f"ninth request beside 8 streams: TTFT p50 {join['ninth_ttft_ms_p50']:.0f} ms,"
+            f" p95 {join['ninth_ttft_ms_p95']:.0f} ms"
+        )
+        lines.append(
+            f"~2,000-token prompt joining 4 streams: their longest pause p50"
+            f" {join['long_prompt_max_gap_ms_p50']:.0f} ms, p95"
+            f" {join['long_prompt_max_gap_ms_p95']:.0f} ms (its TTFT p50"
+            f" {join['long_prompt_ttft_ms_p50']:.0f} ms)"
         )
     for system, load in result["load_avg_1m"].items():
         lines.append(
@@ -553,12 +681,22 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="n_threads everywhere (default 2)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="the servers' context length")
     parser.add_argument(
-        "--parallel", type=int, default=8, help="Tiffin's engine_settings.parallel (default 8)"
+        "--parallel", type=int, default=16, help="Tiffin's engine_settings.parallel (default 16)"
     )
     parser.add_argument(
         "--busy",
         action="store_true",
         help="also one single-stream wave per system and repeat beside a busy loop per core",
+    )
+    parser.add_argument(
+        "--sampled",
+        action="store_true",
+        help="also one single-stream wave per served system with Gemma's sampling",
+    )
+    parser.add_argument(
+        "--join",
+        action="store_true",
+        help="also a ninth request beside 8 streams and a long prompt beside 4 (Tiffin only)",
     )
     parser.add_argument(
         "--busy-seconds", type=float, default=30, help="a busy wave ends after this (default 30)"
@@ -572,6 +710,10 @@ def main() -> int:
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     if not systems or set(systems) - set(SYSTEMS):
         parser.error(f"--systems: expected some of {','.join(SYSTEMS)}, got {args.systems!r}")
+    if args.join and "tiffin" not in systems:
+        parser.error("--join measures Tiffin: add tiffin to --systems")
+    if args.busy and "tiffin" in systems:
+        systems = (*systems, "defaults")
     if args.max_tokens < 1 or args.repeats < 1 or args.threads < 1:
         parser.error("--max-tokens, --repeats and --threads must be at least 1")
     concurrency = tuple(sorted(set(args.concurrency) | ({1} if args.busy else set())))
@@ -586,6 +728,8 @@ def main() -> int:
         n_ctx=args.n_ctx,
         parallel=args.parallel,
         busy=args.busy,
+        sampled=args.sampled,
+        join=args.join,
         busy_seconds=args.busy_seconds,
         wave_timeout=args.wave_timeout,
         env=args.env,

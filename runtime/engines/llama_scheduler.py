@@ -4,9 +4,10 @@ every step, decodes all active sequences in one `llama_decode`.
 A request (a `Job`) takes one slot per choice. Slots are llama.cpp sequence ids in a context
 with `n_seq_max = parallel` and a unified KV cache. Each step's batch holds one token for every
 sequence that is decoding, then chunks of prompt for sequences still in prefill, up to
-`batch_tokens` in all (chunked prefill: a long new prompt never stalls the streams already
-running). Choices 2..n of a request wait for the first one's prompt, then copy its KV cells
-(`seq_cp`) and decode side by side.
+`batch_tokens` in all, and while others decode only as much prompt as keeps the step near
+STEP_TARGET_S (chunked prefill: a long new prompt never stalls the streams already running).
+Choices 2..n of a request wait for the first one's prompt, then copy its KV cells (`seq_cp`)
+and decode side by side.
 
 A slot keeps its tokens' KV cells after its sequence ends: the next request goes to the free slot
 whose cached tokens share the longest prefix with its prompt, and only the rest is evaluated.
@@ -33,6 +34,10 @@ from runtime.engines.llama_sampling import SamplerChain, token_logprob
 from runtime.engines.text import TextAssembler
 
 _DONE = object()
+# While sequences decode, a step with prompt chunks aims to last this long (see _prefill_budget).
+STEP_TARGET_S = 0.15
+MIN_PREFILL_CHUNK = 16  # a long prompt still moves when the step target is tight
+PREFILL_SAMPLE_TOKENS = 64  # steps with this many prompt tokens measure a prompt token's cost
 Piece = Callable[[int], bytes]
 
 
@@ -123,6 +128,7 @@ class BatchScheduler:
         self._closing = False
         self._deadline = 0.0
         self._paused = False
+        self._seconds_per_token: float | None = None  # a prompt token's cost, measured
         # Counters read by stats() from the event loop; plain ints, written by this thread only.
         self.steps = 0
         self.sequences_per_step: Counter[int] = Counter()
@@ -348,8 +354,9 @@ class BatchScheduler:
             (s.sequence for s in self._slots if s.sequence and s.sequence.prompt_left),
             key=lambda sequence: len(sequence.prompt_left),
         )
+        budget = self._prefill_budget(decoding=count)
         for sequence in prefilling:
-            room = self.batch_tokens - count
+            room = budget - count
             if room <= 0:
                 break
             chunk, sequence.prompt_left = sequence.prompt_left[:room], sequence.prompt_left[room:]
@@ -363,9 +370,14 @@ class BatchScheduler:
             fed.append((sequence.slot, chunk))
             self.prompt_tokens_evaluated += len(chunk)
         batch.n_tokens = count
+        started = time.perf_counter()
         status = llama_cpp.llama_decode(self._context, batch)
         if status != 0:  # 1: no room in the KV cache; < 0: llama.cpp failed
             raise EngineError(f"{self.name}: llama.cpp could not decode (status {status})")
+        if count - len(decoding) >= PREFILL_SAMPLE_TOKENS:
+            cost = (time.perf_counter() - started) / count
+            previous = self._seconds_per_token
+            self._seconds_per_token = cost if previous is None else 0.7 * previous + 0.3 * cost
         for slot, tokens in fed:
             slot.cached.extend(tokens)
         self.steps += 1
@@ -374,6 +386,16 @@ class BatchScheduler:
             if sequence.index == 0 and sequence.job.request.n > 1:
                 self._share_prompt(sequence, row)
             self._sample(sequence, row)
+
+    def _prefill_budget(self, decoding: int) -> int:
+        """Tokens this step may hold. While sequences decode, prompt chunks are cut so that the
+        step lasts about STEP_TARGET_S at the prompt-token cost measured so far: a long new
+        prompt then pauses the running streams for that long per step, not for its whole
+        prefill. Alone, a prompt takes whole `batch_tokens` chunks."""
+        if not decoding or self._seconds_per_token is None:
+            return self.batch_tokens
+        fits = int(STEP_TARGET_S / self._seconds_per_token)
+        return min(self.batch_tokens, max(fits, decoding + MIN_PREFILL_CHUNK))
 
     def _share_prompt(self, first: Sequence, row: int) -> None:
         """Choice 1's prompt is in: choices 2..n take its cells and draw from its logits."""
