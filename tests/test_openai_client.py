@@ -3,6 +3,7 @@ default models: the packaged Gemma 3 270M on llama.cpp and all-MiniLM-L6-v2 for 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import subprocess
@@ -179,6 +180,33 @@ def test_errors_arrive_as_openai_exceptions(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=CHAT_MODEL, messages=ask("hi"), temperature=3)
     assert bad.value.param == "temperature"
+
+
+async def test_eight_concurrent_streams_share_the_model(async_client: AsyncOpenAI) -> None:
+    """The default model decodes 4 sequences together (engine_settings.parallel): of 8 streams
+    sent at once, 4 get their first token before any of them ends, and the rest follow in the
+    slots they free. One at a time, the second stream would start after the first ended."""
+    async def one(topic: int) -> tuple[float, float, int]:
+        stream = await async_client.completions.create(
+            model=CHAT_MODEL,
+            prompt=f"Chapter {topic}. The ship left the harbour at dawn, and",
+            max_tokens=48,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        first, tokens = 0.0, 0
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text and not first:
+                first = time.monotonic()
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return first, time.monotonic(), tokens
+
+    results = await asyncio.gather(*(one(topic) for topic in range(8)))
+    assert all(0 < tokens <= 48 for _, _, tokens in results), results
+    firsts = sorted(first for first, _, _ in results)
+    assert firsts[3] < min(end for _, end, _ in results)
 
 
 def test_aborted_streams_free_the_model(served: Served, client: OpenAI) -> None:
