@@ -186,6 +186,7 @@ async def test_eight_concurrent_streams_share_the_model(async_client: AsyncOpenA
     """The default model decodes 4 sequences together (engine_settings.parallel): of 8 streams
     sent at once, 4 get their first token before any of them ends, and the rest follow in the
     slots they free. One at a time, the second stream would start after the first ended."""
+
     async def one(topic: int) -> tuple[float, float, int]:
         stream = await async_client.completions.create(
             model=CHAT_MODEL,
