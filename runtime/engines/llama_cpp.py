@@ -171,6 +171,9 @@ class LlamaCppEngine:
                 param="n",
             )
         prompt, stop = self._prompt(request)
+        if not prompt:  # a model without BOS and an empty prompt: nothing to decode from
+            field = "messages" if request.messages is not None else "prompt"
+            raise UnsupportedRequest(f"{field} is empty: there is nothing to continue", field)
         budget = token_budget(request, len(prompt), self.context_length)
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
             raise UnsupportedRequest(
