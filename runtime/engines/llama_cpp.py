@@ -79,6 +79,7 @@ class LlamaCppEngine:
             slot_context=settings.slot_context,
             batch_tokens=settings.batch_tokens,
             prompt_cache=settings.prompt_cache,
+            threads=(settings.n_threads, 1) if settings.adaptive_threads else (),
         )
 
     def _create(self) -> tuple[Any, Any]:
@@ -150,10 +151,15 @@ class LlamaCppEngine:
     def stats(self) -> dict[str, Any]:
         scheduler = self._scheduler
         batching = scheduler.stats() if scheduler else {}
+        chooser = scheduler.threads if scheduler else None
         return {
             "engine": "llama_cpp",
             "context_length": self.context_length,
-            "n_threads": self.settings.n_threads,
+            "n_threads": chooser.current
+            if chooser and chooser.current
+            else self.settings.n_threads,
+            "n_threads_adaptive": chooser is not None,
+            "thread_switches": chooser.switches if chooser else 0,
             "batch_tokens": self.settings.batch_tokens,
             **batching,
             "queued": batching.get("waiting", 0),

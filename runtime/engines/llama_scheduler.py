@@ -31,6 +31,7 @@ from typing import Any
 
 from runtime.engines.base import Chunk, EngineError, GenerationRequest, TokenLogprob, Usage
 from runtime.engines.llama_sampling import SamplerChain, token_logprob
+from runtime.engines.llama_threads import ThreadChooser
 from runtime.engines.text import TextAssembler
 
 _DONE = object()
@@ -108,6 +109,7 @@ class BatchScheduler:
         slot_context: int,
         batch_tokens: int,
         prompt_cache: bool = True,
+        threads: tuple[int, ...] = (),
     ) -> None:
         import llama_cpp
 
@@ -128,6 +130,12 @@ class BatchScheduler:
         self._closing = False
         self._deadline = 0.0
         self._paused = False
+        # Several thread counts to choose from: measured per step (llama_threads.py).
+        self.threads = (
+            ThreadChooser(lambda n: llama_cpp.llama_set_n_threads(context, n, n), threads)
+            if len(threads) > 1
+            else None
+        )
         self._seconds_per_token: float | None = None  # a prompt token's cost, measured
         # Counters read by stats() from the event loop; plain ints, written by this thread only.
         self.steps = 0
@@ -370,10 +378,14 @@ class BatchScheduler:
             fed.append((sequence.slot, chunk))
             self.prompt_tokens_evaluated += len(chunk)
         batch.n_tokens = count
+        if self.threads is not None:
+            self.threads.before(count)
         started = time.perf_counter()
         status = llama_cpp.llama_decode(self._context, batch)
         if status != 0:  # 1: no room in the KV cache; < 0: llama.cpp failed
             raise EngineError(f"{self.name}: llama.cpp could not decode (status {status})")
+        if self.threads is not None:
+            self.threads.after(count, time.perf_counter() - started)
         if count - len(decoding) >= PREFILL_SAMPLE_TOKENS:
             cost = (time.perf_counter() - started) / count
             previous = self._seconds_per_token

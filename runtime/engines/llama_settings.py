@@ -8,7 +8,8 @@ llama-cpp-python's `Llama` as they are.
 - `n_ctx`: KV cache cells shared by all slots; default `context_length` * `parallel`, so every
   slot can hold a whole context. A slot's context (the per-request limit) is
   min(context_length, n_ctx // parallel).
-- `n_threads` / `n_threads_batch`: default all cores.
+- `n_threads` / `n_threads_batch`: unset, each step runs on all cores or on one, whichever the
+  steps measure faster (runtime/engines/llama_threads.py); set, always that many.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class LlamaSettings:
     slot_context: int
     n_threads: int
     n_threads_batch: int
+    adaptive_threads: bool  # n_threads unset: ThreadChooser picks all cores or one per step
     prompt_cache: bool
     llama_args: dict[str, Any]  # everything else, for `Llama(...)`
 
@@ -65,7 +67,8 @@ def llama_settings(config: ModelConfig, key: str = "engine_settings") -> LlamaSe
             " n_ctx or context_length, or lower parallel",
         )
     cores = os.cpu_count() or 1
-    threads = _integer(settings.pop("n_threads", 0) or cores, f"{key}.n_threads", 1)
+    given = settings.pop("n_threads", None)
+    threads = _integer(given or cores, f"{key}.n_threads", 1)
     threads_batch = _integer(
         settings.pop("n_threads_batch", 0) or threads, f"{key}.n_threads_batch", 1
     )
@@ -79,6 +82,7 @@ def llama_settings(config: ModelConfig, key: str = "engine_settings") -> LlamaSe
         slot_context=slot_context,
         n_threads=threads,
         n_threads_batch=threads_batch,
+        adaptive_threads=not given and cores > 1,
         prompt_cache=prompt_cache,
         llama_args=settings,
     )
