@@ -206,7 +206,9 @@ async def test_a_schema_compiling_does_not_hold_up_a_plain_request(
         consume("plain", GenerationRequest(model="gemma", prompt="Hi", max_tokens=2, temperature=0))
     )
     answer, _ = await asyncio.wait_for(asyncio.gather(constrained, plain), 300)
-    assert events.index("plain done") < events.index("schema first")
+    # Batched, the two may finish in the same step; what matters is that the plain one did
+    # not wait for the grammar.
+    assert events.index("plain first") < events.index("schema first")
     assert answer and any(f'"colour-{i}"'.startswith(answer) for i in range(300))
 
 
