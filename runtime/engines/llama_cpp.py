@@ -79,7 +79,7 @@ class LlamaCppEngine:
             slot_context=settings.slot_context,
             batch_tokens=settings.batch_tokens,
             prompt_cache=settings.prompt_cache,
-            threads=(settings.n_threads, 1) if settings.adaptive_threads else (),
+            adaptive_threads=settings.n_threads if settings.adaptive_threads else 0,
         )
 
     def _create(self) -> tuple[Any, Any]:
@@ -160,6 +160,7 @@ class LlamaCppEngine:
             else self.settings.n_threads,
             "n_threads_adaptive": chooser is not None,
             "thread_switches": chooser.switches if chooser else 0,
+            "cpu_busy_elsewhere": round(chooser.others, 2) if chooser else None,
             "batch_tokens": self.settings.batch_tokens,
             **batching,
             "queued": batching.get("waiting", 0),

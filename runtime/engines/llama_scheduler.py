@@ -109,7 +109,7 @@ class BatchScheduler:
         slot_context: int,
         batch_tokens: int,
         prompt_cache: bool = True,
-        threads: tuple[int, ...] = (),
+        adaptive_threads: int = 0,
     ) -> None:
         import llama_cpp
 
@@ -130,10 +130,10 @@ class BatchScheduler:
         self._closing = False
         self._deadline = 0.0
         self._paused = False
-        # Several thread counts to choose from: measured per step (llama_threads.py).
+        # Up to `adaptive_threads` threads, as many as the machine's load leaves free.
         self.threads = (
-            ThreadChooser(lambda n: llama_cpp.llama_set_n_threads(context, n, n), threads)
-            if len(threads) > 1
+            ThreadChooser(lambda n: llama_cpp.llama_set_n_threads(context, n, n), adaptive_threads)
+            if adaptive_threads > 1
             else None
         )
         self._seconds_per_token: float | None = None  # a prompt token's cost, measured
@@ -379,13 +379,11 @@ class BatchScheduler:
             self.prompt_tokens_evaluated += len(chunk)
         batch.n_tokens = count
         if self.threads is not None:
-            self.threads.before(count)
+            self.threads.before()
         started = time.perf_counter()
         status = llama_cpp.llama_decode(self._context, batch)
         if status != 0:  # 1: no room in the KV cache; < 0: llama.cpp failed
             raise EngineError(f"{self.name}: llama.cpp could not decode (status {status})")
-        if self.threads is not None:
-            self.threads.after(count, time.perf_counter() - started)
         if count - len(decoding) >= PREFILL_SAMPLE_TOKENS:
             cost = (time.perf_counter() - started) / count
             previous = self._seconds_per_token

@@ -8,8 +8,8 @@ llama-cpp-python's `Llama` as they are.
 - `n_ctx`: KV cache cells shared by all slots; default `context_length` * `parallel`, so every
   slot can hold a whole context. A slot's context (the per-request limit) is
   min(context_length, n_ctx // parallel).
-- `n_threads` / `n_threads_batch`: unset, each step runs on all cores or on one, whichever the
-  steps measure faster (runtime/engines/llama_threads.py); set, always that many.
+- `n_threads` / `n_threads_batch`: unset, each step runs on the cores the rest of the machine
+  leaves free, at least one (runtime/engines/llama_threads.py); set, always that many.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class LlamaSettings:
     slot_context: int
     n_threads: int
     n_threads_batch: int
-    adaptive_threads: bool  # n_threads unset: ThreadChooser picks all cores or one per step
+    adaptive_threads: bool  # n_threads unset: ThreadChooser gives llama.cpp the free cores
     prompt_cache: bool
     llama_args: dict[str, Any]  # everything else, for `Llama(...)`
 
