@@ -33,13 +33,10 @@ class SentenceTransformerEngine:
         self._consumer: asyncio.Task[None] | None = None
         self._batches = 0
         self._texts = 0
+        self._threads = 0
 
     async def load(self) -> None:
-        from sentence_transformers import SentenceTransformer
-
-        self._model = await asyncio.to_thread(
-            SentenceTransformer, str(self.path), device=self.device
-        )
+        self._model, self._threads = await asyncio.to_thread(self._load)
         self._queue = asyncio.Queue()
         self._consumer = asyncio.get_running_loop().create_task(self._consume())
 
@@ -54,6 +51,14 @@ class SentenceTransformerEngine:
         while queue is not None and not queue.empty():
             _fail([queue.get_nowait()], "the embedding model was unloaded")
         self._model = None
+
+    def _load(self) -> tuple[Any, int]:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        # Read where encode runs (a worker thread): what the CPU work is spread over.
+        model = SentenceTransformer(str(self.path), device=self.device)
+        return model, int(torch.get_num_threads())
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         raise EngineError(f"{request.model} is an embedding model; it cannot generate text")
@@ -72,7 +77,13 @@ class SentenceTransformerEngine:
         return Embeddings(vectors=vectors, prompt_tokens=tokens)
 
     def stats(self) -> dict[str, Any]:
-        return {"device": self.device, "batches": self._batches, "texts": self._texts}
+        return {
+            "device": self.device,
+            "threads": self._threads,
+            "batch_size": self.batch_size,
+            "batches": self._batches,
+            "texts": self._texts,
+        }
 
     async def _consume(self) -> None:
         assert self._queue is not None
