@@ -32,7 +32,7 @@ turn's clock stops, and checked (one vector of the model's size per sentence, in
 batches the served requests took: concurrent requests should share them.
 
     .venv/bin/python scripts/bench_embeddings.py [--repeats 3] [--sentences 32]
-        [--concurrency 1,4] [--waves 8] [--direct-on worker] [--json]
+        [--concurrency 1,4] [--waves 8] [--direct-on worker] [--batch-window-ms 2] [--json]
 
 Prints a table and one JSON line (the line alone with --json).
 """
@@ -133,6 +133,7 @@ class Settings:
     repeats: int
     waves: int
     direct_on: str
+    batch_window_ms: float | None
     env: str
 
 
@@ -247,6 +248,9 @@ class Tiffin:
 def tiffin_command(settings: Settings, port: int, work: Path) -> list[str]:
     """One worker; the chat model declared but not preloaded (and never asked for), so that
     nothing but the embeddings model uses the CPUs."""
+    window = []
+    if settings.batch_window_ms is not None:
+        window = [f"{MODELS}.1.engine_settings.batch_window_ms={settings.batch_window_ms}"]
     return [
         sys.executable,
         "-m",
@@ -259,6 +263,7 @@ def tiffin_command(settings: Settings, port: int, work: Path) -> list[str]:
         f"server.run_dir={work / 'tiffin-run'}",
         f"{MODELS}.0.preload=false",
         f"{MODELS}.1.preload=true",
+        *window,
     ]
 
 
@@ -463,6 +468,12 @@ def main() -> int:
         help="where direct's encode runs: a worker thread, as in the engine (default), or the"
         " main thread, as in a script",
     )
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=None,
+        help="the engine's batch_window_ms (default: Tiffin's config)",
+    )
     parser.add_argument("--env", default="test", help="Tiffin's env overlay (default test)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args()
@@ -474,6 +485,7 @@ def main() -> int:
         repeats=args.repeats,
         waves=args.waves,
         direct_on=args.direct_on,
+        batch_window_ms=args.batch_window_ms,
         env=args.env,
     )
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
