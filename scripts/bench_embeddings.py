@@ -12,8 +12,10 @@
 A turn is `--waves` waves of one system at one concurrency; the systems take turns, turn by turn
 (their order rotates each repeat), so drift of a shared machine hits them alike. Per system and
 concurrency: sentences/s (a turn's sentences over its wall time; median over repeats), and the
-request latency p50/p95 (a direct call's is the wave's call), pooled over repeats; the ratio of
-each Tiffin figure to direct's at the same concurrency and to direct's for one request.
+request latency p50/p95 (a direct call's is the wave's call), pooled over repeats; and the ratio
+of Tiffin's sentences/s to direct's at the same concurrency and to direct's for one request:
+each repeat's Tiffin turn over the direct turn beside it, median over repeats (a swing of the
+machine's load between repeats cancels out).
 
 Where the encode runs matters as much as anything Tiffin does. torch's OpenMP (libgomp) spins
 at a barrier for ~3 ms before sleeping while it runs no more threads than there are cores, and
@@ -386,17 +388,27 @@ def report(settings: Settings, turns: list[Turn], extra: dict[str, Any]) -> dict
             if cell:
                 rows.append(summarise(cell))
     found = {(r["system"], r["concurrency"]): r for r in rows}
-    single = found[("direct", settings.concurrency[0])]["sentences_per_s"]
+    rate = {(t.system, t.concurrency, t.repeat): t.sentences_per_s for t in turns}
+    first = settings.concurrency[0]
+
+    def paired(system: str, size: int, reference: int) -> list[float]:
+        """Each repeat's turn of `system` over direct's turn at `reference` of that repeat."""
+        return [
+            rate[(system, size, r)] / rate[("direct", reference, r)]
+            for r in range(settings.repeats)
+            if rate.get(("direct", reference, r))
+        ]
+
     ratios = {}
     for size in settings.concurrency:
-        tiffin, direct = found[("tiffin", size)], found[("direct", size)]
-        tiffin["vs_direct"] = tiffin["sentences_per_s"] / direct["sentences_per_s"]
-        tiffin["vs_direct_one_request"] = tiffin["sentences_per_s"] / single
-        direct["vs_direct"] = 1.0
-        direct["vs_direct_one_request"] = direct["sentences_per_s"] / single
+        for system in SYSTEMS:
+            row, repeats = found[(system, size)], paired(system, size, size)
+            row["vs_direct"] = statistics.median(repeats)
+            row["vs_direct_repeats"] = [round(ratio, 3) for ratio in repeats]
+            row["vs_direct_one_request"] = statistics.median(paired(system, size, first))
         ratios[str(size)] = {
-            "tiffin_vs_direct": tiffin["vs_direct"],
-            "tiffin_vs_direct_one_request": tiffin["vs_direct_one_request"],
+            "tiffin_vs_direct": found[("tiffin", size)]["vs_direct"],
+            "tiffin_vs_direct_one_request": found[("tiffin", size)]["vs_direct_one_request"],
         }
     loads = [v for t in turns for v in (t.load_before, t.load_after)]
     return {
