@@ -60,7 +60,7 @@ class SentenceTransformerEngine:
         import torch
         from sentence_transformers import SentenceTransformer
 
-        # Read where encode runs (a worker thread): what the CPU work is spread over.
+        # Read on an executor thread, as encode runs: the threads one encode is spread over.
         model = SentenceTransformer(str(self.path), device=self.device)
         return model, int(torch.get_num_threads())
 
