@@ -9,13 +9,12 @@
           `input` = the request's sentences, the wave's requests sent at once, each from its own
           client.
 
-A turn is `--waves` waves of one system at one concurrency; the systems take turns, turn by turn
-(their order rotates each repeat), so drift of a shared machine hits them alike. Per system and
-concurrency: sentences/s (a turn's sentences over its wall time; median over repeats), and the
-request latency p50/p95 (a direct call's is the wave's call), pooled over repeats; and the ratio
-of Tiffin's sentences/s to direct's at the same concurrency and to direct's for one request:
-each repeat's Tiffin turn over the direct turn beside it, median over repeats (a swing of the
-machine's load between repeats cancels out).
+A repeat runs `--waves` waves of each system at each concurrency, the systems taking turns wave
+by wave (who goes first alternates), so a swing of a shared machine's load hits both alike. Per
+system and concurrency: sentences/s (a repeat's sentences over the time its waves took; median
+over repeats), the request latency p50/p95 (a direct call's is the wave's call), pooled over
+repeats, and the ratio of Tiffin's sentences/s to direct's at the same concurrency and to
+direct's for one request, each repeat's over the same repeat's, median over repeats.
 
 Where the encode runs matters as much as anything Tiffin does. torch's OpenMP (libgomp) spins
 at a barrier for ~3 ms before sleeping while it runs no more threads than there are cores, and
@@ -141,6 +140,8 @@ class Settings:
 
 @dataclass
 class Turn:
+    """One system's waves at one concurrency in one repeat (the other system's in between)."""
+
     system: str
     concurrency: int
     repeat: int
@@ -324,32 +325,31 @@ async def run_turns(
             _, raw = await tiffin.wave(clients[:size], texts)
             tiffin.check(texts[-1], raw)
     for repeat in range(settings.repeats):
-        order = SYSTEMS[repeat % 2 :] + SYSTEMS[: repeat % 2]
         for size in settings.concurrency:
-            for system in order:
-                before = os.getloadavg()[0]
-                stats = await tiffin.engine_stats(clients[0]) if system == "tiffin" else {}
-                latencies: list[float] = []
-                raw, texts = b"", []
-                start = time.perf_counter()
-                for wave in range(settings.waves):
-                    texts = requests_of(wave, size, settings.sentences)
+            before = os.getloadavg()[0]
+            stats = await tiffin.engine_stats(clients[0])
+            found = {s: Turn(s, size, repeat, 0.0, 0, [], before, 0.0) for s in SYSTEMS}
+            raw, texts = b"", []
+            for wave in range(settings.waves):
+                texts = requests_of(wave, size, settings.sentences)
+                first = (repeat + wave) % len(SYSTEMS)
+                for system in SYSTEMS[first:] + SYSTEMS[:first]:
+                    start = time.perf_counter()
                     if system == "direct":
-                        latencies += direct.wave(texts)
+                        took = direct.wave(texts)
                     else:
                         took, raw = await tiffin.wave(clients[:size], texts)
-                        latencies += took
-                wall = time.perf_counter() - start
-                engine = {}
-                if system == "tiffin":
-                    tiffin.check(texts[-1], raw)
-                    after = await tiffin.engine_stats(clients[0])
-                    engine = {k: int(after.get(k, 0)) - int(stats.get(k, 0)) for k in BATCHING}
-                sentences = settings.waves * size * settings.sentences
-                turn = Turn(system, size, repeat, wall, sentences, latencies, before, 0.0, engine)
-                turn.load_after = os.getloadavg()[0]
-                turns.append(turn)
-                await asyncio.sleep(0.2)  # let the last system's threads go idle
+                    found[system].wall_s += time.perf_counter() - start
+                    found[system].sentences += size * settings.sentences
+                    found[system].latencies_s += took
+                    await asyncio.sleep(0.01)  # the last system's threads go idle
+            tiffin.check(texts[-1], raw)
+            after = await tiffin.engine_stats(clients[0])
+            engine = {k: int(after.get(k, 0)) - int(stats.get(k, 0)) for k in BATCHING}
+            found["tiffin"].engine = engine
+            for system in SYSTEMS:
+                found[system].load_after = os.getloadavg()[0]
+                turns.append(found[system])
 
 
 BATCHING = ("batches", "texts")
@@ -363,10 +363,10 @@ def summarise(turns: list[Turn]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "system": turns[0].system,
         "concurrency": turns[0].concurrency,
-        "turns": len(turns),
+        "repeats": len(turns),
         "requests": len(latencies),
         "sentences_per_s": statistics.median(t.sentences_per_s for t in turns),
-        "sentences_per_s_turns": [round(t.sentences_per_s, 1) for t in turns],
+        "sentences_per_s_repeats": [round(t.sentences_per_s, 1) for t in turns],
         "latency_p50_ms": percentile(latencies, 50),
         "latency_p95_ms": percentile(latencies, 95),
         "load_avg_1m": [[round(t.load_before, 2), round(t.load_after, 2)] for t in turns],
