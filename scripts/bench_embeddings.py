@@ -20,17 +20,17 @@ Where the encode runs matters as much as anything Tiffin does. torch's OpenMP (l
 at a barrier for ~3 ms before sleeping while it runs no more threads than there are cores, and
 for a few microseconds once it runs more. The served engine encodes on the event loop's executor
 threads, each with a thread team of its own, so it spins briefly; a script that only ever calls
-`encode` on its main thread spins long: a few percent faster on an idle 2-core machine, several
-times slower (0.9 s instead of 0.15 s for 32 sentences) while another process wants a core. So
-direct encodes on a worker thread after one encode on the main thread, as the engine does;
-`--direct-on main` measures the script instead.
+`encode` on its main thread spins long: at most a few percent faster on an idle 2-core machine,
+several times slower (0.9 s instead of 0.15 s for 32 sentences) while another process wants a
+core. So direct encodes on a worker thread after one encode on the main thread, as the engine
+does; `--direct-on main` measures the script instead.
 
 Tiffin's clients read every response to its last byte; a client's own JSON parse of the 32 x 384
-floats (a few ms) is not Tiffin's work, so only the last response of a turn is parsed, after the
-turn's clock stops, and checked (one vector of the model's size per sentence, in order, and
-`usage.prompt_tokens` as the model's tokenizer counts it). The engine's stats (read through
-`POST /admin/models/<id>/load`, which answers a loaded model's status) say how many encode
-batches the served requests took: concurrent requests should share them.
+floats (a few ms) is not Tiffin's work, so only the last response of each repeat and concurrency
+is parsed, after the clocks stop, and checked (one vector of the model's size per sentence, in
+order, and `usage.prompt_tokens` as the model's tokenizer counts it). The engine's stats (read
+through `POST /admin/models/<id>/load`, which answers a loaded model's status) say how many
+encode batches the served requests took: concurrent requests should share them.
 
     .venv/bin/python scripts/bench_embeddings.py [--repeats 3] [--sentences 32]
         [--concurrency 1,4] [--waves 8] [--direct-on worker] [--batch-window-ms 2] [--json]
