@@ -389,8 +389,8 @@ def main() -> int:
     parser.add_argument(
         "--threads",
         type=int,
-        help="llama.cpp's n_threads (default: the packaged one, every CPU); on a machine shared"
-        " with other work, fewer threads than CPUs avoids OpenMP spinning on busy cores",
+        help="llama.cpp's n_threads (default: unset, so each step runs on the cores the rest of"
+        " the machine leaves free)",
     )
     parser.add_argument("--timeout", type=float, default=120, help="client timeout per request")
     parser.add_argument("--seed", type=int, default=0)
