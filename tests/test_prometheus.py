@@ -99,6 +99,10 @@ def test_every_dashboard_expression_returns_data(traffic: int, prometheus: Prome
     prometheus.wait_until(lambda: (prometheus.value(tokens) or 0) > 0, tokens)
     errors = "sum(rate(llm_errors_total[1m]))"
     prometheus.wait_until(lambda: bool(prometheus.query(errors)), errors)
+    # Durations are observed as requests end: with batching the traffic can end within one
+    # scrape interval, and the histogram's first series then needs a second scrape too.
+    durations = "sum(rate(llm_request_duration_seconds_count[1m]))"
+    prometheus.wait_until(lambda: bool(prometheus.query(durations)), durations)
     # GPU series exist only where NVML finds a GPU; without one their panels say "No data".
     gpu = bool(prometheus.query("llm_gpu_memory_total_bytes"))
     empty = [
