@@ -33,8 +33,8 @@ from runtime.engines.base import Chunk, EngineError, GenerationRequest, TokenLog
 from runtime.engines.llama_sampling import SamplerChain, token_logprob
 from runtime.engines.llama_threads import ThreadChooser
 from runtime.engines.text import TextAssembler
+from runtime.engines.worker import DONE, relay
 
-_DONE = object()
 # While sequences decode, a step with prompt chunks aims to last this long (see _prefill_budget).
 STEP_TARGET_S = 0.15
 MIN_PREFILL_CHUNK = 16  # a long prompt still moves when the step target is tight
@@ -155,12 +155,7 @@ class BatchScheduler:
             self._waiting.append(job)
             self._wake.notify()
         try:
-            while True:
-                item = await job.out.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in relay(job.out):
                 yield item
         finally:
             job.cancelled.set()
@@ -467,7 +462,7 @@ class BatchScheduler:
         self._free(sequence, keep_cells=True)
         job.send(chunk)
         if last:
-            job.send(_DONE)
+            job.send(DONE)
 
 
 def _put(batch: Any, row: int, token: int, position: int, seq_id: int, output: bool) -> None:

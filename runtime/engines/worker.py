@@ -19,7 +19,19 @@ T = TypeVar("T")
 Emit = Callable[[Any], None]
 Job = Callable[[Emit, threading.Event], None]
 
-_DONE = object()
+DONE = object()  # put on a stream's queue after its last item
+
+
+async def relay(out: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    """The items a thread puts on `out` (through `call_soon_threadsafe`) until DONE; an
+    exception put there is raised here, in the caller."""
+    while True:
+        item = await out.get()
+        if item is DONE:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 @dataclass
@@ -44,12 +56,7 @@ class ThreadWorker(Generic[T]):
         self.queued += 1
         self._jobs.put(work)
         try:
-            while True:
-                item = await work.out.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in relay(work.out):
                 yield item
         finally:
             work.cancelled.set()
@@ -71,7 +78,7 @@ class ThreadWorker(Generic[T]):
             def emit(item: Any, work: _Work = work) -> None:
                 work.loop.call_soon_threadsafe(work.out.put_nowait, item)
 
-            outcome: object = _DONE
+            outcome: object = DONE
             try:
                 work.job(emit, work.cancelled)
             except BaseException as exc:  # delivered to the caller, who re-raises it
