@@ -146,6 +146,7 @@ def build_service(cfg: DictConfig) -> Any:
     drain = Drain(runtime)
 
     api_gpus = runtime.settings.serving.api_gpus
+    server_logging = runtime.settings.logging
 
     @bentoml.service(
         name="tiffin",
@@ -156,6 +157,11 @@ def build_service(cfg: DictConfig) -> Any:
         # Its per-path request metrics grow with every made-up path (bentos/traffic_metrics.py
         # records the same families by route); /metrics is then the app's own.
         metrics={"enabled": False, "namespace": "bentoml_service"},
+        # BentoML's OpenTelemetry middleware makes a span for every chunk a stream sends, with a
+        # provider that samples none of them (Tiffin traces with its own: telemetry/tracing.py):
+        # pure cost on the event loop, so it is off for every path.
+        tracing={"excluded_urls": [".*"]},
+        logging={"access": {"enabled": server_logging.access_log}},
     )
     @bentoml.asgi_app(app, path="/")
     class Tiffin:

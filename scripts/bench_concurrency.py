@@ -69,8 +69,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts.bench_inference import free_port, percentile, serving
 from scripts.concurrency_streams import GREEDY, MODEL_ID, Direct, Stream, http_stream, http_wave
@@ -139,7 +137,7 @@ class Wave:
 # --- the served systems -----------------------------------------------------------------------
 
 
-async def join_scenarios(client: httpx.AsyncClient, base: str, max_tokens: int) -> dict[str, float]:
+async def join_scenarios(base: str, max_tokens: int) -> dict[str, float]:
     """Tiffin alone: the ninth request's TTFT while 8 stream, and the longest pause of 4
     running streams while a ~2,000-token prompt is prefilled beside them."""
     start = time.perf_counter()
@@ -147,13 +145,13 @@ async def join_scenarios(client: httpx.AsyncClient, base: str, max_tokens: int) 
 
     async def late(prompt: str, tokens: int) -> Stream:
         await asyncio.sleep(1.0)
-        return await http_stream(client, base, prompt, tokens, start, until)
+        return await http_stream(base, prompt, tokens, start, until)
 
-    running = [http_stream(client, base, t, max_tokens, start, until) for t in prompts(8)]
+    running = [http_stream(base, t, max_tokens, start, until) for t in prompts(8)]
     *_, ninth = await asyncio.gather(*running, late(prompts(9)[8], 16))
     long_prompt = " ".join(["The river ran on past the mill and the old stone bridge."] * 150)
     start = time.perf_counter()
-    running = [http_stream(client, base, t, max_tokens, start, until) for t in prompts(4)]
+    running = [http_stream(base, t, max_tokens, start, until) for t in prompts(4)]
     *four, joined = await asyncio.gather(*running, late(long_prompt, 4))
     end = joined.ttft or 0.0
     gaps = [
@@ -253,7 +251,6 @@ class Systems:
 
     async def wave(
         self,
-        client: httpx.AsyncClient,
         system: str,
         size: int,
         max_tokens: int,
@@ -267,7 +264,7 @@ class Systems:
             streams = self.direct.wave(texts, max_tokens, limit_s)
         else:
             base = self.bases[system]
-            streams = await http_wave(client, base, texts, max_tokens, limit_s, sampling)
+            streams = await http_wave(base, texts, max_tokens, limit_s, sampling)
         ends = [s.times[-1] for s in streams if s.times]
         return (max(ends) if ends else time.perf_counter() - start), streams
 
@@ -275,54 +272,48 @@ class Systems:
 async def measure(settings: Settings, model: Path) -> tuple[list[Wave], dict[str, Any]]:
     waves: list[Wave] = []
     extra: dict[str, Any] = {"load_avg_1m_at_start": os.getloadavg()[0]}
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     with tempfile.TemporaryDirectory(prefix="tiffin-bench-conc-") as temp, ExitStack() as stack:
         started = time.perf_counter()
         systems = Systems(settings, model, Path(temp), stack)
         extra["startup_s"] = time.perf_counter() - started
-        async with httpx.AsyncClient(timeout=settings.wave_timeout + 30, limits=limits) as client:
-            # Unmeasured: the first request of a server (and the direct contexts) pays for
-            # allocations that no later one does.
-            for system in settings.systems:
-                for size in settings.concurrency if system == "direct" else (1,):
-                    await systems.wave(client, system, size, min(4, settings.max_tokens), 60)
+        # Unmeasured: the first request of a server (and the direct contexts) pays for
+        # allocations that no later one does.
+        for system in settings.systems:
+            for size in settings.concurrency if system == "direct" else (1,):
+                await systems.wave(system, size, min(4, settings.max_tokens), 60)
 
-            async def one(
-                system: str, size: int, repeat: int, busy: bool, sampled: bool = False
-            ) -> None:
-                timeout = settings.busy_seconds - 1 if busy else settings.wave_timeout
-                sampling = SAMPLED if sampled else GREEDY
-                before = os.getloadavg()[0]
-                wall, streams = await systems.wave(
-                    client, system, size, settings.max_tokens, timeout, sampling
-                )
-                after = os.getloadavg()[0]
-                wave = Wave(system, size, busy, sampled, repeat, wall, streams, before, after)
-                waves.append(wave)
-                await asyncio.sleep(0.5)  # let the last system's threads go idle
+        async def one(
+            system: str, size: int, repeat: int, busy: bool, sampled: bool = False
+        ) -> None:
+            timeout = settings.busy_seconds - 1 if busy else settings.wave_timeout
+            sampling = SAMPLED if sampled else GREEDY
+            before = os.getloadavg()[0]
+            wall, streams = await systems.wave(system, size, settings.max_tokens, timeout, sampling)
+            after = os.getloadavg()[0]
+            wave = Wave(system, size, busy, sampled, repeat, wall, streams, before, after)
+            waves.append(wave)
+            await asyncio.sleep(0.5)  # let the last system's threads go idle
 
-            extra["join"] = []
-            for repeat in range(settings.repeats):
-                turn = repeat % len(settings.systems)
-                order = settings.systems[turn:] + settings.systems[:turn]
-                for size in settings.concurrency:
-                    for system in order:
-                        if system != "defaults" or size == 1:
-                            await one(system, size, repeat, busy=False)
-                if settings.sampled:
-                    for system in order:
-                        if system in ("tiffin", "server"):
-                            await one(system, 1, repeat, busy=False, sampled=True)
-                if settings.busy:
-                    for system in order:
-                        with busy_cpu(settings.busy_seconds + 5):
-                            await one(system, 1, repeat, busy=True)
-                if settings.join:
-                    found = await join_scenarios(
-                        client, systems.bases["tiffin"], settings.max_tokens
-                    )
-                    extra["join"].append(found)
-                    await asyncio.sleep(0.5)
+        extra["join"] = []
+        for repeat in range(settings.repeats):
+            turn = repeat % len(settings.systems)
+            order = settings.systems[turn:] + settings.systems[:turn]
+            for size in settings.concurrency:
+                for system in order:
+                    if system != "defaults" or size == 1:
+                        await one(system, size, repeat, busy=False)
+            if settings.sampled:
+                for system in order:
+                    if system in ("tiffin", "server"):
+                        await one(system, 1, repeat, busy=False, sampled=True)
+            if settings.busy:
+                for system in order:
+                    with busy_cpu(settings.busy_seconds + 5):
+                        await one(system, 1, repeat, busy=True)
+            if settings.join:
+                found = await join_scenarios(systems.bases["tiffin"], settings.max_tokens)
+                extra["join"].append(found)
+                await asyncio.sleep(0.5)
         extra["load_avg_1m_at_end"] = os.getloadavg()[0]
     return waves, extra
 

@@ -187,6 +187,47 @@ async def test_the_second_turn_of_a_chat_hits_the_prompt_cache(engine: LlamaCppE
     assert evaluated < second["usage"].prompt_tokens // 2
 
 
+def test_a_prefix_whose_sliding_window_is_gone_is_evaluated_again() -> None:
+    """Gemma 3's sliding-window layers keep a sequence's last 512 positions (swa_full false):
+    after 1,000 tokens, a prompt that shares only the first ~600 of them cannot reuse them (the
+    window before token 600 was overwritten) and is evaluated whole; one that shares a prefix
+    whose window is still there reuses it."""
+    config = ModelConfig(
+        id="gemma",
+        source="pkg",
+        context_length=1024,
+        engine_settings={"parallel": 1, "batch_tokens": 64, "n_threads": 2},
+    )
+    engine = LlamaCppEngine(gguf.assemble(), config)
+    asyncio.run(engine.load())
+    scheduler = scheduler_of(engine)
+    shared = " ".join(["The tide came in over the flat grey sand."] * 60)
+    sampled = {"max_tokens": 4, "temperature": 0.8}
+
+    def evaluated(prompt: str) -> tuple[int, int]:
+        before = scheduler.stats()
+        result = asyncio.run(run(engine, prompt=prompt, **sampled))
+        after = scheduler.stats()
+        assert result["usage"].prompt_tokens == len(engine.tokenize(prompt)) + 1  # BOS
+        return (
+            after["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"],
+            after["prompt_cache_hit_tokens"] - before["prompt_cache_hit_tokens"],
+        )
+
+    try:
+        assert scheduler.window == 512
+        long = shared + " " + " ".join(["Gulls cried above the harbour wall."] * 50)
+        assert len(engine.tokenize(long)) > 900
+        evaluated(long)
+        again = shared + " And then the boats came home."
+        tokens = len(engine.tokenize(again)) + 1
+        assert evaluated(again) == (tokens, 0)
+        more, hits = evaluated(again + " The night was calm.")
+        assert hits >= tokens - 8 and more < 16
+    finally:
+        asyncio.run(engine.unload())
+
+
 def test_a_request_larger_than_a_slot_is_refused_naming_the_slot_limit() -> None:
     config = ModelConfig(
         id="gemma",
@@ -212,6 +253,8 @@ def test_a_request_larger_than_a_slot_is_refused_naming_the_slot_limit() -> None
         ({"parallel": 8, "batch_tokens": 4}, "engine_settings.batch_tokens"),
         ({"parallel": 4, "n_ctx": 1000}, "engine_settings.n_ctx"),
         ({"prompt_cache": "yes"}, "engine_settings.prompt_cache"),
+        ({"swa_full": 1}, "engine_settings.swa_full"),
+        ({"poll": 101}, "engine_settings.poll"),
     ],
 )
 def test_batching_settings_that_cannot_work_are_config_errors(

@@ -2,7 +2,8 @@
 
 The model's context belongs to a BatchScheduler (runtime/engines/llama_scheduler.py): one thread
 that decodes every active sequence in the same `llama_decode` step, with llama.cpp's native
-sampler chains (runtime/engines/llama_sampling.py), a prompt cache per slot and chunked prefill.
+sampler chains (runtime/engines/llama_sampling.py), a prompt cache per slot and chunked prefill,
+on a thread pool made once for the context (runtime/engines/llama_threadpool.py).
 This module prepares requests on the event loop: the prompt's tokens, the token budget, stop
 strings, the grammar for a JSON schema. Chat prompts use the GGUF's own chat template when it
 has one, else the configured `chat_format` (llama-cpp-python's formats: gemma, chatml,
@@ -37,6 +38,7 @@ from runtime.engines.base import (
 from runtime.engines.chat_tokens import chat_tokens, utf8
 from runtime.engines.llama_scheduler import BatchScheduler, Job
 from runtime.engines.llama_settings import llama_settings
+from runtime.engines.llama_threadpool import ThreadPool
 from runtime.engines.schema_limits import SchemaTooComplex, check_grammar, check_schema
 
 MAX_TOP_LOGPROBS = 20
@@ -55,6 +57,7 @@ class LlamaCppEngine:
         self.parallel = self.settings.parallel
         self._llm: Any = None
         self._context: Any = None
+        self._pool: ThreadPool | None = None
         self._scheduler: BatchScheduler | None = None
         self._format: Callable[..., Any] | None = None
         # Chats are formatted with a fallback the weights were not trained on: said once.
@@ -66,9 +69,13 @@ class LlamaCppEngine:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def load(self) -> None:
+        import llama_cpp
+
         self._llm, self._context = await asyncio.to_thread(self._create)
-        self._format = self._chat_formatter()
         settings = self.settings
+        threads = max(settings.n_threads, settings.n_threads_batch)
+        self._pool = ThreadPool(self._context, threads, settings.poll)
+        self._format = self._chat_formatter()
         llm = self._llm
         self._scheduler = BatchScheduler(
             f"llama-cpp:{self.config.id}",
@@ -79,6 +86,7 @@ class LlamaCppEngine:
             slot_context=settings.slot_context,
             batch_tokens=settings.batch_tokens,
             prompt_cache=settings.prompt_cache,
+            window=0 if settings.swa_full else int(llama_cpp.llama_model_n_swa(llm._model.model)),
             adaptive_threads=settings.n_threads if settings.adaptive_threads else 0,
         )
 
@@ -105,6 +113,7 @@ class LlamaCppEngine:
         params.n_ubatch = min(settings.batch_tokens, 512)
         params.n_seq_max = settings.parallel
         params.kv_unified = True
+        params.swa_full = settings.swa_full
         params.n_threads = settings.n_threads
         params.n_threads_batch = settings.n_threads_batch
         context = llama_cpp.llama_init_from_model(llm._model.model, params)
@@ -122,6 +131,9 @@ class LlamaCppEngine:
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.close)
         self._scheduler = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         with self._grammar_lock:  # a grammar test-compiling now reads the vocabulary
             if self._context is not None:
                 llama_cpp.llama_free(self._context)

@@ -109,6 +109,7 @@ class BatchScheduler:
         slot_context: int,
         batch_tokens: int,
         prompt_cache: bool = True,
+        window: int = 0,
         adaptive_threads: int = 0,
     ) -> None:
         import llama_cpp
@@ -118,6 +119,9 @@ class BatchScheduler:
         self.slot_context = slot_context
         self.batch_tokens = batch_tokens
         self.prompt_cache = prompt_cache
+        # A sliding-window cache (swa_full false) keeps only the last `window` positions of a
+        # sequence in its window layers once the room is needed; 0: every cell stays.
+        self.window = window
         self._context = context
         self._memory = llama_cpp.llama_get_memory(context)
         self._vocab = vocab
@@ -258,6 +262,7 @@ class BatchScheduler:
         if self.prompt_cache and not job.reproducible:
             # At least the prompt's last token is evaluated: its logits give the first token.
             reuse = min(_common_prefix(first.cached, job.prompt), len(job.prompt) - 1)
+            reuse = self._reusable(first, reuse)
         self._truncate(first, reuse)
         self.prompt_cache_hit_tokens += reuse
         others = [slot for slot in free if slot is not first][: job.request.n - 1]
@@ -287,13 +292,27 @@ class BatchScheduler:
                 return best
         return min(free, key=lambda slot: (len(slot.cached), slot.last_used))
 
+    def _reusable(self, slot: Slot, tokens: int) -> int:
+        """`tokens` when the cells that evaluating on from there needs are still in the cache,
+        else 0: with a sliding window the next token attends to the `window` positions before
+        it, and those may have been overwritten (llama.cpp's server applies the same test)."""
+        import llama_cpp
+
+        if tokens and self.window:
+            first = llama_cpp.llama_memory_seq_pos_min(self._memory, slot.seq_id)
+            if first < 0 or first > max(0, tokens - self.window):
+                return 0
+        return tokens
+
     def _clear_cache(self) -> None:
         """Every slot's cells go. A reproducible job alone then computes exactly as it would on
         a fresh context: where its cells lie, and how many cells attention spans, change the
         last bits of the logits, and those flip near-ties."""
         import llama_cpp
 
-        llama_cpp.llama_memory_clear(self._memory, True)
+        # Only the cells' bookkeeping: zeroing the buffers (hundreds of MB) would add tens of ms
+        # to the request, and masked cells never reach a result.
+        llama_cpp.llama_memory_clear(self._memory, False)
         for slot in self._slots:
             slot.cached.clear()
 

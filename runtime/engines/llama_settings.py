@@ -8,6 +8,12 @@ llama-cpp-python's `Llama` as they are.
 - `n_ctx`: KV cache cells shared by all slots; default `context_length` * `parallel`, so every
   slot can hold a whole context. A slot's context (the per-request limit) is
   min(context_length, n_ctx // parallel).
+- `swa_full`: false (llama.cpp's server default), a sliding-window model (Gemma 3) keeps only
+  the window's cells per sequence in its sliding-window layers, not `n_ctx` of them: for Gemma 3
+  270M at 4 x 4096 cells about 90 MB of KV cache instead of 290 MB, and attention that spans
+  fewer cells. A cached prefix is then reused only while its window's cells are still there.
+- `poll`: how hard the thread pool's workers poll for the next step before they sleep, 0-100
+  (llama.cpp's `--poll`, default 50); see runtime/engines/llama_threadpool.py.
 - `n_threads` / `n_threads_batch`: unset, each step runs on the cores the rest of the machine
   leaves free, at least one (runtime/engines/llama_threads.py); set, always that many.
 """
@@ -25,6 +31,8 @@ from runtime.errors import ConfigError
 DEFAULT_PARALLEL = 4
 DEFAULT_BATCH_TOKENS = 512
 MIN_SLOT_CONTEXT = 256
+DEFAULT_POLL = 50  # llama.cpp's
+MAX_POLL = 100
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,8 @@ class LlamaSettings:
     n_threads_batch: int
     adaptive_threads: bool  # n_threads unset: ThreadChooser gives llama.cpp the free cores
     prompt_cache: bool
+    swa_full: bool
+    poll: int
     llama_args: dict[str, Any]  # everything else, for `Llama(...)`
 
 
@@ -72,9 +82,11 @@ def llama_settings(config: ModelConfig, key: str = "engine_settings") -> LlamaSe
     threads_batch = _integer(
         settings.pop("n_threads_batch", 0) or threads, f"{key}.n_threads_batch", 1
     )
-    prompt_cache = settings.pop("prompt_cache", True)
-    if not isinstance(prompt_cache, bool):
-        raise ConfigError(f"{key}.prompt_cache", prompt_cache, "true or false")
+    prompt_cache = _flag(settings.pop("prompt_cache", True), f"{key}.prompt_cache")
+    swa_full = _flag(settings.pop("swa_full", False), f"{key}.swa_full")
+    poll = _integer(settings.pop("poll", DEFAULT_POLL), f"{key}.poll", 0)
+    if poll > MAX_POLL:
+        raise ConfigError(f"{key}.poll", poll, f"an integer from 0 to {MAX_POLL}")
     return LlamaSettings(
         parallel=parallel,
         batch_tokens=batch_tokens,
@@ -84,6 +96,8 @@ def llama_settings(config: ModelConfig, key: str = "engine_settings") -> LlamaSe
         n_threads_batch=threads_batch,
         adaptive_threads=not given and cores > 1,
         prompt_cache=prompt_cache,
+        swa_full=swa_full,
+        poll=poll,
         llama_args=settings,
     )
 
@@ -91,4 +105,10 @@ def llama_settings(config: ModelConfig, key: str = "engine_settings") -> LlamaSe
 def _integer(value: Any, key: str, least: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ConfigError(key, value, f"an integer >= {least}")
+    return value
+
+
+def _flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "true or false")
     return value
