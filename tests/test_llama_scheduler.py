@@ -187,6 +187,21 @@ async def test_the_second_turn_of_a_chat_hits_the_prompt_cache(engine: LlamaCppE
     assert evaluated < second["usage"].prompt_tokens // 2
 
 
+async def test_idle_slots_keep_no_more_cells_than_the_running_ones(
+    engine: LlamaCppEngine,
+) -> None:
+    """Every step attends over every cell in use, so finished sequences' cells are dropped
+    (least recently used first) down to what the running sequences hold."""
+    scheduler = scheduler_of(engine)
+    long = [f"{STORY} The {word} lay quiet under the stars. " * 6 for word in ("harbour", "mill")]
+    await together(engine, *({"prompt": p, "max_tokens": 8, "temperature": 0.8} for p in long))
+    cached = scheduler.stats()["kv_cells_used"]
+    short = await run(engine, prompt="Snow fell.", max_tokens=4, temperature=0.8)
+    used = short["usage"].prompt_tokens + short["usage"].completion_tokens
+    assert cached > 100 > 2 * used
+    assert scheduler.stats()["kv_cells_used"] <= 2 * used
+
+
 def test_a_prefix_whose_sliding_window_is_gone_is_evaluated_again() -> None:
     """Gemma 3's sliding-window layers keep a sequence's last 512 positions (swa_full false):
     after 1,000 tokens, a prompt that shares only the first ~600 of them cannot reuse them (the
