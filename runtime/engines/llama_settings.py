@@ -13,7 +13,7 @@ llama-cpp-python's `Llama` as they are.
   270M at 4 x 4096 cells about 90 MB of KV cache instead of 290 MB, and attention that spans
   fewer cells. A cached prefix is then reused only while its window's cells are still there.
 - `poll`: how hard the thread pool's workers poll for the next step before they sleep, 0-100
-  (llama.cpp's `--poll`, default 50); see runtime/engines/llama_threadpool.py.
+  (llama.cpp's `--poll`); default 0, see runtime/engines/llama_threadpool.py.
 - `n_threads` / `n_threads_batch`: unset, each step runs on the cores the rest of the machine
   leaves free, at least one (runtime/engines/llama_threads.py); set, always that many.
 """
@@ -31,7 +31,7 @@ from runtime.errors import ConfigError
 DEFAULT_PARALLEL = 4
 DEFAULT_BATCH_TOKENS = 512
 MIN_SLOT_CONTEXT = 256
-DEFAULT_POLL = 50  # llama.cpp's
+DEFAULT_POLL = 0  # workers sleep between steps (llama.cpp's server polls at 50: see --poll)
 MAX_POLL = 100
 
 

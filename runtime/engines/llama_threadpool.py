@@ -9,9 +9,12 @@ seconds at a time on the 2-core development machine. A pool made once keeps its 
 their caches) between steps, as llama.cpp's own server does, and the issue asks for exactly
 this: pick "llama.cpp's thread-pool polling so that they do not spin against a neighbour".
 
-Between steps a worker polls for the next graph for a bounded time (`poll`, 0-100, llama.cpp's
-default 50), then sleeps; a decoding stream's next step comes within a millisecond, so it never
-sleeps while a stream runs, and an idle model costs nothing (`engine_settings.poll`).
+Between steps a worker may poll for the next graph for a while (`engine_settings.poll`, 0-100)
+before it sleeps. llama.cpp's server polls at 50, which spins a worker for up to a few hundred
+milliseconds after the last step: on the 2-core development machine a neighbour that started
+then (another model, another server, the next request of a benchmark taking turns) lost a
+sixth of its decode rate and saw TTFT p95 near 200 ms. At 0 (Tiffin's default) a worker sleeps
+at once and is woken for the next step, which measured no slower for a running stream.
 
 llama-cpp-python binds neither `ggml_threadpool_new` nor `llama_attach_threadpool`: they are
 declared here with ctypes, from ggml.h / ggml-cpu.h / llama.h of the same release.
