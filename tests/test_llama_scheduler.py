@@ -315,3 +315,30 @@ def test_without_proc_stat_every_core_is_used() -> None:
     chooser.before()
     chooser.before()
     assert settings == [4]
+
+
+def test_plain_greedy_takes_the_same_token_as_llama_cpps_greedy_sampler() -> None:
+    """Plain greedy is an argmax in numpy, not llama.cpp's chain (which copies every logit
+    first): the two must agree, token by token, on the same logits."""
+    from llama_cpp import Llama
+
+    from runtime.engines.llama_sampling import SamplerChain
+
+    llm = Llama(str(gguf.assemble()), n_ctx=256, n_threads=2, verbose=False)
+    try:
+        vocab, n_vocab = llm._model.vocab, llm.n_vocab()
+        request = GenerationRequest(model="gemma", prompt=STORY, temperature=0)
+        fast = SamplerChain(vocab, n_vocab, request, 0, None)
+        chain = SamplerChain(vocab, n_vocab, request, 0, None)
+        chain._argmax = False  # the llama.cpp chain it stands for
+        assert fast._argmax
+        tokens = llm.tokenize(STORY.encode())
+        for _ in range(12):
+            llm.eval(tokens)
+            token = fast.sample(llm._ctx.ctx, -1)
+            assert token == chain.sample(llm._ctx.ctx, -1)
+            tokens = [token]
+        fast.close()
+        chain.close()
+    finally:
+        llm.close()

@@ -114,6 +114,10 @@ class LlamaCppEngine:
         params.n_seq_max = settings.parallel
         params.kv_unified = True
         params.swa_full = settings.swa_full
+        if "flash_attn" not in settings.llama_args:
+            # llama.cpp's own default (auto: on where the backend has it); llama-cpp-python's
+            # `Llama` turns it off unless asked.
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         params.n_threads = settings.n_threads
         params.n_threads_batch = settings.n_threads_batch
         context = llama_cpp.llama_init_from_model(llm._model.model, params)

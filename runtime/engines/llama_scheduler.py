@@ -70,6 +70,31 @@ class Job:
             self.cancelled.set()
 
 
+class Outbox:
+    """A step's chunks, handed to each event loop in one call: one wake-up per loop and step
+    instead of one per chunk (8 streams made 8 self-pipe writes and 8 loop turns a step)."""
+
+    def __init__(self) -> None:
+        self._items: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
+
+    def post(self, job: Job, item: Any) -> None:
+        self._items.setdefault(job.loop, []).append((job, item))
+
+    def flush(self) -> None:
+        for loop, items in self._items.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is gone: nobody reads these jobs any more
+                for job, _ in items:
+                    job.cancelled.set()
+        self._items = {}
+
+
+def _deliver(items: list[tuple[Job, Any]]) -> None:
+    for job, item in items:
+        job.out.put_nowait(item)
+
+
 @dataclass
 class Slot:
     seq_id: int
@@ -129,6 +154,7 @@ class BatchScheduler:
         self._piece = piece
         self._batch = llama_cpp.llama_batch_init(batch_tokens, 0, 1)
         self._slots = [Slot(seq_id) for seq_id in range(parallel)]
+        self._outbox = Outbox()
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -429,10 +455,13 @@ class BatchScheduler:
             slot.cached.extend(tokens)
         self.steps += 1
         self.sequences_per_step[len({slot.seq_id for slot, _ in fed})] += 1
-        for row, sequence in outputs:
-            if sequence.index == 0 and sequence.job.request.n > 1:
-                self._share_prompt(sequence, row)
-            self._sample(sequence, row)
+        try:
+            for row, sequence in outputs:
+                if sequence.index == 0 and sequence.job.request.n > 1:
+                    self._share_prompt(sequence, row)
+                self._sample(sequence, row)
+        finally:
+            self._outbox.flush()
 
     def _prefill_budget(self, decoding: int) -> int:
         """Tokens this step may hold. While sequences decode, prompt chunks are cut so that the
@@ -480,7 +509,9 @@ class BatchScheduler:
         text = sequence.text
         piece = text.feed(self._piece(token))
         if piece or text.stopped:
-            job.send(Chunk(index=sequence.index, text=piece, logprobs=sequence.logprobs))
+            self._outbox.post(
+                job, Chunk(index=sequence.index, text=piece, logprobs=sequence.logprobs)
+            )
             sequence.logprobs = []
         if text.stopped:
             self._finish(sequence, "stop")
@@ -502,9 +533,9 @@ class BatchScheduler:
         )
         # Free before the caller hears the end, so stats read after a stream are settled.
         self._free(sequence, keep_cells=True)
-        job.send(chunk)
+        self._outbox.post(job, chunk)
         if last:
-            job.send(DONE)
+            self._outbox.post(job, DONE)
 
 
 def _put(batch: Any, row: int, token: int, position: int, seq_id: int, output: bool) -> None:
