@@ -38,7 +38,7 @@ from runtime.engines.worker import DONE, relay
 # While sequences decode, a step with prompt chunks aims to last this long (see _prefill_budget).
 STEP_TARGET_S = 0.15
 MIN_PREFILL_CHUNK = 16  # a long prompt still moves when the step target is tight
-PREFILL_SAMPLE_TOKENS = 64  # steps with this many prompt tokens measure a prompt token's cost
+PREFILL_SAMPLE_TOKENS = MIN_PREFILL_CHUNK  # steps with this many prompt tokens measure their cost
 Piece = Callable[[int], bytes]
 
 
