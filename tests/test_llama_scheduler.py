@@ -342,3 +342,26 @@ def test_plain_greedy_takes_the_same_token_as_llama_cpps_greedy_sampler() -> Non
         chain.close()
     finally:
         llm.close()
+
+
+def test_a_build_without_the_thread_pool_symbols_still_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pool is declared with ctypes from ggml's headers; where a build lacks the symbols
+    (or the library cannot be found), the model loads without it and says so."""
+    import runtime.engines.llama_cpp as llama_cpp_engine
+
+    def missing(*args: Any) -> None:
+        raise AttributeError("undefined symbol: ggml_threadpool_new")
+
+    monkeypatch.setattr(llama_cpp_engine, "ThreadPool", missing)
+    config = ModelConfig(
+        id="gemma", source="pkg", context_length=256, engine_settings={"parallel": 1}
+    )
+    engine = LlamaCppEngine(gguf.assemble(), config)
+    asyncio.run(engine.load())
+    try:
+        result = asyncio.run(run(engine, **greedy(STORY, max_tokens=4)))
+        assert result["usage"].completion_tokens == 4
+    finally:
+        asyncio.run(engine.unload())

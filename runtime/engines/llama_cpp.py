@@ -74,7 +74,14 @@ class LlamaCppEngine:
         self._llm, self._context = await asyncio.to_thread(self._create)
         settings = self.settings
         threads = max(settings.n_threads, settings.n_threads_batch)
-        self._pool = ThreadPool(self._context, threads, settings.poll)
+        try:
+            self._pool = ThreadPool(self._context, threads, settings.poll)
+        except (OSError, AttributeError, RuntimeError) as exc:  # a build without those symbols
+            self._log.warning(
+                "no ggml thread pool: llama.cpp starts its threads at every step",
+                model=self.config.id,
+                reason=str(exc)[:200],
+            )
         self._format = self._chat_formatter()
         llm = self._llm
         self._scheduler = BatchScheduler(
