@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent
 def _protoc() -> ModuleType:
     # By path: the package's own imports are not installed while it is being built.
     spec = importlib.util.spec_from_file_location(
-        "tiffin_protoc", ROOT / "runtime" / "transports" / "protoc.py"
+        "tiffin_protoc", ROOT / "runtime" / "cli" / "protoc.py"
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

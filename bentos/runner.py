@@ -1,6 +1,6 @@
 """The runner service of `serving.topology=split`: the GPU engines' models in a BentoML service
 of their own (`resources={"gpu": serving.runner_gpus}`), which the API service reaches through
-`bentoml.depends`. The work is RunnerHost's (runtime/runner.py); this only exposes it."""
+`bentoml.depends`. The work is RunnerHost's (runtime/runner_client.py); this only exposes it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, cast
 import bentoml
 
 from runtime.app import Runtime
-from runtime.runner import RunnerHost
+from runtime.runner_client import RunnerHost
 
 
 class RunnerProxyClient:

@@ -33,7 +33,8 @@ from bentos.runner import RunnerProxyClient, build_runner
 from bentos.traffic_metrics import RouteTrafficMetrics, TrafficMetrics
 from runtime.app import Runtime
 from runtime.bake import is_baked, load_baked
-from runtime.config import ServingConfig, Topology, compose, load_config_file
+from runtime.config import compose, load_config_file
+from runtime.config_schema import ServingConfig, Topology
 from runtime.errors import STARTUP_FAILURE_FILE, StartupError
 from runtime.telemetry.logging import configure_logging
 from runtime.transports.grpc import GrpcServer

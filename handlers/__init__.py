@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from handlers import admin, alerts, integrations, live, ollama, openai, usage
+from handlers import admin, alerts, integrations, live_feeds, ollama_api, openai_api, usage
 from hooks import hookimpl
 
 
@@ -21,21 +21,21 @@ class BuiltinHandlers:
         register("integrations.health", integrations.health)
         register("integrations.get", integrations.get)
         register("alerts.webhook", alerts.webhook)
-        register("openai.list_models", openai.list_models)
-        register("openai.get_model", openai.get_model)
-        register("openai.chat_completions", openai.chat_completions)
-        register("openai.completions", openai.completions)
-        register("openai.embeddings", openai.embeddings)
+        register("openai.list_models", openai_api.list_models)
+        register("openai.get_model", openai_api.get_model)
+        register("openai.chat_completions", openai_api.chat_completions)
+        register("openai.completions", openai_api.completions)
+        register("openai.embeddings", openai_api.embeddings)
         register("admin.load_model", admin.load_model)
         register("admin.unload_model", admin.unload_model)
         register("admin.pull_model", admin.pull_model)
-        register("metrics.snapshot", live.snapshot)
-        register("metrics.watch", live.watch)
-        register("events.watch", live.events)
-        register("requests.recent", live.recent_requests)
+        register("metrics.snapshot", live_feeds.snapshot)
+        register("metrics.watch", live_feeds.watch)
+        register("events.watch", live_feeds.events)
+        register("requests.recent", live_feeds.recent_requests)
         register("admin.usage", usage.usage)
         for name in ("version", "tags", "ps", "chat", "generate", "embed"):
-            register(f"ollama.{name}", getattr(ollama, name))
+            register(f"ollama.{name}", getattr(ollama_api, name))
 
 
 def builtin_plugins() -> list[object]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from handlers.generation import error_for
-from runtime.dispatch import Context, Event, HandlerError, request_body
+from runtime.dispatch import Context, request_body
 from runtime.engines.detect import ModelFormatError
+from runtime.generation import error_for
 from runtime.integrations.hub_files import HubError, parse_source
 from runtime.integrations.huggingface_hub import HuggingFaceHubIntegration
-from runtime.models import ModelNotFound
+from runtime.types import Event, HandlerError, ModelNotFound
 
 
 async def load_model(event: Event, ctx: Context) -> dict[str, Any]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from handlers.alert_types import WebhookAlert, WebhookPayload
-from handlers.generation import parse
-from runtime.dispatch import Context, Event, request_body
+from handlers.parsing import parse
+from runtime.dispatch import Context, request_body
 from runtime.events import BusEvent
+from runtime.types import Event
 
 SOURCE = "alertmanager"
 

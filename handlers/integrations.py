@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtime.dispatch import Context, Event, HandlerError, Reply
+from runtime.dispatch import Context
 from runtime.errors import quoted
 from runtime.integrations import IntegrationStatus
 from runtime.telemetry.batching import batching_stats
+from runtime.types import Event, HandlerError, Reply
 
 
 async def status(event: Event, ctx: Context) -> dict[str, Any]:

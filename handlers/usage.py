@@ -8,11 +8,12 @@ import time
 from datetime import datetime
 from typing import Any
 
-from runtime.dispatch import Context, Event, HandlerError
+from runtime.dispatch import Context
 from runtime.errors import quoted
 from runtime.integrations.database import DatabaseIntegration
 from runtime.persistence.rollups import BUCKET_S, PERIODS, bucket_of
 from runtime.secrets import redact_text
+from runtime.types import Event, HandlerError
 
 DAY_S = 86_400.0
 

@@ -41,7 +41,3 @@ class BuiltinEngines:
             "transformers", lambda spec: transformers.TransformersEngine(spec.path, spec.config)
         )
         register("exllamav2", lambda spec: exllamav2.ExLlamaV2Engine(spec.path, spec.config))
-
-
-def builtin_plugins() -> list[object]:
-    return [CostFromConfig(), BuiltinEngines()]

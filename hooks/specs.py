@@ -10,10 +10,17 @@ Request hooks may return a value or an awaitable; Tiffin awaits whichever it get
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    from runtime.app import Runtime
+    from runtime.dispatch import Context
+    from runtime.events import BusEvent
+    from runtime.integrations.base import Health
+    from runtime.types import Event, GenerationRequest, HandlerError
 
 PROJECT = "tiffin"
 
@@ -52,7 +59,7 @@ def register_handlers(register: Callable[..., None]) -> None:
 
 
 @hookspec
-def runtime_started(runtime: Any) -> None:
+def runtime_started(runtime: Runtime) -> Awaitable[None] | None:
     """Called after the Runtime has started its integrations and is about to take traffic.
 
     `runtime` is the Runtime. May return an awaitable, which is awaited. Return value ignored.
@@ -60,7 +67,7 @@ def runtime_started(runtime: Any) -> None:
 
 
 @hookspec
-def runtime_stopping(runtime: Any) -> None:
+def runtime_stopping(runtime: Runtime) -> Awaitable[None] | None:
     """Called when the Runtime begins to stop, before integrations are shut down.
 
     `runtime` is the Runtime. May return an awaitable, which is awaited. Return value ignored.
@@ -68,7 +75,7 @@ def runtime_stopping(runtime: Any) -> None:
 
 
 @hookspec
-def authenticate(event: Any, ctx: Any) -> Any:
+def authenticate(event: Event, ctx: Context) -> Awaitable[None] | None:
     """Called for every request on every transport, after `request_started` and before
     `before_request`, to establish who is calling. Raise a HandlerError (401, 403, 429) to
     refuse the request; set `event.principal` / `ctx.principal` to accept it. Return None
@@ -79,7 +86,7 @@ def authenticate(event: Any, ctx: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def before_request(event: Any, ctx: Any) -> Any:
+def before_request(event: Event, ctx: Context) -> Any:
     """Called for every request on every transport, after it is decoded, before the handler.
 
     `event` is the decoded Event (body, headers, params, transport), `ctx` the Context.
@@ -90,7 +97,7 @@ def before_request(event: Any, ctx: Any) -> Any:
 
 
 @hookspec
-def request_started(event: Any, ctx: Any) -> None:
+def request_started(event: Event, ctx: Context) -> Awaitable[None] | None:
     """Called for every request on every transport when it arrives, before `before_request`.
 
     Observational (metrics count requests in flight here): return values are ignored, and
@@ -99,7 +106,9 @@ def request_started(event: Any, ctx: Any) -> None:
 
 
 @hookspec
-def request_finished(event: Any, ctx: Any, status: int, seconds: float, error: Any) -> None:
+def request_finished(
+    event: Event, ctx: Context, status: int, seconds: float, error: HandlerError | None
+) -> Awaitable[None] | None:
     """Called once when a request is over: its answer was sent, or its stream ended, or the
     client went away. `status` is HTTP's vocabulary whatever the transport (200, 4xx, 5xx;
     499 when the client left first), `seconds` the time since arrival, `error` the
@@ -109,7 +118,9 @@ def request_finished(event: Any, ctx: Any, status: int, seconds: float, error: A
 
 
 @hookspec(firstresult=True)
-def before_generate(request: Any, ctx: Any) -> Any:
+def before_generate(
+    request: GenerationRequest, ctx: Context
+) -> GenerationRequest | Awaitable[GenerationRequest | None] | None:
     """Called before a generation request goes to a model provider.
 
     `request` is the validated generation request, `ctx` the Context. Return None to leave it
@@ -118,7 +129,9 @@ def before_generate(request: Any, ctx: Any) -> Any:
 
 
 @hookspec
-def after_generate(request: Any, response: Any, ctx: Any) -> None:
+def after_generate(
+    request: GenerationRequest, response: dict[str, Any], ctx: Context
+) -> Awaitable[None] | None:
     """Called after a generation finished (or failed), with its request and final response, a
     dict: `usage` (prompt/completion tokens), `finish_reasons` (by choice), `cost`, `error`
     (text or None), `seconds` (whole generation), `ttft_s` (to the first chunk, or None),
@@ -128,7 +141,7 @@ def after_generate(request: Any, response: Any, ctx: Any) -> None:
 
 
 @hookspec
-def after_health_check(name: str, health: Any) -> None:
+def after_health_check(name: str, health: Health) -> Awaitable[None] | None:
     """Called after every health check of an integration (at start, periodically, on
     recovery). `name` is the integration, `health` its `Health` (healthy, detail,
     latency_s). Observational: return values are ignored; keep it cheap.
@@ -136,7 +149,7 @@ def after_health_check(name: str, health: Any) -> None:
 
 
 @hookspec
-def on_event(event: Any) -> None:
+def on_event(event: BusEvent) -> Awaitable[None] | None:
     """Called for every event published on the runtime's event bus (`integration.started`,
     `integration.health_changed`, ...). `event` is a BusEvent. May return an awaitable.
     Events another worker or replica published reach here too when the redis integration
@@ -146,7 +159,9 @@ def on_event(event: Any) -> None:
 
 
 @hookspec(firstresult=True)
-def estimate_cost(model: str, prompt_tokens: int, completion_tokens: int, prices: Any) -> Any:
+def estimate_cost(
+    model: str, prompt_tokens: int, completion_tokens: int, prices: Mapping[str, float] | None
+) -> float | Awaitable[float | None] | None:
     """Called after a generation to price it. `prices` is the model's configured price table
     (per 1k prompt and completion tokens) or None. Return the cost as a float in the
     configured currency. First result wins; the built-in plugin prices from config.

@@ -19,12 +19,13 @@ from typing import Any, cast
 import structlog
 from omegaconf import DictConfig, OmegaConf
 
-import hooks.builtin
 from hooks import make_plugin_manager, resolve, resolve_all
-from hooks.live import LiveStatsPlugin
-from hooks.metrics import MetricsPlugin
+from hooks.builtin import BuiltinEngines, CostFromConfig
+from hooks.live_recorder import LiveStatsRecorder
+from hooks.metrics_recorder import MetricsRecorder
+from hooks.request_limits import RequestLimits
 from runtime.auth import Auth, RateStore
-from runtime.config import IntegrationConfig, TiffinConfig, Topology
+from runtime.config_schema import IntegrationConfig, TiffinConfig, Topology
 from runtime.dispatch import Dispatcher, Handler
 from runtime.errors import ConfigError
 from runtime.events import BusEvent, EventBus
@@ -32,16 +33,34 @@ from runtime.integrations import IntegrationManager, IntegrationRegistry
 from runtime.integrations.base import Health
 from runtime.integrations.manager import Sleep
 from runtime.integrations.opentelemetry import tracing_settings
-from runtime.limits import RequestLimits
 from runtime.models import ModelRouter
-from runtime.runner import RemoteEngine, RunnerClient
+from runtime.runner_client import RemoteEngine, RunnerClient
 from runtime.secrets import redact
-from runtime.telemetry.live import LiveStats
+from runtime.telemetry.live_stats import LiveStats
 from runtime.telemetry.metrics import Metrics
 from runtime.telemetry.tracing import Tracing
 
 # After the drain timeout, how long aborted streams get to send their last chunk.
 DRAIN_ABORT_GRACE_S = 5.0
+
+# Tiffin's own behaviour, as plugins on the same hooks a user's plugin implements (most are
+# `trylast`, so a plugin can override them). Each is built from the Runtime; None: switched off.
+# The handlers (handlers/__init__.py) come in through `Runtime(builtins=...)`: runtime/ does not
+# import them.
+DEFAULT_PLUGINS: tuple[Callable[[Runtime], object | None], ...] = (
+    lambda runtime: CostFromConfig(),  # estimate_cost from a model's `prices`
+    lambda runtime: BuiltinEngines(),  # register_engines: llama_cpp, embeddings, transformers...
+    lambda runtime: LiveStatsRecorder(runtime.live),  # /ws/metrics, GraphQL `metrics`
+    lambda runtime: runtime.auth.plugin,  # authenticate: API keys, OIDC, scopes, rate limits
+    lambda runtime: RequestLimits(runtime.settings.limits),  # limits.max_tokens, streams
+    lambda runtime: (
+        MetricsRecorder(  # /metrics
+            runtime.metrics, runtime.settings.telemetry.sample_interval_s
+        )
+        if runtime.settings.telemetry.metrics
+        else None
+    ),
+)
 
 
 def to_settings(cfg: DictConfig) -> TiffinConfig:
@@ -51,6 +70,11 @@ def to_settings(cfg: DictConfig) -> TiffinConfig:
 
 class Runtime:
     """One serving runtime. A test can build one, start it, and throw it away."""
+
+    settings: TiffinConfig
+    metrics: Metrics
+    live: LiveStats
+    auth: Auth
 
     def __init__(
         self,
@@ -62,21 +86,13 @@ class Runtime:
         self.cfg = cfg
         self.settings = to_settings(cfg)
         self.log = structlog.get_logger("tiffin.runtime")
-        telemetry = self.settings.telemetry
         self.metrics = Metrics()
         self.tracing = Tracing(tracing_settings(self.settings))
         self.live = LiveStats()
         # Hashes the configured keys and drops the plain ones from self.settings.
         self.auth = Auth.from_settings(self.settings)
-        recorders: list[object] = [
-            LiveStatsPlugin(self.live),
-            self.auth.plugin,
-            RequestLimits(self.settings.limits),
-        ]
-        if telemetry.metrics:
-            recorders.append(MetricsPlugin(self.metrics, telemetry.sample_interval_s))
         self.plugins = make_plugin_manager(
-            [*hooks.builtin.builtin_plugins(), *recorders, *builtins],
+            [p for make in DEFAULT_PLUGINS if (p := make(self)) is not None] + list(builtins),
             self.settings.plugins,
             load_entrypoints=self.settings.load_entrypoint_plugins,
         )

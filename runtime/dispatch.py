@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,13 +20,26 @@ import pluggy
 import structlog
 
 from hooks import resolve, resolve_all
-from runtime import client_json
+from runtime import client_json, generation
+from runtime.generation import Outcome
 from runtime.integrations.manager import IntegrationManager, current_manager
 from runtime.telemetry.tracing import Tracing
+from runtime.types import (
+    Chunk,
+    Closed,
+    Embeddings,
+    Event,
+    GenerationRequest,
+    HandlerError,
+    NdjsonStream,
+    Reply,
+    Stream,
+)
 
 if TYPE_CHECKING:
+    from runtime.app import Runtime
     from runtime.events import EventBus
-    from runtime.models import ModelRouter
+    from runtime.models import ModelRouter, ServedModel
 
 Handler = Callable[["Event", "Context"], Awaitable[Any]]
 _H = TypeVar("_H", bound=Callable[..., Any])
@@ -74,24 +86,10 @@ def error_body(render: Callable[[HandlerError], Any]) -> Callable[[_H], _H]:
 
 
 @dataclass
-class Event:
-    """One request, whatever transport it came in on."""
-
-    body: Any = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-    path_params: Mapping[str, str] = field(default_factory=dict)
-    query: Mapping[str, str] = field(default_factory=dict)
-    transport: str = "http"
-    route: str = ""
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    principal: Any = None
-
-
-@dataclass
 class Context:
     """What a handler may use. Handlers never reach transports or engines directly."""
 
-    runtime: Any
+    runtime: Runtime
     integrations: IntegrationManager
     models: ModelRouter
     events: EventBus
@@ -122,58 +120,24 @@ class Context:
         """Seconds left before the request's deadline, or None without one."""
         return None if self.deadline is None else self.deadline - time.monotonic()
 
+    # The one generation path (runtime/generation.py), as handlers reach it.
 
-@dataclass
-class Reply:
-    """A handler result with an explicit status (e.g. 503 from a health check)."""
+    def model_for(self, model_id: str, capability: str) -> ServedModel:
+        """The model `model_id` names (an id or alias), if it can do `capability`; else a
+        404 or a 400. Records it on the context for metrics and traces."""
+        return generation.find_model(self, model_id, capability)
 
-    body: Any
-    status: int = 200
-    headers: Mapping[str, str] = field(default_factory=dict)
-    # The error an error status answers, when the handler turned one into its own shape
-    # (Ollama's API): `request_finished` gets it, so metrics count its type.
-    error: HandlerError | None = None
+    async def generate(
+        self, request: GenerationRequest, on_done: Callable[[Outcome], None] | None = None
+    ) -> tuple[Stream[Chunk], Outcome]:
+        """Start `request`: hooks, the router, the first chunk (errors before anything is
+        sent). Returns the chunks and the Outcome they fill; closing the stream (or the
+        request ending) stops the generation."""
+        return await generation.start_generation(self, request, on_done)
 
-
-@dataclass
-class NdjsonStream:
-    """A streamed result framed as newline-delimited JSON (Ollama's API) rather than the
-    server-sent events a bare async iterator gets. Items are dicts; a HandlerError raised
-    mid-stream becomes a final `{"error": message}` line."""
-
-    items: AsyncIterator[Any]
-
-
-class HandlerError(Exception):
-    """An expected failure, in OpenAI's error vocabulary; transports map `status` to theirs."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.code = code
-        self.param = param
-        self.headers = dict(headers or {})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+    async def embed(self, model: ServedModel, texts: list[str]) -> Embeddings:
+        """Embed `texts` on `model` (from `model_for`)."""
+        return await generation.embed_texts(self, model, texts)
 
 
 class Dispatcher:
@@ -181,7 +145,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        runtime: Any,
+        runtime: Runtime,
         handlers: Mapping[str, Handler],
         routes: Mapping[str, str],
         *,
@@ -250,9 +214,9 @@ class Dispatcher:
             await finish(500, None)
             raise
         if isinstance(result, NdjsonStream):
-            return NdjsonStream(FinishingStream(result.items, finish))
+            return NdjsonStream(Stream(result.items, finish.stream_ended))
         if hasattr(result, "__aiter__") and not isinstance(result, Mapping):
-            return FinishingStream(result, finish)
+            return Stream(result, finish.stream_ended)
         if isinstance(result, Reply):
             await finish(result.status, result.error)
         else:
@@ -356,39 +320,15 @@ class _Finish:
         finally:
             self.on_done(self)
 
-
-class FinishingStream:
-    """A handler's stream that reports how the request ended: 200 when it ran out, the
-    error's status when it raised, 499 when the transport closed it early (client gone).
-    Closing it closes the handler's stream, which stops the generation."""
-
-    def __init__(self, inner: AsyncIterator[Any], finish: _Finish) -> None:
-        self._inner = inner
-        self._finish = finish
-
-    def __aiter__(self) -> FinishingStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        try:
-            return await anext(self._inner)
-        except StopAsyncIteration:
-            await self._finish(200, None)
-            raise
-        except HandlerError as exc:
-            await self._finish(exc.status, exc)
-            raise
-        except asyncio.CancelledError:
-            await self._finish(499, None)
-            raise
-        except Exception:
-            await self._finish(500, None)
-            raise
-
-    async def aclose(self) -> None:
-        try:
-            aclose = getattr(self._inner, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            await self._finish(499, None)
+    async def stream_ended(self, error: BaseException | None) -> None:
+        """How a streamed result ended, as the request's status: 200 when it ran out, the
+        error's status when it raised one, 499 when it was closed early or cancelled (the
+        client went away), 500 for anything else."""
+        if error is None:
+            await self(200, None)
+        elif isinstance(error, HandlerError):
+            await self(error.status, error)
+        elif isinstance(error, Closed | asyncio.CancelledError | GeneratorExit):
+            await self(499, None)
+        else:
+            await self(500, None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -19,19 +18,21 @@ from typing import Any
 
 import structlog
 
-from runtime.engines.base import (
+from runtime.engines.base import Engine, ModelSpec
+from runtime.events import BusEvent, EventBus
+from runtime.types import (
     Chunk,
     ContextLengthExceeded,
     Embeddings,
-    Engine,
     EngineError,
     GenerationRequest,
-    ModelSpec,
+    GenerationTimeout,
+    ModelNotFound,
     ProviderError,
+    QueueFull,
     UnsupportedRequest,
+    close,
 )
-from runtime.errors import SHOWN_CHARS, quoted
-from runtime.events import BusEvent, EventBus
 
 EngineFactory = Callable[[ModelSpec], Engine]
 
@@ -43,28 +44,6 @@ class ModelState(StrEnum):
     failed = "failed"
 
 
-class ModelNotFound(LookupError):
-    def __init__(self, model: str, known: Iterable[str]) -> None:
-        self.model = model
-        close: list[str] = []
-        if len(model) <= 4 * SHOWN_CHARS:  # a longer name is no typo of an id (nor worth difflib)
-            close = difflib.get_close_matches(model, list(known), n=3, cutoff=0.4)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        super().__init__(f"the model {quoted(model)} does not exist{hint}")
-
-
-class QueueFull(Exception):
-    def __init__(self, model: str, limit: int, retry_after: int) -> None:
-        self.model = model
-        self.limit = limit
-        self.retry_after = retry_after
-        super().__init__(f"{model} has {limit} requests waiting; try again in {retry_after}s")
-
-
-class GenerationTimeout(EngineError):
-    pass
-
-
 def _worth_a_fallback(exc: Exception) -> bool:
     """Provider trouble (down, overloaded, failing) is; a request it rightly refused is not."""
     if isinstance(exc, ContextLengthExceeded | UnsupportedRequest | ModelNotFound):
@@ -74,8 +53,9 @@ def _worth_a_fallback(exc: Exception) -> bool:
     return isinstance(exc, EngineError | QueueFull)
 
 
-class LocalModel:
-    """One local model: its engine (once loaded), its state and its queue."""
+class ServedModel:
+    """One servable model, local (an engine in this process) or remote (a platform's client):
+    its engine once loaded, its state and its queue."""
 
     def __init__(self, spec: ModelSpec, factory: EngineFactory, bus: EventBus) -> None:
         self.spec = spec
@@ -97,7 +77,7 @@ class LocalModel:
             return self.engine.capabilities
         if self.spec.capabilities is not None:
             return self.spec.capabilities
-        from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS
+        from runtime.types import CHAT, COMPLETION, EMBEDDINGS
 
         return frozenset({EMBEDDINGS} if self.spec.engine == "embeddings" else {CHAT, COMPLETION})
 
@@ -191,21 +171,21 @@ class ModelRouter:
     def __init__(self, bus: EventBus, factories: Mapping[str, EngineFactory]) -> None:
         self._bus = bus
         self._factories = factories
-        self._models: dict[str, LocalModel] = {}
+        self._models: dict[str, ServedModel] = {}
         self._aliases: dict[str, str] = {}
         self._idle_task: asyncio.Task[None] | None = None
         self._log = structlog.get_logger("tiffin.models")
 
     # --- registration -------------------------------------------------------------------------
 
-    def register(self, spec: ModelSpec) -> LocalModel:
+    def register(self, spec: ModelSpec) -> ServedModel:
         factory = spec.factory or self._factories.get(spec.engine)
         if factory is None:
             raise EngineError(
                 f"no engine {spec.engine!r} for model {spec.config.id}; "
                 f"available: {', '.join(sorted(self._factories)) or '(none)'}"
             )
-        model = LocalModel(spec, factory, self._bus)
+        model = ServedModel(spec, factory, self._bus)
         self._models[model.id] = model
         for alias in spec.config.aliases:
             self._aliases[alias] = model.id
@@ -230,7 +210,7 @@ class ModelRouter:
 
     # --- lookup -------------------------------------------------------------------------------
 
-    def get(self, model_id: str) -> LocalModel:
+    def get(self, model_id: str) -> ServedModel:
         model = self._models.get(self._aliases.get(model_id, model_id))
         if model is None:
             raise ModelNotFound(model_id, [*self._models, *self._aliases])
@@ -248,7 +228,7 @@ class ModelRouter:
         return known
 
     @property
-    def models(self) -> Mapping[str, LocalModel]:
+    def models(self) -> Mapping[str, ServedModel]:
         return self._models
 
     def describe_all(self) -> list[dict[str, Any]]:
@@ -279,7 +259,7 @@ class ModelRouter:
             except StopAsyncIteration:
                 return
             except Exception as exc:
-                await stream.aclose()  # type: ignore[attr-defined]
+                await close(stream)
                 if position == len(candidates) - 1 or not _worth_a_fallback(exc):
                     raise
                 self._log.warning(
@@ -291,7 +271,7 @@ class ModelRouter:
                 async for chunk in stream:
                     yield chunk
             finally:
-                await stream.aclose()  # type: ignore[attr-defined]
+                await close(stream)
             return
 
     async def _generate_on(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -315,7 +295,7 @@ class ModelRouter:
                     chunk.model = model.id
                     yield chunk
             finally:
-                await stream.aclose()  # type: ignore[attr-defined]
+                await close(stream)
         finally:
             model.release()
 
@@ -341,12 +321,12 @@ class ModelRouter:
             raise EngineError(f"model {model_id} is not loaded")
         return engine.tokenize(text)
 
-    async def load(self, model_id: str) -> LocalModel:
+    async def load(self, model_id: str) -> ServedModel:
         model = self.get(model_id)
         await model.ensure_loaded()
         return model
 
-    async def unload(self, model_id: str) -> LocalModel:
+    async def unload(self, model_id: str) -> ServedModel:
         model = self.get(model_id)
         await model.unload()
         return model

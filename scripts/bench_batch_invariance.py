@@ -24,9 +24,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime.config import ModelConfig
-from runtime.engines.base import GenerationRequest
+from runtime.config_schema import ModelConfig
 from runtime.engines.llama_cpp import LlamaCppEngine
+from runtime.types import GenerationRequest
 from scripts.bench_concurrency import TOPICS
 
 OPENINGS = (

@@ -129,7 +129,7 @@ def direct(generator: Any, engine: Any, prompt: str, max_tokens: int) -> dict[st
 
 
 def bench_request(prompt: str, max_tokens: int) -> Any:
-    from runtime.engines.base import GenerationRequest
+    from runtime.types import GenerationRequest
 
     return GenerationRequest(
         model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0, seed=0
@@ -187,7 +187,7 @@ async def main() -> None:
     from exllamav2.attn import has_flash_attn_with_paged
     from exllamav2.generator import ExLlamaV2DynamicGenerator
 
-    from runtime.config import ModelConfig
+    from runtime.config_schema import ModelConfig
     from runtime.engines.exllamav2 import ExLlamaV2Engine
 
     with tempfile.TemporaryDirectory() as tmp:

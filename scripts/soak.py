@@ -12,7 +12,7 @@ Targets (exit 1 when one is missed):
   zero unanswered    no client timeout and no broken connection without an answer
   zero lost rows     every request the server answered has its row in the SQLite request log,
                      read after the server has shut down (and flushed). The log records every
-                     request whose handler resolved a model (runtime/telemetry/live.py), so
+                     request whose handler resolved a model (runtime/telemetry/live_stats.py), so
                      disconnected (499) and queue-refused (429) ones too; the clients send only
                      such requests, so each answered one must have a row
   RSS growth < 10%   of the server's process tree, from the end of warm-up (the first 20% of

@@ -16,9 +16,9 @@ import random
 import sys
 from typing import Any
 
-from runtime.config import ModelConfig
-from runtime.engines.base import GenerationRequest, UnsupportedRequest
+from runtime.config_schema import ModelConfig
 from runtime.engines.llama_cpp import LlamaCppEngine
+from runtime.types import GenerationRequest, UnsupportedRequest
 
 MAX_DEPTH = 4
 

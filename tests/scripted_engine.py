@@ -10,16 +10,8 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from runtime.engines.base import (
-    CHAT,
-    COMPLETION,
-    Chunk,
-    Embeddings,
-    EngineError,
-    GenerationRequest,
-    ModelSpec,
-    Usage,
-)
+from runtime.engines.base import ModelSpec
+from runtime.types import CHAT, COMPLETION, Chunk, Embeddings, EngineError, GenerationRequest, Usage
 
 
 class ScriptedEngine:

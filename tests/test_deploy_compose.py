@@ -18,7 +18,8 @@ import yaml
 
 import handlers
 from runtime.app import Runtime
-from runtime.config import ServerConfig, compose
+from runtime.config import compose
+from runtime.config_schema import ServerConfig
 from tests.compose_files import (
     DEPLOY,
     ROOT,

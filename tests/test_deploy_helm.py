@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 import handlers
 from runtime.app import Runtime
-from runtime.config import ServerConfig, compose, load_config_file
+from runtime.config import compose, load_config_file
+from runtime.config_schema import ServerConfig
 from runtime.telemetry.metrics import Metrics
 from tests.helm_chart import (
     CHART,

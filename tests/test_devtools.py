@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from runtime.__main__ import USAGE, VERBS
+from runtime.cli.main import USAGE, VERBS
 from tests.binaries import require_binary
 from tests.conftest import ROOT
 from tests.devtools import venv_binary

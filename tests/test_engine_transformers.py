@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 
-from runtime.config import ModelConfig
-from runtime.engines.base import (
+from runtime.config_schema import ModelConfig
+from runtime.engines.text import render_chat
+from runtime.engines.transformers import TransformersEngine
+from runtime.types import (
     ContextLengthExceeded,
     EngineError,
     GenerationRequest,
     UnsupportedRequest,
     Usage,
 )
-from runtime.engines.text import render_chat
-from runtime.engines.transformers import TransformersEngine
 from tests.tiny_llama import build_tiny_llama
 
 torch = pytest.importorskip("torch")

@@ -21,7 +21,8 @@ from starlette.types import Receive, Scope, Send
 
 import handlers
 from runtime.app import Runtime
-from runtime.config import ModelConfig, compose
+from runtime.config import compose
+from runtime.config_schema import ModelConfig
 from runtime.engines.base import ModelSpec
 from runtime.transports.http import create_app
 from tests.conftest import TEST_OVERRIDES

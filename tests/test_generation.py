@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from runtime.app import Runtime
-from runtime.config import ModelConfig
+from runtime.config_schema import ModelConfig
 from runtime.engines.base import ModelSpec
 from runtime.transports.http import create_app
 from tests.test_openai_api import ScriptedEngines, chat

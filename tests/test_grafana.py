@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 import handlers
 from runtime.app import Runtime, to_settings
-from runtime.config import LogFormat, LoggingConfig
+from runtime.config_schema import LogFormat, LoggingConfig
 from runtime.events import BusEvent
 from runtime.integrations.base import IntegrationStatus
 from runtime.integrations.grafana import DEFAULT_GRAFANAINTEGRATION_CONFIG, GrafanaIntegration

@@ -20,10 +20,10 @@ import websockets
 
 from hooks import hookimpl
 from runtime.app import Runtime
-from runtime.config import ModelConfig
-from runtime.dispatch import Event, HandlerError
+from runtime.config_schema import ModelConfig
 from runtime.engines.base import ModelSpec
 from runtime.transports.http import create_app
+from runtime.types import Event, HandlerError
 from tests.chromium import chromium_page
 from tests.conftest import TEST_OVERRIDES, eventually, free_port
 from tests.scripted_engine import batching

@@ -18,11 +18,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from hooks import hookimpl
 from runtime.app import Runtime
-from runtime.config import ModelConfig
-from runtime.dispatch import Context, Event, HandlerError
-from runtime.engines.base import EngineError, ModelSpec
+from runtime.config_schema import ModelConfig
+from runtime.dispatch import Context
+from runtime.engines.base import ModelSpec
 from runtime.errors import ConfigError
-from runtime.transports import protoc
+from runtime.cli import protoc
 from runtime.transports.grpc import GrpcServer
 from runtime.transports.proto.tiffin.v1 import (
     inference_pb2 as pb,
@@ -32,6 +32,7 @@ from runtime.transports.proto.tiffin.v1 import (
     integrations_pb2,
     integrations_pb2_grpc,
 )
+from runtime.types import EngineError, Event, HandlerError
 from tests.conftest import eventually
 from tests.scripted_engine import ScriptedEngine
 from tests.test_openai_api import ScriptedEngines
@@ -404,4 +405,4 @@ def test_generated_code_matches_the_proto_files(tmp_path: Path) -> None:
         for name, fresh, current in zip(names, written, checked_in, strict=True)
         if not current.is_file() or not filecmp.cmp(fresh, current, shallow=False)
     ]
-    assert not stale, f"stale generated code (run python -m runtime.transports.protoc): {stale}"
+    assert not stale, f"stale generated code (run python -m runtime.cli.protoc): {stale}"

@@ -13,9 +13,9 @@ import pytest
 import hooks
 from hooks import hookimpl, make_plugin_manager, resolve, specs
 from runtime.app import Runtime
-from runtime.dispatch import Event, Reply
 from runtime.events import BusEvent
 from runtime.integrations import BaseIntegration, Health
+from runtime.types import Event, Reply
 from tests.conftest import eventually
 
 ROOT = Path(__file__).resolve().parent.parent

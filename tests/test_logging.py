@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from runtime.config import LogFormat, LoggingConfig
+from runtime.config_schema import LogFormat, LoggingConfig
 from runtime.telemetry.logging import bind_request, configure_logging
 
 

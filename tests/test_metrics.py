@@ -15,13 +15,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hooks.metrics import served_routes
+from hooks.metrics_recorder import served_routes
 from runtime.app import Runtime
-from runtime.config import ModelConfig
-from runtime.dispatch import Event, FinishingStream
+from runtime.config_schema import ModelConfig
 from runtime.engines.base import ModelSpec
 from runtime.telemetry.metrics import ROUTE_ERRORS, Metrics
 from runtime.transports.http import create_app
+from runtime.types import Event, Stream
 from tests.conftest import ROOT, cli_env
 from tests.scripted_engine import batching
 from tests.test_openai_api import ScriptedEngines, chat
@@ -208,7 +208,7 @@ async def test_a_stream_is_in_flight_until_it_ends_and_a_closed_one_is_a_499(api
     engine.enqueue(["one", "two", "three"])
     event = Event(body=chat(stream=True), transport="http")
     stream = await api.runtime.dispatcher.dispatch(CHAT, event)
-    assert isinstance(stream, FinishingStream)
+    assert isinstance(stream, Stream)
     await anext(stream)
     assert (await api.scrape()).value("llm_requests_in_flight", endpoint=CHAT) == 1
     await stream.aclose()  # the client went away mid-stream
@@ -344,13 +344,13 @@ class FakeNvml:
 async def test_gpu_memory_comes_from_nvml_when_there_is_a_gpu(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hooks.metrics import MetricsPlugin
+    from hooks.metrics_recorder import MetricsRecorder
     from runtime.telemetry.resources import ResourceReader
 
     nvml = FakeNvml()
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    plugin = api.runtime.plugins.get_plugin("tiffin.builtin.MetricsPlugin")
-    assert isinstance(plugin, MetricsPlugin)
+    plugin = api.runtime.plugins.get_plugin("tiffin.builtin.MetricsRecorder")
+    assert isinstance(plugin, MetricsRecorder)
     plugin._reader = ResourceReader()  # the reader of a process that has a GPU
     plugin.sample()
     m = await api.scrape()
@@ -396,10 +396,10 @@ async def test_an_integration_waiting_for_its_dependency_is_not_up(
 
 
 def _sample(api: Api) -> None:
-    from hooks.metrics import MetricsPlugin
+    from hooks.metrics_recorder import MetricsRecorder
 
-    plugin = api.runtime.plugins.get_plugin("tiffin.builtin.MetricsPlugin")
-    assert isinstance(plugin, MetricsPlugin)
+    plugin = api.runtime.plugins.get_plugin("tiffin.builtin.MetricsRecorder")
+    assert isinstance(plugin, MetricsRecorder)
     plugin.sample()
 
 

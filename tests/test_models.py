@@ -8,10 +8,17 @@ from typing import Any
 
 import pytest
 
-from runtime.config import ModelConfig
-from runtime.engines.base import EngineError, GenerationRequest, ModelSpec
+from runtime.config_schema import ModelConfig
+from runtime.engines.base import ModelSpec
 from runtime.events import BusEvent, EventBus
-from runtime.models import GenerationTimeout, ModelNotFound, ModelRouter, ModelState, QueueFull
+from runtime.models import ModelRouter, ModelState
+from runtime.types import (
+    EngineError,
+    GenerationRequest,
+    GenerationTimeout,
+    ModelNotFound,
+    QueueFull,
+)
 from tests.conftest import eventually
 from tests.scripted_engine import ScriptedEngine
 

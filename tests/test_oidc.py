@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from runtime.app import Runtime
 from runtime.auth import OidcVerifier
-from runtime.config import OidcConfig, RateLimitConfig
+from runtime.config_schema import OidcConfig, RateLimitConfig
 from tests.test_auth import APP, KEYS, FakeClock, http_client
 from tests.test_openai_api import ScriptedEngines
 from tests.thread_server import ThreadServer

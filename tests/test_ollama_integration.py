@@ -17,11 +17,11 @@ from omegaconf import DictConfig
 
 import handlers
 from runtime.app import Runtime
-from runtime.engines.base import ProviderError
 from runtime.events import BusEvent
 from runtime.integrations.base import IntegrationStatus
 from runtime.integrations.ollama import OllamaIntegration
 from runtime.transports.http import create_app
+from runtime.types import ProviderError
 from tests.conftest import PYTHON, ROOT, cli_env, eventually, free_port
 from tests.fake_ollama import FakeOllama
 from tests.served import Served

@@ -15,9 +15,10 @@ import pytest
 
 from hooks import hookimpl
 from runtime.app import Runtime
-from runtime.config import ModelConfig
-from runtime.engines.base import EMBEDDINGS, EngineError, ModelSpec
+from runtime.config_schema import ModelConfig
+from runtime.engines.base import ModelSpec
 from runtime.transports.http import create_app
+from runtime.types import EMBEDDINGS, EngineError
 from tests.conftest import eventually
 from tests.scripted_engine import ScriptedEngine, batching
 from tests.test_http import assert_openai_error

@@ -32,7 +32,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from runtime.app import Runtime
-from runtime.config import LogFormat, LoggingConfig, ModelConfig
+from runtime.config_schema import LogFormat, LoggingConfig, ModelConfig
 from runtime.engines.base import ModelSpec
 from runtime.telemetry.logging import configure_logging
 from runtime.transports.grpc import GrpcServer

@@ -1,4 +1,4 @@
-"""The gRPC code is generated on demand (runtime/transports/protoc.py): missing or older than its
+"""The gRPC code is generated on demand (runtime/cli/protoc.py): missing or older than its
 .proto, it is generated when the package is imported, so a fresh clone works. Every test works
 on a copy: the project's own generated files are in use by tests running beside these."""
 
@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from runtime.transports import protoc
+from runtime.cli import protoc
 from tests.conftest import PYTHON, ROOT, cli_env
 
 

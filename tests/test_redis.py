@@ -23,7 +23,7 @@ from websockets.asyncio.client import connect
 
 import handlers
 from runtime.app import Runtime
-from runtime.config import ModelConfig
+from runtime.config_schema import ModelConfig
 from runtime.engines.base import ModelSpec
 from runtime.events import BusEvent
 from runtime.integrations.base import IntegrationStatus

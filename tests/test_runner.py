@@ -15,24 +15,24 @@ import pytest
 from openai import OpenAI
 
 from runtime.app import Runtime
-from runtime.engines.base import (
-    Chunk,
-    ContextLengthExceeded,
-    EngineError,
-    GenerationRequest,
-    TokenLogprob,
-    UnsupportedRequest,
-    Usage,
-)
 from runtime.errors import ConfigError
-from runtime.models import QueueFull
-from runtime.runner import (
+from runtime.runner_client import (
     RemoteEngine,
     RunnerHost,
     chunk_from_record,
     chunk_line,
     error_from_record,
     error_line,
+)
+from runtime.types import (
+    Chunk,
+    ContextLengthExceeded,
+    EngineError,
+    GenerationRequest,
+    QueueFull,
+    TokenLogprob,
+    UnsupportedRequest,
+    Usage,
 )
 from tests.served import Served
 

@@ -191,7 +191,7 @@ def no_processes(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         "subprocess.Popen",
         "builtins.eval",
         "runtime.os.system",
-        "runtime.__main__.main",
+        "runtime.cli.main.main",
         "runtime.app.__builtins__",
         "../x.Y",
     ],

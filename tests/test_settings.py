@@ -17,7 +17,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from runtime.app import Runtime, to_settings
-from runtime.config import IntegrationConfig
+from runtime.config_schema import IntegrationConfig
 from runtime.errors import ConfigError
 from runtime.integrations.settings import check_settings, defaults_of
 from tests.conftest import ROOT

@@ -17,7 +17,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from runtime.app import Runtime
-from runtime.config import ModelConfig
+from runtime.config_schema import ModelConfig
 from runtime.engines.base import ModelSpec
 from runtime.errors import ConfigError
 from runtime.transports.http import create_app

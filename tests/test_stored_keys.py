@@ -15,17 +15,17 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from runtime.__main__ import main
 from runtime.app import Runtime
 from runtime.auth import hash_key, new_key
 from runtime.auth.stored import StoredKeys
-from runtime.config import RateLimitConfig
-from runtime.dispatch import HandlerError
+from runtime.cli.main import main
+from runtime.config_schema import RateLimitConfig
 from runtime.persistence import migrate
 from runtime.persistence.api_keys import ApiKeyStore, StoredKey
 from runtime.transports.http import create_app
 from runtime.transports.proto.tiffin.v1 import inference_pb2 as pb
 from runtime.transports.proto.tiffin.v1 import inference_pb2_grpc
+from runtime.types import HandlerError
 from tests.test_auth import ADMIN, APP_KEY, KEYS, FakeClock, log_stream
 from tests.test_cli import run_cli
 from tests.test_database import (

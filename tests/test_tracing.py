@@ -28,8 +28,8 @@ from starlette.routing import Route
 
 from hooks import hookimpl
 from runtime.app import Runtime, to_settings
-from runtime.config import LogFormat, LoggingConfig, ModelConfig
-from runtime.engines.base import EngineError, ModelSpec
+from runtime.config_schema import LogFormat, LoggingConfig, ModelConfig
+from runtime.engines.base import ModelSpec
 from runtime.errors import ConfigError
 from runtime.integrations import get_integration_manager
 from runtime.integrations.opentelemetry import (
@@ -40,7 +40,8 @@ from runtime.integrations.opentelemetry import (
 from runtime.telemetry.logging import configure_logging
 from runtime.telemetry.tracing import SpanStream, Tracing, TracingSettings
 from runtime.transports.http import create_app
-from runtime.transports.tracing import TracingMiddleware
+from runtime.transports.http_tracing import TracingMiddleware
+from runtime.types import EngineError
 from tests.conftest import TEST_OVERRIDES
 from tests.otlp_receiver import OtlpReceiver
 from tests.scripted_engine import ScriptedEngine
@@ -531,7 +532,7 @@ async def test_tracing_off_adds_nothing_to_the_request_path(make_runtime: MakeRu
     await runtime.start()
     runtime.models.register(ModelSpec(ModelConfig(id="m1", source="x"), Path("x"), "scripted"))
     event_body = chat(stream=True)
-    from runtime.dispatch import Event
+    from runtime.types import Event
 
     result = await runtime.dispatcher.dispatch("chat_completions", Event(body=event_body))
     assert not isinstance(result, SpanStream)

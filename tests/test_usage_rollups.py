@@ -20,7 +20,7 @@ from runtime.persistence.request_log import RequestLogWriter, WriterSettings, to
 from runtime.persistence.spool import Spool
 from runtime.persistence.store import RequestLogStore
 from runtime.persistence.tables import request_log, usage_rollup
-from runtime.telemetry.live import GenerationRequestRecord
+from runtime.telemetry.live_stats import GenerationRequestRecord
 from tests.test_database import database_of, database_overrides, unreachable_engine
 from tests.test_graphql import data
 from tests.test_graphql import start as start_graphql

@@ -19,11 +19,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from hooks import hookimpl
 from runtime.app import Runtime
-from runtime.config import ModelConfig
-from runtime.dispatch import Event, HandlerError
+from runtime.config_schema import ModelConfig
 from runtime.engines.base import ModelSpec
 from runtime.transports.http import create_app
 from runtime.transports.ws_outbox import Close, Outbox
+from runtime.types import Event, HandlerError
 from tests.conftest import TEST_OVERRIDES, eventually, free_port
 from tests.scripted_engine import ScriptedEngine
 from tests.served import Served as ServedProcess

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.auth.keys import PUBLIC, SCOPES, KeyRing, Principal, hash_key, new_key, presented_key
-from runtime.auth.limits import Clock, MemoryRateStore, RateLimiter, RateStore, Window
 from runtime.auth.oidc import OidcVerifier
 from runtime.auth.plugin import AuthPlugin
+from runtime.auth.rate_limits import Clock, MemoryRateStore, RateLimiter, RateStore, Window
 from runtime.auth.stored import StoredKeys, StoreProvider
-from runtime.config import TiffinConfig
+from runtime.config_schema import TiffinConfig
 from runtime.errors import ConfigError
 
 __all__ = [

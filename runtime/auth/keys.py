@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from runtime.config import ApiKeyConfig, RateLimitConfig
+from runtime.config_schema import ApiKeyConfig, RateLimitConfig
 from runtime.errors import ConfigError
 
 PREFIX = "tk-"

@@ -19,8 +19,8 @@ import httpx
 import jwt
 
 from runtime.auth.keys import SCOPES, Principal
-from runtime.config import OidcConfig, RateLimitConfig
-from runtime.dispatch import HandlerError
+from runtime.config_schema import OidcConfig, RateLimitConfig
+from runtime.types import HandlerError
 
 Clock = Callable[[], float]
 REFETCH_MIN_S = 10.0

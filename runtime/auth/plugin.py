@@ -14,10 +14,10 @@ from typing import Any
 
 from hooks.specs import hookimpl
 from runtime.auth.keys import PUBLIC, KeyRing, Principal, presented_key
-from runtime.auth.limits import RateLimiter
 from runtime.auth.oidc import OidcVerifier, looks_like_jwt
+from runtime.auth.rate_limits import RateLimiter
 from runtime.auth.stored import StoredKeys, unavailable
-from runtime.dispatch import HandlerError
+from runtime.types import HandlerError
 
 CHALLENGE = {"www-authenticate": "Bearer"}
 

@@ -20,9 +20,9 @@ from collections.abc import Callable
 import structlog
 
 from runtime.auth.keys import Principal, hash_key
-from runtime.config import RateLimitConfig
-from runtime.dispatch import HandlerError
+from runtime.config_schema import RateLimitConfig
 from runtime.persistence.api_keys import ApiKeyStore, StoredKey
+from runtime.types import HandlerError
 
 Clock = Callable[[], float]
 StoreProvider = Callable[[], ApiKeyStore | None]  # None: the database is not running

@@ -1,4 +1,6 @@
-"""The Engine protocol every local inference engine implements, and the types that cross it.
+"""The Engine protocol every local inference engine implements, the spec of a servable model,
+and the helpers engines share (the token budget, the `parallel` setting). What crosses the
+protocol (GenerationRequest, Chunk, Embeddings, EngineError...) is in runtime/types.py.
 
 An engine knows one loaded model. The ModelRouter (runtime/models.py) owns engines, loads them
 on demand, bounds their queues, and is the only caller. `generate()` returns an async iterator
@@ -8,16 +10,13 @@ of Chunks; closing it (or abandoning it) stops the work and frees the engine.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from runtime.config import ModelConfig
+from runtime.config_schema import ModelConfig
 from runtime.errors import ConfigError
-
-CHAT = "chat"
-COMPLETION = "completion"
-EMBEDDINGS = "embeddings"
+from runtime.types import Chunk, ContextLengthExceeded, Embeddings, GenerationRequest
 
 
 @dataclass
@@ -33,92 +32,6 @@ class ModelSpec:
     factory: Callable[[ModelSpec], Engine] | None = None
     # What it can do before it is loaded (a platform knows; for local ones the engine says).
     capabilities: frozenset[str] | None = None
-
-
-@dataclass
-class GenerationRequest:
-    """One generation, already validated: either `prompt` (completions) or `messages` (chat)."""
-
-    model: str
-    prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
-    max_tokens: int | None = None
-    # The cap when `max_tokens` is unset (limits.default_max_tokens, a model's
-    # defaults.max_tokens): unlike max_tokens, a prompt that leaves less room shortens it.
-    default_max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    logprobs: int | None = None  # None: off; N: the chosen token's logprob plus N alternatives
-    n: int = 1
-    json_schema: dict[str, Any] | None = None
-    json_mode: bool = False
-    tools: list[dict[str, Any]] | None = None
-    request_id: str = ""
-    # Whether the client reads a stream. Local engines stream either way; a remote provider
-    # may answer a whole response in one call (and report exact usage).
-    stream: bool = True
-
-
-@dataclass
-class TokenLogprob:
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-    top: list[tuple[str, float]] = field(default_factory=list)
-
-
-@dataclass
-class Chunk:
-    """A piece of one choice's output. The last chunk of a choice has `finish_reason`;
-    the last chunk of the whole generation carries `usage`."""
-
-    index: int = 0
-    text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length"
-    usage: Usage | None = None
-    model: str = ""  # the model that answered (set by the router; a fallback may answer)
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass
-class Embeddings:
-    vectors: list[list[float]]
-    prompt_tokens: int
-
-
-class EngineError(Exception):
-    """The engine failed; the message is safe to show a client."""
-
-
-class ContextLengthExceeded(EngineError):
-    def __init__(
-        self, prompt_tokens: int, context_length: int, max_tokens: int | None = None
-    ) -> None:
-        self.prompt_tokens = prompt_tokens
-        self.context_length = context_length
-        self.max_tokens = max_tokens
-        wanted = f" plus max_tokens {max_tokens}" if max_tokens else ""
-        super().__init__(
-            f"this model's maximum context length is {context_length} tokens, but the request "
-            f"needs {prompt_tokens} prompt tokens{wanted}"
-        )
 
 
 def token_budget(request: GenerationRequest, prompt_tokens: int, context_length: int) -> int:
@@ -146,38 +59,6 @@ def parallel_setting(
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where}.{name}", value, "an integer >= 1 (sequences decoded together)")
     return value
-
-
-class ProviderError(EngineError):
-    """A remote provider refused or failed a request; its status and OpenAI-style fields are
-    passed on to the client (`retryable`: worth trying again, or another provider)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "server_error",
-        code: str | None = None,
-        param: str | None = None,
-    ) -> None:
-        self.status = status
-        self.type = type
-        self.code = code
-        self.param = param
-        super().__init__(message)
-
-    @property
-    def retryable(self) -> bool:
-        return self.status >= 500 or self.status in (408, 429)
-
-
-class UnsupportedRequest(EngineError):
-    """The engine cannot do what was asked (a parameter it does not support)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        self.param = param
-        super().__init__(message)
 
 
 @runtime_checkable

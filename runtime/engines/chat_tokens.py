@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from runtime.engines.base import UnsupportedRequest
+from runtime.types import UnsupportedRequest
 
 # Stands in for a message's text while the template renders (private-use characters around a
 # per-request nonce, so no client text can imitate it).

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runtime.engines.base import EngineError
+from runtime.types import EngineError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 ENGINES = ("llama_cpp", "transformers", "exllamav2", "embeddings")

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.engines.base import EMBEDDINGS, Chunk, Embeddings, EngineError, GenerationRequest
+from runtime.types import EMBEDDINGS, Chunk, Embeddings, EngineError, GenerationRequest
 
 _Pending = tuple[list[str], "asyncio.Future[Embeddings]"]
 

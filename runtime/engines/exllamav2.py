@@ -18,8 +18,11 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.config import ModelConfig
-from runtime.engines.base import (
+from runtime.config_schema import ModelConfig
+from runtime.engines.base import parallel_setting, token_budget
+from runtime.engines.chat_tokens import refuse_control_text
+from runtime.engines.text import render_chat
+from runtime.types import (
     CHAT,
     COMPLETION,
     Chunk,
@@ -29,11 +32,7 @@ from runtime.engines.base import (
     TokenLogprob,
     UnsupportedRequest,
     Usage,
-    parallel_setting,
-    token_budget,
 )
-from runtime.engines.chat_tokens import refuse_control_text
-from runtime.engines.text import render_chat
 
 PAGE = 256  # the dynamic generator allocates its cache in pages of this many tokens
 # Jobs decoded together: the generator's max_batch_size, 16 here since this engine was written

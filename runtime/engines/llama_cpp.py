@@ -24,8 +24,14 @@ from typing import Any
 
 import structlog
 
-from runtime.config import ModelConfig
-from runtime.engines.base import (
+from runtime.config_schema import ModelConfig
+from runtime.engines.base import token_budget
+from runtime.engines.chat_tokens import chat_tokens, utf8
+from runtime.engines.llama_scheduler import BatchScheduler, Job
+from runtime.engines.llama_settings import llama_settings
+from runtime.engines.llama_threadpool import ThreadPool
+from runtime.engines.schema_limits import SchemaTooComplex, check_grammar, check_schema
+from runtime.types import (
     CHAT,
     COMPLETION,
     Chunk,
@@ -33,13 +39,8 @@ from runtime.engines.base import (
     EngineError,
     GenerationRequest,
     UnsupportedRequest,
-    token_budget,
+    close,
 )
-from runtime.engines.chat_tokens import chat_tokens, utf8
-from runtime.engines.llama_scheduler import BatchScheduler, Job
-from runtime.engines.llama_settings import llama_settings
-from runtime.engines.llama_threadpool import ThreadPool
-from runtime.engines.schema_limits import SchemaTooComplex, check_grammar, check_schema
 
 MAX_TOP_LOGPROBS = 20
 # The high-level `Llama` object is kept for the vocabulary, tokenizer and chat template; its own
@@ -236,7 +237,7 @@ class LlamaCppEngine:
             async for chunk in stream:
                 yield chunk
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]  # cancels the job
+            await close(stream)  # cancels the job
 
     # --- preparing a request (event loop) ----------------------------------------------------
 

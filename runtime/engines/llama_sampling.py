@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.engines.base import GenerationRequest, TokenLogprob
 from runtime.engines.schema_limits import SchemaTooComplex
+from runtime.types import GenerationRequest, TokenLogprob
 
 PENALTY_LAST_N = 64  # llama-cpp-python's `last_n_tokens_size`, which the old path used
 

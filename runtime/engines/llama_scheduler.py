@@ -29,11 +29,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.engines.base import Chunk, EngineError, GenerationRequest, TokenLogprob, Usage
 from runtime.engines.llama_sampling import SamplerChain, token_logprob
 from runtime.engines.llama_threads import ThreadChooser
 from runtime.engines.text import TextAssembler
 from runtime.engines.worker import DONE, relay
+from runtime.types import Chunk, EngineError, GenerationRequest, TokenLogprob, Usage
 
 # While sequences decode, a step with prompt chunks aims to last this long (see _prefill_budget).
 STEP_TARGET_S = 0.15

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.engines.base import UnsupportedRequest
+from runtime.types import UnsupportedRequest
 
 # Keywords whose value is a count the grammar spells out (or that bound one).
 REPEAT_KEYWORDS = (

@@ -16,8 +16,12 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.config import ModelConfig
-from runtime.engines.base import (
+from runtime.config_schema import ModelConfig
+from runtime.engines.base import token_budget
+from runtime.engines.chat_tokens import refuse_control_text
+from runtime.engines.text import CHATML_TEMPLATE, TextAssembler
+from runtime.engines.worker import Emit, ThreadWorker
+from runtime.types import (
     CHAT,
     COMPLETION,
     Chunk,
@@ -26,11 +30,7 @@ from runtime.engines.base import (
     GenerationRequest,
     UnsupportedRequest,
     Usage,
-    token_budget,
 )
-from runtime.engines.chat_tokens import refuse_control_text
-from runtime.engines.text import CHATML_TEMPLATE, TextAssembler
-from runtime.engines.worker import Emit, ThreadWorker
 
 
 class TransformersEngine:

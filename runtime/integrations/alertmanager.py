@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import httpx
 
-from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
+from runtime.config_schema import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import BusEvent, EventBus
 from runtime.integrations.base import BaseIntegration, Health
 from runtime.integrations.settings import defaults_of

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import httpx
 import structlog
 
-from runtime.config import IntegrationConfig
+from runtime.config_schema import IntegrationConfig
 from runtime.events import BusEvent, EventBus
 from runtime.integrations.settings import check_settings
 from runtime.secrets import redact, redact_text

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runtime.code_names import check_import_origin, check_module_name
-from runtime.config import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
+from runtime.config_schema import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
 from runtime.engines.base import ModelSpec, parallel_setting
 from runtime.engines.detect import ENGINES, ModelFormatError, detect_engine
 from runtime.engines.llama_settings import llama_settings
@@ -68,7 +68,7 @@ class CustomModelsSettings:
     scan: bool = True  # offer every servable file in models_dir that no model declares
     # Model files must resolve (after symlinks and ..) inside models_dir, cache_dir or these.
     allowed_dirs: list[str] = field(default_factory=list)
-    # Each a ModelConfig (runtime/config.py), checked by the integration.
+    # Each a ModelConfig (runtime/config_schema.py), checked by the integration.
     models: list[Any] = field(default_factory=lambda: copy.deepcopy(list(PACKAGED_MODELS)))
 
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
+from runtime.config_schema import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
 from runtime.integrations.settings import defaults_of
@@ -26,7 +26,7 @@ from runtime.persistence.request_log import RequestLogWriter, WriterSettings
 from runtime.persistence.spool import Spool
 from runtime.persistence.store import RequestLogStore
 from runtime.secrets import redact, redact_text
-from runtime.telemetry.live import GenerationRequestRecord
+from runtime.telemetry.live_stats import GenerationRequestRecord
 
 
 @dataclass

@@ -25,7 +25,7 @@ import huggingface_hub as hub
 from huggingface_hub import errors as hub_errors
 from omegaconf import OmegaConf
 
-from runtime.config import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
+from runtime.config_schema import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
 from runtime.engines.base import ModelSpec
 from runtime.engines.detect import ModelFormatError, detect_engine
 from runtime.errors import ConfigError, shown

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, wait_exponential
 
-from runtime.config import IntegrationConfig
+from runtime.config_schema import IntegrationConfig
 from runtime.errors import StartupError, quoted
 from runtime.events import BusEvent, EventBus
 from runtime.graph import dependents_of, start_order

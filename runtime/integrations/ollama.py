@@ -14,13 +14,14 @@ from typing import Any, ClassVar
 
 import httpx
 
-from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
-from runtime.engines.base import ModelSpec, ProviderError
+from runtime.config_schema import IntegrationConfig, IntegrationType, RetryConfig
+from runtime.engines.base import ModelSpec
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
 from runtime.integrations.ollama_engine import OllamaEngine, ollama_error
 from runtime.integrations.platform import platform_model
 from runtime.integrations.settings import defaults_of
+from runtime.types import ProviderError
 
 
 @dataclass

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from runtime.engines.base import (
+from runtime.engines.base import ModelSpec
+from runtime.integrations.token_counts import Tally, TokenCounter
+from runtime.types import (
     CHAT,
     COMPLETION,
     EMBEDDINGS,
@@ -17,11 +19,9 @@ from runtime.engines.base import (
     Embeddings,
     EngineError,
     GenerationRequest,
-    ModelSpec,
     ProviderError,
     UnsupportedRequest,
 )
-from runtime.integrations.token_counts import Tally, TokenCounter
 
 if TYPE_CHECKING:
     from runtime.integrations.ollama import OllamaIntegration

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import httpx
 
-from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
+from runtime.config_schema import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.engines.base import ModelSpec
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health

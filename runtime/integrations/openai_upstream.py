@@ -18,7 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from runtime.engines.base import (
+from runtime.engines.base import ModelSpec
+from runtime.integrations.circuit import CircuitState
+from runtime.integrations.token_counts import Tally, TokenCounter
+from runtime.secrets import MASK, redact_text
+from runtime.types import (
     CHAT,
     COMPLETION,
     EMBEDDINGS,
@@ -26,14 +30,10 @@ from runtime.engines.base import (
     Embeddings,
     EngineError,
     GenerationRequest,
-    ModelSpec,
     ProviderError,
     TokenLogprob,
     UnsupportedRequest,
 )
-from runtime.integrations.circuit import CircuitState
-from runtime.integrations.token_counts import Tally, TokenCounter
-from runtime.secrets import MASK, redact_text
 
 if TYPE_CHECKING:
     from runtime.integrations.openai_compatible import OpenAICompatibleIntegration

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import httpx
 from opentelemetry.trace import Span
 
-from runtime.config import IntegrationConfig, IntegrationType, RetryConfig, TiffinConfig
+from runtime.config_schema import IntegrationConfig, IntegrationType, RetryConfig, TiffinConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
 from runtime.integrations.settings import defaults_of

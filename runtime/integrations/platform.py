@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from omegaconf import OmegaConf
 
-from runtime.config import ModelConfig
+from runtime.config_schema import ModelConfig
 from runtime.engines.base import Engine, ModelSpec
 
 

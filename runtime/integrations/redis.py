@@ -21,7 +21,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
+from runtime.config_schema import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
 from runtime.integrations.redis_bridge import EventBridge

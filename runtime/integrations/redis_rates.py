@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 
-from runtime.auth.limits import MemoryRateStore, Window, window_start
+from runtime.auth.rate_limits import MemoryRateStore, Window, window_start
 from runtime.integrations.redis_link import RedisLink
 
 # Keys stay a little past their window: relative to Redis's clock, not the limiter's, which

@@ -12,7 +12,7 @@ import importlib
 import structlog
 
 from runtime.code_names import check_module_name
-from runtime.config import IntegrationConfig
+from runtime.config_schema import IntegrationConfig
 from runtime.errors import ConfigError
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration

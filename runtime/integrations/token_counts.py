@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.engines.base import Chunk, EngineError, GenerationRequest, Usage
+from runtime.types import Chunk, EngineError, GenerationRequest, Usage
 
 CHARS_PER_TOKEN = 4
 # A chat template's tokens around each message (role, separators) and before the reply: the

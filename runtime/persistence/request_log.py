@@ -19,7 +19,7 @@ import structlog
 
 from runtime.persistence.spool import Spool
 from runtime.persistence.store import RequestLogStore
-from runtime.telemetry.live import GenerationRequestRecord
+from runtime.telemetry.live_stats import GenerationRequestRecord
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from sqlalchemy import Column, Float, Index, Integer, MetaData, String, Table, T
 
 metadata = MetaData()
 
-# One row per request that used a model: GenerationRequestRecord (runtime/telemetry/live.py).
+# One row per request that used a model: GenerationRequestRecord (runtime/telemetry/live_stats.py).
 # `record_id` is made when the record is queued, so a replayed spool inserts each row once.
 request_log = Table(
     "request_log",

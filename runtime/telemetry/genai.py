@@ -16,8 +16,8 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
-from runtime.engines.base import Chunk, Embeddings, GenerationRequest, Usage
 from runtime.telemetry.tracing import SpanStream, Tracing
+from runtime.types import Chunk, Embeddings, GenerationRequest, Usage
 
 OPERATION = "gen_ai.operation.name"
 PROVIDER = "gen_ai.provider.name"
@@ -105,9 +105,9 @@ class TracedGeneration(SpanStream[Chunk]):
             self._model = chunk.model
         return chunk
 
-    def _end(self, error: BaseException | None) -> None:
+    async def _ended(self, error: BaseException | None) -> None:
         span = self._span
-        if self._open and span.is_recording():
+        if span.is_recording():
             if self._model:
                 span.set_attribute(RESPONSE_MODEL, self._model)
             if self._finish:
@@ -115,7 +115,7 @@ class TracedGeneration(SpanStream[Chunk]):
             if self._usage is not None:
                 span.set_attribute(INPUT_TOKENS, self._usage.prompt_tokens)
                 span.set_attribute(OUTPUT_TOKENS, self._usage.completion_tokens)
-        super()._end(error)
+        await super()._ended(error)
 
 
 def trace_generation(

@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 from opentelemetry import trace
 
-from runtime.config import LogFormat, LoggingConfig
+from runtime.config_schema import LogFormat, LoggingConfig
 from runtime.secrets import is_secret_key, redact, redact_text
 
 

@@ -14,7 +14,7 @@ a background thread exports.
 Why a provider of our own: under `bentoml serve`, BentoML wraps the mounted app in its own
 OpenTelemetry middleware with its own provider (sampling ratio 0 unless BentoML's config says
 otherwise: its server span records but is never sampled nor exported). Our server span starts
-from the request's `traceparent` alone (see runtime/transports/tracing.py), so Tiffin's traces
+from the request's `traceparent` alone (see runtime/transports/http_tracing.py), so Tiffin's traces
 neither hang off that span nor inherit its "not sampled" flag. Setting the global provider
 would fight BentoML's configuration and leak between Runtimes in one process (tests).
 """
@@ -40,6 +40,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from runtime.errors import ConfigError
+from runtime.types import Closed, Stream
 
 if TYPE_CHECKING:
     import httpx
@@ -364,7 +365,7 @@ class Tracing:
             _note(span, error)
         span.end()
 
-    def stream(self, items: AsyncIterator[T], span: Span) -> AsyncIterator[T]:
+    def stream(self, items: AsyncIterator[T], span: Span) -> Stream[T]:
         """`items`, with `span` ended when the stream ends, fails or is closed."""
         return SpanStream(items, span)
 
@@ -391,46 +392,21 @@ def fail(span: Span, error: BaseException) -> None:
 def _note(span: Span, error: BaseException) -> None:
     if not span.is_recording():
         return
-    if isinstance(error, GeneratorExit | asyncio.CancelledError):
+    if isinstance(error, GeneratorExit | asyncio.CancelledError | Closed):
         span.set_attribute("tiffin.cancelled", True)
     else:
         fail(span, error)
 
 
-class SpanStream(AsyncIterator[T]):
-    """An async iterator that ends its span however the stream ends. A class, not an async
-    generator: a generator closed before its first `anext` would never run its `finally`."""
+class SpanStream(Stream[T]):
+    """A Stream that ends its span however the stream ends (ran out, raised, closed)."""
 
     def __init__(self, items: AsyncIterator[T], span: Span) -> None:
-        self._items = items
+        super().__init__(items, self._ended)
         self._span = span
-        self._open = True
 
-    def __aiter__(self) -> SpanStream[T]:
-        return self
-
-    async def __anext__(self) -> T:
-        try:
-            return await anext(self._items)
-        except StopAsyncIteration:
-            self._end(None)
-            raise
-        except BaseException as exc:
-            self._end(exc)
-            raise
-
-    async def aclose(self) -> None:
-        try:
-            aclose = getattr(self._items, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            self._end(GeneratorExit() if self._open else None)
-
-    def _end(self, error: BaseException | None) -> None:
-        if self._open:
-            self._open = False
-            Tracing.end(self._span, error)
+    async def _ended(self, error: BaseException | None) -> None:
+        Tracing.end(self._span, error)
 
 
 def _clean(attributes: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -12,14 +12,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
-from runtime.dispatch import HandlerError
 from runtime.errors import quoted
+from runtime.types import HandlerError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from starlette.datastructures import Headers
 
-    from runtime.config import CorsConfig
+    from runtime.config_schema import CorsConfig
 
 
 class ClosedCorsMiddleware(CORSMiddleware):

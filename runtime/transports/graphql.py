@@ -26,9 +26,10 @@ from strawberry.fastapi import GraphQLRouter
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionContext
 
-from runtime.config import GraphqlKind, RouteConfig
-from runtime.dispatch import HandlerError, parse_json
+from runtime.config_schema import GraphqlKind, RouteConfig
+from runtime.dispatch import parse_json
 from runtime.transports.graphql_fields import field
+from runtime.types import HandlerError
 
 if TYPE_CHECKING:
     from runtime.app import Runtime

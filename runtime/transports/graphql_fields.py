@@ -24,10 +24,11 @@ from starlette.requests import Request
 from strawberry.scalars import JSON
 from strawberry.types import Info
 
-from runtime.config import GraphqlKind
-from runtime.dispatch import Context, Event, HandlerError, Reply
-from runtime.transports import graphql_live as live
+from runtime.config_schema import GraphqlKind
+from runtime.dispatch import Context
+from runtime.transports import graphql_subscriptions as live
 from runtime.transports import graphql_types as wire
+from runtime.types import Event, HandlerError, Reply, close
 
 FieldFactory = Callable[[str], Any]  # route name -> resolver function
 
@@ -90,7 +91,7 @@ async def dispatch(
                 f"{route} answered {result.status}",
                 extensions={"code": "error", "status": result.status, "type": "server_error"},
             )
-        cost = result.headers.get("x-tiffin-cost")  # handlers/openai.py's cost_header
+        cost = result.headers.get("x-tiffin-cost")  # handlers/openai_api.py's cost_header
         if cost is not None and isinstance(result.body, dict):
             return {**result.body, "cost": float(cost)}
         return result.body
@@ -134,9 +135,7 @@ async def stream(
     except HandlerError as exc:
         raise graphql_error(exc) from None
     finally:
-        aclose = getattr(items, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await close(items)
 
 
 # --- typed fields, by handler ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from runtime.dispatch import Context, Event, HandlerError, NdjsonStream, Reply
+from runtime.dispatch import Context
 from runtime.errors import ConfigError, shown
 from runtime.telemetry.logging import bind_request
 from runtime.transports import grpc_codec as codec
@@ -35,6 +35,7 @@ from runtime.transports.grpc_tracing import server_span
 
 # Imported for their side effect: the tiffin.v1 services join the default descriptor pool.
 from runtime.transports.proto.tiffin.v1 import inference_pb2, integrations_pb2
+from runtime.types import Event, HandlerError, NdjsonStream, Reply, close
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -289,9 +290,7 @@ class _Rpc:
 
 
 async def _close(result: Any) -> None:
-    aclose = getattr(result, "aclose", None)
-    if aclose is not None:
-        await aclose()
+    await close(result)
 
 
 async def _abort(

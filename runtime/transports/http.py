@@ -23,14 +23,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.dispatch import Event, HandlerError, NdjsonStream, Reply, parse_json
+from runtime.dispatch import parse_json
 from runtime.errors import shown
 from runtime.telemetry.logging import bind_request
 from runtime.transports import graphql
 from runtime.transports.cors import install_cors
+from runtime.transports.http_tracing import TracingMiddleware
 from runtime.transports.openapi import install_openapi, route_openapi
-from runtime.transports.tracing import TracingMiddleware
 from runtime.transports.ws import mount_websockets
+from runtime.types import Event, HandlerError, NdjsonStream, Reply, close
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -172,7 +173,7 @@ FALLBACK_PATH = "/{path:path}"
 def _no_native_telemetry() -> dict[str, Any]:
     """Newer FastAPI traces and measures requests itself as soon as a process-global
     OpenTelemetry provider exists (auto-instrumentation sets one). Tiffin's own spans
-    (runtime/transports/tracing.py) and metrics cover that; twice would cost twice."""
+    (runtime/transports/http_tracing.py) and metrics cover that; twice would cost twice."""
     if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
         return {}
     return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
@@ -324,9 +325,7 @@ class ClosingStreamResponse(StreamingResponse):
             await self._events.aclose()
             # Also when the framing generator never started (the client left before the
             # first byte), whose own `finally` then never ran.
-            aclose = getattr(self._source, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close(self._source)
 
 
 async def _sse(chunks: AsyncIterator[Any]) -> AsyncGenerator[bytes, None]:
@@ -341,9 +340,7 @@ async def _sse(chunks: AsyncIterator[Any]) -> AsyncGenerator[bytes, None]:
         failure = HandlerError(500, "internal server error while streaming", type="server_error")
         yield f"data: {json.dumps(failure.to_dict())}\n\n".encode()
     finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await close(chunks)
     yield b"data: [DONE]\n\n"
 
 
@@ -357,9 +354,7 @@ async def _ndjson(items: AsyncIterator[Any]) -> AsyncGenerator[bytes, None]:
         structlog.get_logger("tiffin.http").exception("stream failed")
         yield b'{"error":"internal server error while streaming"}\n'
     finally:
-        aclose = getattr(items, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await close(items)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

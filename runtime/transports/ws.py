@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from runtime.config import WsMode
-from runtime.dispatch import Event, HandlerError, Reply
+from runtime.config_schema import WsMode
 from runtime.errors import quoted
 from runtime.transports import ws_frames as frames
 from runtime.transports.ws_outbox import Close, Outbox
+from runtime.types import Event, HandlerError, Reply, close
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -251,9 +251,7 @@ class ChatSocket(Socket):
             ctx.cancelled.set()
             raise
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close(stream)
 
 
 class FeedSocket(Socket):
@@ -300,9 +298,7 @@ class FeedSocket(Socket):
             self.outbox.close(INTERNAL_ERROR)
         finally:
             ctx.cancelled.set()
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close(stream)
 
 
 def _too_large(text: str, limit: int) -> bool:

@@ -35,8 +35,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from runtime.dispatch import HandlerError, parse_json
+from runtime.dispatch import parse_json
 from runtime.errors import shown
+from runtime.types import HandlerError
 
 HISTORY_LIMIT = 100  # messages a `message`-style conversation keeps (oldest dropped)
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

@@ -1,1 +1,1 @@
-"""Generated gRPC code lives here (runtime/transports/protoc.py); the .proto files are the source of truth."""
+"""Generated gRPC code lives here (runtime/cli/protoc.py); the .proto files are the source of truth."""

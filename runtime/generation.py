@@ -1,71 +1,49 @@
-"""What every generating handler shares, whatever API shape it answers in: request validation,
-parameter defaults, the `before_generate` / `after_generate` / `estimate_cost` hooks, starting a
-stream so that errors surface before the first byte, and mapping failures to HandlerErrors."""
+"""The one generation path. Every handler that generates, whatever API shape it answers in,
+comes here through its Context (`ctx.generate(request)`, `ctx.embed(...)`,
+`ctx.model_for(...)`): the `before_generate` hook, the router's stream (traced), waiting for the
+first chunk so that unknown models, full queues and over-long prompts are errors before
+anything is sent, shutdown's abort, cancellation (closing the stream frees the engine), and at
+the end `estimate_cost` and `after_generate`. Failures become HandlerErrors here, in OpenAI's
+vocabulary, which every transport knows how to answer.
+
+Handlers only translate: their API's request into a GenerationRequest, and the Stream of
+Chunks (with its Outcome) back into their API's response.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ValidationError
-
-from hooks import resolve_all
-from runtime.dispatch import Context, HandlerError
-from runtime.engines.base import (
+from hooks import resolve, resolve_all
+from runtime.models import ServedModel
+from runtime.telemetry.genai import embedding_span, record_embeddings, trace_generation
+from runtime.types import (
     Chunk,
     ContextLengthExceeded,
     Embeddings,
     EngineError,
     GenerationRequest,
+    GenerationTimeout,
+    HandlerError,
+    ModelNotFound,
     ProviderError,
+    QueueFull,
+    Stream,
     TokenLogprob,
     UnsupportedRequest,
     Usage,
+    close,
 )
-from runtime.models import GenerationTimeout, LocalModel, ModelNotFound, QueueFull
-from runtime.telemetry.genai import embedding_span, record_embeddings, trace_generation
 
-M = TypeVar("M", bound=BaseModel)
-SAMPLING = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repeat_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "max_tokens",
-    "seed",
-)
-NEUTRAL: dict[str, Any] = {
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": 0,
-    "min_p": 0.0,
-    "repeat_penalty": 1.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-}
+if TYPE_CHECKING:
+    from runtime.dispatch import Context
 
 
-def parse(model: type[M], body: Any) -> M:
-    """Validate a JSON body; any problem is a 400 naming the parameter."""
-    if not isinstance(body, dict):
-        raise HandlerError(400, "the request body must be a JSON object", code="invalid_body")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        message = str(first["msg"]).removeprefix("Value error, ")
-        where = f"{param}: " if param else ""
-        raise HandlerError(400, f"{where}{message}", param=param, code="invalid_value") from None
-
-
-def resolve_model(ctx: Context, model_id: str, capability: str) -> LocalModel:
+def find_model(ctx: Context, model_id: str, capability: str) -> ServedModel:
     try:
         model = ctx.models.get(model_id)
     except ModelNotFound as exc:
@@ -80,28 +58,6 @@ def resolve_model(ctx: Context, model_id: str, capability: str) -> LocalModel:
             code="model_not_supported",
         )
     return model
-
-
-def model_defaults(model: LocalModel) -> dict[str, Any]:
-    """The model's configured defaults, as GenerationRequest fields. Its `max_tokens` is a
-    default cap (`default_max_tokens`): fitted to the room the prompt leaves, where a client's
-    max_tokens that does not fit is refused."""
-    values = dict(model.spec.config.defaults)
-    cap = values.pop("max_tokens", None)
-    if cap is not None:
-        values["default_max_tokens"] = int(cap)
-    return values
-
-
-def sampling(model: LocalModel, fields: BaseModel) -> dict[str, Any]:
-    """The model's configured defaults (`model_defaults`), then whatever the request set."""
-    wanted = {*SAMPLING, "default_max_tokens"}
-    values = {**NEUTRAL, **{k: v for k, v in model_defaults(model).items() if k in wanted}}
-    for name in SAMPLING:
-        value = getattr(fields, name, None)
-        if value is not None:
-            values[name] = value
-    return values
 
 
 def error_for(exc: Exception) -> HandlerError:
@@ -158,7 +114,7 @@ class Outcome:
 
 async def start_generation(
     ctx: Context, request: GenerationRequest, on_done: Callable[[Outcome], None] | None = None
-) -> tuple[AsyncIterator[Chunk], Outcome]:
+) -> tuple[Stream[Chunk], Outcome]:
     """Run `before_generate`, open the model's stream and wait for its first chunk, so that
     unknown models, full queues and over-long prompts become errors before anything is sent.
     The returned iterator fills the Outcome as it goes; `after_generate` runs when it ends."""
@@ -166,7 +122,7 @@ async def start_generation(
         # A request that names no max_tokens stops here rather than at the end of the context
         # (limits.default_max_tokens; 0: no cap). limits.max_tokens, when set, caps it further.
         request.default_max_tokens = ctx.runtime.settings.limits.default_max_tokens or None
-    replaced = await ctx.runtime.call_first("before_generate", request=request, ctx=ctx)
+    replaced = await resolve(ctx.hooks.before_generate(request=request, ctx=ctx))
     if isinstance(replaced, GenerationRequest):
         request = replaced
     stream = trace_generation(
@@ -178,14 +134,14 @@ async def start_generation(
     try:
         first = await wait.next(stream)
     except Exception as exc:
-        await stream.aclose()  # type: ignore[attr-defined]
+        await close(stream)
         raise error_for(exc) from None
     outcome.model = first.model if first is not None and first.model else request.model
     if first is not None:
         outcome.ttft_s = time.perf_counter() - started
 
-    async def end() -> None:
-        await stream.aclose()  # type: ignore[attr-defined]
+    async def end(_: BaseException | None) -> None:
+        await close(stream)
         await _finish(ctx, request, outcome, time.perf_counter() - started)
         if on_done is not None:
             on_done(outcome)
@@ -210,39 +166,10 @@ async def start_generation(
         except Exception as exc:
             outcome.error = str(exc)
             raise error_for(exc) from None
-        finally:
-            await end()
 
-    generation = GenerationStream(chunks(), end)
+    generation = Stream(chunks(), end)  # however it ends, `end` runs once
     ctx.closers.append(generation.aclose)
     return generation, outcome
-
-
-class GenerationStream:
-    """The chunks of one started generation. Closing it ends the generation even when nobody
-    read a chunk yet (a client gone right after the first frame): a bare async generator
-    closed before its first `anext` never runs its `finally`, and would leave the model's
-    stream open until garbage collection."""
-
-    def __init__(self, body: AsyncGenerator[Chunk, None], end: Callable[[], Awaitable[None]]):
-        self._body = body
-        self._end = end
-        self._started = False
-
-    def __aiter__(self) -> GenerationStream:
-        return self
-
-    async def __anext__(self) -> Chunk:
-        self._started = True
-        return await anext(self._body)
-
-    async def aclose(self) -> None:
-        if self._started:
-            await self._body.aclose()
-            return
-        self._started = True
-        await self._body.aclose()  # never started: this only marks it closed
-        await self._end()
 
 
 class _AbortableWait:
@@ -276,7 +203,7 @@ class _AbortableWait:
             self.waiting = None
 
 
-async def embed_texts(ctx: Context, model: LocalModel, texts: list[str]) -> Embeddings:
+async def embed_texts(ctx: Context, model: ServedModel, texts: list[str]) -> Embeddings:
     """Embed `texts` on `model` (in an `embeddings <model>` span when tracing is on); a
     failure becomes a HandlerError."""
     with embedding_span(ctx.tracer, model.id, model.spec.provider) as span:

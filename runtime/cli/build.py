@@ -29,7 +29,7 @@ from runtime.config import compose
 from runtime.errors import ConfigError
 from runtime.telemetry.logging import configure_logging
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CPU_BENTOFILE = "bentofile.yaml"
 GPU_BENTOFILE = "bentofile.gpu.yaml"
 TAG_PREFIX = "__tag__:"

@@ -14,12 +14,12 @@ import httpx
 import pytest
 
 from runtime.app import Runtime
-from runtime.config import ModelConfig
-from runtime.dispatch import Event, HandlerError
+from runtime.config_schema import ModelConfig
 from runtime.engines.base import ModelSpec
 from runtime.events import BusEvent
-from runtime.telemetry.live import LiveStats, percentile
+from runtime.telemetry.live_stats import LiveStats, percentile
 from runtime.transports.http import create_app
+from runtime.types import Event, HandlerError
 from tests.scripted_engine import ScriptedEngine, batching
 from tests.test_openai_api import ScriptedEngines, chat
 

@@ -20,7 +20,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 from typing import Any, Protocol
 
-from runtime.engines.base import (
+from runtime.engines.base import ModelSpec
+from runtime.integrations.custom_models import CustomModelsIntegration
+from runtime.models import ModelRouter
+from runtime.types import (
     CHAT,
     COMPLETION,
     EMBEDDINGS,
@@ -29,13 +32,13 @@ from runtime.engines.base import (
     Embeddings,
     EngineError,
     GenerationRequest,
-    ModelSpec,
+    ModelNotFound,
+    QueueFull,
     TokenLogprob,
     UnsupportedRequest,
     Usage,
+    close,
 )
-from runtime.integrations.custom_models import CustomModelsIntegration
-from runtime.models import ModelNotFound, ModelRouter, QueueFull
 
 # --- the line format ---------------------------------------------------------------------------
 
@@ -149,7 +152,7 @@ class RunnerHost:
             yield error_line(exc)
         finally:
             if stream is not None:
-                await stream.aclose()  # type: ignore[attr-defined]
+                await close(stream)
 
     async def load_model(self, model: str) -> dict[str, Any]:
         try:
@@ -221,9 +224,7 @@ class RemoteEngine:
                         self._stats = record["stats"]
                     yield chunk_from_record(record["chunk"])
         finally:
-            aclose = getattr(lines, "aclose", None)
-            if aclose is not None:
-                await aclose()  # the runner sees the stream end and cancels its job
+            await close(lines)  # the runner sees the stream end and cancels its job
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
         result = await self._call(self.client.embed(model=self.id, texts=list(texts)))

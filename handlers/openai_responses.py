@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from handlers.generation import Outcome
-from runtime.engines.base import Chunk, TokenLogprob, Usage
-from runtime.models import LocalModel
+from runtime.generation import Outcome
+from runtime.models import ServedModel
 from runtime.telemetry.batching import batching_stats
+from runtime.types import Chunk, TokenLogprob, Usage, close
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class Meta:
     model: str
 
 
-def model_card(model: LocalModel) -> dict[str, Any]:
+def model_card(model: ServedModel) -> dict[str, Any]:
     """OpenAI's model object, plus Tiffin's fields; `slots_busy` and `slots_free` only where
     the engine batches (and is loaded)."""
     described = model.describe()
@@ -121,7 +121,7 @@ async def chat_stream(
             if chunk.finish_reason:
                 yield frame(chunk.index, {}, chunk.finish_reason)
     finally:
-        await chunks.aclose()  # type: ignore[attr-defined]  # a client gone frees the engine now
+        await close(chunks)  # a client gone frees the engine now
     if include_usage:
         yield {
             "id": meta.id,
@@ -219,7 +219,7 @@ async def completion_stream(
             total.completion_tokens += outcome.usage.completion_tokens
     finally:
         for _, _, (chunks, _) in runs:  # a client gone frees every prompt's engine now
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await close(chunks)
     if include_usage:
         yield {
             "id": meta.id,

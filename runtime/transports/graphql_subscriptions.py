@@ -1,6 +1,6 @@
 """GraphQL's wire types for the live view: the metrics snapshot (`metrics` query and
 subscription) and the recent generation requests (`generationRequests`), built from the dicts
-of handlers/live.py."""
+of handlers/live_feeds.py."""
 
 from __future__ import annotations
 

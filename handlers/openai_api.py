@@ -9,12 +9,20 @@ import struct
 import time
 from typing import Any
 
-from handlers import openai_shapes as shapes
-from handlers.generation import embed_texts, parse, resolve_model, sampling, start_generation
-from handlers.openai_types import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from runtime.dispatch import Context, Event, HandlerError, Reply, request_body
-from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationRequest
-from runtime.models import ModelNotFound
+from handlers import openai_responses as shapes
+from handlers.openai_requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from handlers.parsing import parse, sampling
+from runtime.dispatch import Context, request_body
+from runtime.types import (
+    CHAT,
+    COMPLETION,
+    EMBEDDINGS,
+    Event,
+    GenerationRequest,
+    HandlerError,
+    ModelNotFound,
+    Reply,
+)
 
 COST_HEADER = "x-tiffin-cost"
 
@@ -36,7 +44,7 @@ async def get_model(event: Event, ctx: Context) -> dict[str, Any]:
 @request_body(ChatCompletionRequest)
 async def chat_completions(event: Event, ctx: Context) -> Any:
     body = parse(ChatCompletionRequest, event.body)
-    model = resolve_model(ctx, body.model, CHAT)
+    model = ctx.model_for(body.model, CHAT)
     values = sampling(model, body)
     if body.max_completion_tokens is not None:
         values["max_tokens"] = body.max_completion_tokens
@@ -59,7 +67,7 @@ async def chat_completions(event: Event, ctx: Context) -> Any:
         stream=body.stream,
         **values,
     )
-    chunks, outcome = await start_generation(ctx, request)
+    chunks, outcome = await ctx.generate(request)
     meta = shapes.Meta(f"chatcmpl-{event.request_id}", int(time.time()), outcome.model)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -73,7 +81,7 @@ async def chat_completions(event: Event, ctx: Context) -> Any:
 @request_body(CompletionRequest)
 async def completions(event: Event, ctx: Context) -> Any:
     body = parse(CompletionRequest, event.body)
-    model = resolve_model(ctx, body.model, COMPLETION)
+    model = ctx.model_for(body.model, COMPLETION)
     values = sampling(model, body)
     prompts = body.prompts()
     runs = []
@@ -88,7 +96,7 @@ async def completions(event: Event, ctx: Context) -> Any:
             stream=body.stream,
             **values,
         )
-        runs.append((offset * body.n, prompt, await start_generation(ctx, request)))
+        runs.append((offset * body.n, prompt, await ctx.generate(request)))
     answered = runs[0][2][1].model  # the requested model, or the fallback that answered
     meta = shapes.Meta(f"cmpl-{event.request_id}", int(time.time()), answered)
     if body.stream:
@@ -110,7 +118,7 @@ def cost_header(cost: float) -> dict[str, str]:
 @request_body(EmbeddingRequest)
 async def embeddings(event: Event, ctx: Context) -> dict[str, Any]:
     body = parse(EmbeddingRequest, event.body)
-    model = resolve_model(ctx, body.model, EMBEDDINGS)
+    model = ctx.model_for(body.model, EMBEDDINGS)
     if body.dimensions is not None:
         raise HandlerError(
             400,
@@ -118,7 +126,7 @@ async def embeddings(event: Event, ctx: Context) -> dict[str, Any]:
             param="dimensions",
             code="unsupported_parameter",
         )
-    result = await embed_texts(ctx, model, body.inputs())
+    result = await ctx.embed(model, body.inputs())
     data = []
     for index, vector in enumerate(result.vectors):
         embedding: Any = vector

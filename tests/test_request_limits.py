@@ -1,4 +1,4 @@
-"""Request limits (runtime/limits.py and the transports' size limits), on the scripted engine:
+"""Request limits (hooks/request_limits.py and the transports' size limits), on the scripted engine:
 `limits.max_tokens` (400), `limits.max_concurrent_streams` per client (429 + Retry-After),
 `server.max_body_bytes` for gRPC messages and WebSocket frames, a full model queue (429) and
 the stream and max_tokens limits on every transport at once. Each is answered in the
@@ -21,12 +21,12 @@ from websockets.asyncio.client import connect
 
 from hooks import hookimpl
 from runtime.app import Runtime
-from runtime.config import ModelConfig
-from runtime.dispatch import Event
+from runtime.config_schema import ModelConfig
 from runtime.engines.base import ModelSpec
 from runtime.transports.http import create_app
 from runtime.transports.proto.tiffin.v1 import inference_pb2 as pb
 from runtime.transports.proto.tiffin.v1 import inference_pb2_grpc
+from runtime.types import Event
 from tests.conftest import eventually, free_port
 from tests.scripted_engine import ScriptedEngine
 from tests.test_auth import ADMIN, APP, KEYS

@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from hooks.specs import hookimpl
-from runtime.config import LimitsConfig
-from runtime.dispatch import HandlerError
-from runtime.engines.base import GenerationRequest
+from runtime.config_schema import LimitsConfig
+from runtime.types import GenerationRequest, HandlerError
 
 ANONYMOUS = "anonymous"
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from runtime.engines.schema_limits import SchemaTooComplex, check_schema
 
-# The sampling ranges, shared with the Ollama API's `options` (handlers/ollama.py).
+# The sampling ranges, shared with the Ollama API's `options` (handlers/ollama_api.py).
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -57,7 +57,7 @@ class ResponseFormat(Request):
 
 class Sampling(Request):
     """The sampling parameters (OpenAI's, with llama.cpp's extensions) in their ranges; the
-    Ollama API's `options` (handlers/ollama.py) take the same ones."""
+    Ollama API's `options` (handlers/ollama_api.py) take the same ones."""
 
     temperature: Temperature | None = None
     top_p: TopP | None = None

@@ -1,15 +1,16 @@
-"""docs/configuration.md is generated from the schema (runtime/docs.py) and kept current."""
+"""docs/configuration.md is generated from the schema (runtime/cli/config_docs.py) and kept
+current."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from runtime import config
-from runtime.docs import DOC_FILE, field_comments, main, render
+from runtime import config_schema as config
+from runtime.cli.config_docs import DOC_FILE, field_comments, main, render
 
 
 def test_the_configuration_reference_is_current() -> None:
-    assert DOC_FILE.read_text() == render(), "stale: run `python -m runtime.docs`"
+    assert DOC_FILE.read_text() == render(), "stale: run `python -m runtime.cli.config_docs`"
     assert main(["--check"]) == 0
 
 

@@ -1,4 +1,4 @@
-"""The built-in plugin that keeps the Runtime's live statistics (runtime/telemetry/live.py):
+"""The built-in plugin that keeps the Runtime's live statistics (runtime/telemetry/live_stats.py):
 the recent generation requests and the sliding-window snapshot behind `/ws/metrics`,
 GraphQL's `metrics` and `generationRequests`, and `GET /metrics/live`."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from hooks.specs import hookimpl
-from runtime.telemetry.live import LiveStats
+from runtime.telemetry.live_stats import LiveStats
 
 
-class LiveStatsPlugin:
+class LiveStatsRecorder:
     def __init__(self, stats: LiveStats) -> None:
         self.stats = stats
 

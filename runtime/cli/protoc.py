@@ -4,8 +4,8 @@ stubs and servicer bases). The `.proto` files are the source of truth; the gener
 not committed. `setup.py` runs this for `pip install .` (into the build directory) and
 `scripts/setup` for the editable checkout:
 
-    python -m runtime.transports.protoc            # regenerate next to the .proto files
-    python -m runtime.transports.protoc OUT_DIR    # into OUT_DIR (the build, the staleness test)
+    python -m runtime.cli.protoc            # regenerate next to the .proto files
+    python -m runtime.cli.protoc OUT_DIR    # into OUT_DIR (the build, the staleness test)
 
 Importing `runtime.transports.proto` runs `ensure_generated()`: code that is missing or older
 than its .proto (a fresh clone, an edited .proto) is generated then, so every entry point works
@@ -24,7 +24,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-PROTO_ROOT = Path(__file__).resolve().parent / "proto"
+PROTO_ROOT = Path(__file__).resolve().parent.parent / "transports" / "proto"
 # Where PROTO_ROOT sits among the importable modules.
 PACKAGE = "runtime.transports.proto"
 SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
@@ -85,7 +85,7 @@ def ensure_generated(out: Path = PROTO_ROOT, root: Path = PROTO_ROOT) -> list[Pa
             return []
         raise ImportError(
             f"the gRPC code under {out} is not generated and grpcio-tools is not installed: "
-            "pip install 'grpcio-tools>=1.85.1,<1.86', or run python -m runtime.transports.protoc "
+            "pip install 'grpcio-tools>=1.85.1,<1.86', or run python -m runtime.cli.protoc "
             "where it is"
         )
     try:

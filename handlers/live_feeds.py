@@ -11,12 +11,13 @@ import fnmatch
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from runtime.dispatch import Context, Event, HandlerError
+from runtime.dispatch import Context
 from runtime.events import BusEvent
 from runtime.integrations.database import DatabaseIntegration
 from runtime.secrets import redact_text
 from runtime.telemetry.batching import slot_fields
-from runtime.telemetry.live import GenerationRequestRecord
+from runtime.telemetry.live_stats import GenerationRequestRecord
+from runtime.types import Event, HandlerError
 
 RECORD_FIELDS = [name for name in GenerationRequestRecord.__dataclass_fields__ if name != "id"]
 DEFAULT_EVENTS = ("model.*", "integration.*", "*.pull", "alert.*", "grafana.*")

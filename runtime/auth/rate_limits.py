@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from runtime.config import RateLimitConfig
-from runtime.dispatch import HandlerError
+from runtime.config_schema import RateLimitConfig
+from runtime.types import HandlerError
 
 Clock = Callable[[], float]
 

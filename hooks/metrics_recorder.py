@@ -25,7 +25,7 @@ from runtime.telemetry.resources import ResourceReader
 UP_VALUES = frozenset({"active", "degraded"})
 
 
-class MetricsPlugin:
+class MetricsRecorder:
     def __init__(self, metrics: Metrics, sample_interval_s: float = 5.0) -> None:
         self.metrics = metrics
         self.sample_interval_s = sample_interval_s

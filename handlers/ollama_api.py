@@ -14,27 +14,23 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from handlers.generation import (
-    Outcome,
-    embed_texts,
-    model_defaults,
-    parse,
-    resolve_model,
-    start_generation,
-)
-from handlers.openai_types import INT32_MAX, Sampling
-from runtime.dispatch import (
-    Context,
+from handlers.openai_requests import INT32_MAX, Sampling
+from handlers.parsing import model_defaults, parse
+from runtime.dispatch import Context, error_body, request_body
+from runtime.engines.schema_limits import SchemaTooComplex, check_schema
+from runtime.generation import Outcome
+from runtime.models import ModelState, ServedModel
+from runtime.types import (
+    CHAT,
+    COMPLETION,
+    EMBEDDINGS,
     Event,
+    GenerationRequest,
     HandlerError,
     NdjsonStream,
     Reply,
-    error_body,
-    request_body,
+    close,
 )
-from runtime.engines.base import CHAT, COMPLETION, EMBEDDINGS, GenerationRequest
-from runtime.engines.schema_limits import SchemaTooComplex, check_schema
-from runtime.models import LocalModel, ModelState
 
 # The Ollama API version Tiffin answers for (clients check it before using newer endpoints).
 OLLAMA_API_VERSION = "0.11.0"
@@ -54,7 +50,7 @@ OPTIONS = {
 
 class Options(Sampling):
     """Ollama's `options`, in the ranges of the OpenAI fields they become
-    (handlers/openai_types.py). Options Tiffin does not use (mirostat, num_thread, ...) are
+    (handlers/openai_requests.py). Options Tiffin does not use (mirostat, num_thread, ...) are
     ignored, as Ollama ignores the ones it does not know and as the OpenAI API ignores unknown
     fields; a number that is not finite is refused anywhere in the body when it is decoded."""
 
@@ -160,7 +156,7 @@ async def ps(event: Event, ctx: Context) -> dict[str, Any]:
 @ollama_errors
 async def chat(event: Event, ctx: Context) -> Any:
     body = parse(ChatRequest, event.body)
-    model = resolve_model(ctx, body.model, CHAT)
+    model = ctx.model_for(body.model, CHAT)
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
     request = _request(model, body, messages=messages)
     return await _answer(ctx, request, body.stream, "message")
@@ -172,10 +168,10 @@ async def generate(event: Event, ctx: Context) -> Any:
     """A prompt: templated as a user turn (after `system`) unless `raw`, as Ollama does."""
     body = parse(GenerateRequest, event.body)
     if body.raw:
-        model = resolve_model(ctx, body.model, COMPLETION)
+        model = ctx.model_for(body.model, COMPLETION)
         request = _request(model, body, prompt=body.prompt)
     else:
-        model = resolve_model(ctx, body.model, CHAT)
+        model = ctx.model_for(body.model, CHAT)
         system = [{"role": "system", "content": body.system}] if body.system else []
         messages = [*system, {"role": "user", "content": body.prompt}]
         request = _request(model, body, messages=messages)
@@ -186,10 +182,10 @@ async def generate(event: Event, ctx: Context) -> Any:
 @ollama_errors
 async def embed(event: Event, ctx: Context) -> dict[str, Any]:
     body = parse(EmbedRequest, event.body)
-    model = resolve_model(ctx, body.model, EMBEDDINGS)
+    model = ctx.model_for(body.model, EMBEDDINGS)
     started = time.perf_counter_ns()
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
-    result = await embed_texts(ctx, model, texts)
+    result = await ctx.embed(model, texts)
     return {
         "model": model.id,
         "embeddings": result.vectors,
@@ -201,7 +197,7 @@ async def embed(event: Event, ctx: Context) -> dict[str, Any]:
 # --- shared -----------------------------------------------------------------------------------
 
 
-def _model_entry(model: LocalModel) -> dict[str, Any]:
+def _model_entry(model: ServedModel) -> dict[str, Any]:
     spec = model.spec
     size = spec.path.stat().st_size if spec.path.is_file() else 0
     return {
@@ -220,7 +216,7 @@ def _model_entry(model: LocalModel) -> dict[str, Any]:
     }
 
 
-def _request(model: LocalModel, body: Request, **fields: Any) -> GenerationRequest:
+def _request(model: ServedModel, body: Request, **fields: Any) -> GenerationRequest:
     values = {**model_defaults(model), **fields}
     options = body.options or Options()
     for option, name in OPTIONS.items():
@@ -249,7 +245,7 @@ async def _answer(
     ctx: Context, request: GenerationRequest, stream: bool, field: Literal["message", "response"]
 ) -> Any:
     started = time.perf_counter_ns()
-    chunks, outcome = await start_generation(ctx, request)
+    chunks, outcome = await ctx.generate(request)
 
     def piece(text: str, done: bool) -> dict[str, Any]:
         line: dict[str, Any] = {
@@ -274,7 +270,7 @@ async def _answer(
                     yield piece(chunk.text, done=False)
             yield piece("", done=True)
         finally:
-            await chunks.aclose()  # type: ignore[attr-defined]  # frees the engine at once
+            await close(chunks)  # frees the engine at once
 
     return NdjsonStream(lines())
 

@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 from runtime.app import to_settings
 from runtime.auth.keys import SCOPES, hash_key, new_key
 from runtime.auth.oidc import PREFIX as OIDC_PREFIX
-from runtime.config import TiffinConfig, compose
+from runtime.config import compose
+from runtime.config_schema import TiffinConfig
 from runtime.errors import ConfigError
 from runtime.persistence import migrate
 from runtime.persistence.api_keys import ApiKeyStore, KeyExists, StoredKey
