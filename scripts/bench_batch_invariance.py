@@ -1,5 +1,6 @@
 """How often a greedy answer decoded beside others differs from the same request decoded alone,
-on the packaged Gemma 3 270M (issue 15: "measure how often, say so in the README").
+on the packaged Gemma 3 270M (issue 15: "measure how often, say so in the README"; the figures
+are in docs/models.md, "Many users at once", under Reproducibility).
 
 Each prompt is decoded greedily alone (the scheduler starts it from an empty cache, as a
 reproducible request alone always is), then again in groups of `--group` requests admitted in the

@@ -1,6 +1,6 @@
 """scripts/bench_concurrency.py at tiny settings: Tiffin, llama-cpp-python's server and the
 direct batched decode each answer waves of 1 and 2 streams, and the JSON line has the shape the
-README's figures come from. Behaviour only; the figures themselves are the benchmark's."""
+figures in docs/models.md come from. Behaviour only; the figures themselves are the benchmark's."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """scripts/bench_embeddings.py at tiny settings: sentence-transformers called directly and Tiffin's
 /v1/embeddings each answer waves of 1 and 2 requests, and the JSON line has the shape the
-README's figures come from. Behaviour only; the figures themselves are the benchmark's."""
+figures in docs/models.md come from. Behaviour only; the figures themselves are the benchmark's."""
 
 from __future__ import annotations
 

@@ -66,9 +66,9 @@ def test_the_gpu_bentofile_is_the_cpu_one_on_cuda() -> None:
     assert {e["name"] for e in cpu["envs"]} < {e["name"] for e in gpu["envs"]}
 
 
-def test_the_readmes_troubleshooting_endpoints_exist() -> None:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+def test_the_troubleshooting_endpoints_exist() -> None:
+    page = (ROOT / "docs" / "operations.md").read_text()
+    section = page.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
     asked = re.findall(r"curl (?:-s )?localhost:3000(/\S*)", section)
     assert len(asked) >= 6
     routes = compose().handlers.routes
@@ -79,8 +79,8 @@ def test_the_readmes_troubleshooting_endpoints_exist() -> None:
         assert any(p.match(path) for p in patterns), path
 
 
-def test_the_readme_builds_what_the_bento_test_builds() -> None:
-    readme = (ROOT / "README.md").read_text()
-    assert "python -m runtime build env=prod integrations=ollama,prometheus" in readme
-    assert "python -m runtime build --gpu env=prod" in readme
-    assert "bentoml containerize tiffin:<version>" in readme
+def test_the_deployment_page_builds_what_the_bento_test_builds() -> None:
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    assert "python -m runtime build env=prod integrations=ollama,prometheus" in page
+    assert "python -m runtime build --gpu env=prod" in page
+    assert "bentoml containerize tiffin:<version>" in page

@@ -172,12 +172,12 @@ def test_info_lists_hooks_handlers_and_plugins() -> None:
     assert "scripted" in info["integration_targets"]
 
 
-def test_the_readme_error_example_is_true() -> None:
-    readme = (ROOT / "README.md").read_text().splitlines()
-    start = readme.index("$ python -m runtime server.http_port=abc")
+def test_the_configuration_guides_error_example_is_true() -> None:
+    page = (ROOT / "docs" / "configuration-guide.md").read_text().splitlines()
+    start = page.index("$ python -m runtime server.http_port=abc")
     result = run_cli("server.http_port=abc")
     assert result.returncode == 2
-    assert result.stderr.strip() == readme[start + 1]
+    assert result.stderr.strip() == page[start + 1]
 
 
 def test_the_verb_may_come_after_the_overrides_as_people_type_it() -> None:

@@ -67,11 +67,11 @@ def test_a_streamed_grpc_chat_matches_the_http_api(served: tuple[Served, int]) -
     assert len(messages) > 2  # streamed: one message per token chunk
 
 
-def test_the_readme_example_runs(
+def test_the_docs_example_runs(
     served: tuple[Served, int], capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, port = served
-    blocks = (ROOT / "README.md").read_text().split("```python\n")[1:]
+    blocks = (ROOT / "docs" / "api" / "grpc.md").read_text().split("```python\n")[1:]
     [example] = [b.split("```", 1)[0] for b in blocks if "inference_pb2_grpc" in b]
     exec(example.replace("127.0.0.1:50051", f"127.0.0.1:{port}"), {})
     assert capsys.readouterr().out.strip()

@@ -95,8 +95,8 @@ def test_ndjson_framing(served: Served) -> None:
     assert lines[-1]["eval_count"] == 4 and lines[-1]["done_reason"] == "length"
 
 
-def test_the_readme_example_runs(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
-    blocks = (ROOT / "README.md").read_text().split("```python\n")[1:]
+def test_the_docs_example_runs(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
+    blocks = (ROOT / "docs" / "api" / "ollama.md").read_text().split("```python\n")[1:]
     [example] = [b.split("```", 1)[0] for b in blocks if "import ollama" in b]
     exec(example.replace("http://127.0.0.1:3000", served.url), {})
     assert capsys.readouterr().out.strip()

@@ -266,6 +266,9 @@ def test_the_readme_example_runs(served: Served, capsys: pytest.CaptureFixture[s
     readme = (ROOT / "README.md").read_text()
     example = readme.split("```python\n", 1)[1].split("```", 1)[0]
     assert "http://127.0.0.1:3000/v1" in example
+    # The API's page and Getting started show the same example: this run covers them too.
+    for page in ("docs/api/openai.md", "docs/getting-started.md"):
+        assert f"```python\n{example}```" in (ROOT / page).read_text(), page
     exec(example.replace("http://127.0.0.1:3000", served.url), {})
     assert capsys.readouterr().out.strip()
 
