@@ -18,11 +18,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from hooks import hookimpl
 from runtime.app import Runtime
+from runtime.cli import protoc
 from runtime.config_schema import ModelConfig
 from runtime.dispatch import Context
 from runtime.engines.base import ModelSpec
 from runtime.errors import ConfigError
-from runtime.cli import protoc
 from runtime.transports.grpc import GrpcServer
 from runtime.transports.proto.tiffin.v1 import (
     inference_pb2 as pb,
