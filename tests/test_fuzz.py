@@ -103,8 +103,8 @@ def test_the_spec_describes_every_route_of_the_route_table(served_spec: Any) -> 
     spec = served_spec.raw_schema
     chat = spec["paths"]["/v1/chat/completions"]["post"]
     body = chat["requestBody"]["content"]["application/json"]["schema"]
-    assert body == {"$ref": "#/components/schemas/openai_types.ChatCompletionRequest"}
-    request = spec["components"]["schemas"]["openai_types.ChatCompletionRequest"]
+    assert body == {"$ref": "#/components/schemas/openai_requests.ChatCompletionRequest"}
+    request = spec["components"]["schemas"]["openai_requests.ChatCompletionRequest"]
     assert {"model", "messages", "temperature", "max_tokens"} <= set(request["properties"])
     assert "default" in chat["responses"]
     get = spec["paths"]["/v1/models/{model}"]["get"]
