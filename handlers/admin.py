@@ -8,8 +8,8 @@ from typing import Any
 from handlers.generation import error_for
 from runtime.dispatch import Context, Event, HandlerError, request_body
 from runtime.engines.detect import ModelFormatError
-from runtime.integrations.hub_files import HubError, parse_source
 from runtime.integrations.huggingface_hub import HuggingFaceHubIntegration
+from runtime.integrations.huggingface_hub.hub_files import HubError, parse_source
 from runtime.models import ModelNotFound
 
 

@@ -13,12 +13,12 @@ from omegaconf import DictConfig
 
 from runtime.config import IntegrationConfig
 from runtime.engines.base import GenerationRequest, ProviderError, UnsupportedRequest
-from runtime.integrations.circuit import CircuitBreaker, CircuitState
 from runtime.integrations.openai_compatible import (
     DEFAULT_OPENAICOMPATIBLEINTEGRATION_CONFIG,
     OpenAICompatibleIntegration,
 )
-from runtime.integrations.openai_upstream import UpstreamEngine, request_body
+from runtime.integrations.openai_compatible.circuit import CircuitBreaker, CircuitState
+from runtime.integrations.openai_compatible.openai_upstream import UpstreamEngine, request_body
 
 Reply = Callable[[httpx.Request], httpx.Response]
 

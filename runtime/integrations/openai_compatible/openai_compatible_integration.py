@@ -22,8 +22,8 @@ from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.engines.base import ModelSpec
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
-from runtime.integrations.circuit import CircuitBreaker, CircuitState
-from runtime.integrations.openai_upstream import UpstreamEngine
+from runtime.integrations.openai_compatible.circuit import CircuitBreaker, CircuitState
+from runtime.integrations.openai_compatible.openai_upstream import UpstreamEngine
 from runtime.integrations.platform import platform_model
 from runtime.integrations.settings import defaults_of
 

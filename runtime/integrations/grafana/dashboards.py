@@ -1,6 +1,7 @@
-"""Tiffin's four Grafana dashboards, built from code over the metrics of `metrics.py`.
+"""Tiffin's four Grafana dashboards, built from code over the metrics of
+`runtime/telemetry/metrics.py`.
 
-    python -m runtime.telemetry.dashboards [monitoring/]
+    python -m runtime.integrations.grafana.dashboards [monitoring/]
 
 writes them to `monitoring/grafana/dashboards/<uid>.json` with Grafana's provisioning files
 beside them (`provisioning.py`); the grafana integration imports the same models through
@@ -15,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.telemetry.engine_panels import batching_panels
-from runtime.telemetry.panels import (
+from runtime.integrations.grafana.engine_panels import batching_panels
+from runtime.integrations.grafana.panels import (
     Json,
     dashboard,
     gauge,
@@ -28,7 +29,7 @@ from runtime.telemetry.panels import (
     thresholds,
     timeseries,
 )
-from runtime.telemetry.promql import RANGE, concrete, increase, quantile, rate, ratio
+from runtime.integrations.grafana.promql import RANGE, concrete, increase, quantile, rate, ratio
 
 MODEL = 'model=~"$model"'
 # Route names (conf/handlers/default.yaml) that generate text.
@@ -412,7 +413,7 @@ def promql_expressions(dashboard: dict[str, Any] | None = None) -> list[str]:
 
 
 def main(argv: Sequence[str] = ()) -> int:
-    from runtime.telemetry.provisioning import write_monitoring_files
+    from runtime.integrations.grafana.provisioning import write_monitoring_files
 
     monitoring = Path(argv[0]) if argv else Path("monitoring")
     for path in write_monitoring_files(monitoring, build_dashboards()):

@@ -24,7 +24,7 @@ from runtime.engines.base import (
 from runtime.integrations.token_counts import Tally, TokenCounter
 
 if TYPE_CHECKING:
-    from runtime.integrations.ollama import OllamaIntegration
+    from runtime.integrations.ollama.ollama_integration import OllamaIntegration
 
 # GenerationRequest fields -> Ollama's option names, with the values that mean "off".
 OPTIONS = {

@@ -24,9 +24,9 @@ from typing import Any, ClassVar
 from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
-from runtime.integrations.redis_bridge import EventBridge
-from runtime.integrations.redis_link import RedisLink, cancel_until_done
-from runtime.integrations.redis_rates import RedisRateStore
+from runtime.integrations.redis.redis_bridge import EventBridge
+from runtime.integrations.redis.redis_link import RedisLink, cancel_until_done
+from runtime.integrations.redis.redis_rates import RedisRateStore
 from runtime.integrations.settings import defaults_of
 from runtime.secrets import redact_text
 

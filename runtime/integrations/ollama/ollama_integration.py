@@ -18,7 +18,7 @@ from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.engines.base import ModelSpec, ProviderError
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
-from runtime.integrations.ollama_engine import OllamaEngine, ollama_error
+from runtime.integrations.ollama.ollama_engine import OllamaEngine, ollama_error
 from runtime.integrations.platform import platform_model
 from runtime.integrations.settings import defaults_of
 

@@ -31,7 +31,7 @@ from runtime.engines.detect import ModelFormatError, detect_engine
 from runtime.errors import ConfigError, shown
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
-from runtime.integrations.hub_files import (
+from runtime.integrations.huggingface_hub.hub_files import (
     HubError,
     HubNotCached,
     HubNotFound,

@@ -2,7 +2,7 @@
 
 At start it makes sure Grafana has the Prometheus datasource the dashboards query (uid
 `tiffin-prometheus`, pointing at `prometheus_url`), the folder (`folder`), and the four dashboards
-of `runtime/telemetry/dashboards.py`. A dashboard is written only when it is missing or its content
+of `dashboards.py` beside it. A dashboard is written only when it is missing or its content
 marker differs from the one built here, so starting again changes nothing. Health is
 `/api/health` (Grafana's version, and whether its database answers).
 
@@ -22,10 +22,10 @@ import httpx
 from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.grafana.dashboards import build_dashboards
+from runtime.integrations.grafana.panels import DATASOURCE_NAME, DATASOURCE_UID, content_marker
+from runtime.integrations.grafana.provisioning import FOLDER, FOLDER_UID, SCRAPE_INTERVAL
 from runtime.integrations.settings import defaults_of
-from runtime.telemetry.dashboards import build_dashboards
-from runtime.telemetry.panels import DATASOURCE_NAME, DATASOURCE_UID, content_marker
-from runtime.telemetry.provisioning import FOLDER, FOLDER_UID, SCRAPE_INTERVAL
 
 
 @dataclass
