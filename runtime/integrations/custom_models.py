@@ -32,6 +32,7 @@ from runtime.engines.llama_settings import llama_settings
 from runtime.errors import ConfigError
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.capabilities import ModelProvider
 from runtime.integrations.settings import defaults_of
 
 # The models conf/integrations/custom_models.yaml declares: the two packaged ones.
@@ -90,7 +91,7 @@ _SOURCES = f"a path, a file or directory name under models_dir, or {_PKG}"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-class CustomModelsIntegration(BaseIntegration):
+class CustomModelsIntegration(BaseIntegration, ModelProvider):
     """Offers local models (`models()`) to the ModelRouter."""
 
     settings_schema: ClassVar[type[Any]] = CustomModelsSettings

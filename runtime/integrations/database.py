@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.capabilities import KeyStore, RequestLogSink
 from runtime.integrations.settings import defaults_of
 from runtime.persistence import migrate
 from runtime.persistence.api_keys import ApiKeyStore
@@ -89,7 +90,7 @@ class Target:
             self.data_dir.mkdir(parents=True, exist_ok=True)
 
 
-class DatabaseIntegration(BaseIntegration):
+class DatabaseIntegration(BaseIntegration, RequestLogSink, KeyStore):
     """The request log's database: migrations at start, batched writes, `SELECT 1` health."""
 
     settings_schema: ClassVar[type[Any]] = DatabaseSettings

@@ -31,6 +31,7 @@ from runtime.engines.detect import ModelFormatError, detect_engine
 from runtime.errors import ConfigError, shown
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.capabilities import ModelProvider
 from runtime.integrations.huggingface_hub.hub_files import (
     HubError,
     HubNotCached,
@@ -87,7 +88,7 @@ class Download:
     reason: str = ""
 
 
-class HuggingFaceHubIntegration(BaseIntegration):
+class HuggingFaceHubIntegration(BaseIntegration, ModelProvider):
     """Search, inspect and download Hub models; downloaded ones are offered to the ModelRouter."""
 
     settings_schema: ClassVar[type[Any]] = HuggingFaceHubSettings

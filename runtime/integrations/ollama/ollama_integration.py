@@ -18,6 +18,7 @@ from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.engines.base import ModelSpec, ProviderError
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.capabilities import ModelProvider
 from runtime.integrations.ollama.ollama_engine import OllamaEngine, ollama_error
 from runtime.integrations.platform import platform_model
 from runtime.integrations.settings import defaults_of
@@ -46,7 +47,7 @@ DEFAULT_OLLAMAINTEGRATION_CONFIG = IntegrationConfig(
 )
 
 
-class OllamaIntegration(BaseIntegration):
+class OllamaIntegration(BaseIntegration, ModelProvider):
     """Offers an Ollama server's models to the ModelRouter, and its model management calls."""
 
     settings_schema: ClassVar[type[Any]] = OllamaSettings

@@ -22,6 +22,7 @@ from runtime.config import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.engines.base import ModelSpec
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.capabilities import ModelProvider
 from runtime.integrations.openai_compatible.circuit import CircuitBreaker, CircuitState
 from runtime.integrations.openai_compatible.openai_upstream import UpstreamEngine
 from runtime.integrations.platform import platform_model
@@ -64,7 +65,7 @@ DEFAULT_OPENAICOMPATIBLEINTEGRATION_CONFIG = IntegrationConfig(
 )
 
 
-class OpenAICompatibleIntegration(BaseIntegration):
+class OpenAICompatibleIntegration(BaseIntegration, ModelProvider):
     """Offers an OpenAI-compatible upstream's models to the ModelRouter."""
 
     settings_schema: ClassVar[type[Any]] = OpenAICompatibleSettings
