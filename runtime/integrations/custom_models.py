@@ -98,19 +98,17 @@ class CustomModelsIntegration(BaseIntegration, ModelProvider):
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
-        self.models_dir = Path(str(self.settings.get("models_dir", "models"))).expanduser()
-        self.cache_dir = Path(str(self.settings.get("cache_dir", "~/.cache/tiffin"))).expanduser()
-        self.scan = bool(self.settings.get("scan", True))
+        self.models_dir = Path(str(self.settings["models_dir"])).expanduser()
+        self.cache_dir = Path(str(self.settings["cache_dir"])).expanduser()
+        self.scan = bool(self.settings["scan"])
         # Model files may only come from these directories (after symlinks and `..`):
         # models_dir, cache_dir and any listed in `allowed_dirs`. `pkg:` models live in their
         # installed package, which the package name (not a path) chooses.
-        extra = [Path(str(d)).expanduser() for d in self.settings.get("allowed_dirs") or []]
+        extra = [Path(str(d)).expanduser() for d in self.settings["allowed_dirs"]]
         self.allowed_dirs = list(
             dict.fromkeys(d.resolve() for d in [self.models_dir, self.cache_dir, *extra])
         )
-        self.declared = [
-            self._validate(i, raw) for i, raw in enumerate(self.settings.get("models") or [])
-        ]
+        self.declared = [self._validate(i, raw) for i, raw in enumerate(self.settings["models"])]
         self.specs: list[ModelSpec] = []
         self.rejected: dict[str, str] = {}
 

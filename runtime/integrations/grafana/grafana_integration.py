@@ -82,12 +82,12 @@ class GrafanaIntegration(BaseIntegration):
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
-        self.url = str(self.settings.get("url", "http://localhost:3001")).rstrip("/")
-        self.prometheus_url = str(self.settings.get("prometheus_url", "http://localhost:9090"))
-        self.timeout = float(self.settings.get("timeout", 10.0))
-        self.folder = str(self.settings.get("folder") or "")
-        self.datasource_name = str(self.settings.get("datasource_name") or DATASOURCE_NAME)
-        self._has_key = bool(self.settings.get("api_key"))
+        self.url = str(self.settings["url"]).rstrip("/")
+        self.prometheus_url = str(self.settings["prometheus_url"])
+        self.timeout = float(self.settings["timeout"])
+        self.folder = str(self.settings["folder"] or "")
+        self.datasource_name = str(self.settings["datasource_name"] or DATASOURCE_NAME)
+        self._has_key = bool(self.settings["api_key"])
         self._client: httpx.AsyncClient | None = None
         self.version: str | None = None
         self.datasource: str | None = None  # what ensure_datasource did

@@ -95,17 +95,19 @@ class HuggingFaceHubIntegration(BaseIntegration, ModelProvider):
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
-        self.endpoint = str(self.settings.get("endpoint") or "https://huggingface.co").rstrip("/")
-        self.cache_dir = Path(str(self.settings.get("cache_dir", "~/.cache/tiffin/hf")))
+        endpoint = self.settings["endpoint"] or HuggingFaceHubSettings.endpoint
+        self.endpoint = str(endpoint).rstrip("/")
+        self.cache_dir = Path(str(self.settings["cache_dir"]))
         self.cache_dir = self.cache_dir.expanduser()
-        self.offline = _truthy(self.settings.get("offline", False))
-        self.prefer_quant = str(self.settings.get("prefer_quant") or "Q4_K_M")
-        self.overrides: dict[str, Any] = dict(self.settings.get("models") or {})
+        self.offline = _truthy(self.settings["offline"])
+        quant = self.settings["prefer_quant"] or HuggingFaceHubSettings.prefer_quant
+        self.prefer_quant = str(quant)
+        self.overrides: dict[str, Any] = dict(self.settings["models"])
         # False, not None: never fall back to a token saved on this machine by `hf auth login`.
-        self._token: str | bool = str(self.settings.get("api_token") or "") or False
+        self._token: str | bool = str(self.settings["api_token"] or "") or False
         self.api = hub.HfApi(endpoint=self.endpoint, token=self._token)
         self.specs: dict[str, ModelSpec] = {}
-        self.sources = [str(s) for s in self.settings.get("pull") or []]
+        self.sources = [str(s) for s in self.settings["pull"]]
         for index, source in enumerate(self.sources):
             try:
                 parse_source(source)

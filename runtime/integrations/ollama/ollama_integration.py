@@ -54,13 +54,13 @@ class OllamaIntegration(BaseIntegration, ModelProvider):
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
-        self.base_url = str(self.settings.get("base_url", "http://localhost:11434")).rstrip("/")
-        self.prefix = str(self.settings.get("model_prefix", "ollama/"))
-        self.overrides: dict[str, Any] = dict(self.settings.get("models") or {})
+        self.base_url = str(self.settings["base_url"]).rstrip("/")
+        self.prefix = str(self.settings["model_prefix"])
+        self.overrides: dict[str, Any] = dict(self.settings["models"])
         # Requests waiting per model beyond those running; the server behind batches or queues
         # them itself, so the bound is wider than a local engine's.
-        self.max_queue = int(self.settings.get("max_queue", 256))
-        self.timeout = float(self.settings.get("timeout", 300.0))
+        self.max_queue = int(self.settings["max_queue"])
+        self.timeout = float(self.settings["timeout"])
         self._client: httpx.AsyncClient | None = None
         self.tags: dict[str, dict[str, Any]] = {}
         self.version: str | None = None

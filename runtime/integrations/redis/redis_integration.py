@@ -69,8 +69,8 @@ class RedisIntegration(BaseIntegration, RateStoreProvider):
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
-        setting = {**DEFAULT_REDISINTEGRATION_CONFIG.settings, **self.settings}.__getitem__
-        self.url = str(setting("url") or DEFAULT_REDISINTEGRATION_CONFIG.settings["url"])
+        setting = self.settings.__getitem__  # every setting, defaults filled in (RedisSettings)
+        self.url = str(setting("url") or RedisSettings.url)
         self.reconnect_interval_s = float(setting("reconnect_interval_s"))
         self.link = RedisLink(
             self.url,
