@@ -43,8 +43,8 @@ bench: ## local inference: llama.cpp direct vs Tiffin vs llama-cpp-python's serv
 bench-proxy: ## the proxy path and telemetry's cost (scripts/bench_proxy.py)
 	$(PYTHON) scripts/bench_proxy.py $(ARGS)
 
-dashboards: ## regenerate monitoring/grafana from runtime/telemetry/dashboards.py
-	$(PYTHON) -m runtime.telemetry.dashboards
+dashboards: ## regenerate monitoring/grafana from runtime/integrations/grafana/dashboards.py
+	$(PYTHON) -m runtime.cli.grafana_files
 
 build: ## a Bento with the config baked in; ARGS: --gpu and Hydra overrides (env=prod ...)
 	$(PYTHON) -m runtime build $(ARGS)

@@ -8,8 +8,9 @@ from typing import Any
 from runtime.dispatch import Context, request_body
 from runtime.engines.detect import ModelFormatError
 from runtime.generation import error_for
-from runtime.integrations.hub_files import HubError, parse_source
+from runtime.integrations import IntegrationUnavailable
 from runtime.integrations.huggingface_hub import HuggingFaceHubIntegration
+from runtime.integrations.huggingface_hub.hub_files import HubError, parse_source
 from runtime.types import Event, HandlerError, ModelNotFound
 
 
@@ -58,16 +59,15 @@ async def pull_model(event: Event, ctx: Context) -> dict[str, Any]:
         parse_source(source)  # a path, another scheme or `..` is refused whatever is running
     except HubError as exc:
         raise HandlerError(exc.status, str(exc), param="source", code=exc.code) from None
-    hub = ctx.integrations.integrations.get("huggingface_hub")
-    if not isinstance(hub, HuggingFaceHubIntegration) or not hub.initialized:
-        state = "not enabled" if hub is None else f"not running ({hub.status.value})"
+    try:
+        hub = ctx.integrations.require("huggingface_hub", HuggingFaceHubIntegration)
+    except IntegrationUnavailable as exc:
         raise HandlerError(
             409,
-            f"the huggingface_hub integration is {state}; start Tiffin with "
-            "integrations=huggingface_hub to pull hf:// models",
+            f"{exc}; start Tiffin with integrations=huggingface_hub to pull hf:// models",
             param="source",
             code="integration_unavailable",
-        )
+        ) from None
     try:
         spec = await hub.pull(source)
     except HubError as exc:

@@ -13,6 +13,7 @@ from typing import Any
 
 from runtime.dispatch import Context
 from runtime.events import BusEvent
+from runtime.integrations import IntegrationUnavailable
 from runtime.integrations.database import DatabaseIntegration
 from runtime.secrets import redact_text
 from runtime.telemetry.batching import slot_fields
@@ -153,14 +154,14 @@ async def recent_requests(event: Event, ctx: Context) -> list[dict[str, Any]]:
     the request log, when the database integration is running; else this worker's, from memory
     (and from memory too while the database cannot answer)."""
     limit = int(number(event.query, "limit", 20, 0, 1000))
-    database = ctx.integrations.integrations.get("database")
+    try:
+        database: DatabaseIntegration | None = ctx.integrations.require(
+            "database", DatabaseIntegration
+        )
+    except IntegrationUnavailable:
+        database = None
     # While the writer is spooling the database is down: no connect timeout to wait out.
-    if (
-        isinstance(database, DatabaseIntegration)
-        and database.initialized
-        and not database.writer.down
-        and limit > 0
-    ):
+    if database is not None and not database.writer.down and limit > 0:
         try:
             await database.writer.flush()  # what was just served is listed
             return [as_record(row) for row in await database.store.rows(limit)]

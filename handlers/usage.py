@@ -10,6 +10,7 @@ from typing import Any
 
 from runtime.dispatch import Context
 from runtime.errors import quoted
+from runtime.integrations import IntegrationUnavailable
 from runtime.integrations.database import DatabaseIntegration
 from runtime.persistence.rollups import BUCKET_S, PERIODS, bucket_of
 from runtime.secrets import redact_text
@@ -51,15 +52,14 @@ async def usage(event: Event, ctx: Context) -> dict[str, Any]:
     by = str(event.query.get("by") or "") or None
     if by is not None and by not in PERIODS:
         raise HandlerError(400, f"by: expected hour or day, got {quoted(by)}", param="by")
-    database = ctx.integrations.integrations.get("database")
-    if not isinstance(database, DatabaseIntegration) or not database.initialized:
-        state = "not enabled" if database is None else f"not running ({database.status.value})"
+    try:
+        database = ctx.integrations.require("database", DatabaseIntegration)
+    except IntegrationUnavailable as exc:
         raise HandlerError(
             503,
-            f"the database integration is {state}; start Tiffin with integrations=database "
-            "to keep a request log",
+            f"{exc}; start Tiffin with integrations=database to keep a request log",
             code="integration_unavailable",
-        )
+        ) from None
     await database.writer.flush()  # what was just served is counted
     try:
         rows = await database.usage(since, until, by)

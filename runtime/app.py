@@ -24,12 +24,20 @@ from hooks.builtin import BuiltinEngines, CostFromConfig
 from hooks.live_recorder import LiveStatsRecorder
 from hooks.metrics_recorder import MetricsRecorder
 from hooks.request_limits import RequestLimits
-from runtime.auth import Auth, RateStore
+from runtime.auth import Auth
 from runtime.config_schema import IntegrationConfig, TiffinConfig, Topology
 from runtime.dispatch import Dispatcher, Handler
 from runtime.errors import ConfigError
 from runtime.events import BusEvent, EventBus
-from runtime.integrations import IntegrationManager, IntegrationRegistry
+from runtime.integrations import (
+    IntegrationManager,
+    IntegrationRegistry,
+    IntegrationUnavailable,
+    KeyStore,
+    ModelProvider,
+    RateStoreProvider,
+    RequestLogSink,
+)
 from runtime.integrations.base import Health
 from runtime.integrations.manager import Sleep
 from runtime.integrations.opentelemetry import tracing_settings
@@ -114,15 +122,12 @@ class Runtime:
         )
         for integration in self.integrations.integrations.values():
             integration.tracing = self.tracing  # their HTTP clients are traced through it
-            sink = getattr(integration, "record_request", None)  # the database's request log
-            if callable(sink):
-                self.live.sinks.append(sink)
-            stored_keys = getattr(integration, "api_keys", None)  # the database's stored keys
-            if callable(stored_keys):
-                self.auth.use_store(stored_keys, self.settings)
-            shared = getattr(integration, "rate_store", None)  # redis: one count per key
-            if shared is not None:
-                self.auth.limiter.store = cast(RateStore, shared)
+        for _, sink in self.integrations.providing(RequestLogSink):  # the database's request log
+            self.live.sinks.append(sink.record_request)
+        for _, keys in self.integrations.providing(KeyStore):  # the database's stored keys
+            self.auth.use_store(keys.api_keys, self.settings)
+        for _, shared in self.integrations.providing(RateStoreProvider):  # redis: one count
+            self.auth.limiter.store = shared.rate_store
         self.dispatcher = Dispatcher(
             self,
             self.handlers,
@@ -269,10 +274,8 @@ class Runtime:
 
     def _planned_models(self) -> list[dict[str, Any]]:
         planned: list[dict[str, Any]] = []
-        for name, integration in self.integrations.integrations.items():
-            describe = getattr(integration, "planned_models", None)
-            if callable(describe):
-                planned += [{"provider": name, **entry} for entry in describe()]
+        for name, provider in self.integrations.providing(ModelProvider):
+            planned += [{"provider": name, **entry} for entry in provider.planned_models()]
         return planned
 
     def redacted_config(self) -> dict[str, Any]:
@@ -302,10 +305,11 @@ class Runtime:
 
     async def _offer_models(self, name: str) -> None:
         """Register the models a model-platform integration offers (its `models()`)."""
-        integration = self.integrations.integrations.get(name)
-        offer = getattr(integration, "models", None)
-        if integration is not None and callable(offer) and integration.initialized:
-            await self.models.sync(name, offer())
+        try:
+            provider = self.integrations.require(name, ModelProvider)
+        except IntegrationUnavailable:
+            return  # not a model provider, or not running
+        await self.models.sync(name, provider.models())
 
     async def _on_models_event(self, event: BusEvent) -> None:
         # integration.* events name the integration in data; models.changed comes from it.

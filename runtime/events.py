@@ -3,7 +3,7 @@
 Subscribers give a glob pattern (`integration.*`) and a callback (sync or async), or open a
 stream (`async with bus.stream("integration.*") as events`). A failing subscriber is logged and
 never breaks the publisher. With the redis integration up, a bridge
-(runtime/integrations/redis_bridge.py) carries events between the buses of every worker and
+(runtime/integrations/redis/redis_bridge.py) carries events between the buses of every worker and
 replica: events it delivers here from another process carry that process's `origin`, and those
 are never sent on again.
 """

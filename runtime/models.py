@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from runtime.engines.base import Engine, ModelSpec
+from runtime.engines.engine import Engine, ModelSpec
 from runtime.events import BusEvent, EventBus
 from runtime.types import (
     Chunk,

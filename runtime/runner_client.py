@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 from typing import Any, Protocol
 
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.integrations.custom_models import CustomModelsIntegration
 from runtime.models import ModelRouter
 from runtime.types import (

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.types import CHAT, COMPLETION, Chunk, Embeddings, EngineError, GenerationRequest, Usage
 
 

@@ -30,7 +30,7 @@ from runtime.config_schema import (
     ModelConfig,
     RateLimitConfig,
 )
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.errors import ConfigError
 from runtime.events import BusEvent
 from runtime.telemetry.logging import configure_logging

@@ -1,5 +1,6 @@
-"""The Grafana dashboards built in runtime/telemetry/dashboards.py: the checked-in files are
-what the code generates, every query is valid PromQL (promtool), every metric family is shown."""
+"""The Grafana dashboards built in runtime/integrations/grafana/dashboards.py: the checked-in
+files are what the code generates, every query is valid PromQL (promtool), every metric family
+is shown."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from pathlib import Path
 
 from prometheus_client.metrics_core import Metric
 
-from runtime.telemetry.dashboards import UIDS, build_dashboards, promql_expressions
-from runtime.telemetry.metrics import Metrics
-from runtime.telemetry.panels import (
+from runtime.integrations.grafana.dashboards import UIDS, build_dashboards, promql_expressions
+from runtime.integrations.grafana.panels import (
     DATASOURCE_UID,
     GRID_WIDTH,
     PROMETHEUS,
@@ -20,7 +20,8 @@ from runtime.telemetry.panels import (
     content_marker,
     panel_expressions,
 )
-from runtime.telemetry.provisioning import REGENERATE
+from runtime.integrations.grafana.provisioning import REGENERATE
+from runtime.telemetry.metrics import Metrics
 from tests.binaries import require_binary
 from tests.conftest import PYTHON, ROOT, cli_env
 
@@ -30,7 +31,7 @@ TITLES = ["LLM Platform Overview", "Model Performance", "Resource Monitoring", "
 
 def test_the_checked_in_files_are_what_the_code_generates(tmp_path: Path) -> None:
     result = subprocess.run(
-        [PYTHON, "-m", "runtime.telemetry.dashboards", str(tmp_path)],
+        [PYTHON, "-m", "runtime.integrations.grafana.dashboards", str(tmp_path)],
         cwd=ROOT,
         env=cli_env(),
         capture_output=True,

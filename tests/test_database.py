@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from runtime.app import Runtime, to_settings
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.integrations.base import IntegrationStatus
 from runtime.integrations.database import (
     DEFAULT_DATABASEINTEGRATION_CONFIG,

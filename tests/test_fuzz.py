@@ -23,7 +23,7 @@ import handlers
 from runtime.app import Runtime
 from runtime.config import compose
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.transports.http import create_app
 from tests.conftest import TEST_OVERRIDES
 from tests.test_openai_api import ScriptedEngines

@@ -1,4 +1,4 @@
-"""The shared generation path (handlers/generation.py) on the scripted engine: the default cap
+"""The shared generation path (runtime/generation.py) on the scripted engine: the default cap
 on generated tokens that every API gets when a client sets no max_tokens."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import httpx
 
 from runtime.app import Runtime
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.transports.http import create_app
 from tests.test_openai_api import ScriptedEngines, chat
 

@@ -22,9 +22,9 @@ from runtime.config_schema import LogFormat, LoggingConfig
 from runtime.events import BusEvent
 from runtime.integrations.base import IntegrationStatus
 from runtime.integrations.grafana import DEFAULT_GRAFANAINTEGRATION_CONFIG, GrafanaIntegration
-from runtime.telemetry.dashboards import UIDS
+from runtime.integrations.grafana.dashboards import UIDS
+from runtime.integrations.grafana.panels import DATASOURCE_UID
 from runtime.telemetry.logging import configure_logging
-from runtime.telemetry.panels import DATASOURCE_UID
 from runtime.transports.http import create_app
 from tests.conftest import free_port
 from tests.fake_grafana import VERSION, FakeGrafana

@@ -21,7 +21,7 @@ import websockets
 from hooks import hookimpl
 from runtime.app import Runtime
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.transports.http import create_app
 from runtime.types import Event, HandlerError
 from tests.chromium import chromium_page

@@ -21,7 +21,7 @@ from runtime.app import Runtime
 from runtime.cli import protoc
 from runtime.config_schema import ModelConfig
 from runtime.dispatch import Context
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.errors import ConfigError
 from runtime.transports.grpc import GrpcServer
 from runtime.transports.proto.tiffin.v1 import (

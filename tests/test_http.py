@@ -13,7 +13,7 @@ import pytest
 from hooks import hookimpl
 from runtime.app import Runtime
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.transports.http import create_app, encode
 from runtime.types import Event, Reply
 from tests.conftest import eventually

@@ -19,7 +19,8 @@ import handlers
 from runtime.app import Runtime
 from runtime.errors import ConfigError
 from runtime.events import BusEvent
-from runtime.integrations.hub_files import (
+from runtime.integrations.huggingface_hub import HuggingFaceHubIntegration
+from runtime.integrations.huggingface_hub.hub_files import (
     HubError,
     HubNotCached,
     HubNotFound,
@@ -27,7 +28,6 @@ from runtime.integrations.hub_files import (
     parse_source,
     select_files,
 )
-from runtime.integrations.huggingface_hub import HuggingFaceHubIntegration
 from runtime.transports.http import create_app
 from tests.fake_hub import FakeHub, HubFile, HubRepo
 

@@ -10,7 +10,13 @@ import handlers
 from runtime.app import Runtime
 from runtime.errors import ConfigError, StartupError
 from runtime.events import BusEvent
-from runtime.integrations import IntegrationStatus, get_integration_manager
+from runtime.integrations import (
+    IntegrationStatus,
+    IntegrationUnavailable,
+    ModelProvider,
+    RequestLogSink,
+    get_integration_manager,
+)
 from tests.conftest import RecordingSleep, eventually
 from tests.fakes import Scripted
 
@@ -207,6 +213,31 @@ async def test_the_platform_guide_calls(make_runtime: MakeRuntime) -> None:
     assert manager.get_integration("db").name == "db"
     with pytest.raises(KeyError, match="no integration named 'ollama'; configured: db"):
         manager.get_integration("ollama")
+
+
+async def test_integrations_are_found_by_type(make_runtime: MakeRuntime) -> None:
+    runtime = make_runtime("integrations=[db,cache]")
+    manager = runtime.integrations
+    everyone = [(name, manager.get_integration(name)) for name in manager.order]
+    assert manager.providing(Scripted) == everyone
+    assert manager.providing(ModelProvider) == manager.providing(RequestLogSink) == []
+    # Before start: there, but not running (unless the caller does not mind).
+    with pytest.raises(IntegrationUnavailable) as raised:
+        manager.require("db", Scripted)
+    assert str(raised.value) == "the db integration is not running (inactive)"
+    assert (raised.value.name, raised.value.state) == ("db", "not running (inactive)")
+    assert manager.require("db", Scripted, running=False) is scripted(runtime, "db")
+    await runtime.start()
+    assert manager.require("db", Scripted) is scripted(runtime, "db")
+    with pytest.raises(IntegrationUnavailable, match=r"^the ollama integration is not enabled$"):
+        manager.require("ollama", Scripted)
+    with pytest.raises(
+        IntegrationUnavailable, match=r"is not a ModelProvider \(it is a Scripted\)"
+    ):
+        manager.require("db", ModelProvider)
+    await runtime.stop()
+    with pytest.raises(IntegrationUnavailable, match=r"not running \(stopped\)"):
+        manager.require("db", Scripted)
 
 
 @pytest.mark.parametrize(

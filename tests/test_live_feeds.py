@@ -15,7 +15,7 @@ import pytest
 
 from runtime.app import Runtime
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.events import BusEvent
 from runtime.telemetry.live_stats import LiveStats, percentile
 from runtime.transports.http import create_app

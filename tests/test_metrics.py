@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hooks.metrics_recorder import served_routes
 from runtime.app import Runtime
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.telemetry.metrics import ROUTE_ERRORS, Metrics
 from runtime.transports.http import create_app
 from runtime.types import Event, Stream

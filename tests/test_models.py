@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.events import BusEvent, EventBus
 from runtime.models import ModelRouter, ModelState
 from runtime.types import (

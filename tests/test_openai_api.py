@@ -16,7 +16,7 @@ import pytest
 from hooks import hookimpl
 from runtime.app import Runtime
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.transports.http import create_app
 from runtime.types import EMBEDDINGS, EngineError
 from tests.conftest import eventually

@@ -1,4 +1,4 @@
-"""openai_compatible's models (runtime/integrations/openai_upstream.py) against
+"""openai_compatible's models (runtime/integrations/openai_compatible/openai_upstream.py) against
 tests/fake_openai.py, through Tiffin's own OpenAI API: the usage a streamed or whole answer
 reports, whether the upstream honours `stream_options.include_usage` or not, and the circuit
 breakers, which keep a model the upstream fails from stopping its other models while an upstream

@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed
 
 from runtime.app import Runtime
 from runtime.config_schema import LogFormat, LoggingConfig, ModelConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.telemetry.logging import configure_logging
 from runtime.transports.grpc import GrpcServer
 from runtime.transports.http import create_app

@@ -14,8 +14,8 @@ from omegaconf import DictConfig
 
 import handlers
 from runtime.app import Runtime
+from runtime.integrations.grafana.dashboards import build_dashboards, promql_expressions
 from runtime.integrations.prometheus import PrometheusIntegration
-from runtime.telemetry.dashboards import build_dashboards, promql_expressions
 from tests.real_prometheus import Prometheus, running_prometheus
 from tests.served import Served, serving_default_models
 

@@ -24,11 +24,11 @@ from websockets.asyncio.client import connect
 import handlers
 from runtime.app import Runtime
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.events import BusEvent
 from runtime.integrations.base import IntegrationStatus
 from runtime.integrations.redis import RedisIntegration
-from runtime.integrations.redis_rates import RedisRateStore
+from runtime.integrations.redis.redis_rates import RedisRateStore
 from runtime.transports.http import create_app
 from tests.conftest import eventually
 from tests.real_redis import PASSWORD, RedisServer, running_redis

@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect
 from hooks import hookimpl
 from runtime.app import Runtime
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.transports.http import create_app
 from runtime.transports.proto.tiffin.v1 import inference_pb2 as pb
 from runtime.transports.proto.tiffin.v1 import inference_pb2_grpc

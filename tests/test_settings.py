@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 import re
 import typing
 from collections.abc import Callable
@@ -16,9 +17,11 @@ from typing import Any
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
+import runtime.integrations
 from runtime.app import Runtime, to_settings
 from runtime.config_schema import IntegrationConfig
 from runtime.errors import ConfigError
+from runtime.integrations import IntegrationRegistry
 from runtime.integrations.settings import check_settings, defaults_of
 from tests.conftest import ROOT
 
@@ -92,6 +95,42 @@ def test_the_yaml_the_default_config_and_the_schema_agree(
             assert getattr(yaml, config_field.name) == getattr(default, config_field.name), (
                 config_field.name
             )
+
+
+def default_configs() -> dict[str, IntegrationConfig]:
+    """Every DEFAULT_*_CONFIG of runtime/integrations/ (modules and packages), by its name."""
+    found: dict[str, IntegrationConfig] = {}
+    for info in pkgutil.walk_packages(runtime.integrations.__path__, "runtime.integrations."):
+        for attribute, value in vars(importlib.import_module(info.name)).items():
+            if re.fullmatch(r"DEFAULT_\w+_CONFIG", attribute):
+                assert isinstance(value, IntegrationConfig), attribute
+                assert found.setdefault(value.name, value) is value, f"two defaults: {value.name}"
+    return found
+
+
+def test_every_integration_has_its_yaml_and_a_default_config_its_target_names() -> None:
+    defaults = default_configs()
+    assert sorted(defaults) == INTEGRATIONS
+    registry = IntegrationRegistry()
+    for name, default in defaults.items():
+        # `_target_` names the package (`runtime.integrations.ollama.OllamaIntegration`), whose
+        # __init__ re-exports the class; the default lives beside the class.
+        cls = registry.resolve(default._target_)
+        module = importlib.import_module(cls.__module__)
+        assert getattr(module, f"DEFAULT_{cls.__name__.upper()}_CONFIG") is default, name
+
+
+def test_integrations_keep_no_defaults_of_their_own() -> None:
+    """`self.settings` holds every setting, defaults filled in from the schema, so a fallback in
+    the code (`settings.get("timeout", 5.0)`, `{**DEFAULT_X_CONFIG.settings, ...}`) would be a
+    second default, free to drift from the schema's."""
+    fallbacks = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in sorted((ROOT / "runtime" / "integrations").rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(r"\bsettings\.get\(|DEFAULT_\w+_CONFIG\.settings", line)
+    ]
+    assert fallbacks == []
 
 
 @dataclass

@@ -29,7 +29,7 @@ from starlette.routing import Route
 from hooks import hookimpl
 from runtime.app import Runtime, to_settings
 from runtime.config_schema import LogFormat, LoggingConfig, ModelConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.errors import ConfigError
 from runtime.integrations import get_integration_manager
 from runtime.integrations.opentelemetry import (

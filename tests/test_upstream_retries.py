@@ -12,12 +12,12 @@ import pytest
 from omegaconf import DictConfig
 
 from runtime.config_schema import IntegrationConfig
-from runtime.integrations.circuit import CircuitBreaker, CircuitState
 from runtime.integrations.openai_compatible import (
     DEFAULT_OPENAICOMPATIBLEINTEGRATION_CONFIG,
     OpenAICompatibleIntegration,
 )
-from runtime.integrations.openai_upstream import UpstreamEngine, request_body
+from runtime.integrations.openai_compatible.circuit import CircuitBreaker, CircuitState
+from runtime.integrations.openai_compatible.openai_upstream import UpstreamEngine, request_body
 from runtime.types import GenerationRequest, ProviderError, UnsupportedRequest
 
 Reply = Callable[[httpx.Request], httpx.Response]

@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from hooks import hookimpl
 from runtime.app import Runtime
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.transports.http import create_app
 from runtime.transports.ws_outbox import Close, Outbox
 from runtime.types import Event, HandlerError

@@ -8,10 +8,10 @@ verbs, or a bare word that is no verb, is a usage error (exit 2).
 Verbs: `serve` (default) starts the BentoML service; `plan` prints the resolved start plan as
 JSON and starts nothing; `check` starts the integrations once, health-checks them, prints a table
 and exits non-zero if a required one fails; `keys create|list|revoke` manages API keys
-(runtime/cli/keys.py); `build [--gpu]` bakes the config into a Bento (runtime/cli/build.py). Every
-other word is a Hydra override (`env=prod integrations=ollama,grafana server.http_port=9000`).
-`--help`, `--cfg job` and `--info` keep their Hydra meaning (the printed config has its secrets
-masked).
+(runtime/cli/key_commands.py); `build [--gpu]` bakes the config into a Bento
+(runtime/cli/build.py). Every other word is a Hydra override
+(`env=prod integrations=ollama,grafana server.http_port=9000`). `--help`, `--cfg job` and
+`--info` keep their Hydra meaning (the printed config has its secrets masked).
 
 Exit codes: 0 ok, 1 a required integration failed, 2 the config is invalid.
 """
@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 import handlers
 from runtime.app import Runtime, to_settings
 from runtime.cli.build import build_main
-from runtime.cli.keys import keys_main
+from runtime.cli.key_commands import keys_main
 from runtime.config import compose, config_groups
 from runtime.errors import STARTUP_FAILURE_FILE, ConfigError, StartupError
 from runtime.telemetry.logging import configure_logging

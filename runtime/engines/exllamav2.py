@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import parallel_setting, token_budget
 from runtime.engines.chat_tokens import refuse_control_text
+from runtime.engines.engine import parallel_setting, token_budget
 from runtime.engines.text import render_chat
 from runtime.types import (
     CHAT,

@@ -25,8 +25,8 @@ from typing import Any
 import structlog
 
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import token_budget
 from runtime.engines.chat_tokens import chat_tokens, utf8
+from runtime.engines.engine import token_budget
 from runtime.engines.llama_scheduler import BatchScheduler, Job
 from runtime.engines.llama_settings import llama_settings
 from runtime.engines.llama_threadpool import ThreadPool

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import parallel_setting
+from runtime.engines.engine import parallel_setting
 from runtime.errors import ConfigError
 
 DEFAULT_PARALLEL = 4

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import token_budget
 from runtime.engines.chat_tokens import refuse_control_text
+from runtime.engines.engine import token_budget
 from runtime.engines.text import CHATML_TEMPLATE, TextAssembler
 from runtime.engines.worker import Emit, ThreadWorker
 from runtime.types import (

@@ -56,10 +56,10 @@ class AlertmanagerIntegration(BaseIntegration):
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
-        self.url = str(self.settings.get("url", "http://localhost:9093")).rstrip("/")
-        self.timeout = float(self.settings.get("timeout", 5.0))
+        self.url = str(self.settings["url"]).rstrip("/")
+        self.timeout = float(self.settings["timeout"])
         self.recent_alerts: deque[dict[str, Any]] = deque(
-            maxlen=max(int(self.settings.get("recent_alerts", 20)), 1)
+            maxlen=max(int(self.settings["recent_alerts"]), 1)
         )
         self._client: httpx.AsyncClient | None = None
         # Webhook deliveries count even while Alertmanager's API is unreachable, so this listens

@@ -26,12 +26,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runtime.code_names import check_import_origin, check_module_name
 from runtime.config_schema import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
-from runtime.engines.base import ModelSpec, parallel_setting
 from runtime.engines.detect import ENGINES, ModelFormatError, detect_engine
+from runtime.engines.engine import ModelSpec, parallel_setting
 from runtime.engines.llama_settings import llama_settings
 from runtime.errors import ConfigError
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.capabilities import ModelProvider
 from runtime.integrations.settings import defaults_of
 
 # The models conf/integrations/custom_models.yaml declares: the two packaged ones.
@@ -90,26 +91,24 @@ _SOURCES = f"a path, a file or directory name under models_dir, or {_PKG}"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-class CustomModelsIntegration(BaseIntegration):
+class CustomModelsIntegration(BaseIntegration, ModelProvider):
     """Offers local models (`models()`) to the ModelRouter."""
 
     settings_schema: ClassVar[type[Any]] = CustomModelsSettings
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
-        self.models_dir = Path(str(self.settings.get("models_dir", "models"))).expanduser()
-        self.cache_dir = Path(str(self.settings.get("cache_dir", "~/.cache/tiffin"))).expanduser()
-        self.scan = bool(self.settings.get("scan", True))
+        self.models_dir = Path(str(self.settings["models_dir"])).expanduser()
+        self.cache_dir = Path(str(self.settings["cache_dir"])).expanduser()
+        self.scan = bool(self.settings["scan"])
         # Model files may only come from these directories (after symlinks and `..`):
         # models_dir, cache_dir and any listed in `allowed_dirs`. `pkg:` models live in their
         # installed package, which the package name (not a path) chooses.
-        extra = [Path(str(d)).expanduser() for d in self.settings.get("allowed_dirs") or []]
+        extra = [Path(str(d)).expanduser() for d in self.settings["allowed_dirs"]]
         self.allowed_dirs = list(
             dict.fromkeys(d.resolve() for d in [self.models_dir, self.cache_dir, *extra])
         )
-        self.declared = [
-            self._validate(i, raw) for i, raw in enumerate(self.settings.get("models") or [])
-        ]
+        self.declared = [self._validate(i, raw) for i, raw in enumerate(self.settings["models"])]
         self.specs: list[ModelSpec] = []
         self.rejected: dict[str, str] = {}
 

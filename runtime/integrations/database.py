@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from runtime.config_schema import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.capabilities import KeyStore, RequestLogSink
 from runtime.integrations.settings import defaults_of
 from runtime.persistence import migrate
 from runtime.persistence.api_keys import ApiKeyStore
@@ -72,11 +73,13 @@ class Target:
     the `keys` CLI both use it, so they open the same database the same way."""
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        self.data_dir = Path(str(settings.get("data_dir") or ".tiffin/data")).expanduser()
-        self.url = async_url(str(settings.get("url") or ""), self.data_dir)
+        # The `keys` CLI passes the config's settings as they are: defaults filled in here.
+        settings = {**defaults_of(DatabaseSettings), **settings}
+        self.data_dir = Path(str(settings["data_dir"] or DatabaseSettings.data_dir)).expanduser()
+        self.url = async_url(str(settings["url"] or ""), self.data_dir)
         # `timeout` is asyncpg's connect timeout and SQLite's busy timeout: a database that
         # hangs is soon "down".
-        self.timeout = float(settings.get("connect_timeout_s", 5.0))
+        self.timeout = float(settings["connect_timeout_s"])
 
     def engine(self) -> AsyncEngine:
         return create_async_engine(
@@ -89,7 +92,7 @@ class Target:
             self.data_dir.mkdir(parents=True, exist_ok=True)
 
 
-class DatabaseIntegration(BaseIntegration):
+class DatabaseIntegration(BaseIntegration, RequestLogSink, KeyStore):
     """The request log's database: migrations at start, batched writes, `SELECT 1` health."""
 
     settings_schema: ClassVar[type[Any]] = DatabaseSettings
@@ -100,10 +103,10 @@ class DatabaseIntegration(BaseIntegration):
         self.data_dir, self.url = self.target.data_dir, self.target.url
         self.store = RequestLogStore(self.target.engine())
         writer_settings = WriterSettings(
-            batch_size=int(self.settings.get("batch_size", 100)),
-            flush_interval_s=float(self.settings.get("flush_interval_s", 0.5)),
-            queue_size=int(self.settings.get("queue_size", 10_000)),
-            retry_interval_s=float(self.settings.get("retry_interval_s", 2.0)),
+            batch_size=int(self.settings["batch_size"]),
+            flush_interval_s=float(self.settings["flush_interval_s"]),
+            queue_size=int(self.settings["queue_size"]),
+            retry_interval_s=float(self.settings["retry_interval_s"]),
         )
         self.writer = RequestLogWriter(self.store, Spool(self.data_dir), writer_settings)
         self.revision: str | None = None

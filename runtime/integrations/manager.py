@@ -18,7 +18,7 @@ import contextvars
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, wait_exponential
@@ -35,11 +35,24 @@ Sleep = Callable[[float], Awaitable[None]]
 # Told of every health check (name, result): metrics observe durations through it.
 CheckObserver = Callable[[str, Health], Awaitable[object]]
 
+T = TypeVar("T")
+
 # The manager of the runtime serving the current task, for the platform guide's
 # `await get_integration_manager()`. Set by `start_all` and by every transport per request.
 current_manager: contextvars.ContextVar[IntegrationManager] = contextvars.ContextVar(
     "tiffin_integration_manager"
 )
+
+
+class IntegrationUnavailable(LookupError):
+    """`IntegrationManager.require` found no integration of that name and kind that it could
+    use; `state` says why in words (`not enabled`, `not running (error)`...), for handlers to
+    put in their own error."""
+
+    def __init__(self, name: str, state: str) -> None:
+        super().__init__(f"the {name} integration is {state}")
+        self.name = name
+        self.state = state
 
 
 class IntegrationManager:
@@ -81,6 +94,30 @@ class IntegrationManager:
     @property
     def integrations(self) -> Mapping[str, BaseIntegration]:
         return self._integrations
+
+    # --- found by type (runtime/integrations/capabilities.py) ---------------------------------
+
+    def providing(self, kind: type[T]) -> list[tuple[str, T]]:
+        """Every enabled integration that is a `kind` (a class, or a runtime_checkable Protocol
+        such as `ModelProvider`), as (name, integration), in start order; running or not."""
+        found = ((name, self._integrations[name]) for name in self.order)
+        return [(name, integration) for name, integration in found if isinstance(integration, kind)]
+
+    def require(self, name: str, kind: type[T], *, running: bool = True) -> T:
+        """The integration `name` as a `kind`. Raises IntegrationUnavailable when it is not
+        enabled, is not a `kind`, or (with `running`) has not initialized or has stopped."""
+        integration = self._integrations.get(name)
+        if integration is None:
+            raise IntegrationUnavailable(name, "not enabled")
+        down = running and not integration.initialized
+        status = integration.status.value
+        if not isinstance(integration, kind):
+            raise IntegrationUnavailable(
+                name, f"not a {kind.__name__} (it is a {type(integration).__name__})"
+            )
+        if down:
+            raise IntegrationUnavailable(name, f"not running ({status})")
+        return integration
 
     # --- lifecycle ------------------------------------------------------------------------------
 

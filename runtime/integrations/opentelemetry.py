@@ -113,8 +113,8 @@ class OpenTelemetryIntegration(BaseIntegration):
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
-        self.check_endpoint = bool(self.settings.get("check_endpoint", True))
-        self.timeout = float(self.settings.get("timeout_s", 10.0))
+        self.check_endpoint = bool(self.settings["check_endpoint"])
+        self.timeout = float(self.settings["timeout_s"])
 
     def create_span(
         self, name: str, attributes: Mapping[str, Any] | None = None

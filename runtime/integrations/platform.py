@@ -10,7 +10,7 @@ from typing import Any, cast
 from omegaconf import OmegaConf
 
 from runtime.config_schema import ModelConfig
-from runtime.engines.base import Engine, ModelSpec
+from runtime.engines.engine import Engine, ModelSpec
 
 
 def platform_model(

@@ -46,9 +46,9 @@ class PrometheusIntegration(BaseIntegration):
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
-        self.url = str(self.settings.get("url", "http://localhost:9090")).rstrip("/")
-        self.job = str(self.settings.get("job", "llm-platform"))
-        self.timeout = float(self.settings.get("timeout", 5.0))
+        self.url = str(self.settings["url"]).rstrip("/")
+        self.job = str(self.settings["job"])
+        self.timeout = float(self.settings["timeout"])
         self._client: httpx.AsyncClient | None = None
 
     async def initialize(self) -> None:

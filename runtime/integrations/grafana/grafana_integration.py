@@ -2,7 +2,7 @@
 
 At start it makes sure Grafana has the Prometheus datasource the dashboards query (uid
 `tiffin-prometheus`, pointing at `prometheus_url`), the folder (`folder`), and the four dashboards
-of `runtime/telemetry/dashboards.py`. A dashboard is written only when it is missing or its content
+of `dashboards.py` beside it. A dashboard is written only when it is missing or its content
 marker differs from the one built here, so starting again changes nothing. Health is
 `/api/health` (Grafana's version, and whether its database answers).
 
@@ -22,10 +22,10 @@ import httpx
 from runtime.config_schema import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
+from runtime.integrations.grafana.dashboards import build_dashboards
+from runtime.integrations.grafana.panels import DATASOURCE_NAME, DATASOURCE_UID, content_marker
+from runtime.integrations.grafana.provisioning import FOLDER, FOLDER_UID, SCRAPE_INTERVAL
 from runtime.integrations.settings import defaults_of
-from runtime.telemetry.dashboards import build_dashboards
-from runtime.telemetry.panels import DATASOURCE_NAME, DATASOURCE_UID, content_marker
-from runtime.telemetry.provisioning import FOLDER, FOLDER_UID, SCRAPE_INTERVAL
 
 
 @dataclass
@@ -82,12 +82,12 @@ class GrafanaIntegration(BaseIntegration):
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
-        self.url = str(self.settings.get("url", "http://localhost:3001")).rstrip("/")
-        self.prometheus_url = str(self.settings.get("prometheus_url", "http://localhost:9090"))
-        self.timeout = float(self.settings.get("timeout", 10.0))
-        self.folder = str(self.settings.get("folder") or "")
-        self.datasource_name = str(self.settings.get("datasource_name") or DATASOURCE_NAME)
-        self._has_key = bool(self.settings.get("api_key"))
+        self.url = str(self.settings["url"]).rstrip("/")
+        self.prometheus_url = str(self.settings["prometheus_url"])
+        self.timeout = float(self.settings["timeout"])
+        self.folder = str(self.settings["folder"] or "")
+        self.datasource_name = str(self.settings["datasource_name"] or DATASOURCE_NAME)
+        self._has_key = bool(self.settings["api_key"])
         self._client: httpx.AsyncClient | None = None
         self.version: str | None = None
         self.datasource: str | None = None  # what ensure_datasource did

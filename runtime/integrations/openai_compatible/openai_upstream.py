@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from runtime.engines.base import ModelSpec
-from runtime.integrations.circuit import CircuitState
+from runtime.engines.engine import ModelSpec
+from runtime.integrations.openai_compatible.circuit import CircuitState
 from runtime.integrations.token_counts import Tally, TokenCounter
 from runtime.secrets import MASK, redact_text
 from runtime.types import (
@@ -36,7 +36,9 @@ from runtime.types import (
 )
 
 if TYPE_CHECKING:
-    from runtime.integrations.openai_compatible import OpenAICompatibleIntegration
+    from runtime.integrations.openai_compatible.openai_compatible_integration import (
+        OpenAICompatibleIntegration,
+    )
 
 # llama.cpp's knobs that OpenAI lacks; sent only when set, since strict upstreams reject them.
 EXTRA_NEUTRAL = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from runtime.events import BusEvent, EventBus
-from runtime.integrations.redis_link import RedisLink, cancel_until_done
+from runtime.integrations.redis.redis_link import RedisLink, cancel_until_done
 
 BATCH = 100
 

@@ -15,10 +15,11 @@ from typing import Any, ClassVar
 import httpx
 
 from runtime.config_schema import IntegrationConfig, IntegrationType, RetryConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
-from runtime.integrations.ollama_engine import OllamaEngine, ollama_error
+from runtime.integrations.capabilities import ModelProvider
+from runtime.integrations.ollama.ollama_engine import OllamaEngine, ollama_error
 from runtime.integrations.platform import platform_model
 from runtime.integrations.settings import defaults_of
 from runtime.types import ProviderError
@@ -47,20 +48,20 @@ DEFAULT_OLLAMAINTEGRATION_CONFIG = IntegrationConfig(
 )
 
 
-class OllamaIntegration(BaseIntegration):
+class OllamaIntegration(BaseIntegration, ModelProvider):
     """Offers an Ollama server's models to the ModelRouter, and its model management calls."""
 
     settings_schema: ClassVar[type[Any]] = OllamaSettings
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
-        self.base_url = str(self.settings.get("base_url", "http://localhost:11434")).rstrip("/")
-        self.prefix = str(self.settings.get("model_prefix", "ollama/"))
-        self.overrides: dict[str, Any] = dict(self.settings.get("models") or {})
+        self.base_url = str(self.settings["base_url"]).rstrip("/")
+        self.prefix = str(self.settings["model_prefix"])
+        self.overrides: dict[str, Any] = dict(self.settings["models"])
         # Requests waiting per model beyond those running; the server behind batches or queues
         # them itself, so the bound is wider than a local engine's.
-        self.max_queue = int(self.settings.get("max_queue", 256))
-        self.timeout = float(self.settings.get("timeout", 300.0))
+        self.max_queue = int(self.settings["max_queue"])
+        self.timeout = float(self.settings["timeout"])
         self._client: httpx.AsyncClient | None = None
         self.tags: dict[str, dict[str, Any]] = {}
         self.version: str | None = None

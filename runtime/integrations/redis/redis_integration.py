@@ -24,9 +24,10 @@ from typing import Any, ClassVar
 from runtime.config_schema import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
-from runtime.integrations.redis_bridge import EventBridge
-from runtime.integrations.redis_link import RedisLink, cancel_until_done
-from runtime.integrations.redis_rates import RedisRateStore
+from runtime.integrations.capabilities import RateStoreProvider
+from runtime.integrations.redis.redis_bridge import EventBridge
+from runtime.integrations.redis.redis_link import RedisLink, cancel_until_done
+from runtime.integrations.redis.redis_rates import RedisRateStore
 from runtime.integrations.settings import defaults_of
 from runtime.secrets import redact_text
 
@@ -59,15 +60,17 @@ DEFAULT_REDISINTEGRATION_CONFIG = IntegrationConfig(
 )
 
 
-class RedisIntegration(BaseIntegration):
+class RedisIntegration(BaseIntegration, RateStoreProvider):
     """The event bridge and the shared rate-limit store on one Redis."""
 
     settings_schema: ClassVar[type[Any]] = RedisSettings
+    # The Runtime's RateLimiter counts here (RateStoreProvider): in Redis while it is up.
+    rate_store: RedisRateStore
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
-        setting = {**DEFAULT_REDISINTEGRATION_CONFIG.settings, **self.settings}.__getitem__
-        self.url = str(setting("url") or DEFAULT_REDISINTEGRATION_CONFIG.settings["url"])
+        setting = self.settings.__getitem__  # every setting, defaults filled in (RedisSettings)
+        self.url = str(setting("url") or RedisSettings.url)
         self.reconnect_interval_s = float(setting("reconnect_interval_s"))
         self.link = RedisLink(
             self.url,
@@ -86,7 +89,6 @@ class RedisIntegration(BaseIntegration):
             patterns=[str(p) for p in setting("bridge_events")],
             maxlen=int(setting("stream_maxlen")),
         )
-        # The Runtime's RateLimiter counts here (runtime/app.py): in Redis while it is up.
         self.rate_store = RedisRateStore(self.link, str(setting("key_prefix")))
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False

@@ -19,11 +19,12 @@ from typing import Any, ClassVar
 import httpx
 
 from runtime.config_schema import IntegrationConfig, IntegrationType, RetryConfig
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
-from runtime.integrations.circuit import CircuitBreaker, CircuitState
-from runtime.integrations.openai_upstream import UpstreamEngine
+from runtime.integrations.capabilities import ModelProvider
+from runtime.integrations.openai_compatible.circuit import CircuitBreaker, CircuitState
+from runtime.integrations.openai_compatible.openai_upstream import UpstreamEngine
 from runtime.integrations.platform import platform_model
 from runtime.integrations.settings import defaults_of
 
@@ -64,7 +65,7 @@ DEFAULT_OPENAICOMPATIBLEINTEGRATION_CONFIG = IntegrationConfig(
 )
 
 
-class OpenAICompatibleIntegration(BaseIntegration):
+class OpenAICompatibleIntegration(BaseIntegration, ModelProvider):
     """Offers an OpenAI-compatible upstream's models to the ModelRouter."""
 
     settings_schema: ClassVar[type[Any]] = OpenAICompatibleSettings
@@ -72,20 +73,20 @@ class OpenAICompatibleIntegration(BaseIntegration):
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
         settings = self.settings
-        self.base_url = str(settings.get("base_url", "")).rstrip("/")
-        self.prefix = str(settings.get("model_prefix") or f"{self.name}/")
-        self.max_retries = int(settings.get("max_retries", 2))
-        self.retry_backoff_s = float(settings.get("retry_backoff_s", 0.2))
-        circuit = dict(settings.get("circuit") or {})
-        self.circuit_threshold = int(circuit.get("failure_threshold", 5))
-        self.circuit_reset_after_s = float(circuit.get("reset_after_s", 30.0))
+        self.base_url = str(settings["base_url"]).rstrip("/")
+        self.prefix = str(settings["model_prefix"] or f"{self.name}/")
+        self.max_retries = int(settings["max_retries"])
+        self.retry_backoff_s = float(settings["retry_backoff_s"])
+        circuit = settings["circuit"]
+        self.circuit_threshold = int(circuit["failure_threshold"])
+        self.circuit_reset_after_s = float(circuit["reset_after_s"])
         # The upstream's breaker (can it be reached?) and one per upstream model id.
         self.circuit = CircuitBreaker(self.circuit_threshold, self.circuit_reset_after_s)
         self.model_circuits: dict[str, CircuitBreaker] = {}
-        self.overrides: dict[str, Any] = dict(settings.get("models") or {})
+        self.overrides: dict[str, Any] = dict(settings["models"])
         # Requests waiting per model beyond those running; the upstream batches or queues them
         # itself, so the bound is wider than a local engine's.
-        self.max_queue = int(settings.get("max_queue", 256))
+        self.max_queue = int(settings["max_queue"])
         self._client: httpx.AsyncClient | None = None
         self.upstream_models: list[str] = []
 
@@ -106,15 +107,15 @@ class OpenAICompatibleIntegration(BaseIntegration):
     @property
     def secrets(self) -> list[str]:
         """What must never reach a client or a log (an upstream's error may echo it)."""
-        return [str(self.settings.get("api_key") or "")]
+        return [str(self.settings["api_key"] or "")]
 
     async def initialize(self) -> None:
-        key = str(self.settings.get("api_key") or "")
-        timeout = float(self.settings.get("timeout", 300.0))
+        key = str(self.settings["api_key"] or "")
+        timeout = float(self.settings["timeout"])
         self._client = self.http_client(
             base_url=self.base_url,
             headers={"authorization": f"Bearer {key}"} if key else {},
-            timeout=httpx.Timeout(timeout, connect=float(self.settings.get("connect_timeout", 5))),
+            timeout=httpx.Timeout(timeout, connect=float(self.settings["connect_timeout"])),
         )
         try:
             self.upstream_models = await self._list_models()

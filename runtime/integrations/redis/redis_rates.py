@@ -12,7 +12,7 @@ import asyncio
 import math
 
 from runtime.auth.rate_limits import MemoryRateStore, Window, window_start
-from runtime.integrations.redis_link import RedisLink
+from runtime.integrations.redis.redis_link import RedisLink
 
 # Keys stay a little past their window: relative to Redis's clock, not the limiter's, which
 # tests (and skewed replicas) may set apart.

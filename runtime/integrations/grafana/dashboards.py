@@ -1,6 +1,7 @@
-"""Tiffin's four Grafana dashboards, built from code over the metrics of `metrics.py`.
+"""Tiffin's four Grafana dashboards, built from code over the metrics of
+`runtime/telemetry/metrics.py`.
 
-    python -m runtime.telemetry.dashboards [monitoring/]
+    python -m runtime.cli.grafana_files [monitoring/]
 
 writes them to `monitoring/grafana/dashboards/<uid>.json` with Grafana's provisioning files
 beside them (`provisioning.py`); the grafana integration imports the same models through
@@ -10,13 +11,11 @@ concrete, so tests can hand each one to promtool or a real Prometheus.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from runtime.telemetry.engine_panels import batching_panels
-from runtime.telemetry.panels import (
+from runtime.integrations.grafana.engine_panels import batching_panels
+from runtime.integrations.grafana.panels import (
     Json,
     dashboard,
     gauge,
@@ -28,7 +27,7 @@ from runtime.telemetry.panels import (
     thresholds,
     timeseries,
 )
-from runtime.telemetry.promql import RANGE, concrete, increase, quantile, rate, ratio
+from runtime.integrations.grafana.promql import RANGE, concrete, increase, quantile, rate, ratio
 
 MODEL = 'model=~"$model"'
 # Route names (conf/handlers/default.yaml) that generate text.
@@ -409,16 +408,3 @@ def promql_expressions(dashboard: dict[str, Any] | None = None) -> list[str]:
     variables replaced by concrete values (`$__rate_interval` -> 1m, `$model` -> .*)."""
     models = [dashboard] if dashboard is not None else build_dashboards()
     return list(dict.fromkeys(concrete(e) for m in models for e in panel_expressions(m)))
-
-
-def main(argv: Sequence[str] = ()) -> int:
-    from runtime.telemetry.provisioning import write_monitoring_files
-
-    monitoring = Path(argv[0]) if argv else Path("monitoring")
-    for path in write_monitoring_files(monitoring, build_dashboards()):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

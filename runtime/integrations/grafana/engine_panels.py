@@ -5,8 +5,8 @@ engine does not batch have no series here."""
 
 from __future__ import annotations
 
-from runtime.telemetry.panels import Json, target, timeseries
-from runtime.telemetry.promql import quantile, rate, ratio
+from runtime.integrations.grafana.panels import Json, target, timeseries
+from runtime.integrations.grafana.promql import quantile, rate, ratio
 
 BY_MODEL = ("model",)
 

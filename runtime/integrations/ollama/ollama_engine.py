@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from runtime.engines.base import ModelSpec
+from runtime.engines.engine import ModelSpec
 from runtime.integrations.token_counts import Tally, TokenCounter
 from runtime.types import (
     CHAT,
@@ -24,7 +24,7 @@ from runtime.types import (
 )
 
 if TYPE_CHECKING:
-    from runtime.integrations.ollama import OllamaIntegration
+    from runtime.integrations.ollama.ollama_integration import OllamaIntegration
 
 # GenerationRequest fields -> Ollama's option names, with the values that mean "off".
 OPTIONS = {

@@ -26,12 +26,13 @@ from huggingface_hub import errors as hub_errors
 from omegaconf import OmegaConf
 
 from runtime.config_schema import IntegrationConfig, IntegrationType, ModelConfig, RetryConfig
-from runtime.engines.base import ModelSpec
 from runtime.engines.detect import ModelFormatError, detect_engine
+from runtime.engines.engine import ModelSpec
 from runtime.errors import ConfigError, shown
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
-from runtime.integrations.hub_files import (
+from runtime.integrations.capabilities import ModelProvider
+from runtime.integrations.huggingface_hub.hub_files import (
     HubError,
     HubNotCached,
     HubNotFound,
@@ -87,24 +88,26 @@ class Download:
     reason: str = ""
 
 
-class HuggingFaceHubIntegration(BaseIntegration):
+class HuggingFaceHubIntegration(BaseIntegration, ModelProvider):
     """Search, inspect and download Hub models; downloaded ones are offered to the ModelRouter."""
 
     settings_schema: ClassVar[type[Any]] = HuggingFaceHubSettings
 
     def __init__(self, config: IntegrationConfig, bus: EventBus | None = None) -> None:
         super().__init__(config, bus)
-        self.endpoint = str(self.settings.get("endpoint") or "https://huggingface.co").rstrip("/")
-        self.cache_dir = Path(str(self.settings.get("cache_dir", "~/.cache/tiffin/hf")))
+        endpoint = self.settings["endpoint"] or HuggingFaceHubSettings.endpoint
+        self.endpoint = str(endpoint).rstrip("/")
+        self.cache_dir = Path(str(self.settings["cache_dir"]))
         self.cache_dir = self.cache_dir.expanduser()
-        self.offline = _truthy(self.settings.get("offline", False))
-        self.prefer_quant = str(self.settings.get("prefer_quant") or "Q4_K_M")
-        self.overrides: dict[str, Any] = dict(self.settings.get("models") or {})
+        self.offline = _truthy(self.settings["offline"])
+        quant = self.settings["prefer_quant"] or HuggingFaceHubSettings.prefer_quant
+        self.prefer_quant = str(quant)
+        self.overrides: dict[str, Any] = dict(self.settings["models"])
         # False, not None: never fall back to a token saved on this machine by `hf auth login`.
-        self._token: str | bool = str(self.settings.get("api_token") or "") or False
+        self._token: str | bool = str(self.settings["api_token"] or "") or False
         self.api = hub.HfApi(endpoint=self.endpoint, token=self._token)
         self.specs: dict[str, ModelSpec] = {}
-        self.sources = [str(s) for s in self.settings.get("pull") or []]
+        self.sources = [str(s) for s in self.settings["pull"]]
         for index, source in enumerate(self.sources):
             try:
                 parse_source(source)
