@@ -31,7 +31,7 @@ TITLES = ["LLM Platform Overview", "Model Performance", "Resource Monitoring", "
 
 def test_the_checked_in_files_are_what_the_code_generates(tmp_path: Path) -> None:
     result = subprocess.run(
-        [PYTHON, "-m", "runtime.integrations.grafana.dashboards", str(tmp_path)],
+        [PYTHON, "-m", "runtime.cli.grafana_files", str(tmp_path)],
         cwd=ROOT,
         env=cli_env(),
         capture_output=True,
