@@ -10,7 +10,12 @@ import time
 from typing import Any
 
 from handlers import openai_responses as shapes
-from handlers.openai_requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from handlers.openai_requests import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    EmbeddingRequest,
+)
 from handlers.parsing import parse, sampling
 from runtime.dispatch import Context, request_body
 from runtime.types import (
@@ -51,10 +56,7 @@ async def chat_completions(event: Event, ctx: Context) -> Any:
     fmt = body.response_format
     request = GenerationRequest(
         model=model.id,
-        messages=[
-            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-            for m in body.messages
-        ],
+        messages=[chat_message(m) for m in body.messages],
         stop=body.stop_list(),
         n=body.n,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
@@ -63,6 +65,8 @@ async def chat_completions(event: Event, ctx: Context) -> Any:
         if fmt and fmt.json_schema and fmt.type == "json_schema"
         else None,
         tools=body.tools,
+        tool_choice=body.tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls,
         request_id=event.request_id,
         stream=body.stream,
         **values,
@@ -107,6 +111,19 @@ async def completions(event: Event, ctx: Context) -> Any:
             pass
     answer = shapes.completion_response(runs, meta, body.n, body.echo, body.logprobs is not None)
     return Reply(answer, headers=cost_header(sum(outcome.cost for _, _, (_, outcome) in runs)))
+
+
+def chat_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates take it: role and text, and the tool calls of an assistant
+    turn or the call a tool result answers."""
+    rendered: dict[str, Any] = {"role": message.role, "content": message.text()}
+    if message.name:
+        rendered["name"] = message.name
+    if message.tool_calls:
+        rendered["tool_calls"] = message.tool_calls
+    if message.tool_call_id:
+        rendered["tool_call_id"] = message.tool_call_id
+    return rendered
 
 
 def cost_header(cost: float) -> dict[str, str]:

@@ -11,7 +11,7 @@ from typing import Any
 from runtime.generation import Outcome
 from runtime.models import ServedModel
 from runtime.telemetry.batching import batching_stats
-from runtime.types import Chunk, TokenLogprob, Usage, close
+from runtime.types import Chunk, TokenLogprob, ToolCall, Usage, close
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,41 @@ def chat_logprobs(items: Sequence[TokenLogprob]) -> dict[str, Any]:
     }
 
 
+def tool_calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    """Whole calls as a message's `tool_calls`."""
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in calls
+    ]
+
+
+def tool_call_deltas(pieces: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    """Pieces of calls as a stream's `delta.tool_calls`: a call's first piece has its id,
+    type and name; later ones only more of its arguments."""
+    deltas: list[dict[str, Any]] = []
+    for piece in pieces:
+        if piece.id:
+            function = {"name": piece.name, "arguments": piece.arguments}
+            deltas.append(
+                {"index": piece.index, "id": piece.id, "type": "function", "function": function}
+            )
+        else:
+            deltas.append({"index": piece.index, "function": {"arguments": piece.arguments}})
+    return deltas
+
+
+def chat_message(outcome: Outcome, index: int) -> dict[str, Any]:
+    calls = outcome.tool_calls.get(index)
+    if calls:
+        return {"role": "assistant", "content": None, "tool_calls": tool_calls(calls)}
+    return {"role": "assistant", "content": outcome.text(index)}
+
+
 def chat_response(outcome: Outcome, meta: Meta, n: int, *, with_logprobs: bool) -> dict[str, Any]:
     choices = [
         {
             "index": i,
-            "message": {"role": "assistant", "content": outcome.text(i)},
+            "message": chat_message(outcome, i),
             "logprobs": chat_logprobs(outcome.logprobs.get(i, [])) if with_logprobs else None,
             "finish_reason": outcome.finish.get(i, "stop"),
         }
@@ -118,6 +148,8 @@ async def chat_stream(
             logprobs = chat_logprobs(chunk.logprobs) if chunk.logprobs else None
             if chunk.text or logprobs:
                 yield frame(chunk.index, {"content": chunk.text}, logprobs=logprobs)
+            if chunk.tool_calls:
+                yield frame(chunk.index, {"tool_calls": tool_call_deltas(chunk.tool_calls)})
             if chunk.finish_reason:
                 yield frame(chunk.index, {}, chunk.finish_reason)
     finally:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from hooks import resolve, resolve_all
 from runtime.models import ServedModel
 from runtime.telemetry.genai import embedding_span, record_embeddings, trace_generation
+from runtime.tools import ToolCallScanner, plan_tools
 from runtime.types import (
     Chunk,
     ContextLengthExceeded,
@@ -34,6 +35,7 @@ from runtime.types import (
     QueueFull,
     Stream,
     TokenLogprob,
+    ToolCall,
     UnsupportedRequest,
     Usage,
     close,
@@ -94,6 +96,7 @@ class Outcome:
     texts: dict[int, list[str]] = field(default_factory=dict)
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     finish: dict[int, str] = field(default_factory=dict)
+    tool_calls: dict[int, list[ToolCall]] = field(default_factory=dict)  # whole calls, by choice
     usage: Usage = field(default_factory=Usage)
     model: str = ""  # the model that answered: the requested one, or one of its fallbacks
     ttft_s: float | None = None  # from the start to the first chunk
@@ -107,6 +110,12 @@ class Outcome:
             self.finish[chunk.index] = chunk.finish_reason
         if chunk.usage:
             self.usage = chunk.usage
+        calls = self.tool_calls.setdefault(chunk.index, []) if chunk.tool_calls else []
+        for piece in chunk.tool_calls:
+            if piece.id:
+                calls.append(replace(piece))
+            else:
+                calls[-1].arguments += piece.arguments
 
     def text(self, index: int) -> str:
         return "".join(self.texts.get(index, []))
@@ -125,6 +134,7 @@ async def start_generation(
     replaced = await resolve(ctx.hooks.before_generate(request=request, ctx=ctx))
     if isinstance(replaced, GenerationRequest):
         request = replaced
+    scan = _tool_calls(ctx, request)
     stream = trace_generation(
         ctx.tracer, request, ctx.models.generate(request), _provider(ctx, request.model)
     )
@@ -149,8 +159,9 @@ async def start_generation(
     async def chunks() -> AsyncGenerator[Chunk, None]:
         try:
             if first is not None:
-                outcome.add(first)
-                yield first
+                shaped = scan(first)
+                outcome.add(shaped)
+                yield shaped
             while True:
                 chunk = await wait.next(stream)
                 if ctx.abort.is_set():  # shutting down: end every open choice with "abort"
@@ -161,8 +172,9 @@ async def start_generation(
                     return
                 if chunk is None:
                     return
-                outcome.add(chunk)
-                yield chunk
+                shaped = scan(chunk)
+                outcome.add(shaped)
+                yield shaped
         except Exception as exc:
             outcome.error = str(exc)
             raise error_for(exc) from None
@@ -213,6 +225,35 @@ async def embed_texts(ctx: Context, model: ServedModel, texts: list[str]) -> Emb
             raise error_for(exc) from None
         record_embeddings(span, model.id, result)
     return result
+
+
+def _tool_calls(ctx: Context, request: GenerationRequest) -> Callable[[Chunk], Chunk]:
+    """Check the request's tools; when it must call one, decode it under the calls' schema and
+    return what turns each choice's text into tool calls (else chunks pass as they are)."""
+    model = ctx.models.models.get(request.model)
+    if model is None or model.spec.factory is not None:
+        return _unchanged  # a platform's model: the platform takes the tools itself
+    plan = plan_tools(request)
+    if plan is None or not plan.forced:
+        return _unchanged
+    if request.json_schema is not None or request.json_mode:
+        raise HandlerError(
+            400,
+            "response_format cannot be combined with a tool_choice that requires a call",
+            param="response_format",
+            code="invalid_value",
+        )
+    request.json_schema = plan.call_schema()
+    scanners: dict[int, ToolCallScanner] = {}
+
+    def scan(chunk: Chunk) -> Chunk:
+        return scanners.setdefault(chunk.index, ToolCallScanner()).feed(chunk)
+
+    return scan
+
+
+def _unchanged(chunk: Chunk) -> Chunk:
+    return chunk
 
 
 def _provider(ctx: Context, model_id: str) -> str:

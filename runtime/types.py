@@ -52,6 +52,10 @@ class GenerationRequest:
     json_schema: dict[str, Any] | None = None
     json_mode: bool = False
     tools: list[dict[str, Any]] | None = None
+    # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}
+    # (runtime/tools.py); with tools and no choice, "auto".
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     request_id: str = ""
     # Whether the client reads a stream. Local engines stream either way; a remote provider
     # may answer a whole response in one call (and report exact usage).
@@ -67,6 +71,17 @@ class TokenLogprob:
 
 
 @dataclass
+class ToolCall:
+    """A function call the model made, or a piece of one while it streams: the first piece of
+    a call has its `id` and `name`, later ones only more `arguments` (JSON text)."""
+
+    index: int  # which call of the choice
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass
 class Chunk:
     """A piece of one choice's output. The last chunk of a choice has `finish_reason`;
     the last chunk of the whole generation carries `usage`."""
@@ -74,8 +89,9 @@ class Chunk:
     index: int = 0
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length"
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls"
     usage: Usage | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
     model: str = ""  # the model that answered (set by the router; a fallback may answer)
 
 

@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
@@ -286,3 +288,120 @@ def test_the_release_smoke_test_passes_against_it(served: Served) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"smoke: {served.url}/readyz is ready" in result.stdout
     assert f"smoke: {CHAT_MODEL} answered '" in result.stdout
+
+
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 20}},
+            "required": ["zone"],
+        },
+    },
+}
+
+
+def test_a_required_tool_call_is_valid_even_from_a_base_model(client: OpenAI) -> None:
+    """`tool_choice="required"` decodes under the calls' schema, so even the packaged base
+    model calls a tool with arguments that parse and match it, streamed or not."""
+    fields: dict[str, Any] = {
+        "model": CHAT_MODEL,
+        "messages": ask("What is the weather in Paris?"),
+        "tools": [WEATHER_TOOL, TIME_TOOL],
+        "tool_choice": "required",
+        "max_tokens": 200,
+        "temperature": 0,
+    }
+    reply = client.chat.completions.create(**fields)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    calls = choice.message.tool_calls or []
+    assert calls
+    schemas = {
+        t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER_TOOL, TIME_TOOL)
+    }
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+    streamed: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in client.chat.completions.create(**fields, stream=True):
+        delta = chunk.choices[0].delta
+        for piece in delta.tool_calls or []:
+            entry = streamed.setdefault(piece.index, {"name": "", "arguments": ""})
+            if piece.id:
+                assert piece.function is not None and piece.function.name
+                entry["name"] = piece.function.name
+            entry["arguments"] += (piece.function.arguments or "") if piece.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed.values()] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in calls
+    ]
+
+
+def test_a_named_tool_is_the_one_called(client: OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=[
+            {"role": "user", "content": "What time is it in Oslo?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_time", "arguments": '{"zone": "CET"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+            {"role": "user", "content": "And the weather there?"},
+        ],
+        tools=[WEATHER_TOOL, TIME_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+        max_tokens=200,
+        temperature=0,
+    )
+    calls = reply.choices[0].message.tool_calls or []
+    assert [c.function.name for c in calls] == ["get_weather"]
+    jsonschema.validate(
+        json.loads(calls[0].function.arguments), WEATHER_TOOL["function"]["parameters"]
+    )
+
+
+def test_tools_the_server_cannot_honour_are_refused_by_name(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=CHAT_MODEL, messages=ask("hi"), tools=[WEATHER_TOOL], max_tokens=4
+        )
+    assert refused.value.body["param"] == "tool_choice"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=CHAT_MODEL,
+            messages=[{"role": "tool", "content": "12:00"}],  # type: ignore[list-item, typeddict-item]
+            max_tokens=4,
+        )
+    assert "tool_call_id" in str(refused.value)
