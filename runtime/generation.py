@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from hooks import resolve, resolve_all
 from runtime.models import ServedModel
 from runtime.telemetry.genai import embedding_span, record_embeddings, trace_generation
-from runtime.tools import ToolCallScanner, plan_tools
+from runtime.tool_scanner import ToolCallScanner
+from runtime.tools import plan_tools, with_tools
 from runtime.types import (
     Chunk,
     ContextLengthExceeded,
@@ -228,26 +229,30 @@ async def embed_texts(ctx: Context, model: ServedModel, texts: list[str]) -> Emb
 
 
 def _tool_calls(ctx: Context, request: GenerationRequest) -> Callable[[Chunk], Chunk]:
-    """Check the request's tools; when it must call one, decode it under the calls' schema and
-    return what turns each choice's text into tool calls (else chunks pass as they are)."""
+    """Check the request's tools; when the model may call one, decode under the tools' schema
+    (runtime/tools.py) and return what turns each choice's JSON into tool calls and content;
+    else chunks pass as they are."""
     model = ctx.models.models.get(request.model)
     if model is None or model.spec.factory is not None:
         return _unchanged  # a platform's model: the platform takes the tools itself
     plan = plan_tools(request)
-    if plan is None or not plan.forced:
+    if plan is None or not plan.calls:
         return _unchanged
     if request.json_schema is not None or request.json_mode:
         raise HandlerError(
             400,
-            "response_format cannot be combined with a tool_choice that requires a call",
+            "response_format cannot be combined with tools the model may call "
+            '(use tool_choice "none", or leave response_format out)',
             param="response_format",
             code="invalid_value",
         )
-    request.json_schema = plan.call_schema()
+    request.json_schema = plan.schema()
+    if request.messages is not None:
+        request.messages = with_tools(request.messages, plan)
     scanners: dict[int, ToolCallScanner] = {}
 
     def scan(chunk: Chunk) -> Chunk:
-        return scanners.setdefault(chunk.index, ToolCallScanner()).feed(chunk)
+        return scanners.setdefault(chunk.index, ToolCallScanner(plan.layout)).feed(chunk)
 
     return scan
 

@@ -392,12 +392,39 @@ def test_a_named_tool_is_the_one_called(client: OpenAI) -> None:
     )
 
 
-def test_tools_the_server_cannot_honour_are_refused_by_name(client: OpenAI) -> None:
+def test_auto_answers_or_calls_and_either_is_well_formed(client: OpenAI) -> None:
+    """Tools without a tool_choice mean "auto": the model either answers (content) or calls
+    (valid tool_calls), never a mix and never malformed, streamed or not."""
+    for question in ("What is the weather in Paris?", "Say hello."):
+        reply = client.chat.completions.create(
+            model=CHAT_MODEL,
+            messages=ask(question),
+            tools=[WEATHER_TOOL],
+            max_tokens=120,
+            temperature=0,
+        )
+        choice = reply.choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None
+            for call in choice.message.tool_calls:
+                jsonschema.validate(
+                    json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"]
+                )
+        else:
+            assert isinstance(choice.message.content, str)
+            assert choice.finish_reason in ("stop", "length")
+
+
+def test_tool_requests_that_cannot_be_honoured_are_refused_by_name(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(
-            model=CHAT_MODEL, messages=ask("hi"), tools=[WEATHER_TOOL], max_tokens=4
+            model=CHAT_MODEL,
+            messages=ask("hi"),
+            tools=[WEATHER_TOOL],
+            tool_choice={"type": "function", "function": {"name": "get_time"}},
+            max_tokens=4,
         )
-    assert refused.value.body["param"] == "tool_choice"  # type: ignore[index]
+    assert refused.value.body["param"] == "tool_choice.function.name"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(
             model=CHAT_MODEL,
