@@ -179,7 +179,7 @@ def plan_tools(request: GenerationRequest) -> ToolPlan | None:
 
 
 def _choice(choice: str | dict[str, Any] | None, functions: dict[str, Any]) -> str:
-    """"none", "auto", "required" or a function's name. Without a tool_choice, tools mean
+    """ "none", "auto", "required" or a function's name. Without a tool_choice, tools mean
     "auto", as in OpenAI's API."""
     if choice is None:
         return "auto"
