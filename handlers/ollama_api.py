@@ -7,6 +7,7 @@ nanoseconds, and errors as `{"error": "..."}`."""
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -92,10 +93,33 @@ class Message(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
+    # An assistant turn's calls, in Ollama's shape: [{"function": {"name", "arguments": {...}}}]
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None  # a tool result's function
+
+    def rendered(self, position: int) -> dict[str, Any]:
+        """As the generation path takes messages (OpenAI's shape)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": f"call_{position}_{i}",
+                    "type": "function",
+                    "function": {
+                        "name": call.get("function", {}).get("name", ""),
+                        "arguments": json.dumps(call.get("function", {}).get("arguments", {})),
+                    },
+                }
+                for i, call in enumerate(self.tool_calls)
+            ]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_name or "a tool"
+        return message
 
 
 class ChatRequest(Request):
     messages: list[Message] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None  # OpenAI's tool shape; Ollama always means "auto"
 
 
 class GenerateRequest(Request):
@@ -157,8 +181,8 @@ async def ps(event: Event, ctx: Context) -> dict[str, Any]:
 async def chat(event: Event, ctx: Context) -> Any:
     body = parse(ChatRequest, event.body)
     model = ctx.model_for(body.model, CHAT)
-    messages = [{"role": m.role, "content": m.content} for m in body.messages]
-    request = _request(model, body, messages=messages)
+    messages = [m.rendered(i) for i, m in enumerate(body.messages)]
+    request = _request(model, body, messages=messages, tools=body.tools or None)
     return await _answer(ctx, request, body.stream, "message")
 
 
@@ -247,11 +271,14 @@ async def _answer(
     started = time.perf_counter_ns()
     chunks, outcome = await ctx.generate(request)
 
-    def piece(text: str, done: bool) -> dict[str, Any]:
+    def piece(text: str, done: bool, calls: bool = False) -> dict[str, Any]:
+        answer: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            answer["tool_calls"] = _tool_calls(outcome)
         line: dict[str, Any] = {
             "model": outcome.model,
             "created_at": datetime.now(UTC).isoformat(),
-            field: {"role": "assistant", "content": text} if field == "message" else text,
+            field: answer if field == "message" else text,
             "done": done,
         }
         if done:
@@ -261,13 +288,15 @@ async def _answer(
     if not stream:
         async for _ in chunks:
             pass
-        return piece(outcome.text(0), done=True)
+        return piece(outcome.text(0), done=True, calls=bool(outcome.tool_calls.get(0)))
 
     async def lines() -> AsyncIterator[dict[str, Any]]:
         try:
             async for chunk in chunks:
                 if chunk.index == 0 and chunk.text:
                     yield piece(chunk.text, done=False)
+            if outcome.tool_calls.get(0):  # whole calls, once made, as Ollama sends them
+                yield piece("", done=False, calls=True)
             yield piece("", done=True)
         finally:
             await close(chunks)  # frees the engine at once
@@ -275,9 +304,23 @@ async def _answer(
     return NdjsonStream(lines())
 
 
+def _tool_calls(outcome: Outcome) -> list[dict[str, Any]]:
+    """The first choice's calls in Ollama's shape, arguments as an object. A call that
+    num_predict cut short (done_reason "length") has no object to give and is left out."""
+    calls = []
+    for i, call in enumerate(outcome.tool_calls.get(0, [])):
+        try:
+            arguments = json.loads(call.arguments)
+        except json.JSONDecodeError:
+            continue
+        calls.append({"function": {"index": i, "name": call.name, "arguments": arguments}})
+    return calls
+
+
 def _final(outcome: Outcome, elapsed_ns: int) -> dict[str, Any]:
+    finish = outcome.finish.get(0, "stop")
     return {
-        "done_reason": outcome.finish.get(0, "stop"),
+        "done_reason": "stop" if finish == "tool_calls" else finish,  # Ollama has no other
         "total_duration": elapsed_ns,
         "load_duration": 0,
         "prompt_eval_count": outcome.usage.prompt_tokens,

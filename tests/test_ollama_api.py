@@ -100,3 +100,48 @@ def test_the_docs_example_runs(served: Served, capsys: pytest.CaptureFixture[str
     [example] = [b.split("```", 1)[0] for b in blocks if "import ollama" in b]
     exec(example.replace("http://127.0.0.1:3000", served.url), {})
     assert capsys.readouterr().out.strip()
+
+
+def test_chat_with_tools(client: ollama.Client) -> None:
+    """Ollama's tool calling (always "auto"): the model answers or calls, and a call comes back
+    in Ollama's shape, arguments as an object matching the tool's schema; earlier calls and
+    tool results in the history are taken."""
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 40}},
+                "required": ["city"],
+            },
+        },
+    }
+    history = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": "Sunny, 21 C", "tool_name": "get_weather"},
+        {"role": "user", "content": "And in Oslo?"},
+    ]
+    options = {"temperature": 0, "num_predict": 120}
+    for messages in (history[:1], history):
+        whole = client.chat(model=CHAT_MODEL, messages=messages, tools=[weather], options=options)
+        parts = list(
+            client.chat(
+                model=CHAT_MODEL, messages=messages, tools=[weather], options=options, stream=True
+            )
+        )
+        assert whole.done and parts[-1].done
+        calls = whole.message.tool_calls or []
+        streamed = [c for p in parts for c in (p.message.tool_calls or [])]
+        assert [c.function.name for c in calls] == [c.function.name for c in streamed]
+        for call in calls:
+            assert call.function.name == "get_weather"
+            assert isinstance(call.function.arguments["city"], str)
+        if not calls:
+            assert whole.message.content == "".join(p.message.content or "" for p in parts)
