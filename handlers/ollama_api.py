@@ -96,6 +96,7 @@ class Message(BaseModel):
     # An assistant turn's calls, in Ollama's shape: [{"function": {"name", "arguments": {...}}}]
     tool_calls: list[dict[str, Any]] | None = None
     tool_name: str | None = None  # a tool result's function
+    images: list[str] | None = None  # refused: no model here takes images yet
 
     def rendered(self, position: int) -> dict[str, Any]:
         """As the generation path takes messages (OpenAI's shape)."""
@@ -126,6 +127,7 @@ class GenerateRequest(Request):
     prompt: str = ""
     system: str | None = None
     raw: bool = False
+    images: list[str] | None = None  # refused: no model here takes images yet
 
 
 class EmbedRequest(BaseModel):
@@ -181,6 +183,9 @@ async def ps(event: Event, ctx: Context) -> dict[str, Any]:
 async def chat(event: Event, ctx: Context) -> Any:
     body = parse(ChatRequest, event.body)
     model = ctx.model_for(body.model, CHAT)
+    for position, message in enumerate(body.messages):
+        if message.images:
+            _no_images(model, f"messages.{position}.images")
     messages = [m.rendered(i) for i, m in enumerate(body.messages)]
     request = _request(model, body, messages=messages, tools=body.tools or None)
     return await _answer(ctx, request, body.stream, "message")
@@ -191,6 +196,8 @@ async def chat(event: Event, ctx: Context) -> Any:
 async def generate(event: Event, ctx: Context) -> Any:
     """A prompt: templated as a user turn (after `system`) unless `raw`, as Ollama does."""
     body = parse(GenerateRequest, event.body)
+    if body.images:
+        _no_images(ctx.model_for(body.model, COMPLETION if body.raw else CHAT), "images")
     if body.raw:
         model = ctx.model_for(body.model, COMPLETION)
         request = _request(model, body, prompt=body.prompt)
@@ -219,6 +226,12 @@ async def embed(event: Event, ctx: Context) -> dict[str, Any]:
 
 
 # --- shared -----------------------------------------------------------------------------------
+
+
+def _no_images(model: ServedModel, param: str) -> None:
+    raise HandlerError(
+        400, f"{model.id} does not take images", param=param, code="unsupported_content"
+    )
 
 
 def _model_entry(model: ServedModel) -> dict[str, Any]:

@@ -50,6 +50,14 @@ async def get_model(event: Event, ctx: Context) -> dict[str, Any]:
 async def chat_completions(event: Event, ctx: Context) -> Any:
     body = parse(ChatCompletionRequest, event.body)
     model = ctx.model_for(body.model, CHAT)
+    for position, message in enumerate(body.messages):
+        for part in message.image_parts():
+            raise HandlerError(
+                400,
+                f"{model.id} does not take images; send text content parts only",
+                param=f"messages.{position}.content.{part}",
+                code="unsupported_content",
+            )
     values = sampling(model, body)
     if body.max_completion_tokens is not None:
         values["max_tokens"] = body.max_completion_tokens

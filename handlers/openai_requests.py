@@ -97,9 +97,16 @@ class TextPart(Request):
     text: str
 
 
+class ImagePart(Request):
+    """An image content part: parsed so that a model without vision can refuse it by name."""
+
+    type: Literal["image_url", "input_image", "image"]
+    image_url: Any = None
+
+
 class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
@@ -115,7 +122,13 @@ class ChatMessage(Request):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def image_parts(self) -> list[int]:
+        """Where this message's image parts are."""
+        if not isinstance(self.content, list):
+            return []
+        return [i for i, part in enumerate(self.content) if isinstance(part, ImagePart)]
 
 
 class ChatCompletionRequest(SamplingFields):

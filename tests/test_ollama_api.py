@@ -84,6 +84,14 @@ def test_errors_in_ollamas_shape(served: Served, client: ollama.Client) -> None:
     assert "does not exist" in missing.value.error
     bad = httpx.post(served.url + "/api/chat", json={"model": CHAT_MODEL, "messages": []})
     assert bad.status_code == 400 and set(bad.json()) == {"error"}
+    image = {"role": "user", "content": "What is this?", "images": ["aGk="]}
+    for path, body in (
+        ("/api/chat", {"model": CHAT_MODEL, "messages": [image]}),
+        ("/api/generate", {"model": CHAT_MODEL, "prompt": "What is this?", "images": ["aGk="]}),
+    ):
+        refused = httpx.post(served.url + path, json=body)
+        assert refused.status_code == 400
+        assert refused.json() == {"error": f"{CHAT_MODEL} does not take images"}
 
 
 def test_ndjson_framing(served: Served) -> None:

@@ -180,6 +180,32 @@ async def test_embeddings_shape_and_capability_check(api: Api) -> None:
         (chat(stop=["a", "b", "c", "d", "e"]), "stop"),
         (chat(top_logprobs=2), None),
         (chat(response_format={"type": "json_schema"}), "response_format"),
+        (
+            chat(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "What is this?"},
+                            {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}},
+                        ],
+                    }
+                ]
+            ),
+            "messages.0.content.1",
+        ),
+        (chat(messages=[{"role": "tool", "content": "12:00"}]), "messages.0"),
+        (
+            chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="maybe"),
+            "tool_choice",
+        ),  # fmt: skip
+        (
+            chat(
+                tools=[{"type": "function", "function": {"name": "f"}}],
+                response_format={"type": "json_object"},
+            ),
+            "response_format",
+        ),
     ],
 )
 async def test_bad_requests_are_400_naming_the_parameter(
