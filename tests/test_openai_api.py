@@ -198,7 +198,7 @@ async def test_embeddings_shape_and_capability_check(api: Api) -> None:
         (
             chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="maybe"),
             "tool_choice",
-        ),  # fmt: skip
+        ),
         (
             chat(
                 tools=[{"type": "function", "function": {"name": "f"}}],
