@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from handlers import admin, alerts, integrations, live_feeds, ollama_api, openai_api, usage
+from handlers import (
+    admin,
+    alerts,
+    integrations,
+    live_feeds,
+    ollama_api,
+    ollama_models,
+    openai_api,
+    usage,
+)
 from hooks import hookimpl
 
 
@@ -34,8 +43,10 @@ class BuiltinHandlers:
         register("events.watch", live_feeds.events)
         register("requests.recent", live_feeds.recent_requests)
         register("admin.usage", usage.usage)
-        for name in ("version", "tags", "ps", "chat", "generate", "embed"):
+        for name in ("version", "tags", "ps", "chat", "generate", "embed", "embeddings"):
             register(f"ollama.{name}", getattr(ollama_api, name))
+        for name in ("show", "copy", "delete"):
+            register(f"ollama.{name}", getattr(ollama_models, name))
 
 
 def builtin_plugins() -> list[object]:

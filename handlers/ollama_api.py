@@ -137,6 +137,15 @@ class EmbedRequest(BaseModel):
     input: str | list[str] = Field(min_length=1)
 
 
+class LegacyEmbeddingsRequest(BaseModel):
+    """`/api/embeddings`, Ollama's older endpoint: one `prompt`, one `embedding`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    prompt: str = Field(min_length=1)
+
+
 Handler = Callable[[Event, Context], Awaitable[Any]]
 
 
@@ -168,14 +177,14 @@ async def version(event: Event, ctx: Context) -> dict[str, Any]:
 @ollama_errors
 async def tags(event: Event, ctx: Context) -> dict[str, Any]:
     """Every servable model, as Ollama lists its local models."""
-    return {"models": [_model_entry(m) for m in ctx.models.models.values()]}
+    return {"models": [model_entry(m) for m in ctx.models.models.values()]}
 
 
 @ollama_errors
 async def ps(event: Event, ctx: Context) -> dict[str, Any]:
     """The models loaded now."""
     loaded = [m for m in ctx.models.models.values() if m.state is ModelState.loaded]
-    return {"models": [{**_model_entry(m), "expires_at": None, "size_vram": 0} for m in loaded]}
+    return {"models": [{**model_entry(m), "expires_at": None, "size_vram": 0} for m in loaded]}
 
 
 @request_body(ChatRequest)
@@ -225,6 +234,15 @@ async def embed(event: Event, ctx: Context) -> dict[str, Any]:
     }
 
 
+@request_body(LegacyEmbeddingsRequest)
+@ollama_errors
+async def embeddings(event: Event, ctx: Context) -> dict[str, Any]:
+    body = parse(LegacyEmbeddingsRequest, event.body)
+    model = ctx.model_for(body.model, EMBEDDINGS)
+    result = await ctx.embed(model, [body.prompt])
+    return {"embedding": result.vectors[0]}
+
+
 # --- shared -----------------------------------------------------------------------------------
 
 
@@ -234,7 +252,7 @@ def _no_images(model: ServedModel, param: str) -> None:
     )
 
 
-def _model_entry(model: ServedModel) -> dict[str, Any]:
+def model_entry(model: ServedModel) -> dict[str, Any]:
     spec = model.spec
     size = spec.path.stat().st_size if spec.path.is_file() else 0
     return {

@@ -208,6 +208,22 @@ class ModelRouter:
             if model_id not in self._models:
                 self.register(spec)
 
+    def add_alias(self, alias: str, model_id: str) -> ServedModel:
+        """Name `model_id` (an id or alias) `alias` too, while this process runs (Ollama's
+        `/api/copy`). An existing model's id cannot become an alias."""
+        model = self.get(model_id)
+        if alias in self._models:
+            raise ValueError(f"{alias} is a model already")
+        self._aliases[alias] = model.id
+        return model
+
+    def remove_alias(self, alias: str) -> bool:
+        """Forget `alias`; False when it is no alias."""
+        return self._aliases.pop(alias, None) is not None
+
+    def aliases_of(self, model_id: str) -> list[str]:
+        return [alias for alias, target in self._aliases.items() if target == model_id]
+
     # --- lookup -------------------------------------------------------------------------------
 
     def get(self, model_id: str) -> ServedModel:

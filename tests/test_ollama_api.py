@@ -153,3 +153,33 @@ def test_chat_with_tools(client: ollama.Client) -> None:
             assert isinstance(call.function.arguments["city"], str)
         if not calls:
             assert whole.message.content == "".join(p.message.content or "" for p in parts)
+
+
+def test_show_copy_delete_and_legacy_embeddings(served: Served, client: ollama.Client) -> None:
+    shown = client.show(CHAT_MODEL)
+    assert shown.capabilities == ["completion", "tools"]
+    assert shown.modelinfo is not None
+    assert shown.modelinfo["llama_cpp.context_length"] == 4096
+    assert shown.details is not None and shown.details.format == "gguf"
+    assert shown.parameters is not None and "top_k 64" in shown.parameters
+    assert client.show("all-minilm-l6-v2").capabilities == ["embedding"]
+
+    client.copy(CHAT_MODEL, "my-gemma")
+    reply = client.generate(model="my-gemma", prompt="Hi", options={"num_predict": 2})
+    assert reply.done
+    client.delete("my-gemma")
+    with pytest.raises(ollama.ResponseError) as gone:
+        client.show("my-gemma")
+    assert gone.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as configured:
+        client.delete(CHAT_MODEL)
+    assert configured.value.status_code == 400 and "config" in configured.value.error
+
+    legacy = client.embeddings(model="all-minilm-l6-v2", prompt="hello")
+    assert len(legacy.embedding) == 384
+    assert legacy.embedding == pytest.approx(
+        client.embed(model="all-minilm-l6-v2", input="hello").embeddings[0], abs=1e-5
+    )
+
+    unknown = httpx.post(served.url + "/api/nowhere", json={})
+    assert unknown.status_code == 404 and set(unknown.json()) == {"error"}

@@ -190,12 +190,15 @@ def _fallback(app: FastAPI) -> Callable[[Request], Awaitable[Response]]:
             for method in (route.methods or ())
         )
         if allowed:
-            return error_response(
-                405,
-                f"method {request.method} is not allowed on {shown(request.url.path)}",
-                headers={"allow": ", ".join(allowed)},
-            )
-        return error_response(404, f"no route for {request.method} {shown(request.url.path)}")
+            status = 405
+            message = f"method {request.method} is not allowed on {shown(request.url.path)}"
+            headers = {"allow": ", ".join(allowed)}
+        else:
+            status, headers = 404, {}
+            message = f"no route for {request.method} {shown(request.url.path)}"
+        if request.url.path.startswith("/api/"):  # Ollama's API: its clients read its shape
+            return JSONResponse({"error": message}, status_code=status, headers=headers)
+        return error_response(status, message, headers=headers)
 
     return not_found
 
@@ -265,8 +268,8 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _read_body(request: Request) -> Any:
-    if request.method in ("GET", "HEAD", "DELETE", "OPTIONS"):
-        return None
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return None  # (a DELETE may carry one: Ollama's /api/delete does)
     raw = await request.body()
     if not raw:
         return None
