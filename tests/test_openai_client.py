@@ -275,6 +275,14 @@ def test_the_readme_example_runs(served: Served, capsys: pytest.CaptureFixture[s
     assert capsys.readouterr().out.strip()
 
 
+def test_the_tools_page_example_runs(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
+    page = (ROOT / "docs" / "api" / "tools.md").read_text()
+    example = page.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(example.replace("http://127.0.0.1:3000", served.url), {})
+    name, arguments = capsys.readouterr().out.strip().split(" ", 1)
+    assert name == "get_weather" and "city" in arguments
+
+
 def test_the_release_smoke_test_passes_against_it(served: Served) -> None:
     """scripts/smoke_test.py, which the release runs after each deploy, against the real thing
     (its failures: tests/test_release_scripts.py)."""
