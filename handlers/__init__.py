@@ -11,6 +11,7 @@ from collections.abc import Callable
 from handlers import (
     admin,
     alerts,
+    anthropic_api,
     integrations,
     live_feeds,
     ollama_api,
@@ -35,6 +36,8 @@ class BuiltinHandlers:
         register("openai.chat_completions", openai_api.chat_completions)
         register("openai.completions", openai_api.completions)
         register("openai.embeddings", openai_api.embeddings)
+        register("anthropic.messages", anthropic_api.messages)
+        register("anthropic.count_tokens", anthropic_api.count_tokens)
         register("admin.load_model", admin.load_model)
         register("admin.unload_model", admin.unload_model)
         register("admin.pull_model", admin.pull_model)

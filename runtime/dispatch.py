@@ -29,6 +29,7 @@ from runtime.types import (
     Closed,
     Embeddings,
     Event,
+    EventStream,
     GenerationRequest,
     HandlerError,
     NdjsonStream,
@@ -215,6 +216,8 @@ class Dispatcher:
             raise
         if isinstance(result, NdjsonStream):
             return NdjsonStream(Stream(result.items, finish.stream_ended))
+        if isinstance(result, EventStream):
+            return EventStream(Stream(result.items, finish.stream_ended), result.render_error)
         if hasattr(result, "__aiter__") and not isinstance(result, Mapping):
             return Stream(result, finish.stream_ended)
         if isinstance(result, Reply):
@@ -288,6 +291,8 @@ class Dispatcher:
             raise
         if isinstance(result, NdjsonStream):
             return NdjsonStream(tracer.stream(result.items, span))
+        if isinstance(result, EventStream):
+            return EventStream(tracer.stream(result.items, span), result.render_error)
         if hasattr(result, "__aiter__"):
             return tracer.stream(result, span)
         tracer.end(span)

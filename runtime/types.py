@@ -224,6 +224,17 @@ class NdjsonStream:
     items: AsyncIterator[Any]
 
 
+@dataclass
+class EventStream:
+    """A streamed result framed as server-sent events that each name their type (`event:`),
+    as Anthropic's Messages API and OpenAI's Responses API send them, with no `[DONE]`. Items
+    are (event name, data dict); a HandlerError raised mid-stream becomes one last `error`
+    event whose data `render_error` makes."""
+
+    items: AsyncIterator[tuple[str, Any]]
+    render_error: Callable[[HandlerError], Any]
+
+
 class HandlerError(Exception):
     """An expected failure, in OpenAI's error vocabulary; transports map `status` to theirs."""
 

@@ -31,7 +31,7 @@ from runtime.transports.cors import install_cors
 from runtime.transports.http_tracing import TracingMiddleware
 from runtime.transports.openapi import install_openapi, route_openapi
 from runtime.transports.ws import mount_websockets
-from runtime.types import Event, HandlerError, NdjsonStream, Reply, close
+from runtime.types import Event, EventStream, HandlerError, NdjsonStream, Reply, close
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -286,6 +286,8 @@ def encode(result: Any) -> Response:
         )
     if isinstance(result, NdjsonStream):
         return ClosingStreamResponse(_ndjson(result.items), "application/x-ndjson", result.items)
+    if isinstance(result, EventStream):
+        return ClosingStreamResponse(_named_events(result), "text/event-stream", result.items)
     if hasattr(result, "__aiter__"):
         return ClosingStreamResponse(_sse(result), "text/event-stream", result)
     return FastJSONResponse(result)
@@ -345,6 +347,23 @@ async def _sse(chunks: AsyncIterator[Any]) -> AsyncGenerator[bytes, None]:
     finally:
         await close(chunks)
     yield b"data: [DONE]\n\n"
+
+
+async def _named_events(stream: EventStream) -> AsyncGenerator[bytes, None]:
+    def frame(name: str, data: Any) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+    try:
+        async for name, data in stream.items:
+            yield frame(name, data)
+    except HandlerError as exc:
+        yield frame("error", stream.render_error(exc))
+    except Exception:
+        structlog.get_logger("tiffin.http").exception("stream failed")
+        failure = HandlerError(500, "internal server error while streaming", type="server_error")
+        yield frame("error", stream.render_error(failure))
+    finally:
+        await close(stream.items)
 
 
 async def _ndjson(items: AsyncIterator[Any]) -> AsyncGenerator[bytes, None]:
