@@ -10,6 +10,7 @@ import anthropic
 import jsonschema
 import pytest
 
+from tests.conftest import ROOT
 from tests.served import Served, serving_default_models
 
 pytestmark = pytest.mark.slow
@@ -144,3 +145,10 @@ def test_errors_take_anthropics_shape(client: anthropic.Anthropic) -> None:
             )
         error = refused.value.body["error"]  # type: ignore[index]
         assert error["type"] == "invalid_request_error" and said in error["message"]
+
+
+def test_the_docs_example_runs(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
+    page = (ROOT / "docs" / "api" / "anthropic.md").read_text()
+    example = page.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(example.replace("http://127.0.0.1:3000", served.url), {})
+    assert capsys.readouterr().out.strip()
