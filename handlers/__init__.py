@@ -17,6 +17,7 @@ from handlers import (
     ollama_api,
     ollama_models,
     openai_api,
+    responses_api,
     usage,
 )
 from hooks import hookimpl
@@ -36,6 +37,9 @@ class BuiltinHandlers:
         register("openai.chat_completions", openai_api.chat_completions)
         register("openai.completions", openai_api.completions)
         register("openai.embeddings", openai_api.embeddings)
+        register("openai.responses_create", responses_api.create)
+        register("openai.responses_get", responses_api.get)
+        register("openai.responses_delete", responses_api.delete)
         register("anthropic.messages", anthropic_api.messages)
         register("anthropic.count_tokens", anthropic_api.count_tokens)
         register("admin.load_model", admin.load_model)

@@ -42,6 +42,7 @@ from runtime.integrations.base import Health
 from runtime.integrations.manager import Sleep
 from runtime.integrations.opentelemetry import tracing_settings
 from runtime.models import ModelRouter
+from runtime.response_store import ResponseStore
 from runtime.runner_client import RemoteEngine, RunnerClient
 from runtime.secrets import redact
 from runtime.telemetry.live_stats import LiveStats
@@ -97,6 +98,7 @@ class Runtime:
         self.metrics = Metrics()
         self.tracing = Tracing(tracing_settings(self.settings))
         self.live = LiveStats()
+        self.responses = ResponseStore(self.settings.limits.stored_responses)
         # Hashes the configured keys and drops the plain ones from self.settings.
         self.auth = Auth.from_settings(self.settings)
         self.plugins = make_plugin_manager(

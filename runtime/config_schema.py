@@ -153,6 +153,9 @@ class LimitsConfig:
     # one more gets 429 with Retry-After.
     max_concurrent_streams: int = 0
     retry_after_s: int = 1
+    # Responses API answers kept (per worker, in memory) for `previous_response_id` and
+    # GET /v1/responses/{id}; the oldest is dropped beyond this.
+    stored_responses: int = 1000
 
 
 @dataclass

@@ -440,3 +440,68 @@ def test_tool_requests_that_cannot_be_honoured_are_refused_by_name(client: OpenA
             max_tokens=4,
         )
     assert "tool_call_id" in str(refused.value)
+
+
+def test_the_responses_api_whole_streamed_and_continued(client: OpenAI) -> None:
+    fields: dict[str, Any] = {
+        "model": CHAT_MODEL,
+        "input": "The three primary colours are",
+        "instructions": "Be brief.",
+        "max_output_tokens": 12,
+        "temperature": 0,
+    }
+    whole = client.responses.create(**fields)
+    assert whole.status in ("completed", "incomplete") and whole.output_text
+    assert whole.usage is not None and 0 < whole.usage.output_tokens <= 12
+    events = list(client.responses.create(**fields, stream=True))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    # A response max_output_tokens cut short ends with response.incomplete, as OpenAI's does.
+    last = events[-1]
+    assert last.type in ("response.completed", "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(deltas) == last.response.output_text == whole.output_text
+
+    assert client.responses.retrieve(whole.id).output_text == whole.output_text
+    follow = client.responses.create(
+        model=CHAT_MODEL, input="And again?", previous_response_id=whole.id, max_output_tokens=4
+    )
+    assert follow.usage is not None and follow.usage.input_tokens > whole.usage.input_tokens
+    client.responses.delete(whole.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(whole.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=CHAT_MODEL, input="hi", previous_response_id=whole.id)
+
+
+def test_the_responses_api_calls_a_function_tool(client: OpenAI) -> None:
+    tool = {"type": "function", **WEATHER_TOOL["function"]}
+    fields: dict[str, Any] = {
+        "model": CHAT_MODEL,
+        "input": "What is the weather in Paris?",
+        "tools": [tool],
+        "tool_choice": "required",
+        "max_output_tokens": 120,
+        "temperature": 0,
+    }
+    whole = client.responses.create(**fields)
+    calls = [item for item in whole.output if item.type == "function_call"]
+    assert calls
+    for call in calls:
+        assert call.name == "get_weather" and call.call_id.startswith("call_")
+        jsonschema.validate(json.loads(call.arguments), WEATHER_TOOL["function"]["parameters"])
+    with client.responses.stream(**fields) as stream:
+        final = stream.get_final_response()
+    assert [(c.name, c.arguments) for c in final.output if c.type == "function_call"] == [
+        (c.name, c.arguments) for c in calls
+    ]
+    answered = client.responses.create(
+        model=CHAT_MODEL,
+        previous_response_id=whole.id,
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny"}],
+        tools=[tool],
+        max_output_tokens=40,
+    )
+    assert answered.status in ("completed", "incomplete")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=CHAT_MODEL, input="hi", tools=[{"type": "web_search"}])
+    assert refused.value.body["param"].startswith("tools.0")  # type: ignore[index]
