@@ -183,6 +183,8 @@ def _choice(choice: str | dict[str, Any] | None, functions: dict[str, Any]) -> s
     "auto", as in OpenAI's API."""
     if choice is None:
         return "auto"
+    if isinstance(choice, dict) and choice.get("type") in ("none", "auto", "required"):
+        choice = str(choice["type"])  # the object form gRPC's ToolChoice takes
     if choice in ("none", "auto", "required"):
         return str(choice)
     if isinstance(choice, dict) and choice.get("type") == "function":

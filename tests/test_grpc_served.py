@@ -75,3 +75,58 @@ def test_the_docs_example_runs(
     [example] = [b.split("```", 1)[0] for b in blocks if "inference_pb2_grpc" in b]
     exec(example.replace("127.0.0.1:50051", f"127.0.0.1:{port}"), {})
     assert capsys.readouterr().out.strip()
+
+
+def test_a_grpc_chat_calls_a_tool(served: tuple[Served, int]) -> None:
+    """Tools over gRPC: a `Struct` schema in, the call's pieces out (name first, then the
+    arguments' JSON text), the same calls as the HTTP API makes for the same request."""
+    from google.protobuf import struct_pb2
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 40}},
+        "required": ["city"],
+    }
+    parameters = struct_pb2.Struct()
+    parameters.update(schema)
+    server, port = served
+    question = "What is the weather in Paris?"
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        request = inference_pb2.ChatRequest(
+            model=CHAT_MODEL,
+            messages=[inference_pb2.ChatMessage(role="user", content=question)],
+            max_tokens=100,
+            temperature=0,
+            tools=[
+                inference_pb2.Tool(
+                    type="function",
+                    function=inference_pb2.FunctionDefinition(
+                        name="get_weather", parameters=parameters
+                    ),
+                )
+            ],
+            tool_choice=inference_pb2.ToolChoice(
+                type="function", function=inference_pb2.FunctionName(name="get_weather")
+            ),
+        )
+        messages = list(stub.Chat(request, timeout=120))
+    pieces = [call for m in messages for call in m.tool_calls]
+    assert pieces[0].id.startswith("call_") and pieces[0].function.name == "get_weather"
+    arguments = "".join(p.function.arguments for p in pieces)
+    assert messages[-1].finish_reason == "tool_calls"
+    http = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={
+            "model": CHAT_MODEL,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 100,
+            "temperature": 0,
+            "tools": [
+                {"type": "function", "function": {"name": "get_weather", "parameters": schema}}
+            ],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        },
+        timeout=120,
+    ).json()
+    assert arguments == http["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]

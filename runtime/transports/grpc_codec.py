@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
@@ -53,7 +53,21 @@ def _value(field: FieldDescriptor, value: Any) -> Any:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, struct_pb2.Struct | struct_pb2.ListValue | struct_pb2.Value):
+        return _integral(json_format.MessageToDict(value))  # JSON itself (a tool's parameters)
     return request_body(value) if isinstance(value, Message) else value
+
+
+def _integral(value: Any) -> Any:
+    """A Struct's numbers are all doubles: 40 arrives as 40.0, which a JSON Schema keyword
+    such as maxLength refuses. Whole numbers become ints again."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _integral(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral(item) for item in value]
+    return value
 
 
 def response_message(result: Mapping[str, Any], message_class: type[Message]) -> Message:
@@ -91,6 +105,11 @@ async def stream_messages(
             text = (delta or {}).get("content") if delta is not None else choice.get("text")
             if text:
                 yield message(index, **{text_field: text})
+            calls = (delta or {}).get("tool_calls") if delta is not None else None
+            if calls:
+                framed = message(index)
+                json_format.ParseDict({"tool_calls": calls}, framed, ignore_unknown_fields=True)
+                yield framed
             if choice.get("finish_reason"):
                 finished[index] = choice["finish_reason"]
     indices = sorted(finished) or sorted(started) or [0]
@@ -110,10 +129,15 @@ async def _chunks(response: Mapping[str, Any]) -> AsyncIterator[Mapping[str, Any
         message = choice.get("message")
         text = message.get("content") if message else choice.get("text")
         key = "delta" if message else "text"
+        calls = [
+            {**call, "index": position}
+            for position, call in enumerate((message or {}).get("tool_calls") or [])
+        ]
+        delta = {"content": text, **({"tool_calls": calls} if calls else {})}
         choices.append(
             {
                 "index": choice.get("index", 0),
-                key: {"content": text} if message else text,
+                key: delta if message else text,
                 "finish_reason": choice.get("finish_reason"),
             }
         )
