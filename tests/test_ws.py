@@ -176,6 +176,32 @@ async def test_several_turns_on_one_socket_keep_the_conversation(served: Served)
     ]
 
 
+async def test_a_turn_with_tools_sends_the_calls_and_remembers_them(served: Served) -> None:
+    engine = await served.engine()
+    engine.enqueue(['{"name": "get_weather", "argu', 'ments": {"city": "Par', 'is"}}'])
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    async with served.connect() as ws:
+        await send(
+            ws, {"message": "Weather?", "model": "m1", "tools": [tool], "tool_choice": named}
+        )
+        frames = await turn(ws)
+        engine.enqueue(["Sunny"])
+        await send(ws, {"message": "Thanks", "model": "m1"})
+        await turn(ws)
+    call = frames[1]["call"]
+    assert [f["type"] for f in frames] == ["start", "tool_call", "done"]
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert frames[-1]["finish_reason"] == "tool_calls" and frames[-1]["tool_calls"] == [call]
+    assert frames[-1]["message"] == ""
+    assert engine.requests[-1].messages[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [call],
+    }
+
+
 async def test_cancel_mid_stream_frees_the_engine_and_the_socket_goes_on(served: Served) -> None:
     engine = await served.engine()
     engine.gate = Turnstile(passes=1)

@@ -225,7 +225,7 @@ class ChatSocket(Socket):
             return
         await self.outbox.put(out.done())
         if remember:
-            self.history = [*body["messages"], {"role": "assistant", "content": out.message}]
+            self.history = [*body["messages"], out.assistant_turn()]
             del self.history[: -frames.HISTORY_LIMIT]
 
     async def _generate(self, out: frames.TurnFrames, event: Event) -> None:

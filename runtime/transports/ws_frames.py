@@ -15,10 +15,16 @@ at a time: a chat frame while a turn is running gets an error frame (code `turn_
 Server -> client:
   {"type": "start", "id"}                              a turn was accepted
   {"type": "token", "id", "content"}                   generated text, in order
-  {"type": "done", "id", "model", "message", "finish_reason", "usage"}
+  {"type": "tool_call", "id", "call": {id, type, function: {name, arguments}}}
+                                                       a tool call the model made, whole, when
+                                                       the reply ends (a turn with `tools`:
+                                                       docs/api/tools.md)
+  {"type": "done", "id", "model", "message", "finish_reason", "usage"[, "tool_calls"]}
                                                        the turn's last frame; `message` is the
                                                        whole reply, `finish_reason` "cancelled"
-                                                       after a cancel
+                                                       after a cancel, `tool_calls` the calls
+                                                       (answer one with a {"role": "tool",
+                                                       "tool_call_id", "content"} message)
   {"type": "error", "id", "error": {message, type, param, code}}
                                                        OpenAI's error shape; `id` is null for a
                                                        frame that started no turn
@@ -102,6 +108,7 @@ class TurnFrames:
         self.model: str | None = None
         self.finish_reason: str | None = None
         self.usage: Any = None
+        self.tool_calls: list[dict[str, Any]] = []  # the first choice's, whole
 
     def start(self) -> Frame:
         return {"type": "start", "id": self.turn}
@@ -112,12 +119,34 @@ class TurnFrames:
             self.usage = chunk["usage"]
         frames = []
         for choice in chunk.get("choices") or ():
-            content = (choice.get("delta") or {}).get("content")
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
             if content:
                 frames.append(self._token(content, choice.get("index", 0)))
+            if choice.get("index", 0) == 0:
+                self._add_call_pieces(delta.get("tool_calls") or [])
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
+                if choice.get("index", 0) == 0:
+                    frames += self._calls_made(len(self.tool_calls))
         return frames
+
+    def _add_call_pieces(self, pieces: Sequence[Mapping[str, Any]]) -> None:
+        """Put a stream's call pieces together (a call's first piece has its id and name)."""
+        for piece in pieces:
+            if piece.get("id"):
+                function = dict(piece.get("function") or {})
+                self.tool_calls.append(
+                    {"id": piece["id"], "type": "function", "function": function}
+                )
+            elif self.tool_calls:
+                function = self.tool_calls[-1]["function"]
+                more = (piece.get("function") or {}).get("arguments", "")
+                function["arguments"] = function.get("arguments", "") + more
+
+    def _calls_made(self, count: int) -> list[Frame]:
+        """A tool_call frame for each whole call (sent when the choice finishes)."""
+        return [{"type": "tool_call", "id": self.turn, "call": c} for c in self.tool_calls[:count]]
 
     def whole(self, completion: Mapping[str, Any]) -> list[Frame]:
         """A handler (or plugin) that answered with one chat.completion, not a stream."""
@@ -125,10 +154,14 @@ class TurnFrames:
         self.usage = completion.get("usage")
         frames = []
         for choice in completion.get("choices") or ():
-            content = (choice.get("message") or {}).get("content")
+            message = choice.get("message") or {}
+            content = message.get("content")
             if content:
                 frames.append(self._token(content, choice.get("index", 0)))
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            if choice.get("index", 0) == 0 and message.get("tool_calls"):
+                self.tool_calls = [dict(call) for call in message["tool_calls"]]
+                frames += self._calls_made(len(self.tool_calls))
         return frames
 
     def _token(self, content: str, index: int) -> Frame:
@@ -141,7 +174,15 @@ class TurnFrames:
     def message(self) -> str:
         return "".join(self.text)
 
+    def assistant_turn(self) -> dict[str, Any]:
+        """The reply as the conversation's next message, calls included."""
+        turn: dict[str, Any] = {"role": "assistant", "content": self.message}
+        if self.tool_calls:
+            turn["tool_calls"] = self.tool_calls
+        return turn
+
     def done(self, finish_reason: str | None = None) -> Frame:
+        extra = {"tool_calls": self.tool_calls} if self.tool_calls else {}
         return {
             "type": "done",
             "id": self.turn,
@@ -149,4 +190,5 @@ class TurnFrames:
             "message": self.message,
             "finish_reason": finish_reason or self.finish_reason,
             "usage": self.usage,
+            **extra,
         }
