@@ -180,6 +180,26 @@ async def test_generate_text_mutation(gql: Gql) -> None:
     assert (request.max_tokens, request.temperature, request.stop) == (8, 0.0, ["\n"])
 
 
+async def test_generate_text_calls_a_tool(gql: Gql) -> None:
+    await gql.runtime.models.load("m1")
+    gql.plugin.built["m1"].enqueue(['{"name": "get_weather", "arguments": {"city": "Oslo"}}'])
+    query = """
+    mutation ($schema: JSON!) {
+      generateText(model: "m1", prompt: "Weather?", toolChoice: "get_weather",
+                   tools: [{name: "get_weather", parameters: $schema}]) {
+        text finishReason toolCalls { id name arguments }
+      }
+    }"""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    answer = data(await gql(query, {"schema": schema}))["generateText"]
+    (call,) = answer["toolCalls"]
+    assert call["id"].startswith("call_")
+    assert (call["name"], call["arguments"]) == ("get_weather", '{"city": "Oslo"}')
+    assert (answer["text"], answer["finishReason"]) == ("", "tool_calls")
+    (request,) = gql.plugin.built["m1"].requests
+    assert request.json_schema is not None and request.tools is not None
+
+
 async def test_load_and_unload_model_mutations(gql: Gql) -> None:
     loaded = data(await gql('mutation { loadModel(model: "m1") { id status provider } }'))
     assert loaded["loadModel"] == {"id": "m1", "status": "loaded", "provider": "local"}

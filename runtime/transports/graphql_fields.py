@@ -168,11 +168,32 @@ def _generate_text(route: str) -> Any:
         top_p: float | None = None,
         seed: int | None = None,
         stop: list[str] | None = None,
+        tools: list[wire.ToolInput] | None = None,
+        tool_choice: str | None = None,
     ) -> wire.Generation:
-        """Generate text: a chat completion with one user message (and an optional system one)."""
+        """Generate text: a chat completion with one user message (and an optional system one).
+        With `tools`, the model may call them (`toolChoice`: none, auto, required, or a
+        function's name) and `toolCalls` lists the calls."""
         messages = [{"role": "system", "content": system}] if system is not None else []
         messages.append({"role": "user", "content": prompt})
         body: dict[str, Any] = {"model": model, "messages": messages, "stream": False}
+        if tools:
+            body["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": tool.name,
+                        "description": tool.description or "",
+                        "parameters": tool.parameters or {"type": "object", "properties": {}},
+                    },
+                }
+                for tool in tools
+            ]
+        if tool_choice is not None:
+            named = {"type": "function", "function": {"name": tool_choice}}
+            body["tool_choice"] = (
+                tool_choice if tool_choice in ("none", "auto", "required") else named
+            )
         options: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
         options |= {"top_p": top_p, "seed": seed, "stop": stop}
         body.update({key: value for key, value in options.items() if value is not None})

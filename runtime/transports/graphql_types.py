@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import strawberry
+from strawberry.scalars import JSON
 
 
 @strawberry.type(description="A servable model (the `/v1/models` entry).")
@@ -52,6 +53,22 @@ class Usage:
     total_tokens: int
 
 
+@strawberry.type(description="A function call the model made.")
+class ToolCall:
+    id: str
+    name: str
+    arguments: str = strawberry.field(description="The arguments, as JSON text.")
+
+
+@strawberry.input(description="A function the model may call (docs/api/tools.md).")
+class ToolInput:
+    name: str
+    description: str | None = None
+    parameters: JSON | None = strawberry.field(
+        default=None, description="The JSON Schema (type object) of its arguments."
+    )
+
+
 @strawberry.type(description="The answer of `generateText`: a chat completion with one choice.")
 class Generation:
     id: str
@@ -63,6 +80,9 @@ class Generation:
     )
     finish_reason: str | None
     usage: Usage
+    tool_calls: list[ToolCall] = strawberry.field(
+        default_factory=list, description="The calls made (finishReason tool_calls)."
+    )
 
 
 @strawberry.type(description="A model's status after `loadModel` / `unloadModel`.")
@@ -139,6 +159,10 @@ def generation(completion: dict[str, Any]) -> Generation:
             completion_tokens=int(usage.get("completion_tokens") or 0),
             total_tokens=int(usage.get("total_tokens") or 0),
         ),
+        tool_calls=[
+            ToolCall(id=c["id"], name=c["function"]["name"], arguments=c["function"]["arguments"])
+            for c in (choice.get("message") or {}).get("tool_calls") or []
+        ],
     )
 
 
