@@ -283,6 +283,16 @@ def test_the_tools_page_example_runs(served: Served, capsys: pytest.CaptureFixtu
     assert name == "get_weather" and "city" in arguments
 
 
+def test_the_readme_tools_example_runs(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Tools and agents", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(example.replace("http://127.0.0.1:3000", served.url), {})
+    openai_line, anthropic_line, _ = capsys.readouterr().out.strip().splitlines()
+    assert "city" in json.loads(openai_line)
+    assert anthropic_line.startswith("{'city':")
+
+
 def test_the_release_smoke_test_passes_against_it(served: Served) -> None:
     """scripts/smoke_test.py, which the release runs after each deploy, against the real thing
     (its failures: tests/test_release_scripts.py)."""
@@ -505,3 +515,26 @@ def test_the_responses_api_calls_a_function_tool(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model=CHAT_MODEL, input="hi", tools=[{"type": "web_search"}])
     assert refused.value.body["param"].startswith("tools.0")  # type: ignore[index]
+
+
+def test_parse_with_a_pydantic_function_tool(client: OpenAI) -> None:
+    """`chat.completions.parse` with `openai.pydantic_function_tool`: strict tools whose calls
+    come back parsed into the pydantic model."""
+    from pydantic import BaseModel as PydanticModel
+
+    class GetWeather(PydanticModel):
+        city: str
+        days: int
+
+    reply = client.chat.completions.parse(
+        model=CHAT_MODEL,
+        messages=ask("What is the weather in Paris for the next two days?"),
+        tools=[openai.pydantic_function_tool(GetWeather)],
+        tool_choice="required",
+        max_tokens=80,
+        temperature=0,
+    )
+    calls = reply.choices[0].message.tool_calls or []
+    assert calls
+    parsed = calls[0].function.parsed_arguments
+    assert isinstance(parsed, GetWeather)
