@@ -115,8 +115,11 @@ class Outcome:
         for piece in chunk.tool_calls:
             if piece.id:
                 calls.append(replace(piece))
-            else:
-                calls[-1].arguments += piece.arguments
+                continue
+            for call in reversed(calls):  # more of the call with its index
+                if call.index == piece.index:
+                    call.arguments += piece.arguments
+                    break
 
     def text(self, index: int) -> str:
         return "".join(self.texts.get(index, []))

@@ -2,7 +2,10 @@
 (docs/api.md): `/api/version`, `/api/tags`, `/api/ps`, `/api/pull` (NDJSON progress),
 `/api/chat` and `/api/generate` (NDJSON streams, `done` lines with counts), `/api/embed`, and
 errors as `{"error": "..."}`. Answers come from a real model (the packaged Gemma on
-llama-cpp-python), not canned text; a pulled name is served by the same weights."""
+llama-cpp-python), not canned text; a pulled name is served by the same weights. A chat with
+`tools` is answered as Ollama answers a model whose template knows tools: one line whose
+`message.tool_calls` calls the first tool, its `arguments` an object the model wrote under that
+tool's schema, then the `done` line."""
 
 from __future__ import annotations
 
@@ -117,15 +120,15 @@ class FakeOllama(ThreadServer):
         lines = iterate_in_threadpool(self._generate(body, field))
         if stream:
             return StreamingResponse(_encoded(lines), media_type="application/x-ndjson")
-        text, last = "", {}
+        text, last, calls = "", {}, []
         async for line in lines:
             text += line["message"]["content"] if field == "message" else line["response"]
+            calls += line.get("message", {}).get("tool_calls", [])
             last = line
-        whole = {
-            **last,
-            field: {"role": "assistant", "content": text} if field == "message" else text,
-        }
-        return JSONResponse(whole)
+        answer: Any = {"role": "assistant", "content": text} if field == "message" else text
+        if calls:
+            answer["tool_calls"] = calls
+        return JSONResponse({**last, field: answer})
 
     def _generate(self, body: dict[str, Any], field: str) -> Iterator[dict[str, Any]]:
         options = body.get("options") or {}
@@ -139,6 +142,9 @@ class FakeOllama(ThreadServer):
             "stream": True,
         }
         started = time.perf_counter_ns()
+        if field == "message" and body.get("tools"):
+            yield from self._call(body, knobs, started)
+            return
         with self.lock:
             if field == "message":
                 pieces = self.llm.create_chat_completion(messages=body["messages"], **knobs)
@@ -162,6 +168,32 @@ class FakeOllama(ThreadServer):
         )
         if not self.report_prompt_eval_count:
             del final["prompt_eval_count"]
+        yield final
+
+    def _call(
+        self, body: dict[str, Any], knobs: dict[str, Any], started: int
+    ) -> Iterator[dict[str, Any]]:
+        function = body["tools"][0]["function"]
+        schema = function.get("parameters") or {"type": "object"}
+        with self.lock:
+            answer = self.llm.create_chat_completion(
+                messages=body["messages"],
+                response_format={"type": "json_object", "schema": schema},
+                **{**knobs, "stream": False},
+            )
+        arguments = json.loads(answer["choices"][0]["message"]["content"] or "{}")  # type: ignore[index]
+        line = self._line(body, "message", "", done=False)
+        line["message"]["tool_calls"] = [
+            {"function": {"name": function["name"], "arguments": arguments}}
+        ]
+        yield line
+        final = self._line(body, "message", "", done=True)
+        final.update(
+            done_reason="stop",
+            total_duration=time.perf_counter_ns() - started,
+            prompt_eval_count=1,
+            eval_count=answer["usage"]["completion_tokens"],  # type: ignore[index]
+        )
         yield final
 
     def _line(self, body: dict[str, Any], field: str, text: str, done: bool) -> dict[str, Any]:

@@ -9,7 +9,10 @@ OpenAI documents it. `honour_include_usage = False` makes it a server that ignor
 and reports no usage at all (whole answers included), as some OpenAI-compatible servers do.
 
 Its tokens are words: an answer repeats the last message (or the prompt) word by word, one word
-a streamed chunk, up to `max_tokens`; usage counts the words. `failures` maps a model id to the
+a streamed chunk, up to `max_tokens`; usage counts the words. A chat with `tools` (and a
+`tool_choice` other than "none") calls the named tool, else the first, with
+`{"said": <the last message>}`, streamed as OpenAI streams calls: the id, type and name first,
+then the arguments in pieces, and `finish_reason: "tool_calls"`. `failures` maps a model id to the
 HTTP status every request for that model gets (404: unknown model, 5xx: a failing backend).
 """
 
@@ -77,6 +80,8 @@ class FakeOpenAI(ThreadServer):
             "total_tokens": prompt_words + len(words),
         }
         head = {"id": "fake-1", "created": int(time.time()), "model": model}
+        if chat and body.get("tools") and body.get("tool_choice") != "none":
+            return self._call(body, head, usage)
         if not body.get("stream"):
             text = " ".join(words)
             if chat:
@@ -108,6 +113,44 @@ class FakeOpenAI(ThreadServer):
             frames.append(event)
         if include_usage:
             frames.append({**head, "object": kind, "choices": [], "usage": usage})
+        text = "".join(f"data: {json.dumps(frame)}\n\n" for frame in frames)
+        return Response(text + "data: [DONE]\n\n", media_type="text/event-stream")
+
+    def _call(self, body: dict[str, Any], head: dict[str, Any], usage: dict[str, int]) -> Response:
+        choice = body.get("tool_choice")
+        name = (
+            choice["function"]["name"]
+            if isinstance(choice, dict)
+            else body["tools"][0]["function"]["name"]
+        )
+        arguments = json.dumps({"said": body["messages"][-1].get("content") or ""})
+        call = {"id": "call_fake1", "type": "function", "function": {"name": name}}
+        if not body.get("stream"):
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{**call, "function": {"name": name, "arguments": arguments}}],
+            }
+            choices = [{"index": 0, "message": message, "finish_reason": "tool_calls"}]
+            return JSONResponse(
+                {**head, "object": "chat.completion", "choices": choices, "usage": usage}
+            )
+        half = len(arguments) // 2
+        deltas = [
+            {"tool_calls": [{"index": 0, **call, "function": {"name": name, "arguments": ""}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": arguments[:half]}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": arguments[half:]}}]},
+        ]
+        frames = [
+            {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": d, "finish_reason": None}],
+            }
+            for d in deltas
+        ]
+        end = {"index": 0, "delta": {}, "finish_reason": "tool_calls"}
+        frames.append({**head, "object": "chat.completion.chunk", "choices": [end], "usage": usage})
         text = "".join(f"data: {json.dumps(frame)}\n\n" for frame in frames)
         return Response(text + "data: [DONE]\n\n", media_type="text/event-stream")
 

@@ -113,6 +113,45 @@ async def test_models_are_discovered_and_served_through_the_openai_api(
         assert len(embedded.json()["data"]) == 2
 
 
+async def test_tools_go_to_ollama_and_its_calls_come_back_in_openais_shape(
+    runtime: Runtime, fake: FakeOllama
+) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}}
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": schema}}
+    history = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+        {"role": "user", "content": "And Paris?"},
+    ]
+    chat = {"model": MODEL, "messages": history, "tools": [tool], "max_tokens": 40}
+    async with http(runtime) as client:
+        whole = (await client.post("/v1/chat/completions", json=chat)).json()
+        sent = fake.requests[-1]
+        assert sent["tools"] == [tool]
+        assert sent["messages"][1]["tool_calls"] == [
+            {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+        ]
+        (call,) = whole["choices"][0]["message"]["tool_calls"]
+        assert call["id"].startswith("call_") and call["function"]["name"] == "get_weather"
+        assert isinstance(json.loads(call["function"]["arguments"]), dict)
+        assert whole["choices"][0]["finish_reason"] == "tool_calls"
+        refused = await client.post(
+            "/v1/chat/completions", json={**chat, "tool_choice": "required"}
+        )
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
+
+
 async def test_a_streamed_answer_reports_its_prompt_tokens(
     runtime: Runtime, fake: FakeOllama
 ) -> None:

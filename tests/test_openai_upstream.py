@@ -196,3 +196,43 @@ async def test_an_upstream_that_cannot_be_reached_opens_the_circuit_for_every_mo
     error = assert_openai_error(refused, 503, "server_error")
     assert error["code"] == "upstream_unavailable"
     assert "openai_compatible is unavailable (circuit open" in error["message"]
+
+
+# --- tools ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_tools_pass_through_and_calls_come_back_in_openais_shape(
+    serve: Callable[..., Any], upstream: FakeOpenAI, stream: bool
+) -> None:
+    """An upstream model calls tools itself: tools, tool_choice and parallel_tool_calls go to
+    it as sent, and its calls (streamed in pieces or whole) come back as the same calls."""
+    client = await serve()
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    named = {"type": "function", "function": {"name": "lookup"}}
+    body = chat(tools=[tool], tool_choice=named, parallel_tool_calls=False, stream=stream)
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    sent = upstream.requests[-1]
+    assert (sent["tools"], sent["tool_choice"], sent["parallel_tool_calls"]) == (
+        [tool],
+        named,
+        False,
+    )
+    if stream:
+        frames = [
+            json.loads(line[6:])
+            for line in response.text.splitlines()
+            if line.startswith("data: {")
+        ]
+        pieces = [p for f in frames for c in f["choices"] for p in c["delta"].get("tool_calls", [])]
+        assert pieces[0]["id"] == "call_fake1" and pieces[0]["function"]["name"] == "lookup"
+        arguments = "".join(p["function"]["arguments"] for p in pieces)
+        finish = [c["finish_reason"] for f in frames for c in f["choices"] if c["finish_reason"]]
+    else:
+        choice = response.json()["choices"][0]
+        (call,) = choice["message"]["tool_calls"]
+        assert (call["id"], call["function"]["name"]) == ("call_fake1", "lookup")
+        arguments, finish = call["function"]["arguments"], [choice["finish_reason"]]
+    assert json.loads(arguments) == {"said": PROMPT}
+    assert finish == ["tool_calls"]

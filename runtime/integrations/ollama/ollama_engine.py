@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from runtime.types import (
     EngineError,
     GenerationRequest,
     ProviderError,
+    ToolCall,
     UnsupportedRequest,
 )
 
@@ -40,6 +42,23 @@ OPTIONS = {
 }
 
 
+def ollama_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A chat message as Ollama takes it: an assistant turn's calls with their arguments as an
+    object (OpenAI's `tool_call_id` has no place in Ollama's message and is left out)."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return {k: v for k, v in message.items() if k != "tool_call_id"}
+    converted = []
+    for call in calls:
+        function = call.get("function") or {}
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except json.JSONDecodeError:
+            arguments = {}
+        converted.append({"function": {"name": function.get("name", ""), "arguments": arguments}})
+    return {**message, "tool_calls": converted}
+
+
 def ollama_body(request: GenerationRequest, model: str) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for field, (option, off) in OPTIONS.items():
@@ -50,8 +69,8 @@ def ollama_body(request: GenerationRequest, model: str) -> dict[str, Any]:
         options["stop"] = list(request.stop)
     body: dict[str, Any] = {"model": model, "stream": True, "options": options}
     if request.messages is not None:
-        body["messages"] = request.messages
-        if request.tools:
+        body["messages"] = [ollama_message(m) for m in request.messages]
+        if request.tools and request.tool_choice != "none":
             body["tools"] = request.tools
     else:
         body["prompt"] = request.prompt or ""
@@ -61,6 +80,25 @@ def ollama_body(request: GenerationRequest, model: str) -> dict[str, Any]:
     elif request.json_mode:
         body["format"] = "json"
     return body
+
+
+def tool_calls(calls: Any, before: int) -> list[ToolCall]:
+    """Ollama's whole calls (`arguments` an object) as OpenAI's: numbered after the `before`
+    calls already made, with an id Ollama does not give, the arguments as JSON text."""
+    if not isinstance(calls, list):
+        return []
+    made: list[ToolCall] = []
+    for call in calls:
+        function = (call or {}).get("function") or {}
+        made.append(
+            ToolCall(
+                index=before + len(made),
+                id=f"call_{uuid.uuid4().hex[:24]}",
+                name=str(function.get("name") or ""),
+                arguments=json.dumps(function.get("arguments") or {}),
+            )
+        )
+    return made
 
 
 def ollama_error(status: int, raw: bytes) -> ProviderError:
@@ -99,14 +137,18 @@ class OllamaEngine:
         return {"provider": self.ollama.name, "model": self.ollama_model}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        if request.tools:
-            # Chunks cannot carry tool calls yet: refuse rather than drop them silently.
-            raise UnsupportedRequest("tools are not supported through Ollama yet", param="tools")
+        if request.tools and request.tool_choice not in (None, "auto", "none"):
+            raise UnsupportedRequest(
+                "Ollama decides by itself whether to call a tool: tool_choice may be 'auto'"
+                " or 'none' through it",
+                param="tool_choice",
+            )
         if request.n != 1:
             raise ProviderError(400, "Ollama answers one choice per request (n=1)", param="n")
         path = "/api/chat" if request.messages is not None else "/api/generate"
         response = await self._open(path, ollama_body(request, self.ollama_model))
         tally = Tally()
+        calls = 0
         try:
             async for line in response.aiter_lines():
                 if not line.strip():
@@ -116,14 +158,17 @@ class OllamaEngine:
                     raise ProviderError(502, str(record["error"]), code="upstream_error")
                 message = record.get("message") or {}
                 text = message.get("content") if "message" in record else record.get("response")
-                if text:
-                    chunk = Chunk(text=text)
+                made = tool_calls(message.get("tool_calls"), calls)
+                calls += len(made)
+                if text or made:
+                    chunk = Chunk(text=text or "", tool_calls=made)
                     tally.add(chunk)
                     yield chunk
                 if record.get("done"):
                     tally.report(record.get("prompt_eval_count"), record.get("eval_count"))
+                    finish = "length" if record.get("done_reason") == "length" else "stop"
                     yield Chunk(
-                        finish_reason="length" if record.get("done_reason") == "length" else "stop",
+                        finish_reason="tool_calls" if calls and finish == "stop" else finish,
                         usage=self.counter.usage(request, tally),
                     )
                     return

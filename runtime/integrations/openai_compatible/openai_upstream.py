@@ -32,7 +32,7 @@ from runtime.types import (
     GenerationRequest,
     ProviderError,
     TokenLogprob,
-    UnsupportedRequest,
+    ToolCall,
 )
 
 if TYPE_CHECKING:
@@ -77,6 +77,10 @@ def request_body(request: GenerationRequest, upstream_model: str) -> dict[str, A
             body["response_format"] = {"type": "json_object"}
         if request.tools:
             body["tools"] = request.tools
+            if request.tool_choice is not None:
+                body["tool_choice"] = request.tool_choice
+            if not request.parallel_tool_calls:
+                body["parallel_tool_calls"] = False
     else:
         body["prompt"] = request.prompt or ""
         if request.logprobs is not None:
@@ -100,6 +104,28 @@ def chunks_of(event: dict[str, Any], secrets: Sequence[str] = ()) -> list[Chunk]
                 text=text or "",
                 logprobs=_logprobs(choice.get("logprobs")),
                 finish_reason=choice.get("finish_reason"),
+                tool_calls=_tool_calls((message or {}).get("tool_calls")),
+            )
+        )
+    return found
+
+
+def _tool_calls(calls: Any) -> list[ToolCall]:
+    """A message's tool calls (whole) or a delta's pieces of them, as the upstream sent them:
+    a call's first piece has its id and name, later ones more arguments."""
+    if not isinstance(calls, list):
+        return []
+    found = []
+    for position, call in enumerate(calls):
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function") or {}
+        found.append(
+            ToolCall(
+                index=int(call.get("index", position)),
+                id=str(call.get("id") or ""),
+                name=str(function.get("name") or "") if call.get("id") else "",
+                arguments=str(function.get("arguments") or ""),
             )
         )
     return found
@@ -206,11 +232,6 @@ class UpstreamEngine:
         }
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        if request.tools:
-            # Chunks cannot carry tool calls yet: refuse rather than drop them silently.
-            raise UnsupportedRequest(
-                f"tools are not supported through {self.upstream.name} yet", param="tools"
-            )
         path = "/chat/completions" if request.messages is not None else "/completions"
         secrets = self.upstream.secrets
         response = await self._open(path, request_body(request, self.upstream_model))
