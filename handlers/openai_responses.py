@@ -95,8 +95,9 @@ def tool_call_deltas(pieces: Sequence[ToolCall]) -> list[dict[str, Any]]:
 
 def chat_message(outcome: Outcome, index: int) -> dict[str, Any]:
     calls = outcome.tool_calls.get(index)
-    if calls:
-        return {"role": "assistant", "content": None, "tool_calls": tool_calls(calls)}
+    if calls:  # text the model wrote around its calls stays content
+        text = outcome.text(index) or None
+        return {"role": "assistant", "content": text, "tool_calls": tool_calls(calls)}
     return {"role": "assistant", "content": outcome.text(index)}
 
 

@@ -22,6 +22,7 @@ from hooks import resolve, resolve_all
 from runtime.models import ServedModel
 from runtime.telemetry.genai import embedding_span, record_embeddings, trace_generation
 from runtime.tool_scanner import ToolCallScanner
+from runtime.tool_syntax import NativeCallParser
 from runtime.tools import plan_tools, with_tools
 from runtime.types import (
     Chunk,
@@ -138,7 +139,7 @@ async def start_generation(
     replaced = await resolve(ctx.hooks.before_generate(request=request, ctx=ctx))
     if isinstance(replaced, GenerationRequest):
         request = replaced
-    scan = _tool_calls(ctx, request)
+    scan = await _tool_calls(ctx, request)
     stream = trace_generation(
         ctx.tracer, request, ctx.models.generate(request), _provider(ctx, request.model)
     )
@@ -231,16 +232,30 @@ async def embed_texts(ctx: Context, model: ServedModel, texts: list[str]) -> Emb
     return result
 
 
-def _tool_calls(ctx: Context, request: GenerationRequest) -> Callable[[Chunk], Chunk]:
-    """Check the request's tools; when the model may call one, decode under the tools' schema
-    (runtime/tools.py) and return what turns each choice's JSON into tool calls and content;
-    else chunks pass as they are."""
+async def _tool_calls(ctx: Context, request: GenerationRequest) -> Callable[[Chunk], Chunk]:
+    """Check the request's tools and return what turns each choice's output into tool calls
+    and content (else chunks pass as they are). Under "auto", a model whose chat template
+    teaches a tool-call syntax answers in it (runtime/tool_syntax.py); otherwise the model
+    decodes under the tools' JSON schema (runtime/tools.py)."""
     model = ctx.models.models.get(request.model)
     if model is None or model.spec.factory is not None:
         return _unchanged  # a platform's model: the platform takes the tools itself
     plan = plan_tools(request)
     if plan is None or not plan.calls:
         return _unchanged
+    if plan.choice == "auto" and request.json_schema is None and not request.json_mode:
+        try:
+            await model.ensure_loaded()  # its template says which syntax it speaks
+        except Exception as exc:
+            raise error_for(exc) from None
+        syntax = model.tool_syntax
+        if syntax is not None:
+            parsers: dict[int, NativeCallParser] = {}
+
+            def native(chunk: Chunk) -> Chunk:
+                return parsers.setdefault(chunk.index, NativeCallParser(syntax)).feed(chunk)
+
+            return native
     if request.json_schema is not None or request.json_mode:
         raise HandlerError(
             400,

@@ -81,6 +81,14 @@ class ServedModel:
 
         return frozenset({EMBEDDINGS} if self.spec.engine == "embeddings" else {CHAT, COMPLETION})
 
+    @property
+    def tool_syntax(self) -> str | None:
+        """The tool-call syntax the loaded model's chat template teaches (runtime/tool_syntax.py);
+        None when it knows none, when the engine does not say (only llama.cpp reads templates
+        for it), or before it is loaded."""
+        syntax = getattr(self.engine, "tool_syntax", None)
+        return syntax if isinstance(syntax, str) else None
+
     async def ensure_loaded(self) -> Engine:
         if self.engine is not None:
             return self.engine

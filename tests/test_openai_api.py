@@ -105,6 +105,49 @@ async def test_chat_completion_shape_and_usage(api: Api) -> None:
     assert response.headers["x-tiffin-cost"] == "0.00000000"  # m1 has no prices
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_auto_tools_in_the_models_own_syntax(api: Api, stream: bool) -> None:
+    """Under "auto", a model whose chat template teaches a tool-call syntax (here Hermes, as
+    the llama.cpp engine would read it from the GGUF) answers in it: the text around the call
+    is content, the call a tool call; the request keeps its tools for the template, with no
+    schema forced on it."""
+    engine = await api.engine("m1")
+    engine.tool_syntax = "hermes"
+    engine.enqueue(
+        [
+            "Let me check. <tool",
+            '_call>{"name": "get_weather", ',
+            '"arguments": {"city": "Oslo"}}',
+            "</tool_call>",
+        ]
+    )
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    response = await api.http.post("/v1/chat/completions", json=chat(tools=[tool], stream=stream))
+    assert response.status_code == 200, response.text
+    if stream:
+        frames = [
+            json.loads(line[6:])
+            for line in response.text.splitlines()
+            if line.startswith("data: {")
+        ]
+        deltas = [c["delta"] for f in frames for c in f["choices"]]
+        content = "".join(d.get("content") or "" for d in deltas)
+        calls = [call for d in deltas for call in d.get("tool_calls") or []]
+        finish = [c["finish_reason"] for f in frames for c in f["choices"] if c["finish_reason"]]
+    else:
+        choice = response.json()["choices"][0]
+        content, calls = choice["message"]["content"], choice["message"]["tool_calls"]
+        finish = [choice["finish_reason"]]
+    assert content == "Let me check. "
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("get_weather", '{"city": "Oslo"}')
+    ]
+    assert finish == ["tool_calls"]
+    (request,) = engine.requests
+    assert request.tools == [tool] and request.json_schema is None
+    assert request.messages is not None and request.messages[0]["role"] == "user"  # no prompt
+
+
 async def test_chat_stream_framing(api: Api) -> None:
     (await api.engine("m1")).enqueue(["Hel", "lo", "!"])
     response = await api.http.post(

@@ -31,6 +31,7 @@ from runtime.engines.llama_scheduler import BatchScheduler, Job
 from runtime.engines.llama_settings import llama_settings
 from runtime.engines.llama_threadpool import ThreadPool
 from runtime.engines.schema_limits import SchemaTooComplex, check_grammar, check_schema
+from runtime.tool_syntax import detect_format
 from runtime.types import (
     CHAT,
     COMPLETION,
@@ -61,6 +62,8 @@ class LlamaCppEngine:
         self._pool: ThreadPool | None = None
         self._scheduler: BatchScheduler | None = None
         self._format: Callable[..., Any] | None = None
+        # The tool-call syntax the chat template teaches (runtime/tool_syntax.py), once loaded.
+        self.tool_syntax: str | None = None
         # Chats are formatted with a fallback the weights were not trained on: said once.
         self._warn_fallback_format = False
         # Held while a grammar is test-compiled (off the scheduler), so unload waits for it.
@@ -327,6 +330,7 @@ class LlamaCppEngine:
 
         llm = self._llm
         template = llm.metadata.get("tokenizer.chat_template")
+        self.tool_syntax = detect_format(template)
         if template:  # the weights' own format wins; chat_format is the fallback
             eos, bos = llm.token_eos(), llm.token_bos()
             return llama_chat_format.Jinja2ChatFormatter(
