@@ -1,11 +1,11 @@
 """A small Ollama server for tests, written from Ollama's published API documentation
 (docs/api.md): `/api/version`, `/api/tags`, `/api/ps`, `/api/pull` (NDJSON progress),
-`/api/chat` and `/api/generate` (NDJSON streams, `done` lines with counts), `/api/embed`, and
-errors as `{"error": "..."}`. Answers come from a real model (the packaged Gemma on
-llama-cpp-python), not canned text; a pulled name is served by the same weights. A chat with
-`tools` is answered as Ollama answers a model whose template knows tools: one line whose
-`message.tool_calls` calls the first tool, its `arguments` an object the model wrote under that
-tool's schema, then the `done` line."""
+`/api/chat` and `/api/generate` (NDJSON streams, `done` lines with counts), `/api/embed`,
+`/api/show` (context length and capabilities), and errors as `{"error": "..."}`. Answers come
+from a real model (the packaged Gemma on llama-cpp-python), not canned text; a pulled name is
+served by the same weights. A chat with `tools` is answered as Ollama answers a model whose
+template knows tools: one line whose `message.tool_calls` calls the first tool, its `arguments`
+an object the model wrote under that tool's schema, then the `done` line."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ class FakeOllama(ThreadServer):
                 Route("/api/chat", self.chat, methods=["POST"]),
                 Route("/api/generate", self.generate, methods=["POST"]),
                 Route("/api/embed", self.embed, methods=["POST"]),
+                Route("/api/show", self.show, methods=["POST"]),
             ]
         )
 
@@ -68,6 +69,25 @@ class FakeOllama(ThreadServer):
     async def ps(self, request: Request) -> Response:
         models = [{**self._entry(name), "size_vram": 0} for name in sorted(self.models)]
         return JSONResponse({"models": models})
+
+    async def show(self, request: Request) -> Response:
+        """What Ollama says of a model: its context length from the GGUF (as Ollama reads it
+        into `model_info`) and its capabilities."""
+        name = (await request.json()).get("model")
+        if name not in self.models:
+            return self._not_found(name)
+        trained = int(self.llm.metadata["gemma3.context_length"])
+        info = {"general.architecture": "gemma3", "gemma3.context_length": trained}
+        return JSONResponse(
+            {
+                "modelfile": f"FROM {name}",
+                "parameters": "",
+                "template": "{{ .Prompt }}",
+                "details": self._entry(name)["details"],
+                "model_info": info,
+                "capabilities": ["completion"],
+            }
+        )
 
     async def pull(self, request: Request) -> Response:
         name = (await request.json())["model"]

@@ -85,6 +85,8 @@ async def test_models_are_discovered_and_served_through_the_openai_api(
         listed = (await client.get("/v1/models")).json()["data"]
         assert [m["id"] for m in listed] == [MODEL]
         assert listed[0]["provider"] == "ollama"
+        # From Ollama's /api/show (the GGUF's trained context), not a guessed 4096.
+        assert listed[0]["context_length"] == 32768
         chat: dict[str, Any] = {
             "model": MODEL,
             "messages": [{"role": "user", "content": "Hi"}],

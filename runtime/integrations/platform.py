@@ -24,14 +24,15 @@ def platform_model(
     override: Mapping[str, Any] | None,
     factory: Callable[[ModelSpec], Engine],
     capabilities: frozenset[str],
+    context_length: int | None = None,
 ) -> ModelSpec:
     """`model_id` is what clients ask for, `remote_name` what the platform calls it; `override`
-    holds ModelConfig fields from `settings.models.<remote_name>` (aliases, fallbacks...)."""
-    node = OmegaConf.merge(
-        OmegaConf.structured(ModelConfig),
-        {"id": model_id, "source": source, "max_queue": max_queue},
-        dict(override or {}),
-    )
+    holds ModelConfig fields from `settings.models.<remote_name>` (aliases, fallbacks...), which
+    win over what the platform says of the model (`context_length`)."""
+    known = {"id": model_id, "source": source, "max_queue": max_queue}
+    if context_length:
+        known["context_length"] = context_length
+    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), known, dict(override or {}))
     config = cast(ModelConfig, OmegaConf.to_object(node))
     return ModelSpec(
         config, Path(remote_name), engine, provider, factory=factory, capabilities=capabilities

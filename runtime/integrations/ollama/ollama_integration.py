@@ -22,7 +22,7 @@ from runtime.integrations.capabilities import ModelProvider
 from runtime.integrations.ollama.ollama_engine import OllamaEngine, ollama_error
 from runtime.integrations.platform import platform_model
 from runtime.integrations.settings import defaults_of
-from runtime.types import ProviderError
+from runtime.types import CHAT, COMPLETION, EMBEDDINGS, ProviderError
 
 
 @dataclass
@@ -48,6 +48,14 @@ DEFAULT_OLLAMAINTEGRATION_CONFIG = IntegrationConfig(
 )
 
 
+@dataclass(frozen=True)
+class Shown:
+    """What Ollama's /api/show says of a model; None where it says nothing."""
+
+    context_length: int | None
+    capabilities: frozenset[str] | None
+
+
 class OllamaIntegration(BaseIntegration, ModelProvider):
     """Offers an Ollama server's models to the ModelRouter, and its model management calls."""
 
@@ -64,6 +72,8 @@ class OllamaIntegration(BaseIntegration, ModelProvider):
         self.timeout = float(self.settings["timeout"])
         self._client: httpx.AsyncClient | None = None
         self.tags: dict[str, dict[str, Any]] = {}
+        # What /api/show says of each model (context length, capabilities), by name and digest.
+        self.shown: dict[tuple[str, str], Shown] = {}
         self.version: str | None = None
 
     @property
@@ -157,7 +167,35 @@ class OllamaIntegration(BaseIntegration, ModelProvider):
 
     async def _list_tags(self) -> dict[str, dict[str, Any]]:
         listed = (await self.request_json("/api/tags", method="GET")).get("models", [])
-        return {str(m.get("model") or m["name"]): m for m in listed}
+        tags = {str(m.get("model") or m["name"]): m for m in listed}
+        for name, tag in tags.items():
+            key = (name, str(tag.get("digest", "")))
+            if key not in self.shown:
+                self.shown[key] = await self._show(name)
+        return tags
+
+    async def _show(self, name: str) -> Shown:
+        """A model's context length and capabilities from `/api/show` (older Ollama releases
+        list no capabilities: then Tiffin's defaults stand)."""
+        try:
+            shown = await self.request_json("/api/show", {"model": name})
+        except ProviderError as exc:
+            self.log.warning("ollama /api/show failed", model=name, error=str(exc))
+            return Shown(None, None)
+        info = shown.get("model_info") or {}
+        lengths = [
+            v for k, v in info.items() if k.endswith(".context_length") and isinstance(v, int)
+        ]
+        said = shown.get("capabilities")
+        capabilities = None
+        if isinstance(said, list) and said:
+            found = set()
+            if "completion" in said:
+                found |= {CHAT, COMPLETION}
+            if "embedding" in said:
+                found.add(EMBEDDINGS)
+            capabilities = frozenset(found) or None
+        return Shown(lengths[0] if lengths else None, capabilities)
 
     def model_ids(self) -> list[str]:
         return [self.prefix + name for name in sorted(self.tags)]
@@ -169,6 +207,9 @@ class OllamaIntegration(BaseIntegration, ModelProvider):
         def engine(spec: ModelSpec) -> OllamaEngine:
             return OllamaEngine(spec, self, name)
 
+        digest = str(self.tags.get(name, {}).get("digest", ""))
+        shown = self.shown.get((name, digest), Shown(None, None))
+
         return platform_model(
             provider=self.name,
             engine="ollama",
@@ -178,7 +219,8 @@ class OllamaIntegration(BaseIntegration, ModelProvider):
             max_queue=self.max_queue,
             override=self.overrides.get(name),
             factory=engine,
-            capabilities=OllamaEngine.capabilities,
+            capabilities=shown.capabilities or OllamaEngine.capabilities,
+            context_length=shown.context_length,
         )
 
     def describe(self) -> dict[str, Any]:
