@@ -1,6 +1,7 @@
 """Ollama's model management on Tiffin's port: `/api/show` (what a model is and can do),
-`/api/copy` (another name for a model) and `/api/delete` (forget such a name). Errors in
-Ollama's shape, as on every `/api/*` route.
+`/api/pull` (from the Hugging Face Hub, `hf.co/org/repo`, or else from the Ollama server of the
+ollama integration, with Ollama's progress lines), `/api/copy` (another name for a model) and
+`/api/delete` (forget such a name). Errors in Ollama's shape, as on every `/api/*` route.
 
 Tiffin's models come from its config and platforms, so `copy` makes an alias, kept while this
 process runs (per worker), and `delete` removes one; a configured model is changed in the
@@ -8,6 +9,8 @@ config, and `delete` says so rather than pretending."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,8 +19,24 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from handlers.ollama_api import OPTIONS, model_entry, ollama_errors
 from handlers.parsing import parse
 from runtime.dispatch import Context, request_body
+from runtime.events import BusEvent
+from runtime.integrations import IntegrationUnavailable
+from runtime.integrations.huggingface_hub import HuggingFaceHubIntegration
+from runtime.integrations.huggingface_hub.hub_files import HubError
+from runtime.integrations.ollama import OllamaIntegration
 from runtime.models import ServedModel
-from runtime.types import CHAT, COMPLETION, EMBEDDINGS, Event, HandlerError, ModelNotFound
+from runtime.types import (
+    CHAT,
+    COMPLETION,
+    EMBEDDINGS,
+    Event,
+    HandlerError,
+    ModelNotFound,
+    NdjsonStream,
+    ProviderError,
+)
+
+HUB_PREFIXES = ("hf.co/", "huggingface.co/")
 
 # Tiffin's capabilities -> Ollama's names. Every local chat model calls tools (runtime/tools.py).
 CAPABILITIES = {
@@ -42,6 +61,11 @@ class ModelName(BaseModel):
         if not self.model:
             raise ValueError("model is required")
         return self
+
+
+class PullRequest(ModelName):
+    stream: bool = True
+    insecure: bool = False  # Ollama's flag for plain-HTTP registries; nothing to do here
 
 
 class CopyRequest(BaseModel):
@@ -74,6 +98,118 @@ async def show(event: Event, ctx: Context) -> dict[str, Any]:
         ),
         "modified_at": datetime.fromtimestamp(model.created, UTC).isoformat(),
     }
+
+
+@request_body(PullRequest)
+@ollama_errors
+async def pull(event: Event, ctx: Context) -> Any:
+    body = parse(PullRequest, event.body)
+    pattern, work, line = _puller(ctx, body.model)
+    if not body.stream:
+        await work()
+        return {"status": "success"}
+    return NdjsonStream(_progress(ctx, pattern, work, line))
+
+
+def _puller(
+    ctx: Context, name: str
+) -> tuple[str, Callable[[], Awaitable[None]], Callable[[BusEvent], dict[str, Any]]]:
+    """Where `name` comes from: the bus events its progress is in, the pull itself, and how
+    one event reads as Ollama's progress line."""
+    if name.startswith(HUB_PREFIXES):
+        repo, _, tag = name.split("/", 1)[1].partition(":")
+        if tag and tag != "latest":
+            raise HandlerError(
+                400,
+                f"a tag ({tag}) picks nothing here: the file is chosen by"
+                " integrations.huggingface_hub.settings.prefer_quant",
+                param="model",
+                code="invalid_value",
+            )
+        hub = _require(ctx, "huggingface_hub", HuggingFaceHubIntegration, name)
+
+        async def from_hub() -> None:
+            try:
+                await hub.pull(f"hf://{repo}")
+            except HubError as exc:
+                raise HandlerError(exc.status, str(exc), param="model", code=exc.code) from None
+
+        return "huggingface_hub.download", from_hub, _hub_line
+    ollama = _require(ctx, "ollama", OllamaIntegration, name)
+
+    async def from_ollama() -> None:
+        try:
+            await ollama.pull_model(name)
+        except ProviderError as exc:
+            # Ollama reports a pull's failure as an error line of a 200 answer: a name its
+            # registry does not have is the caller's mistake (404), anything else the server's.
+            status = exc.status if exc.status < 500 else 502
+            if "does not exist" in str(exc) or "not found" in str(exc):
+                status = 404
+            raise HandlerError(status, str(exc), param="model", code="pull_failed") from None
+
+    return "ollama.pull", from_ollama, _ollama_line
+
+
+def _require(ctx: Context, integration: str, kind: type[Any], name: str) -> Any:
+    try:
+        return ctx.integrations.require(integration, kind)
+    except IntegrationUnavailable as exc:
+        where = "hf.co/ models" if integration == "huggingface_hub" else name
+        raise HandlerError(
+            409,
+            f"{exc}; start Tiffin with integrations={integration} to pull {where}",
+            param="model",
+            code="integration_unavailable",
+        ) from None
+
+
+def _hub_line(event: BusEvent) -> dict[str, Any]:
+    data = event.data
+    done = data.get("completed", data.get("size", 0) if data.get("phase") == "finish" else 0)
+    return {
+        "status": f"pulling {data.get('file', '')}",
+        "digest": str(data.get("file", "")),
+        "total": data.get("total") or data.get("size"),
+        "completed": done,
+    }
+
+
+def _ollama_line(event: BusEvent) -> dict[str, Any]:
+    return {k: v for k, v in event.data.items() if k != "model"}
+
+
+async def _progress(
+    ctx: Context,
+    pattern: str,
+    work: Callable[[], Awaitable[None]],
+    line: Callable[[BusEvent], dict[str, Any]],
+) -> AsyncIterator[dict[str, Any]]:
+    """Ollama's progress lines while `work` runs, from the events it publishes; a failure is
+    the stream's last line (`{"error": ...}`)."""
+    queue: asyncio.Queue[BusEvent] = asyncio.Queue()
+    unsubscribe = ctx.events.subscribe(pattern, queue.put_nowait)
+    task = asyncio.ensure_future(work())
+    try:
+        yield {"status": "pulling manifest"}
+        while not task.done() or not queue.empty():
+            if queue.empty():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                yield line(getter.result())
+            else:
+                yield line(queue.get_nowait())
+        task.result()  # a failure raises here, after the progress it made
+        yield {"status": "verifying sha256 digest"}
+        yield {"status": "writing manifest"}
+        yield {"status": "success"}
+    finally:
+        unsubscribe()
+        if not task.done():
+            task.cancel()
 
 
 @request_body(CopyRequest)

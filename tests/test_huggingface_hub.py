@@ -388,3 +388,30 @@ def test_a_pull_setting_that_is_not_a_hub_source_is_a_config_error(
     config = hub_config(compose_test, "http://127.0.0.1:9", tmp_path / "hf", bad)
     with pytest.raises(ConfigError, match=r"settings\.pull\[0\].*hf://org/repo"):
         Runtime(config, builtins=handlers.builtin_plugins())
+
+
+async def test_ollamas_api_pulls_from_the_hub_with_progress_lines(
+    compose_test: Callable[..., DictConfig], fake: FakeHub, tmp_path: Path
+) -> None:
+    """Open WebUI's and the ollama client's pull, `hf.co/org/repo`, through Tiffin's /api/pull:
+    the Hub's download progress as Ollama's lines, then the model served."""
+    runtime = Runtime(
+        hub_config(compose_test, fake.url, tmp_path / "hf"), builtins=handlers.builtin_plugins()
+    )
+    await runtime.start()
+    try:
+        async with http(runtime) as client:
+            pulled = await client.post("/api/pull", json={"model": f"hf.co/{REPO}"})
+            assert pulled.status_code == 200, pulled.text
+            lines = [json.loads(line) for line in pulled.text.splitlines()]
+            assert lines[0] == {"status": "pulling manifest"} and lines[-1] == {"status": "success"}
+            assert {line["digest"] for line in lines if "digest" in line} >= {Q4}
+            finished = [x for x in lines if x.get("digest") == Q4 and x["completed"] == x["total"]]
+            assert finished
+            assert runtime.models.get(REPO).spec.path.name == Q4
+            missing = await client.post(
+                "/api/pull", json={"model": "hf.co/tiffin-test/nope", "stream": False}
+            )
+            assert missing.status_code == 404 and set(missing.json()) == {"error"}
+    finally:
+        await runtime.stop()

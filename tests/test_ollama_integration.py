@@ -154,6 +154,28 @@ async def test_tools_go_to_ollama_and_its_calls_come_back_in_openais_shape(
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
 
 
+async def test_api_pull_streams_ollamas_progress_and_serves_the_model(
+    runtime: Runtime, fake: FakeOllama
+) -> None:
+    """Tiffin's own /api/pull, for a name that is not on the Hub: pulled through the ollama
+    integration's server, its progress lines streamed in Ollama's shape, then served."""
+    async with http(runtime) as client:
+        pulled = await client.post("/api/pull", json={"model": "tinyllama:1b"})
+        lines = [json.loads(line) for line in pulled.text.splitlines()]
+        assert lines[0] == {"status": "pulling manifest"}
+        assert [x for x in lines if x.get("completed") == x.get("total") and "digest" in x]
+        assert lines[-1] == {"status": "success"}
+        listed = (await client.get("/api/tags")).json()["models"]
+        assert "ollama/tinyllama:1b" in {m["name"] for m in listed}
+
+        missing = await client.post("/api/pull", json={"model": "nowhere:7b", "stream": False})
+        assert missing.status_code == 404 and "does not exist" in missing.json()["error"]
+        tagged = await client.post("/api/pull", json={"model": "hf.co/org/repo:Q8_0"})
+        assert tagged.status_code == 400 and "prefer_quant" in tagged.json()["error"]
+        no_hub = await client.post("/api/pull", json={"model": "hf.co/org/repo"})
+        assert no_hub.status_code == 409 and "integrations=huggingface_hub" in no_hub.text
+
+
 async def test_a_streamed_answer_reports_its_prompt_tokens(
     runtime: Runtime, fake: FakeOllama
 ) -> None:
