@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ async def create(event: Event, ctx: Context) -> Any:
     owner = client_of(ctx)
     history: list[dict[str, Any]] = []
     if body.previous_response_id:
-        stored = ctx.runtime.responses.get(body.previous_response_id, owner)
+        stored = await ctx.runtime.responses.get(body.previous_response_id, owner)
         if stored is None:
             raise HandlerError(
                 404,
@@ -61,23 +61,23 @@ async def create(event: Event, ctx: Context) -> Any:
     chunks, outcome = await ctx.generate(request)
     shape = Shape(f"resp_{event.request_id}", int(time.time()), body, outcome)
 
-    def keep(answer: dict[str, Any]) -> None:
+    async def keep(answer: dict[str, Any]) -> None:
         if body.store:
             said = [*history, *turn, _assistant_turn(outcome)]
-            ctx.runtime.responses.put(answer["id"], StoredResponse(owner, answer, said))
+            await ctx.runtime.responses.put(answer["id"], StoredResponse(owner, answer, said))
 
     if body.stream:
         return EventStream(_events(chunks, shape, keep), _error_event)
     async for _ in chunks:
         pass
     answer = shape.response()
-    keep(answer)
+    await keep(answer)
     return answer
 
 
 async def get(event: Event, ctx: Context) -> dict[str, Any]:
     response_id = event.path_params.get("response_id", "")
-    stored = ctx.runtime.responses.get(response_id, client_of(ctx))
+    stored = await ctx.runtime.responses.get(response_id, client_of(ctx))
     if stored is None:
         raise HandlerError(
             404, f"no stored response {response_id!r}", param="response_id", code="not_found"
@@ -87,7 +87,7 @@ async def get(event: Event, ctx: Context) -> dict[str, Any]:
 
 async def delete(event: Event, ctx: Context) -> dict[str, Any]:
     response_id = event.path_params.get("response_id", "")
-    if not ctx.runtime.responses.delete(response_id, client_of(ctx)):
+    if not await ctx.runtime.responses.delete(response_id, client_of(ctx)):
         raise HandlerError(
             404, f"no stored response {response_id!r}", param="response_id", code="not_found"
         )
@@ -201,7 +201,7 @@ def _error_event(exc: HandlerError) -> dict[str, Any]:
 
 
 async def _events(
-    chunks: Stream[Chunk], shape: Shape, keep: Callable[[dict[str, Any]], None]
+    chunks: Stream[Chunk], shape: Shape, keep: Callable[[dict[str, Any]], Awaitable[None]]
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """The API's stream: the response created and in progress, each output item added, filled
     (text deltas, or a call's argument deltas) and done, then the response completed."""
@@ -279,6 +279,6 @@ async def _events(
     finally:
         await chunks.aclose()
     final = shape.response()
-    keep(final)
+    await keep(final)
     kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
     yield event(kind, response=final)

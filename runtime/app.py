@@ -39,10 +39,11 @@ from runtime.integrations import (
     RequestLogSink,
 )
 from runtime.integrations.base import Health
+from runtime.integrations.capabilities import ResponseStoreProvider
 from runtime.integrations.manager import Sleep
 from runtime.integrations.opentelemetry import tracing_settings
 from runtime.models import ModelRouter
-from runtime.response_store import ResponseStore
+from runtime.response_store import MemoryResponses, ResponseStore
 from runtime.runner_client import RemoteEngine, RunnerClient
 from runtime.secrets import redact
 from runtime.telemetry.live_stats import LiveStats
@@ -98,7 +99,7 @@ class Runtime:
         self.metrics = Metrics()
         self.tracing = Tracing(tracing_settings(self.settings))
         self.live = LiveStats()
-        self.responses = ResponseStore(self.settings.limits.stored_responses)
+        self._memory_responses = MemoryResponses(self.settings.limits.stored_responses)
         # Hashes the configured keys and drops the plain ones from self.settings.
         self.auth = Auth.from_settings(self.settings)
         self.plugins = make_plugin_manager(
@@ -208,6 +209,17 @@ class Runtime:
         await self.integrations.stop_all()
         self.log.info("runtime stopped")
         await self.tracing.shutdown()  # last: flushes the spans of everything above
+
+    @property
+    def responses(self) -> ResponseStore:
+        """Where the Responses API keeps answers: the database while one runs (every worker
+        sees them), else this worker's memory."""
+        capacity = self.settings.limits.stored_responses
+        for _, provider in self.integrations.providing(ResponseStoreProvider):
+            store = provider.stored_responses(capacity)
+            if store is not None:
+                return store
+        return self._memory_responses
 
     @property
     def ready(self) -> bool:

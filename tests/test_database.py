@@ -31,6 +31,7 @@ from runtime.persistence.request_log import RequestLogWriter, WriterSettings, to
 from runtime.persistence.spool import Spool
 from runtime.persistence.store import RequestLogStore
 from runtime.persistence.tables import metadata
+from runtime.response_store import MemoryResponses
 from runtime.telemetry.live_stats import GenerationRequestRecord
 from runtime.transports.http import create_app
 from tests.conftest import eventually
@@ -82,8 +83,8 @@ async def http(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
 async def test_migrations_create_the_schema_from_empty(tmp_path: Path) -> None:
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
     try:
-        assert await migrate.upgrade(engine) == migrate.head() == "0002"
-        assert await migrate.upgrade(engine) == "0002"  # applied again: nothing to do
+        assert await migrate.upgrade(engine) == migrate.head() == "0003"
+        assert await migrate.upgrade(engine) == "0003"  # applied again: nothing to do
 
         def columns(connection: object) -> dict[str, set[str]]:
             inspector = inspect(connection)
@@ -172,6 +173,36 @@ async def test_usage_needs_the_database_integration(make_runtime: MakeRuntime) -
         response = await client.get("/admin/usage")
     assert response.status_code == 503
     assert "integrations=database" in response.json()["error"]["message"]
+
+
+async def test_stored_responses_live_in_the_database(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    """With the database, the Responses API's answers outlive the process (and so serve every
+    worker): a new Runtime on the same database continues and deletes them, per key."""
+    first = await start_with_models(
+        make_runtime(*database_overrides(tmp_path), builtins=[ScriptedEngines()])
+    )
+    transport = httpx.ASGITransport(app=create_app(first))
+    async with httpx.AsyncClient(transport=transport, base_url="http://tiffin.test") as client:
+        made = (await client.post("/v1/responses", json={"model": "m1", "input": "hi"})).json()
+    await first.stop()
+    assert isinstance(first.responses, MemoryResponses)  # stopped: no database to use
+
+    second = await start_with_models(
+        make_runtime(*database_overrides(tmp_path), builtins=[ScriptedEngines()])
+    )
+    transport = httpx.ASGITransport(app=create_app(second))
+    async with httpx.AsyncClient(transport=transport, base_url="http://tiffin.test") as client:
+        again = await client.get(f"/v1/responses/{made['id']}")
+        assert again.status_code == 200 and again.json() == made
+        follow = {"model": "m1", "input": "more", "previous_response_id": made["id"]}
+        assert (await client.post("/v1/responses", json=follow)).status_code == 200
+        engine = second.models.get("m1").engine
+        assert [m["content"] for m in engine.requests[-1].messages] == ["hi", "ok", "more"]
+        assert (await client.delete(f"/v1/responses/{made['id']}")).status_code == 200
+        assert (await client.get(f"/v1/responses/{made['id']}")).status_code == 404
+    await second.stop()
 
 
 async def test_queued_records_are_flushed_on_stop(

@@ -17,6 +17,8 @@ from runtime.integrations.base import IntegrationStatus
 from runtime.integrations.database import async_url
 from runtime.persistence import migrate
 from runtime.persistence.api_keys import KeyExists
+from runtime.persistence.stored_responses import DatabaseResponses
+from runtime.response_store import StoredResponse
 from runtime.transports.http import create_app
 from tests.conftest import eventually
 from tests.real_postgres import Postgres, running_postgres
@@ -40,7 +42,9 @@ async def test_postgres_outage_mid_run_loses_nothing(
     database = database_of(runtime)
     writer = database.writer
     assert database.status is IntegrationStatus.active
-    assert database.store.engine.dialect.name == "postgresql" and database.revision == "0002"
+    assert (
+        database.store.engine.dialect.name == "postgresql" and database.revision == migrate.head()
+    )
     assert "tiffin-test-pw" not in str(runtime.integrations.integrations["database"].describe())
 
     transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
@@ -80,7 +84,7 @@ async def test_workers_starting_together_migrate_one_at_a_time(postgres: Postgre
     try:
         together = asyncio.gather(*(migrate.upgrade(engine) for engine in engines))
         revisions = await asyncio.wait_for(together, 60)  # unserialized, they can deadlock
-        assert revisions == ["0002"] * 3
+        assert revisions == [migrate.head()] * 3
     finally:
         for engine in engines:
             await engine.dispose()
@@ -108,3 +112,22 @@ async def test_stored_keys_on_postgres(
         assert (await client.get("/v1/models", headers=bearer(key))).status_code == 401
         assert (await client.get("/v1/models")).status_code == 401  # revoked keys keep auth on
     await runtime.stop()  # before the server stops: last_used_at is written at stop
+
+
+async def test_stored_responses_on_postgresql_keep_the_newest_per_capacity(
+    postgres: Postgres,
+) -> None:
+    engine = create_async_engine(async_url(postgres.url, Path()))
+    try:
+        await migrate.upgrade(engine)
+        store = DatabaseResponses(engine, capacity=2)
+        for n in range(3):
+            answer = {"id": f"resp_{n}", "output": []}
+            await store.put(f"resp_{n}", StoredResponse("app", answer, [{"role": "user"}]))
+        assert await store.get("resp_0", "app") is None  # the oldest beyond the capacity
+        kept = await store.get("resp_2", "app")
+        assert kept is not None and kept.body == {"id": "resp_2", "output": []}
+        assert await store.get("resp_2", "someone-else") is None
+        assert await store.delete("resp_2", "app") and not await store.delete("resp_2", "app")
+    finally:
+        await engine.dispose()

@@ -12,6 +12,7 @@ a runtime_checkable Protocol only looks for them by name).
 - `KeyStore`: API keys kept outside the config (the database's stored keys).
 - `RateStoreProvider`: rate-limit counters shared by every process (redis); the counters
   themselves are auth's `RateStore` (runtime/auth/rate_limits.py), the one definition of them.
+- `ResponseStoreProvider`: keeps the Responses API's stored answers (the database's).
 - `ModelProvider`: offers models to the ModelRouter (custom_models, ollama, openai_compatible,
   huggingface_hub), and those `python -m runtime plan` lists before anything starts.
 """
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from runtime.auth.rate_limits import RateStore
     from runtime.engines.engine import ModelSpec
     from runtime.persistence.api_keys import ApiKeyStore
+    from runtime.response_store import ResponseStore
     from runtime.telemetry.live_stats import GenerationRequestRecord
 
 
@@ -48,6 +50,15 @@ class RateStoreProvider(Protocol):
     """Holds the store the Runtime's RateLimiter counts in instead of its own memory."""
 
     rate_store: RateStore
+
+
+@runtime_checkable
+class ResponseStoreProvider(Protocol):
+    """Keeps the Responses API's answers where every worker sees them."""
+
+    def stored_responses(self, capacity: int) -> ResponseStore | None:
+        """The store, keeping at most `capacity` answers; None while it cannot be used."""
+        ...
 
 
 @runtime_checkable

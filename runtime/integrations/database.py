@@ -19,13 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from runtime.config_schema import IntegrationConfig, IntegrationType, RetryConfig
 from runtime.events import EventBus
 from runtime.integrations.base import BaseIntegration, Health
-from runtime.integrations.capabilities import KeyStore, RequestLogSink
+from runtime.integrations.capabilities import KeyStore, RequestLogSink, ResponseStoreProvider
 from runtime.integrations.settings import defaults_of
 from runtime.persistence import migrate
 from runtime.persistence.api_keys import ApiKeyStore
 from runtime.persistence.request_log import RequestLogWriter, WriterSettings
 from runtime.persistence.spool import Spool
 from runtime.persistence.store import RequestLogStore
+from runtime.persistence.stored_responses import DatabaseResponses
 from runtime.secrets import redact, redact_text
 from runtime.telemetry.live_stats import GenerationRequestRecord
 
@@ -92,7 +93,7 @@ class Target:
             self.data_dir.mkdir(parents=True, exist_ok=True)
 
 
-class DatabaseIntegration(BaseIntegration, RequestLogSink, KeyStore):
+class DatabaseIntegration(BaseIntegration, RequestLogSink, KeyStore, ResponseStoreProvider):
     """The request log's database: migrations at start, batched writes, `SELECT 1` health."""
 
     settings_schema: ClassVar[type[Any]] = DatabaseSettings
@@ -140,6 +141,12 @@ class DatabaseIntegration(BaseIntegration, RequestLogSink, KeyStore):
         if not self.initialized:
             return None
         return ApiKeyStore(self.store.engine)
+
+    def stored_responses(self, capacity: int) -> DatabaseResponses | None:
+        """The Responses API's answers; None while the database integration is not running."""
+        if not self.initialized:
+            return None
+        return DatabaseResponses(self.store.engine, capacity)
 
     def record_request(self, record: GenerationRequestRecord) -> None:
         """A finished generation request (LiveStats' sink). Before the database has started,

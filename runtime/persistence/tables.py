@@ -73,3 +73,17 @@ usage_rollup = Table(
     Column("first_time", Float, nullable=False),
     Column("last_time", Float, nullable=False),
 )
+
+# The Responses API's stored answers (runtime/response_store.py), for previous_response_id and
+# GET /v1/responses/{id} on every worker and replica. JSON text: the response object, and the
+# conversation up to and including it. The oldest rows beyond limits.stored_responses go.
+responses = Table(
+    "responses",
+    metadata,
+    Column("id", String(160), primary_key=True),
+    Column("owner", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("conversation", Text, nullable=False),
+    Index("ix_responses_created_at", "created_at"),
+)
