@@ -159,6 +159,13 @@ async def test_api_pull_streams_ollamas_progress_and_serves_the_model(
 ) -> None:
     """Tiffin's own /api/pull, for a name that is not on the Hub: pulled through the ollama
     integration's server, its progress lines streamed in Ollama's shape, then served."""
+    try:
+        await pull_through_tiffin(runtime)
+    finally:
+        fake.models.pop("tinyllama:1b", None)  # the fake server outlives this test
+
+
+async def pull_through_tiffin(runtime: Runtime) -> None:
     async with http(runtime) as client:
         pulled = await client.post("/api/pull", json={"model": "tinyllama:1b"})
         lines = [json.loads(line) for line in pulled.text.splitlines()]

@@ -18,7 +18,7 @@ from runtime.integrations.openai_compatible import (
 )
 from runtime.integrations.openai_compatible.circuit import CircuitBreaker, CircuitState
 from runtime.integrations.openai_compatible.openai_upstream import UpstreamEngine, request_body
-from runtime.types import GenerationRequest, ProviderError, UnsupportedRequest
+from runtime.types import GenerationRequest, ProviderError
 
 Reply = Callable[[httpx.Request], httpx.Response]
 
@@ -56,8 +56,8 @@ def upstream_with(replies: list[Reply | httpx.Response], **settings: object) -> 
     return engine
 
 
-async def text_of(engine: UpstreamEngine) -> str:
-    request = GenerationRequest(
+async def text_of(engine: UpstreamEngine, request: GenerationRequest | None = None) -> str:
+    request = request or GenerationRequest(
         model="openai_compatible/m", messages=[{"role": "user", "content": "x"}]
     )
     return "".join([c.text async for c in engine.generate(request)])
@@ -131,14 +131,30 @@ def test_seed_zero_is_sent_and_tools_are_refused() -> None:
     assert body["seed"] == 0 and body["max_tokens"] == 0
 
 
-async def test_tool_requests_are_refused_not_silently_dropped() -> None:
-    engine = upstream_with([stream_of("never")])
+async def test_tool_requests_reach_the_upstream_with_their_tools() -> None:
+    """Tools are the upstream's to honour (they were refused before Tiffin could carry calls;
+    tests/test_openai_upstream.py checks the calls that come back)."""
+    sent: list[dict[str, object]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return stream_of("ok")
+
+    engine = upstream_with([answer])
+    tool = {"type": "function", "function": {"name": "f"}}
     request = GenerationRequest(
-        model="m", messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]
+        model="m",
+        messages=[{"role": "user", "content": "x"}],
+        tools=[tool],
+        tool_choice="required",
+        parallel_tool_calls=False,
     )
-    with pytest.raises(UnsupportedRequest) as refused:
-        await anext(engine.generate(request))  # type: ignore[arg-type]
-    assert refused.value.param == "tools"
+    assert await text_of(engine, request) == "ok"
+    assert (sent[0]["tools"], sent[0]["tool_choice"], sent[0]["parallel_tool_calls"]) == (
+        [tool],
+        "required",
+        False,
+    )
 
 
 async def test_a_half_open_trial_that_the_upstream_refuses_closes_the_circuit() -> None:
