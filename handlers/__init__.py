@@ -52,7 +52,7 @@ class BuiltinHandlers:
         register("admin.usage", usage.usage)
         for name in ("version", "tags", "ps", "chat", "generate", "embed", "embeddings"):
             register(f"ollama.{name}", getattr(ollama_api, name))
-        for name in ("show", "pull", "copy", "delete"):
+        for name in ("show", "pull", "create", "copy", "delete"):
             register(f"ollama.{name}", getattr(ollama_models, name))
 
 

@@ -1,6 +1,7 @@
 """Ollama's model management on Tiffin's port: `/api/show` (what a model is and can do),
 `/api/pull` (from the Hugging Face Hub, `hf.co/org/repo`, or else from the Ollama server of the
-ollama integration, with Ollama's progress lines), `/api/copy` (another name for a model) and
+ollama integration, with Ollama's progress lines), `/api/create` (a model from a GGUF file
+already on disk, with default parameters), `/api/copy` (another name for a model) and
 `/api/delete` (forget such a name). Errors in Ollama's shape, as on every `/api/*` route.
 
 Tiffin's models come from its config and platforms, so `copy` makes an alias, kept while this
@@ -19,8 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from handlers.ollama_api import OPTIONS, model_entry, ollama_errors
 from handlers.parsing import parse
 from runtime.dispatch import Context, request_body
+from runtime.engines.detect import ModelFormatError
+from runtime.errors import ConfigError
 from runtime.events import BusEvent
 from runtime.integrations import IntegrationUnavailable
+from runtime.integrations.custom_models import CustomModelsIntegration
 from runtime.integrations.huggingface_hub import HuggingFaceHubIntegration
 from runtime.integrations.huggingface_hub.hub_files import HubError
 from runtime.integrations.ollama import OllamaIntegration
@@ -66,6 +70,20 @@ class ModelName(BaseModel):
 class PullRequest(ModelName):
     stream: bool = True
     insecure: bool = False  # Ollama's flag for plain-HTTP registries; nothing to do here
+
+
+class CreateRequest(BaseModel):
+    """Ollama's create, for a GGUF file already on disk: `from` is its path (inside the
+    custom_models integration's allowed directories). Ollama's other ways of building a model
+    (uploaded blobs, adapters, quantizing, a template or system prompt baked in) are refused
+    by name: the models forbid what they do not declare."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200, pattern=r"^[\w.:/-]+$")
+    from_: str = Field(alias="from", min_length=1)
+    parameters: dict[str, Any] | None = None
+    stream: bool = True
 
 
 class CopyRequest(BaseModel):
@@ -210,6 +228,45 @@ async def _progress(
         unsubscribe()
         if not task.done():
             task.cancel()
+
+
+@request_body(CreateRequest)
+@ollama_errors
+async def create(event: Event, ctx: Context) -> Any:
+    body = parse(CreateRequest, event.body)
+    if not body.from_.lower().endswith(".gguf"):
+        raise HandlerError(
+            400,
+            f"from: {body.from_!r} is no .gguf file; Tiffin creates models from a GGUF already on"
+            " disk (another name for a model is /api/copy)",
+            param="from",
+            code="invalid_value",
+        )
+    defaults: dict[str, Any] = {}
+    for option, value in (body.parameters or {}).items():
+        if option not in OPTIONS:
+            known = ", ".join(sorted(OPTIONS))
+            raise HandlerError(
+                400,
+                f"parameters.{option} is not supported (supported: {known})",
+                param=f"parameters.{option}",
+                code="invalid_value",
+            )
+        defaults[OPTIONS[option]] = value
+    files = _require(ctx, "custom_models", CustomModelsIntegration, body.model)
+    raw = {"id": body.model, "source": body.from_, "defaults": defaults}
+    try:
+        await files.add(raw)
+    except (ConfigError, ModelFormatError) as exc:
+        raise HandlerError(400, str(exc), param="from", code="invalid_value") from None
+    if not body.stream:
+        return {"status": "success"}
+
+    async def lines() -> AsyncIterator[dict[str, Any]]:
+        for status in ("parsing GGUF", "writing manifest", "success"):
+            yield {"status": status}
+
+    return NdjsonStream(lines())
 
 
 @request_body(CopyRequest)

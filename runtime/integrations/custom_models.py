@@ -192,6 +192,18 @@ class CustomModelsIntegration(BaseIntegration, ModelProvider):
     def models(self) -> list[ModelSpec]:
         return list(self.specs)
 
+    async def add(self, raw: dict[str, Any]) -> ModelSpec:
+        """Serve one more model while running (Ollama's `/api/create` of a file on disk), held
+        to the same checks as a declared one (its file inside the allowed directories); kept
+        until the process ends. Raises ConfigError or ModelFormatError naming the problem."""
+        model = self._validate(len(self.declared), raw)
+        if any(spec.config.id == model.id for spec in self.specs):
+            raise ConfigError(f"integrations.{self.name}.settings.models", model.id, "a new id")
+        spec, _ = await asyncio.to_thread(self._resolve, model)
+        self.specs.append(spec)
+        await self.emit("models.changed", {"models": [s.config.id for s in self.specs]})
+        return spec
+
     def planned_models(self) -> list[dict[str, Any]]:
         """The declared models, for `plan` (nothing is resolved or loaded)."""
         return [
