@@ -8,9 +8,8 @@ may come as `x-api-key`, as Anthropic's clients send it, or as `Authorization`."
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from handlers.anthropic_requests import (
@@ -23,7 +22,7 @@ from handlers.anthropic_requests import (
     ToolUseBlock,
 )
 from handlers.parsing import parse, sampling
-from runtime.dispatch import Context, error_body, request_body
+from runtime.dispatch import Context, errors_as, request_body
 from runtime.generation import Outcome
 from runtime.models import ServedModel
 from runtime.tools import plan_tools, with_tools
@@ -34,7 +33,6 @@ from runtime.types import (
     EventStream,
     GenerationRequest,
     HandlerError,
-    Reply,
     Stream,
 )
 
@@ -51,8 +49,6 @@ ERROR_TYPES = {
 }
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
-Handler = Callable[[Event, Context], Awaitable[Any]]
-
 
 def anthropic_error(exc: HandlerError) -> dict[str, Any]:
     kind = ERROR_TYPES.get(
@@ -61,18 +57,8 @@ def anthropic_error(exc: HandlerError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": exc.message}}
 
 
-def anthropic_errors(handler: Handler) -> Handler:
-    """Errors in Anthropic's shape, also for what is refused before the handler runs."""
-
-    @error_body(anthropic_error)
-    @functools.wraps(handler)
-    async def wrapped(event: Event, ctx: Context) -> Any:
-        try:
-            return await handler(event, ctx)
-        except HandlerError as exc:
-            return Reply(anthropic_error(exc), status=exc.status, headers=exc.headers, error=exc)
-
-    return wrapped
+# Errors in Anthropic's shape, also for what is refused before the handler runs.
+anthropic_errors = errors_as(anthropic_error)
 
 
 @request_body(MessagesRequest)

@@ -6,10 +6,9 @@ nanoseconds, and errors as `{"error": "..."}`."""
 
 from __future__ import annotations
 
-import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -17,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from handlers.openai_requests import INT32_MAX, Sampling
 from handlers.parsing import model_defaults, parse
-from runtime.dispatch import Context, error_body, request_body
+from runtime.dispatch import Context, errors_as, request_body
 from runtime.engines.schema_limits import SchemaTooComplex, check_schema
 from runtime.generation import Outcome
 from runtime.models import ModelState, ServedModel
@@ -29,7 +28,6 @@ from runtime.types import (
     GenerationRequest,
     HandlerError,
     NdjsonStream,
-    Reply,
     close,
 )
 
@@ -146,27 +144,14 @@ class LegacyEmbeddingsRequest(BaseModel):
     prompt: str = Field(min_length=1)
 
 
-Handler = Callable[[Event, Context], Awaitable[Any]]
-
-
 def ollama_error(exc: HandlerError) -> dict[str, Any]:
     """An error in Ollama's shape."""
     return {"error": exc.message}
 
 
-def ollama_errors(handler: Handler) -> Handler:
-    """Errors in Ollama's shape: `{"error": "message"}` with the same status, also for what
-    the transport refuses before the handler runs."""
-
-    @error_body(ollama_error)
-    @functools.wraps(handler)
-    async def wrapped(event: Event, ctx: Context) -> Any:
-        try:
-            return await handler(event, ctx)
-        except HandlerError as exc:
-            return Reply(ollama_error(exc), status=exc.status, headers=exc.headers, error=exc)
-
-    return wrapped
+# Errors in Ollama's shape, `{"error": "message"}` with the same status, also for what the
+# transport refuses before the handler runs.
+ollama_errors = errors_as(ollama_error)
 
 
 @ollama_errors

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,6 +41,7 @@ from runtime.types import (
 )
 
 HUB_PREFIXES = ("hf.co/", "huggingface.co/")
+T = TypeVar("T")
 
 # Tiffin's capabilities -> Ollama's names. Every local chat model calls tools (runtime/tools.py).
 CAPABILITIES = {
@@ -169,7 +170,7 @@ def _puller(
     return "ollama.pull", from_ollama, _ollama_line
 
 
-def _require(ctx: Context, integration: str, kind: type[Any], name: str) -> Any:
+def _require(ctx: Context, integration: str, kind: type[T], name: str) -> T:
     try:
         return ctx.integrations.require(integration, kind)
     except IntegrationUnavailable as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -84,6 +85,25 @@ def error_body(render: Callable[[HandlerError], Any]) -> Callable[[_H], _H]:
         return handler
 
     return mark
+
+
+def errors_as(render: Callable[[HandlerError], Any]) -> Callable[[Handler], Handler]:
+    """A handler whose errors take `render`'s shape on the wire (Ollama's, Anthropic's): its
+    HandlerErrors become a Reply with that body and the same status, and `error_body` makes
+    the transports answer their own refusals of its requests the same way."""
+
+    def wrap(handler: Handler) -> Handler:
+        @error_body(render)
+        @functools.wraps(handler)
+        async def wrapped(event: Event, ctx: Context) -> Any:
+            try:
+                return await handler(event, ctx)
+            except HandlerError as exc:
+                return Reply(render(exc), status=exc.status, headers=exc.headers, error=exc)
+
+        return wrapped
+
+    return wrap
 
 
 @dataclass

@@ -63,17 +63,7 @@ class ToolCallScanner:
             self._char(char)
         calls, self._calls = _merged(self._calls), []
         text, self._text = "".join(self._text), []
-        finish = chunk.finish_reason
-        if finish == "stop" and self.calls:
-            finish = "tool_calls"
-        return Chunk(
-            index=chunk.index,
-            text=text,
-            finish_reason=finish,
-            usage=chunk.usage,
-            model=chunk.model,
-            tool_calls=calls,
-        )
+        return reshaped(chunk, text, calls, called=self.calls > 0)
 
     # --- one character --------------------------------------------------------------------------
 
@@ -178,6 +168,20 @@ class ToolCallScanner:
             self.stack[-1].key = value
         elif string.role == "name":
             self.name = value
+
+
+def reshaped(chunk: Chunk, text: str, calls: list[ToolCall], *, called: bool) -> Chunk:
+    """`chunk` as the client sees it: `text` and `calls` in place of the model's text, and
+    "stop" as "tool_calls" once the choice has made a call (`called`)."""
+    finish = "tool_calls" if chunk.finish_reason == "stop" and called else chunk.finish_reason
+    return Chunk(
+        index=chunk.index,
+        text=text,
+        finish_reason=finish,
+        usage=chunk.usage,
+        model=chunk.model,
+        tool_calls=calls,
+    )
 
 
 def _merged(pieces: list[ToolCall]) -> list[ToolCall]:

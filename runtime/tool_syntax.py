@@ -23,6 +23,7 @@ import json
 import uuid
 from typing import Any
 
+from runtime.tool_scanner import reshaped
 from runtime.types import Chunk, ToolCall
 
 HERMES, MISTRAL, LLAMA3, GEMMA = "hermes", "mistral", "llama3", "gemma"
@@ -64,17 +65,7 @@ class NativeCallParser:
         if chunk.finish_reason:
             more, more_calls = self.finish()
             content, calls = content + more, calls + more_calls
-        finish = chunk.finish_reason
-        if finish == "stop" and self.calls:
-            finish = "tool_calls"
-        return Chunk(
-            index=chunk.index,
-            text=content,
-            finish_reason=finish,
-            usage=chunk.usage,
-            model=chunk.model,
-            tool_calls=calls,
-        )
+        return reshaped(chunk, content, calls, called=self.calls > 0)
 
     def feed_text(self, text: str) -> tuple[str, list[ToolCall]]:
         self.buffer += text

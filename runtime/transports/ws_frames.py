@@ -128,7 +128,7 @@ class TurnFrames:
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
                 if choice.get("index", 0) == 0:
-                    frames += self._calls_made(len(self.tool_calls))
+                    frames += self._call_frames()
         return frames
 
     def _add_call_pieces(self, pieces: Sequence[Mapping[str, Any]]) -> None:
@@ -144,9 +144,9 @@ class TurnFrames:
                 more = (piece.get("function") or {}).get("arguments", "")
                 function["arguments"] = function.get("arguments", "") + more
 
-    def _calls_made(self, count: int) -> list[Frame]:
+    def _call_frames(self) -> list[Frame]:
         """A tool_call frame for each whole call (sent when the choice finishes)."""
-        return [{"type": "tool_call", "id": self.turn, "call": c} for c in self.tool_calls[:count]]
+        return [{"type": "tool_call", "id": self.turn, "call": c} for c in self.tool_calls]
 
     def whole(self, completion: Mapping[str, Any]) -> list[Frame]:
         """A handler (or plugin) that answered with one chat.completion, not a stream."""
@@ -161,7 +161,7 @@ class TurnFrames:
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
             if choice.get("index", 0) == 0 and message.get("tool_calls"):
                 self.tool_calls = [dict(call) for call in message["tool_calls"]]
-                frames += self._calls_made(len(self.tool_calls))
+                frames += self._call_frames()
         return frames
 
     def _token(self, content: str, index: int) -> Frame:
