@@ -78,10 +78,11 @@ async def messages(event: Event, ctx: Context) -> Any:
     chunks, outcome = await ctx.generate(request)
     message_id = f"msg_{event.request_id}"
     if body.stream:
-        return EventStream(_events(chunks, outcome, message_id), anthropic_error)
+        events = _events(chunks, outcome, message_id, request.stop)
+        return EventStream(events, anthropic_error)
     async for _ in chunks:
         pass
-    return _message(outcome, message_id)
+    return _message(outcome, message_id, request.stop)
 
 
 @request_body(CountTokensRequest)
@@ -183,7 +184,18 @@ def _usage(outcome: Outcome) -> dict[str, int]:
     }
 
 
-def _message(outcome: Outcome, message_id: str) -> dict[str, Any]:
+def _stop_reason(outcome: Outcome, stop_sequences: list[str]) -> dict[str, Any]:
+    """`stop_reason` and `stop_sequence`: which of the request's stop_sequences ended the
+    answer, when one did (the engines report the stop string they matched; an upstream that
+    does not say is reported as `end_turn`)."""
+    matched = outcome.stop_sequences.get(0)
+    if outcome.finish.get(0) == "stop" and matched in stop_sequences:
+        return {"stop_reason": "stop_sequence", "stop_sequence": matched}
+    reason = STOP_REASONS.get(outcome.finish.get(0, "stop"), "end_turn")
+    return {"stop_reason": reason, "stop_sequence": None}
+
+
+def _message(outcome: Outcome, message_id: str, stop_sequences: list[str]) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     text = outcome.text(0)
     if text:
@@ -198,8 +210,7 @@ def _message(outcome: Outcome, message_id: str) -> dict[str, Any]:
         "role": "assistant",
         "model": outcome.model,
         "content": content,
-        "stop_reason": STOP_REASONS.get(outcome.finish.get(0, "stop"), "end_turn"),
-        "stop_sequence": None,
+        **_stop_reason(outcome, stop_sequences),
         "usage": _usage(outcome),
     }
 
@@ -214,7 +225,7 @@ def _input(arguments: str) -> dict[str, Any]:
 
 
 async def _events(
-    chunks: Stream[Chunk], outcome: Outcome, message_id: str
+    chunks: Stream[Chunk], outcome: Outcome, message_id: str, stop_sequences: list[str]
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """Anthropic's stream: the message, then each content block (text, or a tool_use whose
     input arrives as JSON pieces) opened, filled and closed, then the stop reason and usage."""
@@ -257,12 +268,11 @@ async def _events(
             yield _stop(blocks - 1)
     finally:
         await chunks.aclose()
-    reason = STOP_REASONS.get(outcome.finish.get(0, "stop"), "end_turn")
     yield (
         "message_delta",
         {
             "type": "message_delta",
-            "delta": {"stop_reason": reason, "stop_sequence": None},
+            "delta": _stop_reason(outcome, stop_sequences),
             "usage": _usage(outcome),
         },
     )

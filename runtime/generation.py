@@ -98,6 +98,7 @@ class Outcome:
     texts: dict[int, list[str]] = field(default_factory=dict)
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     finish: dict[int, str] = field(default_factory=dict)
+    stop_sequences: dict[int, str] = field(default_factory=dict)  # the stop string that ended it
     tool_calls: dict[int, list[ToolCall]] = field(default_factory=dict)  # whole calls, by choice
     usage: Usage = field(default_factory=Usage)
     model: str = ""  # the model that answered: the requested one, or one of its fallbacks
@@ -110,6 +111,8 @@ class Outcome:
         self.logprobs.setdefault(chunk.index, []).extend(chunk.logprobs)
         if chunk.finish_reason:
             self.finish[chunk.index] = chunk.finish_reason
+        if chunk.stop_sequence:
+            self.stop_sequences[chunk.index] = chunk.stop_sequence
         if chunk.usage:
             self.usage = chunk.usage
         calls = self.tool_calls.setdefault(chunk.index, []) if chunk.tool_calls else []

@@ -90,6 +90,7 @@ class Chunk:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "tool_calls"
+    stop_sequence: str | None = None  # with "stop": the stop string that ended it, if one did
     usage: Usage | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
     model: str = ""  # the model that answered (set by the router; a fallback may answer)

@@ -65,6 +65,27 @@ def test_a_message_whole_and_streamed(client: anthropic.Anthropic) -> None:
     assert final.usage.output_tokens == whole.usage.output_tokens
 
 
+def test_a_stop_sequence_that_ends_the_answer_is_named(client: anthropic.Anthropic) -> None:
+    fields: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": 24,
+        "extra_body": {"temperature": 0},
+        "messages": ask("Count from one to ten."),
+    }
+    text = client.messages.create(**fields).content[0].text  # type: ignore[union-attr]
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = words[len(words) // 2]  # a word greedy decoding is known to reach
+    fields["stop_sequences"] = ["a stop string it never writes", stop]
+    whole = client.messages.create(**fields)
+    assert (whole.stop_reason, whole.stop_sequence) == ("stop_sequence", stop)
+    answer = whole.content[0].text if whole.content else ""  # type: ignore[union-attr]
+    assert answer == text[: text.index(stop)]
+    with client.messages.stream(**fields) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
+
+
 def test_a_tool_is_used_with_input_that_matches_its_schema(client: anthropic.Anthropic) -> None:
     fields: dict[str, Any] = {
         "model": MODEL,

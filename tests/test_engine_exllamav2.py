@@ -247,6 +247,7 @@ async def test_a_stop_string_ends_with_stop_and_is_not_sent(serve: Callable[...,
     out = await collect(served.engine.generate(request(prompt="Hi", stop=[" END"])))
     assert out.text() == "Hello world"
     assert out.finish == {0: "stop"}
+    assert out.chunks[-1].stop_sequence == " END"
     assert served.generator.made[0].stop_strings == {" END"}
 
 

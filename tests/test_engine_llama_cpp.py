@@ -36,6 +36,7 @@ async def run(engine: LlamaCppEngine, **fields: Any) -> dict[str, Any]:
         result["logprobs"] += chunk.logprobs
         if chunk.finish_reason:
             result["finish"][chunk.index] = chunk.finish_reason
+            result.setdefault("stop_sequence", {})[chunk.index] = chunk.stop_sequence
         if chunk.usage:
             result["usage"] = chunk.usage
     result["texts"] = texts
@@ -67,8 +68,11 @@ async def test_stop_strings_end_the_choice_and_are_not_sent(engine: LlamaCppEngi
     free = await run(engine, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0)
     text = free["texts"][0]
     assert "5" in text
-    stopped = await run(engine, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=["5"])
+    stop = ["never written", "5"]
+    stopped = await run(engine, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=stop)
     assert stopped["finish"] == {0: "stop"}
+    assert stopped["stop_sequence"] == {0: "5"}  # which one ended it, for Anthropic's API
+    assert free["stop_sequence"] == {0: None}
     assert stopped["texts"][0] == text[: text.index("5")]
 
 

@@ -236,3 +236,15 @@ async def test_tools_pass_through_and_calls_come_back_in_openais_shape(
         arguments, finish = call["function"]["arguments"], [choice["finish_reason"]]
     assert json.loads(arguments) == {"said": PROMPT}
     assert finish == ["tool_calls"]
+
+
+def test_the_stop_string_an_upstream_names_is_kept() -> None:
+    from runtime.integrations.openai_compatible.openai_upstream import chunks_of
+
+    def choice(stop_reason: Any) -> dict[str, Any]:
+        answer = {"content": "a"}
+        return {"index": 0, "message": answer, "finish_reason": "stop", "stop_reason": stop_reason}
+
+    assert chunks_of({"choices": [choice("END")]})[0].stop_sequence == "END"  # vLLM's field
+    assert chunks_of({"choices": [choice(1)]})[0].stop_sequence is None  # vLLM's EOS token id
+    assert chunks_of({"choices": [choice(None)]})[0].stop_sequence is None

@@ -110,6 +110,14 @@ def finish_reason(result: dict[str, Any]) -> str:
     return FINISH.get(str(result.get("eos_reason", "")), "stop")
 
 
+def stop_string(result: dict[str, Any]) -> str | None:
+    """The stop string that ended the job, when one did."""
+    if result.get("eos_reason") != "stop_string":
+        return None
+    matched = result.get("eos_triggering_string")
+    return matched if isinstance(matched, str) else None
+
+
 def held_text(result: dict[str, Any], plain_pieces: Sequence[str]) -> str:
     """Text the library was still holding back (a possible start of a stop string, or half a
     character) when a stop token ended the job. It is not in `text` then but in
@@ -430,6 +438,7 @@ class ExLlamaV2Engine:
                             text=text,
                             logprobs=logprobs,
                             finish_reason=finish_reason(result),
+                            stop_sequence=stop_string(result),
                             usage=Usage(prompt_tokens, completion_total) if last else None,
                         )
                     elif text or logprobs:

@@ -526,6 +526,7 @@ class BatchScheduler:
             text=sequence.text.flush(),
             logprobs=sequence.logprobs,
             finish_reason=reason,
+            stop_sequence=sequence.text.matched,
             usage=Usage(len(job.prompt), job.completion_tokens) if last else None,
         )
         # Free before the caller hears the end, so stats read after a stream are settled.

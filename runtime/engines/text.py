@@ -34,6 +34,7 @@ class TextAssembler:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, data: bytes) -> str:
         """Add one token's bytes; return the text that is safe to send now."""
@@ -41,8 +42,9 @@ class TextAssembler:
         if not self.stop:
             text, self._pending = self._pending, ""
             return text
-        cut = min((i for s in self.stop if (i := self._pending.find(s)) >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, stop) for stop in self.stop if (i := self._pending.find(stop)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda hit: hit[0])
             text, self._pending = self._pending[:cut], ""
             self.stopped = True
             return text

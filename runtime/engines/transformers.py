@@ -272,6 +272,7 @@ class TransformersEngine:
                     index=index,
                     text=assembler.flush(),
                     finish_reason=finish,
+                    stop_sequence=assembler.matched,
                     usage=Usage(len(prompt), completion_total) if last else None,
                 )
             )

@@ -104,10 +104,16 @@ def chunks_of(event: dict[str, Any], secrets: Sequence[str] = ()) -> list[Chunk]
                 text=text or "",
                 logprobs=_logprobs(choice.get("logprobs")),
                 finish_reason=choice.get("finish_reason"),
+                # vLLM and llama.cpp's server name the stop string that matched; OpenAI does not
+                stop_sequence=_stop_string(choice.get("stop_reason")),
                 tool_calls=_tool_calls((message or {}).get("tool_calls")),
             )
         )
     return found
+
+
+def _stop_string(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None  # vLLM gives a token id for EOS
 
 
 def _tool_calls(calls: Any) -> list[ToolCall]:
