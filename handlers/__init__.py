@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from handlers import (
     admin,
+    admin_config,
     alerts,
     anthropic_api,
     integrations,
@@ -45,6 +46,8 @@ class BuiltinHandlers:
         register("admin.load_model", admin.load_model)
         register("admin.unload_model", admin.unload_model)
         register("admin.pull_model", admin.pull_model)
+        register("admin.running_config", admin_config.running_config)
+        register("admin.apply_config", admin_config.apply_config)
         register("metrics.snapshot", live_feeds.snapshot)
         register("metrics.watch", live_feeds.watch)
         register("events.watch", live_feeds.events)

@@ -24,7 +24,7 @@ from hooks.builtin import BuiltinEngines, CostFromConfig
 from hooks.live_recorder import LiveStatsRecorder
 from hooks.metrics_recorder import MetricsRecorder
 from hooks.request_limits import RequestLimits
-from runtime.auth import Auth
+from runtime.auth import Auth, MemoryRateStore
 from runtime.config_schema import IntegrationConfig, TiffinConfig, Topology
 from runtime.dispatch import Dispatcher, Handler
 from runtime.errors import ConfigError
@@ -43,10 +43,11 @@ from runtime.integrations.capabilities import ResponseStoreProvider
 from runtime.integrations.manager import Sleep
 from runtime.integrations.opentelemetry import tracing_settings
 from runtime.models import ModelRouter
+from runtime.reconfigure import Reconfigurer
 from runtime.response_store import MemoryResponses, ResponseStore
 from runtime.runner_client import RemoteEngine, RunnerClient
 from runtime.secrets import redact
-from runtime.telemetry.live_stats import LiveStats
+from runtime.telemetry.live_stats import GenerationRequestRecord, LiveStats
 from runtime.telemetry.metrics import Metrics
 from runtime.telemetry.tracing import Tracing
 
@@ -62,7 +63,7 @@ DEFAULT_PLUGINS: tuple[Callable[[Runtime], object | None], ...] = (
     lambda runtime: BuiltinEngines(),  # register_engines: llama_cpp, embeddings, transformers...
     lambda runtime: LiveStatsRecorder(runtime.live),  # /ws/metrics, GraphQL `metrics`
     lambda runtime: runtime.auth.plugin,  # authenticate: API keys, OIDC, scopes, rate limits
-    lambda runtime: RequestLimits(runtime.settings.limits),  # limits.max_tokens, streams
+    lambda runtime: runtime.request_limits,  # limits.max_tokens, streams
     lambda runtime: (
         MetricsRecorder(  # /metrics
             runtime.metrics, runtime.settings.telemetry.sample_interval_s
@@ -85,6 +86,7 @@ class Runtime:
     metrics: Metrics
     live: LiveStats
     auth: Auth
+    request_limits: RequestLimits
 
     def __init__(
         self,
@@ -99,7 +101,8 @@ class Runtime:
         self.metrics = Metrics()
         self.tracing = Tracing(tracing_settings(self.settings))
         self.live = LiveStats()
-        self._memory_responses = MemoryResponses(self.settings.limits.stored_responses)
+        self.memory_responses = MemoryResponses(self.settings.limits.stored_responses)
+        self.request_limits = RequestLimits(self.settings.limits)
         # Hashes the configured keys and drops the plain ones from self.settings.
         self.auth = Auth.from_settings(self.settings)
         self.plugins = make_plugin_manager(
@@ -123,14 +126,10 @@ class Runtime:
             on_check=self._health_checked,
             **({"sleep": sleep} if sleep else {}),
         )
-        for integration in self.integrations.integrations.values():
-            integration.tracing = self.tracing  # their HTTP clients are traced through it
-        for _, sink in self.integrations.providing(RequestLogSink):  # the database's request log
-            self.live.sinks.append(sink.record_request)
-        for _, keys in self.integrations.providing(KeyStore):  # the database's stored keys
-            self.auth.use_store(keys.api_keys, self.settings)
-        for _, shared in self.integrations.providing(RateStoreProvider):  # redis: one count
-            self.auth.limiter.store = shared.rate_store
+        self.use_tracing(self.tracing)
+        self._sinks: list[Callable[[GenerationRequestRecord], None]] = []
+        self._key_store: KeyStore | None = None
+        self.rewire()
         self.dispatcher = Dispatcher(
             self,
             self.handlers,
@@ -139,22 +138,8 @@ class Runtime:
         )
         self.runner: RunnerClient | None = None
         self.started = False
-        server = self.settings.server
-        if server.graceful_timeout_s <= server.drain_timeout_s + DRAIN_ABORT_GRACE_S:
-            raise ConfigError(
-                "server.graceful_timeout_s",
-                server.graceful_timeout_s,
-                f"more than server.drain_timeout_s + {DRAIN_ABORT_GRACE_S:g}"
-                f" ({server.drain_timeout_s + DRAIN_ABORT_GRACE_S:g})",
-            )
-        if "*" in server.cors.allow_origins and server.cors.allow_credentials:
-            # Starlette would echo any origin back with credentials allowed: every site could
-            # call the API with its visitors' cookies.
-            raise ConfigError(
-                "server.cors.allow_origins",
-                list(server.cors.allow_origins),
-                "a list of origins, not '*', when server.cors.allow_credentials is true",
-            )
+        self.reconfigure = Reconfigurer(self)
+        check_server_settings(self.settings)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -204,6 +189,7 @@ class Runtime:
         if self.started:
             await resolve_all(self.plugins.hook.runtime_stopping(runtime=self))
         self.started = False
+        await self.reconfigure.wait_retired(hurry=True)
         await self.models.stop()
         await self.auth.close()  # last_used_at of stored keys, while the database is up
         await self.integrations.stop_all()
@@ -219,7 +205,7 @@ class Runtime:
             store = provider.stored_responses(capacity)
             if store is not None:
                 return store
-        return self._memory_responses
+        return self.memory_responses
 
     @property
     def ready(self) -> bool:
@@ -298,6 +284,34 @@ class Runtime:
 
     # --- wiring ---------------------------------------------------------------------------------
 
+    def rewire(self) -> None:
+        """Connect what integrations provide: the database's request log and stored keys,
+        Redis's shared rate counts. Again after an apply added, removed or replaced one."""
+        sinks: list[Callable[[GenerationRequestRecord], None]] = [
+            sink.record_request for _, sink in self.integrations.providing(RequestLogSink)
+        ]
+        self.live.sinks[:] = [s for s in self.live.sinks if s not in self._sinks] + sinks
+        self._sinks = sinks
+        stores = [keys for _, keys in self.integrations.providing(KeyStore)]
+        key_store = stores[0] if stores else None
+        if key_store is not self._key_store:
+            self._key_store = key_store
+            if key_store is None:
+                self.auth.plugin.stored = None
+            else:
+                self.auth.use_store(key_store.api_keys, self.settings)
+        shared = [p.rate_store for _, p in self.integrations.providing(RateStoreProvider)]
+        if shared:
+            self.auth.limiter.store = shared[0]
+        elif not isinstance(self.auth.limiter.store, MemoryRateStore):
+            self.auth.limiter.store = MemoryRateStore()
+
+    def use_tracing(self, tracing: Tracing) -> None:
+        """Trace new requests and integrations' HTTP clients through `tracing`."""
+        self.tracing = tracing
+        for integration in self.integrations.integrations.values():
+            integration.tracing = tracing
+
     def _integration_configs(self) -> dict[str, IntegrationConfig]:
         return dict(self.settings.integrations)
 
@@ -343,6 +357,26 @@ class Runtime:
     async def call_first(self, hook: str, **kwargs: Any) -> Any:
         """Call a first-result hook by name and await its result if needed."""
         return await resolve(getattr(self.plugins.hook, hook)(**kwargs))
+
+
+def check_server_settings(settings: TiffinConfig) -> None:
+    """Server settings that would serve badly; raises ConfigError."""
+    server = settings.server
+    if server.graceful_timeout_s <= server.drain_timeout_s + DRAIN_ABORT_GRACE_S:
+        raise ConfigError(
+            "server.graceful_timeout_s",
+            server.graceful_timeout_s,
+            f"more than server.drain_timeout_s + {DRAIN_ABORT_GRACE_S:g}"
+            f" ({server.drain_timeout_s + DRAIN_ABORT_GRACE_S:g})",
+        )
+    if "*" in server.cors.allow_origins and server.cors.allow_credentials:
+        # Starlette would echo any origin back with credentials allowed: every site could
+        # call the API with its visitors' cookies.
+        raise ConfigError(
+            "server.cors.allow_origins",
+            list(server.cors.allow_origins),
+            "a list of origins, not '*', when server.cors.allow_credentials is true",
+        )
 
 
 def compose_runtime(overrides: Sequence[str] = (), **kwargs: Any) -> Runtime:

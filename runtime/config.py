@@ -109,6 +109,27 @@ def load_config_file(path: str | Path) -> DictConfig:
     return cast(DictConfig, cfg)
 
 
+def config_from_data(data: object) -> DictConfig:
+    """A composed config sent as data (`POST /admin/config`: what `compose()` returned, as a
+    container, `${oc.env:...}` references unresolved), checked against the schema and the
+    integrations' dependencies as `compose()` checks them. Raises ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError("config", type(data).__name__, "a mapping: a composed config")
+    try:
+        cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(TiffinConfig), data))
+        integrations = cfg[INTEGRATIONS]
+        for name in integrations:
+            for dep in integrations[name].dependencies:
+                if dep not in integrations:
+                    raise ConfigError(
+                        f"{INTEGRATIONS}.{name}.dependencies", dep, "a configured integration"
+                    )
+        _validate_integrations(cfg, {n: integrations[n].because for n in integrations})
+    except OmegaConfBaseException as exc:
+        raise config_error(exc) from None
+    return cfg
+
+
 def _split_selection(
     overrides: Sequence[str], defaults: Callable[[list[str]], list[str]]
 ) -> tuple[list[str], list[str]]:

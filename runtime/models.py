@@ -187,17 +187,21 @@ class ModelRouter:
     # --- registration -------------------------------------------------------------------------
 
     def register(self, spec: ModelSpec) -> ServedModel:
+        model = self.prepare(spec)
+        self._models[model.id] = model
+        for alias in spec.config.aliases:
+            self._aliases[alias] = model.id
+        return model
+
+    def prepare(self, spec: ModelSpec) -> ServedModel:
+        """A ServedModel for `spec`, not yet routed to (`register` or `put` routes it)."""
         factory = spec.factory or self._factories.get(spec.engine)
         if factory is None:
             raise EngineError(
                 f"no engine {spec.engine!r} for model {spec.config.id}; "
                 f"available: {', '.join(sorted(self._factories)) or '(none)'}"
             )
-        model = ServedModel(spec, factory, self._bus)
-        self._models[model.id] = model
-        for alias in spec.config.aliases:
-            self._aliases[alias] = model.id
-        return model
+        return ServedModel(spec, factory, self._bus)
 
     def register_all(self, specs: Iterable[ModelSpec]) -> None:
         for spec in specs:
@@ -215,6 +219,59 @@ class ModelRouter:
         for model_id, spec in offered.items():
             if model_id not in self._models:
                 self.register(spec)
+
+    # --- changing while serving (runtime/reconfigure.py) -------------------------------------
+
+    def update(self, spec: ModelSpec) -> ServedModel:
+        """Give a served model a new config that needs no reload (aliases, prices, defaults,
+        queue and timeouts): requests from now on see it."""
+        model = self._models[spec.config.id]
+        self._replace_aliases(model.id, model.spec.config.aliases, spec.config.aliases)
+        model.spec = spec
+        return model
+
+    def put(self, model: ServedModel) -> ServedModel | None:
+        """Route `model`'s id to it from now on (new weights or a new client, from `prepare`);
+        returns the one it replaces, which keeps serving what it admitted."""
+        previous = self._models.get(model.id)
+        old_aliases = previous.spec.config.aliases if previous is not None else []
+        self._replace_aliases(model.id, old_aliases, model.spec.config.aliases)
+        self._models[model.id] = model
+        return previous
+
+    def take_out(self, model_id: str) -> ServedModel | None:
+        """Stop routing to `model_id` (new requests get 404); returns it, still serving what
+        it admitted."""
+        self._aliases = {a: m for a, m in self._aliases.items() if m != model_id}
+        return self._models.pop(model_id, None)
+
+    def restore(self, model: ServedModel) -> None:
+        """Route to `model` again (an apply rolled back)."""
+        self._models[model.id] = model
+        for alias in model.spec.config.aliases:
+            self._aliases[alias] = model.id
+
+    async def retire(
+        self, model: ServedModel, timeout_s: float, hurry: asyncio.Event | None = None
+    ) -> None:
+        """Unload a model taken out of routing once what it admitted is done (at most
+        `timeout_s`, by then its generations have timed out; at once when `hurry` is set),
+        unless it is back in routing."""
+        deadline = time.monotonic() + timeout_s
+        while model.in_flight > 0 and time.monotonic() < deadline:
+            if hurry is not None and hurry.is_set():
+                break
+            await asyncio.sleep(0.05)
+        if self._models.get(model.id) is not model:
+            await model.unload()
+
+    def _replace_aliases(self, model_id: str, old: Iterable[str], new: Iterable[str]) -> None:
+        """Swap a model's configured aliases; those given while serving (/api/copy) stay."""
+        for alias in old:
+            if self._aliases.get(alias) == model_id:
+                del self._aliases[alias]
+        for alias in new:
+            self._aliases[alias] = model_id
 
     def add_alias(self, alias: str, model_id: str) -> ServedModel:
         """Name `model_id` (an id or alias) `alias` too, while this process runs (Ollama's

@@ -222,11 +222,11 @@ def test_split_verb_finds_the_verb_and_keeps_the_other_words(
         (
             ["plan", "env=test", "check"],
             "tiffin: usage error: two verbs, 'plan' and 'check'; "
-            "give one of: serve, plan, check, build, keys",
+            "give one of: serve, plan, check, build, keys, apply",
         ),
         (
             ["env=test", "pln"],
-            "tiffin: usage error: 'pln' is neither a verb (serve, plan, check, build, keys) "
+            "tiffin: usage error: 'pln' is neither a verb (serve, plan, check, build, keys, apply) "
             "nor a key=value override; did you mean 'plan'?",
         ),
     ],

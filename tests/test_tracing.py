@@ -528,7 +528,11 @@ async def test_tracing_off_adds_nothing_to_the_request_path(make_runtime: MakeRu
     runtime = make_runtime(builtins=[ScriptedEngines()])
     assert not runtime.tracing.enabled
     app = create_app(runtime)
-    assert TracingMiddleware not in [m.cls for m in app.user_middleware]
+    # The middleware stays (an apply may turn tracing on) and only passes requests on.
+    assert [m.cls for m in app.user_middleware].count(TracingMiddleware) == 1
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        assert (await c.get("/v1/models")).status_code == 200
+    assert runtime.tracing.provider is None and not runtime.tracing.exports
     await runtime.start()
     runtime.models.register(ModelSpec(ModelConfig(id="m1", source="x"), Path("x"), "scripted"))
     event_body = chat(stream=True)

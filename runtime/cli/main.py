@@ -6,7 +6,9 @@ verb; the words after `keys` are its own (`keys revoke plan` revokes a key named
 verbs, or a bare word that is no verb, is a usage error (exit 2).
 
 Verbs: `serve` (default) starts the BentoML service; `plan` prints the resolved start plan as
-JSON and starts nothing; `check` starts the integrations once, health-checks them, prints a table
+JSON and starts nothing (`plan --diff --to URL`: what applying it to a running server would
+change); `apply --to URL` applies it to a running server (runtime/cli/apply_command.py);
+`check` starts the integrations once, health-checks them, prints a table
 and exits non-zero if a required one fails; `keys create|list|revoke` manages API keys
 (runtime/cli/key_commands.py); `build [--gpu]` bakes the config into a Bento
 (runtime/cli/build.py). Every other word is a Hydra override
@@ -33,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import handlers
 from runtime.app import Runtime, to_settings
+from runtime.cli.apply_command import apply_main
 from runtime.cli.build import build_main
 from runtime.cli.key_commands import keys_main
 from runtime.config import compose, config_groups
@@ -42,20 +45,24 @@ from runtime.telemetry.logging import configure_logging
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-VERBS = ("serve", "plan", "check", "build", "keys")
+VERBS = ("serve", "plan", "check", "build", "keys", "apply")
 # Flags that take the next word as their value (`--cfg job`), which is then no verb.
-VALUE_FLAGS = ("--cfg", "-c")
+VALUE_FLAGS = ("--cfg", "-c", "--to", "--key", "--timeout")
 USAGE = """\
 usage: python -m runtime [serve|plan|check] [--help] [--cfg job] [--info] [key=value ...]
        python -m runtime keys create --name NAME [--scope admin|inference] | list | revoke NAME
                               [key=value ...]   (integrations=database: keys stored in the database)
        python -m runtime build [--gpu] [key=value ...]
+       python -m runtime apply --to URL [--dry-run] [--key KEY] [key=value ...]
+       python -m runtime plan --diff --to URL [key=value ...]
 
   serve   start the service (default): OpenAI-compatible HTTP API, /integrations/*, /metrics
   plan    print the resolved start plan as JSON; start nothing
   check   start integrations once, health-check them, exit 1 if a required one fails
   keys    make an API key (shown once), list the configured and stored ones, revoke a stored one
   build   bake the resolved config into a Bento (bentoml build; --gpu: the CUDA image)
+  apply   send the composed config to a running server (admin key: --key or TIFFIN_ADMIN_KEY),
+          which changes only what differs, nothing in flight dropped; prints the change plan
 
 The verb may come anywhere among the words. Overrides are Hydra's: pick group options
 (env=prod, integrations=ollama,grafana, +integrations=redis) or set any key
@@ -78,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return keys_main(args)
     if verb == "build":
         return build_main(args)
+    if verb == "apply" or (verb == "plan" and "--diff" in args):
+        return apply_main(args, plan_only=verb == "plan")
     show_cfg, show_info, overrides = _flags(args)
     if show_cfg == "help":
         print(_help())

@@ -81,6 +81,7 @@ class IntegrationManager:
         self._stopping = False
         self._seen: dict[str, IntegrationStatus] = {}
         self._failed: set[str] = set()  # initialize() gave up; a recovery task is retrying
+        self._watching = False  # start_all ran: health checks run until stop_all
 
     # --- the platform guide's calls ---------------------------------------------------------
 
@@ -130,10 +131,12 @@ class IntegrationManager:
             await self._start(name, startup=True)
         for name in self.order:
             self._spawn(f"health:{name}", self._watch_health, name)
+        self._watching = True
 
     async def stop_all(self) -> None:
         """Cancel background work, then shut integrations down in reverse start order."""
         self._stopping = True
+        self._watching = False
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -166,6 +169,86 @@ class IntegrationManager:
         for integration in self._integrations.values():
             counts[integration.status.value] = counts.get(integration.status.value, 0) + 1
         return {"ready": self.ready, "total": len(self._integrations), "by_status": counts}
+
+    # --- changing while serving (runtime/reconfigure.py) -----------------------------------------
+
+    async def start_new(self, integration: BaseIntegration) -> None:
+        """Initialize an integration built while serving, once, with its dependencies up: an
+        apply fails fast (and rolls back) rather than retrying for minutes. Raises the reason."""
+        down = [
+            d
+            for d in integration.config.dependencies
+            if d not in self._integrations or self._integrations[d].status not in UP
+        ]
+        if down:
+            raise StartupError(integration.name, f"dependency not available: {', '.join(down)}")
+        integration.status = IntegrationStatus.initializing
+        try:
+            await integration.initialize()
+        except Exception as exc:
+            integration.status = IntegrationStatus.error
+            integration.last_error = redact_text(f"{type(exc).__name__}: {exc}")
+            raise StartupError(integration.name, integration.last_error) from exc
+        integration.initialized = True
+        integration.started_at = time.time()
+        integration.last_health = await self._check(integration)
+        integration.status = IntegrationStatus.active
+
+    async def install(self, integration: BaseIntegration) -> BaseIntegration | None:
+        """Serve `integration` under its name from now on; returns the one it replaces (the
+        caller shuts that down once its work in flight is done)."""
+        name = integration.name
+        previous = self._integrations.get(name)
+        self._stop_task(f"health:{name}")
+        self._stop_task(f"recover:{name}")
+        self._failed.discard(name)
+        self.configs[name] = integration.config
+        self._integrations[name] = integration
+        self._reorder()
+        async with self._lock:
+            await self._settle()
+        # "replaced", not "started": the Runtime resyncs a started platform's models, and the
+        # apply has already put a replacement's models in place.
+        await self._emit("integration.replaced" if previous else "integration.started", name)
+        if self._watching:
+            self._spawn(f"health:{name}", self._watch_health, name)
+        return previous
+
+    async def uninstall(self, name: str) -> BaseIntegration:
+        """Stop serving `name` (the caller shuts it down); returns it."""
+        self._stop_task(f"health:{name}")
+        self._stop_task(f"recover:{name}")
+        self._failed.discard(name)
+        integration = self._integrations.pop(name)
+        self.configs.pop(name, None)
+        self._seen.pop(name, None)
+        self._reorder()
+        await self.bus.publish(
+            BusEvent(type="integration.removed", source="integrations", data={"name": name})
+        )
+        return integration
+
+    async def retire(self, integration: BaseIntegration) -> None:
+        """Shut down an integration taken out of service (replaced or removed)."""
+        if integration.initialized:
+            try:
+                await asyncio.wait_for(integration.shutdown(), timeout=30)
+            except Exception as exc:
+                self._log.warning(
+                    "shutdown failed", integration=integration.name, error=redact_text(str(exc))
+                )
+        integration.initialized = False
+        integration.status = IntegrationStatus.stopped
+
+    def _reorder(self) -> None:
+        self.graph = {n: list(i.config.dependencies) for n, i in self._integrations.items()}
+        priorities = {n: i.config.priority for n, i in self._integrations.items()}
+        self.order = start_order(self.graph, priorities)
+
+    def _stop_task(self, key: str) -> None:
+        task = self._tasks.pop(key, None)
+        if task is not None:
+            task.cancel()
 
     # --- starting and recovering ------------------------------------------------------------------
 

@@ -176,6 +176,12 @@ class Metrics:
             MODEL_LABELS,
             registry=r,
         )
+        self.config_applies = Counter(
+            "llm_config_applies_total",
+            "Configs applied to the running server (result=applied|rejected).",
+            ("result",),
+            registry=r,
+        )
         self.model_loads = Counter(
             "llm_model_loads_total",
             "Model loads, by outcome (status=success|failure).",

@@ -160,8 +160,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.add_middleware(
         RequestContextMiddleware, max_body_bytes=runtime.settings.server.max_body_bytes
     )
-    if runtime.tracing.enabled:  # outermost: the server span covers everything, 413s too
-        app.add_middleware(TracingMiddleware, tracing=runtime.tracing)
+    # Outermost: the server span covers everything, 413s too. Always there, as an apply may
+    # turn tracing on; with tracing off it only passes requests on.
+    app.add_middleware(TracingMiddleware, tracing=lambda: runtime.tracing)
     return app
 
 

@@ -10,6 +10,8 @@ unexported, unsampled server span. Attributes follow the HTTP semantic conventio
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import extract
@@ -41,19 +43,24 @@ class TracingMiddleware:
     """Wraps each HTTP request in a SERVER span named `{method} {route}`, current for the
     whole request (streamed bodies included), ERROR when it fails or answers 5xx."""
 
-    def __init__(self, app: ASGIApp, tracing: Tracing) -> None:
+    def __init__(self, app: ASGIApp, tracing: Callable[[], Tracing]) -> None:
         self.app = app
-        self.tracing = tracing
+        self.tracing_now = tracing  # the Runtime's, which an apply may replace
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.tracing.excluded_paths:
+        tracing = self.tracing_now()
+        if (
+            not tracing.enabled
+            or scope["type"] != "http"
+            or scope["path"] in tracing.excluded_paths
+        ):
             await self.app(scope, receive, send)
             return
         headers: Headers = scope.get("headers") or []
         # An empty context, not the current one: under BentoML that holds BentoML's span.
         parent = extract(headers, context=otel_context.Context(), getter=_GETTER)
         method = scope["method"]
-        span = self.tracing.start_span(method, kind=SpanKind.SERVER, context=parent)
+        span = tracing.start_span(method, kind=SpanKind.SERVER, context=parent)
         if span.is_recording():
             span.set_attributes(
                 {
