@@ -21,7 +21,7 @@ from runtime.telemetry.live_stats import GenerationRequestRecord
 from runtime.types import Event, HandlerError
 
 RECORD_FIELDS = [name for name in GenerationRequestRecord.__dataclass_fields__ if name != "id"]
-DEFAULT_EVENTS = ("model.*", "integration.*", "*.pull", "alert.*", "grafana.*")
+DEFAULT_EVENTS = ("model.*", "integration.*", "*.pull", "alert.*", "grafana.*", "config.*")
 
 
 def number(query: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:

@@ -77,6 +77,7 @@ class Target:
     model: str
     max_tokens: int
     timeout_s: float
+    api_key: str = ""  # sent as `Authorization: Bearer` on every transport when set
 
 
 class Client:
@@ -91,6 +92,10 @@ class Client:
         self.http: httpx.AsyncClient | None = None
         self.channel: grpc.aio.Channel | None = None
         self.ws: ClientConnection | None = None
+
+    def headers(self, request_id: str) -> dict[str, str]:
+        key = self.target.api_key
+        return {"x-request-id": request_id, **({"authorization": f"Bearer {key}"} if key else {})}
 
     def body(self) -> dict[str, Any]:
         return {
@@ -141,7 +146,7 @@ class Client:
 
     async def _http(self, out: Outcome, disconnect_after: int | None) -> Outcome:
         body = {**self.body(), "stream": True, "stream_options": {"include_usage": True}}
-        headers = {"x-request-id": out.request_id}
+        headers = self.headers(out.request_id)
         client = self._client()
         async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
             if r.status_code != 200:
@@ -172,7 +177,7 @@ class Client:
             messages=[pb.ChatMessage(role="user", content=PROMPT)],
             max_tokens=self.target.max_tokens,
         )
-        call = stub.Chat(request, metadata=(("x-request-id", out.request_id),))
+        call = stub.Chat(request, metadata=tuple(self.headers(out.request_id).items()))
         try:
             async for message in call:
                 if message.content:
@@ -193,7 +198,12 @@ class Client:
     async def _ws(self, out: Outcome, disconnect_after: int | None) -> Outcome:
         if self.ws is None:
             url = self.target.http.replace("http://", "ws://") + "/ws/chat"
-            self.ws = await connect(url, open_timeout=self.target.timeout_s, close_timeout=2)
+            self.ws = await connect(
+                url,
+                open_timeout=self.target.timeout_s,
+                close_timeout=2,
+                additional_headers=self.headers("ws"),
+            )
         ws = self.ws
         await ws.send(json.dumps({"type": "chat", "id": out.request_id, **self.body()}))
         while True:
@@ -222,7 +232,7 @@ class Client:
         response = await self._client().post(
             "/graphql",
             json={"query": document, "variables": variables},
-            headers={"x-request-id": out.request_id},
+            headers=self.headers(out.request_id),
         )
         if response.status_code != 200:
             return out.answered(response.status_code, openai_error(response.content))

@@ -21,6 +21,7 @@ Exit codes: 0 ok, 1 a required integration failed, 2 the config is invalid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import json
 import os
@@ -40,6 +41,7 @@ from runtime.cli.build import build_main
 from runtime.cli.key_commands import keys_main
 from runtime.config import compose, config_groups
 from runtime.errors import STARTUP_FAILURE_FILE, ConfigError, StartupError
+from runtime.run_dir import worker_pids
 from runtime.telemetry.logging import configure_logging
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -272,8 +274,16 @@ def _serve(cfg: DictConfig, runtime: Runtime) -> int:
     def forward(signum: int, _frame: object) -> None:
         child.send_signal(signum)
 
+    def reapply(_signum: int, _frame: object) -> None:
+        # To each worker, which reads config.yaml again and applies it; never to BentoML's
+        # arbiter, for which SIGHUP means restarting every worker (bentos/hangup.py).
+        for pid in worker_pids(run_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, forward)
+    signal.signal(signal.SIGHUP, reapply)
     returncode = child.wait()
     failure = run_dir / STARTUP_FAILURE_FILE
     if failure.exists():
