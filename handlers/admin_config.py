@@ -14,14 +14,16 @@ from runtime.types import Event, HandlerError
 
 
 async def running_config(event: Event, ctx: Context) -> dict[str, Any]:
-    """The config this worker serves (resolved, secrets masked), its hash and when it was
-    last applied."""
+    """The config this worker serves (resolved, secrets masked), its hash, when it was last
+    applied, and (with integrations=redis) the hash each other worker and replica reported
+    with its last apply."""
     runtime = ctx.runtime
     return {
         "config": runtime.redacted_config(),
         "hash": config_hash(runtime.cfg),
         "applied_at": runtime.reconfigure.applied_at,
         "worker": os.getpid(),
+        "peers": runtime.reconfigure.peers,
     }
 
 

@@ -22,6 +22,8 @@ from runtime.types import Event, HandlerError
 
 RECORD_FIELDS = [name for name in GenerationRequestRecord.__dataclass_fields__ if name != "id"]
 DEFAULT_EVENTS = ("model.*", "integration.*", "*.pull", "alert.*", "grafana.*", "config.*")
+# Never shown, whatever `types` asks: `reconfigure.share` carries a whole config between workers.
+PRIVATE_EVENTS = ("reconfigure.*",)
 
 
 def number(query: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
@@ -112,6 +114,8 @@ class EventWatch:
 
     def _on_event(self, patterns: tuple[str, ...]) -> Callable[[BusEvent], None]:
         def on_event(bus_event: BusEvent) -> None:
+            if any(fnmatch.fnmatchcase(bus_event.type, p) for p in PRIVATE_EVENTS):
+                return
             if any(fnmatch.fnmatchcase(bus_event.type, p) for p in patterns):
                 self._put(bus_event.to_dict())
 

@@ -101,6 +101,10 @@ class Reconfigurer:
         self._hurry = asyncio.Event()  # stopping: retire now, without waiting
         self._log = structlog.get_logger("tiffin.config")
         self.applied_at: float | None = None
+        # Other workers and replicas (through the Redis bridge): origin -> their last apply.
+        self.peers: dict[str, dict[str, Any]] = {}
+        runtime.events.subscribe("reconfigure.share", self._on_share)
+        runtime.events.subscribe("config.*", self._on_peer)
 
     @property
     def busy(self) -> bool:
@@ -110,11 +114,13 @@ class Reconfigurer:
         return plan_changes(resolved(self.runtime.cfg), resolved(cfg))
 
     async def apply(
-        self, cfg: DictConfig, *, dry_run: bool = False, wait_s: float = 0.0
+        self, cfg: DictConfig, *, dry_run: bool = False, wait_s: float = 0.0, share: bool = True
     ) -> dict[str, Any]:
         """Apply `cfg` (or only plan it). Raises ConfigError for a config that would not run,
         ApplyBusy when another apply holds on past `wait_s`, RestartRequired, or ApplyError
-        when a step failed (everything undone)."""
+        when a step failed (everything undone). With `share`, an applied config is published
+        for the other workers and replicas too (`reconfigure.share`, which the Redis bridge
+        carries)."""
         try:
             await asyncio.wait_for(self._lock.acquire(), timeout=wait_s or 0.001)
         except TimeoutError:
@@ -158,6 +164,12 @@ class Reconfigurer:
             await self.runtime.events.publish(
                 BusEvent("config.applied", source="config", data=answer)
             )
+            if share:
+                shared = {"config": OmegaConf.to_container(cfg, enum_to_str=True)}
+                shared["hash"] = answer["hash"]
+                await self.runtime.events.publish(
+                    BusEvent("reconfigure.share", source="config", data=shared)
+                )
             return answer
         finally:
             self._lock.release()
@@ -169,6 +181,36 @@ class Reconfigurer:
             self._hurry.set()
         while self._retiring:
             await asyncio.gather(*list(self._retiring), return_exceptions=True)
+
+    # --- the other workers and replicas -------------------------------------------------------
+
+    def _on_share(self, event: BusEvent) -> None:
+        """Another process applied a config: apply it here too (not shared again), unless this
+        worker serves it already."""
+        if not event.remote or event.data.get("hash") == config_hash(self.runtime.cfg):
+            return
+        task = asyncio.get_running_loop().create_task(self._apply_shared(event))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _apply_shared(self, event: BusEvent) -> None:
+        from runtime.config import config_from_data
+
+        try:
+            cfg = config_from_data(event.data.get("config"))
+            await self.apply(cfg, wait_s=60, share=False)
+        except (ConfigError, ApplyError) as error:  # logged and published as config.rejected
+            self._log.error(
+                "a shared config was not applied", origin=event.origin, reason=str(error)
+            )
+
+    def _on_peer(self, event: BusEvent) -> None:
+        if event.remote and event.type in ("config.applied", "config.rejected"):
+            self.peers[event.origin] = {
+                "hash": event.data.get("hash"),
+                "result": event.type.split(".")[1],
+                "at": event.time,
+            }
 
     # --- before anything changes --------------------------------------------------------------
 
@@ -205,7 +247,7 @@ class Reconfigurer:
     async def _rejected(self, plan: ChangePlan, reason: str) -> None:
         self.runtime.metrics.config_applies.labels("rejected").inc()
         self._log.warning("config.rejected", reason=reason, restart_required=plan.restart_required)
-        data = {**plan.to_dict(), "reason": reason}
+        data = {**plan.to_dict(), "reason": reason, "hash": config_hash(self.runtime.cfg)}
         await self.runtime.events.publish(BusEvent("config.rejected", source="config", data=data))
 
     # --- the steps ------------------------------------------------------------------------------

@@ -105,6 +105,16 @@ async def test_events_stream_model_loads_and_filters_by_type(runtime: Runtime) -
     assert len(runtime.events._subscribers) == subscribers  # closed: unsubscribed
 
 
+async def test_the_config_carried_between_workers_is_never_shown(runtime: Runtime) -> None:
+    stream = await runtime.dispatcher.dispatch("events_watch", Event(query={"types": "*"}))
+    secret = {"config": {"auth": {"keys": [{"name": "ops", "key": "k-secret"}]}}}
+    await runtime.events.publish(BusEvent("reconfigure.share", "config", secret))
+    await runtime.events.publish(BusEvent("config.applied", "config", {"hash": "abc"}))
+    shown = await asyncio.wait_for(anext(stream), 5)
+    assert shown["type"] == "config.applied"  # the share before it was skipped
+    await stream.aclose()
+
+
 async def test_metrics_frames_arrive_every_interval(runtime: Runtime) -> None:
     stream = await runtime.dispatcher.dispatch("metrics_watch", Event(query={"interval": "0.2"}))
     started = time.monotonic()

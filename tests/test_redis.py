@@ -29,6 +29,7 @@ from runtime.events import BusEvent
 from runtime.integrations.base import IntegrationStatus
 from runtime.integrations.redis import RedisIntegration
 from runtime.integrations.redis.redis_rates import RedisRateStore
+from runtime.reconfigure import config_hash
 from runtime.transports.http import create_app
 from tests.conftest import eventually
 from tests.real_redis import PASSWORD, RedisServer, running_redis
@@ -409,3 +410,24 @@ async def test_alert_on_one_worker_reaches_feeds_on_every_worker(
     finally:
         served.stop()
     assert PASSWORD not in served.log.read_text(errors="replace")
+
+
+async def test_a_config_applied_on_one_worker_is_applied_on_every_worker(
+    workers: Any, compose_test: Callable[..., DictConfig], redis_server: RedisServer
+) -> None:
+    a, b = await workers()
+    origin_b = redis_of(b).bridge.origin
+    cfg = compose_test(*redis_overrides(redis_server.url), "limits.max_tokens=64")
+    answer = await a.reconfigure.apply(cfg)
+    assert answer["applied"] and answer["changes"][0]["kind"] == "limits"
+    await eventually(lambda: b.settings.limits.max_tokens == 64, within=10)
+    assert config_hash(b.cfg) == config_hash(a.cfg) == answer["hash"]
+    assert b.request_limits.limits.max_tokens == 64
+    # B's apply (not shared again) reaches A with B's hash: A reports every worker's.
+    await eventually(lambda: origin_b in a.reconfigure.peers, within=10)
+    async with client(a) as http:
+        shown = (await http.get("/admin/config")).json()
+    assert shown["peers"][origin_b]["hash"] == shown["hash"] == answer["hash"]
+    assert shown["peers"][origin_b]["result"] == "applied"
+    await asyncio.sleep(0.5)
+    assert a.metrics.config_applies.labels("applied")._value.get() == 1  # no echo back to A

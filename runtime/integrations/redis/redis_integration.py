@@ -32,7 +32,15 @@ from runtime.integrations.settings import defaults_of
 from runtime.secrets import redact_text
 
 # What crosses between processes: what /ws/models, modelStatusUpdates and alert feeds show.
-BRIDGED_EVENTS = ["model.*", "integration.*", "*.pull", "huggingface_hub.download", "alert.*"]
+BRIDGED_EVENTS = [
+    "model.*",
+    "integration.*",
+    "*.pull",
+    "huggingface_hub.download",
+    "alert.*",
+    "config.*",  # applies and refusals, each with the config hash of the worker that made it
+    "reconfigure.*",  # the config an apply made, for every other worker to apply too
+]
 
 
 @dataclass
