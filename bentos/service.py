@@ -29,7 +29,7 @@ import structlog
 from omegaconf import DictConfig
 
 import handlers
-from bentos.hangup import ReapplyOnHangup
+from bentos.config_file import ConfigFileReapply
 from bentos.runner import RunnerProxyClient, build_runner
 from bentos.traffic_metrics import RouteTrafficMetrics, TrafficMetrics
 from runtime.app import Runtime
@@ -146,7 +146,7 @@ def build_service(cfg: DictConfig) -> Any:
     # BentoML 1.4 cannot serve gRPC itself: each worker runs this server (SO_REUSEPORT).
     grpc_server = GrpcServer(runtime) if runtime.settings.transports.grpc else None
     drain = Drain(runtime)
-    hangup = ReapplyOnHangup(runtime)
+    config_file = ConfigFileReapply(runtime)
 
     api_gpus = runtime.settings.serving.api_gpus
     server_logging = runtime.settings.logging
@@ -187,7 +187,7 @@ def build_service(cfg: DictConfig) -> Any:
                     runtime.use_runner(RunnerProxyClient(self.gpu_runner))
                 await runtime.start()
                 drain.install()
-                hangup.install()
+                config_file.install()
                 if grpc_server is not None:
                     await grpc_server.start()
             except StartupError as error:
@@ -198,7 +198,7 @@ def build_service(cfg: DictConfig) -> Any:
 
         @bentoml.on_shutdown
         async def stop_runtime(self) -> None:
-            hangup.uninstall()
+            await config_file.uninstall()
             await drain.wait()
             if grpc_server is not None:
                 await grpc_server.stop(server.graceful_timeout_s)

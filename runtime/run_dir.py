@@ -1,6 +1,6 @@
 """The run directory `python -m runtime` serves from (`server.run_dir/<time>-<pid>`): the
 resolved `config.yaml` the workers load (TIFFIN_CONFIG), `plan.json`, and `workers/<pid>`, one
-empty file per serving worker, so the CLI can pass a SIGHUP on to them (bentos/hangup.py)."""
+empty file per serving worker, so the CLI can pass a SIGHUP on to them (bentos/config_file.py)."""
 
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ def served_config(container: dict[str, Any], manifests: list[dict[str, Any]], tm
         )
         assert env["TIFFIN_CONFIG"] == f"{mount['mountPath']}/config.yaml"
         path = tmp / "config.yaml"
-        path.write_text(config_map_data(manifests)["config.yaml"])
+        live = by_kind(manifests, "ConfigMap")[f"{RELEASE}-config"]["data"]
+        path.write_text(live["config.yaml"])
         return load_config_file(path)
     return compose([f"env={env['TIFFIN_ENV']}", *shlex.split(env["TIFFIN_OVERRIDES"])])
 
@@ -205,6 +206,41 @@ def test_resolved_config_goes_through_the_config_map(tmp_path: Path) -> None:
     served = served_config(container, manifests, tmp_path)
     assert OmegaConf.to_container(served) == OmegaConf.to_container(cfg)
     assert served.server.drain_timeout_s == 12
+
+
+def pod_annotations(manifests: list[dict[str, Any]]) -> dict[str, str]:
+    deployment = by_kind(manifests, "Deployment")[RELEASE]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert isinstance(annotations, dict)
+    return annotations
+
+
+def test_a_config_change_is_applied_by_the_pods_unless_it_needs_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Changing `config` changes only the mounted ConfigMap, which the pods watch and apply
+    (TIFFIN_CONFIG_WATCH_S), unless what changed needs a restart: then the pod template's
+    checksum changes and Kubernetes rolls the pods."""
+    base = ["env=prod", "integrations=custom_models"]
+
+    def rendered(*overrides: str) -> list[dict[str, Any]]:
+        return render({"config": OmegaConf.to_yaml(compose([*base, *overrides]))})
+
+    before = rendered()
+    (_, container), *_ = containers(before)
+    assert env_of(container, before)["TIFFIN_CONFIG_WATCH_S"] == "10"
+    mount = next(v for v in container["volumeMounts"] if v["name"] == "config")
+    assert "subPath" not in mount  # a subPath mount would never see the ConfigMap's updates
+    for live in ("limits.max_tokens=64", "logging.level=ERROR", "auth.cache_ttl_s=9"):
+        after = rendered(live)
+        assert pod_annotations(after) == pod_annotations(before), live
+        assert served_config(containers(after).__next__()[1], after, tmp_path) != served_config(
+            container, before, tmp_path
+        )
+    for restart in ("server.workers=3", "transports.grpc=false", "telemetry.metrics=false"):
+        after = rendered(restart)
+        changed = pod_annotations(after)["checksum/config-restart"]
+        assert changed != pod_annotations(before)["checksum/config-restart"], restart
 
 
 def test_secret_values_reach_the_pods_by_reference() -> None:

@@ -276,7 +276,7 @@ def _serve(cfg: DictConfig, runtime: Runtime) -> int:
 
     def reapply(_signum: int, _frame: object) -> None:
         # To each worker, which reads config.yaml again and applies it; never to BentoML's
-        # arbiter, for which SIGHUP means restarting every worker (bentos/hangup.py).
+        # arbiter, for which SIGHUP means restarting every worker (bentos/config_file.py).
         for pid in worker_pids(run_dir):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)

@@ -69,6 +69,8 @@ containers:
       {{- if $v.config }}
       - name: TIFFIN_CONFIG
         value: /etc/tiffin/config.yaml
+      - name: TIFFIN_CONFIG_WATCH_S
+        value: {{ $v.configWatchSeconds | toString | quote }}
       {{- end }}
       {{- range $name, $value := $v.env }}
       - name: {{ $name }}
@@ -105,7 +107,7 @@ containers:
 volumes:
   - name: config
     configMap:
-      name: {{ include "tiffin.fullname" $root }}
+      name: {{ include "tiffin.fullname" $root }}-config
       items: [{key: config.yaml, path: config.yaml}]
 {{- end }}
 {{- with .nodeSelector }}
@@ -121,3 +123,16 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+{{/*
+The parts of `config` that only a restart changes (runtime/config_changes.py): a change there
+rolls the pods (checksum/config-restart); any other change is applied by the running pods.
+Whole sections where only some keys need a restart (server, handlers), to be safe.
+*/}}
+{{- define "tiffin.restartConfig" -}}
+{{- $c := fromYaml .Values.config -}}
+{{- $restart := pick $c "server" "serving" "transports" "graphql" "plugins" "load_entrypoint_plugins" "handlers" -}}
+{{- $_ := set $restart "telemetry" (pick (default (dict) $c.telemetry) "metrics" "sample_interval_s") -}}
+{{- $_ := set $restart "logging" (pick (default (dict) $c.logging) "access_log") -}}
+{{- toYaml $restart -}}
+{{- end }}
