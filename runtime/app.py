@@ -128,7 +128,7 @@ class Runtime:
         )
         self.use_tracing(self.tracing)
         self._sinks: list[Callable[[GenerationRequestRecord], None]] = []
-        self._key_store: KeyStore | None = None
+        self.key_store: KeyStore | None = None
         self.rewire()
         self.dispatcher = Dispatcher(
             self,
@@ -294,8 +294,8 @@ class Runtime:
         self._sinks = sinks
         stores = [keys for _, keys in self.integrations.providing(KeyStore)]
         key_store = stores[0] if stores else None
-        if key_store is not self._key_store:
-            self._key_store = key_store
+        if key_store is not self.key_store:
+            self.key_store = key_store
             if key_store is None:
                 self.auth.plugin.stored = None
             else:

@@ -423,7 +423,13 @@ class ModelRouter:
                     await model.ensure_loaded()
                 except EngineError as exc:
                     self._log.error("preload failed", model=model.id, error=str(exc))
-        if any(m.spec.config.idle_unload_s > 0 for m in self._models.values()):
+        self.watch_idle()
+
+    def watch_idle(self) -> None:
+        """Unload idle models from now on when any asks for it (`idle_unload_s`): at start, and
+        after an apply gave one the setting."""
+        wanted = any(m.spec.config.idle_unload_s > 0 for m in self._models.values())
+        if wanted and self._idle_task is None:
             self._idle_task = asyncio.get_running_loop().create_task(self._unload_idle())
 
     async def stop(self) -> None:
@@ -436,10 +442,10 @@ class ModelRouter:
             await model.unload()
 
     async def _unload_idle(self) -> None:
-        idle_limits = [m.spec.config.idle_unload_s for m in self._models.values()]
-        interval = max(0.05, min(t for t in idle_limits if t > 0) / 4)
         while True:
-            await asyncio.sleep(interval)
+            # Again each time: an apply may have changed the limits.
+            limits = [m.spec.config.idle_unload_s for m in self._models.values()]
+            await asyncio.sleep(max(0.05, min((t for t in limits if t > 0), default=60) / 4))
             now = time.monotonic()
             for model in self._models.values():
                 limit = model.spec.config.idle_unload_s

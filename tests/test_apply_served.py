@@ -1,6 +1,8 @@
 """Live reconfiguration of a served `python -m runtime`: `python -m runtime apply` and
 `plan --diff` against it, and SIGHUP after its config file changed, while streams run on all
-four transports (the soak test's clients). Nothing they send fails or is cut short."""
+four transports (the soak test's clients): an upstream added and removed, a key added and
+revoked, the model's threads changed, the log level, tracing; a refused and a failing apply.
+Nothing the clients send fails or is cut short."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,6 +24,7 @@ from websockets.sync.client import connect
 
 from scripts.soak_clients import TRANSPORTS, Client, Outcome, Target
 from tests.conftest import PYTHON, ROOT, cli_env, free_port
+from tests.fake_openai import FakeOpenAI
 from tests.served import Served
 
 pytestmark = pytest.mark.slow
@@ -65,7 +69,23 @@ def cli(*words: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_applies_and_sighup_under_load_on_every_transport(tmp_path: Path) -> None:
+def chat_status(url: str, model: str) -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    headers = {"authorization": f"Bearer {KEY}"}
+    return httpx.post(url + "/v1/chat/completions", json=body, headers=headers).status_code
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI(models=("alpha",))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_applies_and_sighup_under_load_on_every_transport(
+    tmp_path: Path, upstream: FakeOpenAI
+) -> None:
     grpc_port = free_port()
     mine = ["transports.grpc=true", f"server.grpc_port={grpc_port}", f"auth.keys=[{OPS}]"]
     served = Served.start_default_models(tmp_path, *mine)
@@ -95,14 +115,23 @@ def test_applies_and_sighup_under_load_on_every_transport(tmp_path: Path) -> Non
         load.start()
         time.sleep(2)
 
-        # A key added, and the model's threads changed: it loads again beside the old one.
+        # An upstream and a key added, and the model's threads changed: it loads again beside
+        # the old one.
         two = f"auth.keys=[{OPS},{{name:app,key:k-app}}]"
-        done = cli("apply", *to, *base, two, f"+{GEMMA}.engine_settings.n_threads=1")
+        up = [
+            "+integrations=openai_compatible",
+            f"integrations.openai_compatible.settings.base_url={upstream.url}/v1",
+            "integrations.openai_compatible.settings.model_prefix=up/",
+        ]
+        threads = f"+{GEMMA}.engine_settings.n_threads=1"
+        done = cli("apply", *to, *base, *up, two, threads)
         assert done.returncode == 0, done.stderr
+        assert "add      integration openai_compatible" in done.stdout
         assert "reload   model gemma-3-270m (engine_settings.n_threads)" in done.stdout
         assert "update   auth auth (keys[app])" in done.stdout
         app = {"authorization": "Bearer k-app"}
         assert httpx.get(served.url + "/v1/models", headers=app).status_code == 200
+        assert chat_status(served.url, "up/alpha") == 200
 
         # The plan of a change that needs a restart; its apply is refused as a whole.
         planned = cli("plan", "--diff", *to, *base, two, "server.workers=2")
@@ -115,6 +144,14 @@ def test_applies_and_sighup_under_load_on_every_transport(tmp_path: Path) -> Non
         ghost = f"{GEMMA}.source=ghost.gguf"
         failed = cli("apply", *to, *base, two, ghost, "limits.max_tokens=5")
         assert failed.returncode == 1 and "nothing changed" in failed.stderr, failed.stderr
+
+        # The upstream removed, the log level changed, tracing turned on.
+        later = ["logging.level=ERROR", "telemetry.tracing=true"]
+        done = cli("apply", *to, *base, two, threads, *later)
+        assert done.returncode == 0, done.stderr
+        assert "remove   integration openai_compatible" in done.stdout
+        assert "update   telemetry telemetry.tracing" in done.stdout
+        assert chat_status(served.url, "up/alpha") == 404
 
         # SIGHUP reads the run directory's config.yaml again: the app key revoked there.
         config_file = next((tmp_path / "runs").glob("*/config.yaml"))
@@ -147,9 +184,9 @@ def test_applies_and_sighup_under_load_on_every_transport(tmp_path: Path) -> Non
                 seen.append(json.loads(events.recv(timeout=1)).get("type"))
             except TimeoutError:
                 break
-        assert seen.count("config.applied") == 2 and seen.count("config.rejected") == 2, seen
+        assert seen.count("config.applied") == 3 and seen.count("config.rejected") == 2, seen
         metrics = httpx.get(served.url + "/metrics").text
-        assert 'llm_config_applies_total{result="applied"} 2.0' in metrics
+        assert 'llm_config_applies_total{result="applied"} 3.0' in metrics
     finally:
         opened.close()
         assert served.stop() == 0

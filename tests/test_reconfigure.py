@@ -19,6 +19,7 @@ import handlers
 from runtime.app import Runtime
 from runtime.reconfigure import config_hash
 from runtime.transports.http import create_app
+from tests.conftest import eventually
 from tests.fake_openai import FakeOpenAI
 
 Compose = Callable[..., DictConfig]
@@ -287,3 +288,44 @@ async def test_a_restarted_integration_moves_its_dependents_and_retires_the_old_
         assert now["db"].settings["url"] == "postgres://other"
     finally:
         await runtime.stop()
+
+
+async def test_an_apply_on_one_of_several_workers_without_redis_says_so(
+    make_runtime: Callable[..., Runtime], compose_test: Compose
+) -> None:
+    runtime = make_runtime("integrations=[db]", "server.workers=2")
+    await runtime.start()
+    cfg = compose_test("integrations=[db]", "server.workers=2", "limits.max_tokens=9")
+    answer = await runtime.reconfigure.apply(cfg)
+    assert answer["applied"]
+    assert "integrations=redis" in answer["warnings"][0]
+
+
+async def test_an_integrations_bad_settings_are_refused_before_anything_changes(
+    server: Server, upstream: FakeOpenAI
+) -> None:
+    answer = await server.apply(
+        "limits.max_tokens=8",
+        "+integrations=openai_compatible",
+        f"integrations.openai_compatible.settings.base_url={upstream.url}/v1",
+        "integrations.openai_compatible.settings.max_queue=many",
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "integrations.openai_compatible.settings.max_queue"
+    assert server.runtime.request_limits.limits.max_tokens == 0
+    assert "openai_compatible" not in server.runtime.integrations.integrations
+
+
+async def test_a_removed_model_finishes_what_it_admitted_then_404s(server: Server) -> None:
+    gemma = server.runtime.models.get("gemma")
+    running = asyncio.create_task(server.chat(max_tokens=48, stream=True))
+    await eventually(lambda: gemma.in_flight == 1)
+    answer = await server.apply(f"{MODELS}=[]")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["changes"][0]["action"] == "remove"
+    assert (await server.chat()).status_code == 404
+    streamed = await running
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+    assert '"finish_reason":"length"' in streamed.text.replace(" ", "")
+    await server.runtime.reconfigure.wait_retired()
+    assert gemma.engine is None

@@ -74,6 +74,7 @@ def describe(answer: dict[str, Any]) -> str:
         lines += [f"    {key}" for key in restart]
     if not lines:
         lines.append("  no changes")
+    lines += [f"  warning: {warning}" for warning in answer.get("warnings") or []]
     state = "applied" if answer.get("applied") else "not applied (plan only)"
     if answer.get("applied"):
         state += f" in {answer.get('seconds', 0):.2f}s"
