@@ -86,6 +86,9 @@ def changes(upstream: str) -> list[Change]:
         return models[0]["engine_settings"].get("n_threads")
 
     return [
+        Change(  # the control: the running config again, so the plan is empty
+            "nothing (the same config)", [], [], lambda c: True, lambda c: True
+        ),
         Change(
             "upstream added / removed",
             up,
