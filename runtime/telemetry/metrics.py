@@ -182,6 +182,8 @@ class Metrics:
             ("result",),
             registry=r,
         )
+        for result in ("applied", "rejected"):  # 0 from the start: no apply is not no data
+            self.config_applies.labels(result)
         self.model_loads = Counter(
             "llm_model_loads_total",
             "Model loads, by outcome (status=success|failure).",

@@ -117,21 +117,29 @@ def overview() -> Json:
             "Integrations",
             [target("max by (name) (integration_up)", table=True)],
             value_text={"0": ("down", "red"), "1": ("up", "green")},
-            width=8,
+            width=6,
             description="1 while an integration is active or degraded, 0 otherwise.",
         ),
         timeseries(
             "Health-check latency p95",
             [target(quantile(0.95, health, by=("name",)), "{{name}}")],
             unit="s",
-            width=8,
+            width=6,
         ),
         timeseries(
             "Integration restarts",
             [target(increase("integration_restarts_total", by=("name",)), "{{name}}")],
             bars=True,
-            width=8,
+            width=6,
             description="Background recoveries of failed integrations.",
+        ),
+        timeseries(
+            "Config applies",
+            [target(increase("llm_config_applies_total", by=("result",)), "{{result}}")],
+            bars=True,
+            width=6,
+            description="Configs applied to the running server, or refused"
+            " (python -m runtime apply, SIGHUP, a changed config file).",
         ),
     ]
     return dashboard(
