@@ -33,7 +33,9 @@ class AppliedSteps:
     unused: list[BaseIntegration] = field(default_factory=list)  # built, not yet serving
     retire_models: list[ServedModel] = field(default_factory=list)
     retire_integrations: list[BaseIntegration] = field(default_factory=list)
-    retire_tracing: list[Tracing] = field(default_factory=list)
+    # Run once the requests in flight at the apply are done: the old tracer's flush, the old
+    # cache of stored keys' last writes.
+    close_later: list[Undo] = field(default_factory=list)
 
 
 class ApplySteps:
@@ -201,10 +203,15 @@ class ApplySteps:
         key_store = runtime.key_store
         if key_store is not None:  # the database's keys, with the new defaults and cache time
             auth.use_store(key_store.api_keys, settings)
+            if stored is not None:
+                self.record.close_later.append(stored.close)
 
         async def undo() -> None:
+            replaced = plugin.stored
             auth.keys, auth.unset_keys, plugin.keys, plugin.route_scopes, plugin.enforced = before
             plugin.oidc, plugin.stored = oidc, stored
+            if replaced is not None and replaced is not stored:
+                await replaced.close()
 
         self.record.undo.append(undo)
 
@@ -258,4 +265,4 @@ class ApplySteps:
             await new.shutdown()
 
         self.record.undo.append(undo)
-        self.record.retire_tracing.append(old)
+        self.record.close_later.append(old.shutdown)

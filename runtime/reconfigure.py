@@ -282,12 +282,12 @@ class Reconfigurer:
             await asyncio.gather(
                 *(runtime.models.retire(m, m.spec.config.timeout_s, self._hurry) for m in models)
             )
-            if step.retire_integrations or step.retire_tracing:
+            if step.retire_integrations or step.close_later:
                 await _until_done(runtime, drain_s, self._hurry)
             for integration in step.retire_integrations:
                 await runtime.integrations.retire(integration)
-            for tracing in step.retire_tracing:
-                await tracing.shutdown()
+            for close in step.close_later:
+                await close()
 
         task = asyncio.get_running_loop().create_task(retire(), name="tiffin:retire")
         self._retiring.add(task)

@@ -5,7 +5,9 @@ config the pods serve, the grace period against the drain timeout, the autoscali
 
 from __future__ import annotations
 
+import copy
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,9 @@ from omegaconf import OmegaConf
 import handlers
 from runtime.app import Runtime
 from runtime.config import compose, load_config_file
+from runtime.config_changes import plan_changes
 from runtime.config_schema import ServerConfig
+from runtime.reconfigure import resolved
 from runtime.telemetry.metrics import Metrics
 from tests.helm_chart import (
     CHART,
@@ -272,3 +276,46 @@ def test_values_schema_refuses_a_misspelt_key() -> None:
         render({"autoscalng": {"enabled": True}})
     with pytest.raises(helm.HelmError, match="gpusPerPod"):
         render({"gpu": {"enabled": True, "gpusPerPod": 0}})
+
+
+def _leaves(node: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaves(value, (*prefix, str(key)))
+    else:
+        yield prefix
+
+
+def _changed(value: Any) -> Any:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, list):
+        return [*value, "x"]
+    return f"{value}x"
+
+
+def test_every_key_that_needs_a_restart_rolls_the_pods() -> None:
+    """The chart's restart-only list (tiffin.restartConfig) covers every key the server refuses
+    to change live (runtime/config_changes.py): each such key, changed, changes the checksum."""
+    cfg = compose(["env=prod", "integrations=custom_models"])
+    base = resolved(cfg)
+    checksum = pod_annotations(render({"config": yaml.safe_dump(base)}))["checksum/config-restart"]
+    first_route = next(iter(base["handlers"]["routes"]))
+    checked = 0
+    live = ("integrations", "auth", "limits")  # planned per item, never a restart
+    for path in _leaves({k: v for k, v in base.items() if k not in live}):
+        if path[:2] == ("handlers", "routes") and path[2] != first_route:
+            continue  # one route stands for all
+        changed = copy.deepcopy(base)
+        node = changed
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = _changed(node[path[-1]])
+        if not plan_changes(base, changed).restart_required:
+            continue
+        rendered = render({"config": yaml.safe_dump(changed)})
+        assert pod_annotations(rendered)["checksum/config-restart"] != checksum, ".".join(path)
+        checked += 1
+    assert checked > 20

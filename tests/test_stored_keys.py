@@ -9,6 +9,7 @@ import asyncio
 import io
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -413,3 +414,24 @@ async def test_a_stored_key_is_never_logged_shown_or_stored(
     for text in [log_stream.getvalue(), *shown]:
         assert key not in text
     assert key.encode() not in database and key[3:].encode() not in database
+
+
+async def test_an_apply_of_auth_settings_keeps_the_stored_keys_with_the_new_defaults(
+    make_runtime: MakeRuntime, compose_test: Callable[..., Any], tmp_path: Path
+) -> None:
+    overrides = [*database_overrides(tmp_path), "auth.limits.requests_per_minute=100"]
+    runtime = await start_with_models(make_runtime(*overrides, builtins=[ScriptedEngines()]))
+    key = await stored_key(key_store(runtime), "app")
+    old = runtime.auth.plugin.stored
+    async with await serve_http(runtime) as http:
+        assert (await http.get("/v1/models", headers=bearer(key))).status_code == 200
+        cfg = compose_test(*overrides[:-1], "auth.limits.requests_per_minute=1")
+        answer = await runtime.reconfigure.apply(cfg)
+        assert [c["kind"] for c in answer["changes"]] == ["auth"]
+        assert runtime.auth.plugin.stored is not old  # the new default limit, for stored keys
+        # Still known (not 401), and over its new limit: the count kept the request before.
+        limited = await http.get("/v1/models", headers=bearer(key))
+        assert limited.status_code == 429 and "app" in limited.json()["error"]["message"]
+    await runtime.reconfigure.wait_retired()  # the old cache closed: its last writes made
+    used = {stored.name: stored.last_used_at for stored in await key_store(runtime).all()}
+    assert used["app"] is not None
