@@ -13,6 +13,7 @@ a runtime_checkable Protocol only looks for them by name).
 - `RateStoreProvider`: rate-limit counters shared by every process (redis); the counters
   themselves are auth's `RateStore` (runtime/auth/rate_limits.py), the one definition of them.
 - `ResponseStoreProvider`: keeps the Responses API's stored answers (the database's).
+- `ObjectStoreProvider`: where files live (object_storage: the local filesystem or S3).
 - `ModelProvider`: offers models to the ModelRouter (custom_models, ollama, openai_compatible,
   huggingface_hub), and those `python -m runtime plan` lists before anything starts.
 """
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from runtime.auth.rate_limits import RateStore
     from runtime.engines.engine import ModelSpec
+    from runtime.integrations.object_storage.object_stores import ObjectStore
     from runtime.persistence.api_keys import ApiKeyStore
     from runtime.response_store import ResponseStore
     from runtime.telemetry.live_stats import GenerationRequestRecord
@@ -72,3 +74,12 @@ class ModelProvider(Protocol):
         """The models `plan` lists before anything starts (no I/O): by default none, since a
         platform's models are known once it answers."""
         return []
+
+
+@runtime_checkable
+class ObjectStoreProvider(Protocol):
+    """Keeps files (uploads, batch inputs and results) by key."""
+
+    def object_store(self) -> ObjectStore | None:
+        """The store; None while it cannot be used (the integration is not running)."""
+        ...
