@@ -131,7 +131,7 @@ class ApplySteps:
         async def undo() -> None:
             router.take_out(model.id)
             if old is not None:
-                router.restore(old)
+                router.put(old)
             await model.unload()
 
         self.record.undo.append(undo)
@@ -143,7 +143,7 @@ class ApplySteps:
         router.take_out(old.id)
 
         async def undo() -> None:
-            router.restore(old)
+            router.put(old)
 
         self.record.undo.append(undo)
         self.record.retire_models.append(old)

@@ -87,17 +87,22 @@ class ChangePlan:
 
     def describe(self) -> str:
         """The plan in lines for a terminal."""
-        if self.empty:
-            return "no changes"
-        lines = []
-        for change in self.changes:
-            keys = f" ({', '.join(change.keys)})" if change.keys else ""
-            because = f" [{change.because}]" if change.because else ""
-            lines.append(f"  {change.action:<8} {change.kind} {change.name}{keys}{because}")
-        if self.restart_required:
-            lines.append("  needs a restart, so nothing is applied:")
-            lines += [f"    {key}" for key in self.restart_required]
-        return "\n".join(lines)
+        return "\n".join(plan_lines(self.to_dict())) or "no changes"
+
+
+def plan_lines(plan: Mapping[str, Any]) -> list[str]:
+    """A plan (`ChangePlan.to_dict()`, or the server's answer to an apply) as lines for a
+    terminal; none when it changes nothing."""
+    lines = []
+    for change in plan.get("changes") or []:
+        keys = f" ({', '.join(change['keys'])})" if change.get("keys") else ""
+        because = f" [{change['because']}]" if change.get("because") else ""
+        lines.append(f"  {change['action']:<8} {change['kind']} {change['name']}{keys}{because}")
+    restart = plan.get("restart_required") or []
+    if restart:
+        lines.append("  needs a restart, so nothing is applied:")
+        lines += [f"    {key}" for key in restart]
+    return lines
 
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

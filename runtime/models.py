@@ -188,9 +188,7 @@ class ModelRouter:
 
     def register(self, spec: ModelSpec) -> ServedModel:
         model = self.prepare(spec)
-        self._models[model.id] = model
-        for alias in spec.config.aliases:
-            self._aliases[alias] = model.id
+        self.put(model)
         return model
 
     def prepare(self, spec: ModelSpec) -> ServedModel:
@@ -231,8 +229,9 @@ class ModelRouter:
         return model
 
     def put(self, model: ServedModel) -> ServedModel | None:
-        """Route `model`'s id to it from now on (new weights or a new client, from `prepare`);
-        returns the one it replaces, which keeps serving what it admitted."""
+        """Route `model`'s id to it from now on (a new one from `prepare`, or one an apply took
+        out and now puts back); returns the one it replaces, which keeps serving what it
+        admitted."""
         previous = self._models.get(model.id)
         old_aliases = previous.spec.config.aliases if previous is not None else []
         self._replace_aliases(model.id, old_aliases, model.spec.config.aliases)
@@ -244,12 +243,6 @@ class ModelRouter:
         it admitted."""
         self._aliases = {a: m for a, m in self._aliases.items() if m != model_id}
         return self._models.pop(model_id, None)
-
-    def restore(self, model: ServedModel) -> None:
-        """Route to `model` again (an apply rolled back)."""
-        self._models[model.id] = model
-        for alias in model.spec.config.aliases:
-            self._aliases[alias] = model.id
 
     async def retire(
         self, model: ServedModel, timeout_s: float, hurry: asyncio.Event | None = None

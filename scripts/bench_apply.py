@@ -19,14 +19,12 @@ table, the machine's load, and one JSON line.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +37,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from runtime.config import compose
 from scripts.bench_inference import ROOT, free_port, serving
-from scripts.soak_clients import TRANSPORTS, Client, Outcome, Target
+from scripts.soak_clients import BackToBack, Outcome, Target
 
 KEY = "k-bench-admin"
 ADMIN = {"authorization": f"Bearer {KEY}"}
@@ -127,30 +125,6 @@ def changes(upstream: str) -> list[Change]:
     ]
 
 
-class Load(threading.Thread):
-    """One client per transport, back to back, until stopped; every outcome kept."""
-
-    def __init__(self, target: Target) -> None:
-        super().__init__(daemon=True)
-        self.target = target
-        self.outcomes: list[Outcome] = []
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        asyncio.run(self._main())
-
-    async def _main(self) -> None:
-        async def loop(transport: str) -> None:
-            client = Client(self.target, transport, 0)
-            try:
-                while not self.stopping.is_set():
-                    self.outcomes.append(await client.request(None))
-            finally:
-                await client.close()
-
-        await asyncio.gather(*(loop(t) for t in TRANSPORTS))
-
-
 def overlapping(outcomes: list[Outcome], start: float, end: float) -> list[Outcome]:
     """The requests in flight at some moment of [start, end] (monotonic clock)."""
     return [
@@ -201,7 +175,7 @@ def main() -> int:
         httpx.Client(base_url=server, timeout=120) as client,
     ):
         target = Target(server, f"127.0.0.1:{grpc_port}", "gemma-3-270m", args.max_tokens, 120, KEY)
-        load = Load(target)
+        load = BackToBack(target)
         load.start()
         time.sleep(args.window)  # warm: every transport connected, the model's caches used
         for change in changes(upstream):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -245,6 +246,32 @@ class Client:
         out.tokens = int(answer["data"]["generateText"]["tokens"])
         out.ttft_s = time.monotonic() - out.started  # no stream: the first token is the answer
         return out.end("served", 200)
+
+
+class BackToBack(threading.Thread):
+    """One client per transport, each sending requests back to back until `stopping` is set,
+    on a thread with its own event loop; every outcome kept in order of completion (the live
+    reconfiguration test and scripts/bench_apply.py run it beside what they change)."""
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(daemon=True)
+        self.target = target
+        self.outcomes: list[Outcome] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        async def loop(transport: str) -> None:
+            client = Client(self.target, transport, 0)
+            try:
+                while not self.stopping.is_set():
+                    self.outcomes.append(await client.request(None))
+            finally:
+                await client.close()
+
+        await asyncio.gather(*(loop(t) for t in TRANSPORTS))
 
 
 def target_timeout(target: Target) -> httpx.Timeout:

@@ -6,12 +6,10 @@ Nothing the clients send fails or is cut short."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import signal
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ import pytest
 import yaml
 from websockets.sync.client import connect
 
-from scripts.soak_clients import TRANSPORTS, Client, Outcome, Target
+from scripts.soak_clients import TRANSPORTS, BackToBack, Target
 from tests.conftest import PYTHON, ROOT, cli_env, free_port
 from tests.fake_openai import FakeOpenAI
 from tests.served import Served
@@ -32,30 +30,6 @@ pytestmark = pytest.mark.slow
 KEY = "k-ops"
 OPS = f"{{name:ops,key:{KEY},scopes:[admin,inference]}}"
 GEMMA = "integrations.custom_models.settings.models.0"
-
-
-class Load(threading.Thread):
-    """One streaming client per transport, each sending requests back to back until stopped."""
-
-    def __init__(self, target: Target) -> None:
-        super().__init__(daemon=True)
-        self.target = target
-        self.outcomes: list[Outcome] = []
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        asyncio.run(self._main())
-
-    async def _main(self) -> None:
-        async def loop(transport: str) -> None:
-            client = Client(self.target, transport, 0)
-            try:
-                while not self.stopping.is_set():
-                    self.outcomes.append(await client.request(None))
-            finally:
-                await client.close()
-
-        await asyncio.gather(*(loop(t) for t in TRANSPORTS))
 
 
 def cli(*words: str) -> subprocess.CompletedProcess[str]:
@@ -111,7 +85,7 @@ def test_applies_and_sighup_under_load_on_every_transport(
             )
         )
         target = Target(served.url, f"127.0.0.1:{grpc_port}", "gemma-3-270m", 24, 120, KEY)
-        load = Load(target)
+        load = BackToBack(target)
         load.start()
         time.sleep(2)
 

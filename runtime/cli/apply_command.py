@@ -22,6 +22,7 @@ import httpx
 from omegaconf import OmegaConf
 
 from runtime.config import compose
+from runtime.config_changes import plan_lines
 from runtime.errors import ConfigError
 
 
@@ -63,17 +64,7 @@ def apply_main(args: Sequence[str], *, plan_only: bool = False) -> int:
 
 def describe(answer: dict[str, Any]) -> str:
     """The server's plan answer as lines for a terminal."""
-    lines = []
-    for change in answer.get("changes", []):
-        keys = f" ({', '.join(change['keys'])})" if change.get("keys") else ""
-        because = f" [{change['because']}]" if change.get("because") else ""
-        lines.append(f"  {change['action']:<8} {change['kind']} {change['name']}{keys}{because}")
-    restart = answer.get("restart_required") or []
-    if restart:
-        lines.append("  needs a restart, so it cannot be applied:")
-        lines += [f"    {key}" for key in restart]
-    if not lines:
-        lines.append("  no changes")
+    lines = plan_lines(answer) or ["  no changes"]
     lines += [f"  warning: {warning}" for warning in answer.get("warnings") or []]
     state = "applied" if answer.get("applied") else "not applied (plan only)"
     if answer.get("applied"):
