@@ -13,6 +13,8 @@ from handlers import (
     admin_config,
     alerts,
     anthropic_api,
+    batches_api,
+    files_api,
     integrations,
     live_feeds,
     ollama_api,
@@ -41,6 +43,15 @@ class BuiltinHandlers:
         register("openai.responses_create", responses_api.create)
         register("openai.responses_get", responses_api.get)
         register("openai.responses_delete", responses_api.delete)
+        register("files.create", files_api.create)
+        register("files.list", files_api.list_files)
+        register("files.get", files_api.get)
+        register("files.content", files_api.content)
+        register("files.delete", files_api.delete)
+        register("batches.create", batches_api.create)
+        register("batches.list", batches_api.list_batches)
+        register("batches.get", batches_api.get)
+        register("batches.cancel", batches_api.cancel)
         register("anthropic.messages", anthropic_api.messages)
         register("anthropic.count_tokens", anthropic_api.count_tokens)
         register("admin.load_model", admin.load_model)

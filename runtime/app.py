@@ -25,6 +25,7 @@ from hooks.live_recorder import LiveStatsRecorder
 from hooks.metrics_recorder import MetricsRecorder
 from hooks.request_limits import RequestLimits
 from runtime.auth import Auth, MemoryRateStore
+from runtime.batches.batch_service import BatchService
 from runtime.config_schema import IntegrationConfig, TiffinConfig, Topology
 from runtime.dispatch import Dispatcher, Handler
 from runtime.errors import ConfigError
@@ -139,6 +140,8 @@ class Runtime:
         self.runner: RunnerClient | None = None
         self.started = False
         self.reconfigure = Reconfigurer(self)
+        # The Batch API's worker and supervisor (with integrations=queue).
+        self.batches = BatchService(self)
         check_server_settings(self.settings)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -169,6 +172,7 @@ class Runtime:
         for pattern in ("integration.started", "integration.recovered", "models.changed"):
             self.events.subscribe(pattern, self._on_models_event)
         await self.models.start()
+        await self.batches.start()
         self.started = True
         await resolve_all(self.plugins.hook.runtime_started(runtime=self))
         self.log.info("runtime started", **self.integrations.summary())
@@ -190,6 +194,7 @@ class Runtime:
             await resolve_all(self.plugins.hook.runtime_stopping(runtime=self))
         self.started = False
         await self.reconfigure.wait_retired(hurry=True)
+        await self.batches.stop()  # lines running are not acked: they run again elsewhere
         await self.models.stop()
         await self.auth.close()  # last_used_at of stored keys, while the database is up
         await self.integrations.stop_all()

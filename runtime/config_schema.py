@@ -159,6 +159,24 @@ class LimitsConfig:
 
 
 @dataclass
+class BatchConfig:
+    """The Files and Batch APIs (`/v1/files`, `/v1/batches`): uploads kept by the object_storage
+    integration, batch lines run by workers in every process that reads the queue integration."""
+
+    # An upload larger than this gets 413 (OpenAI's batch input limit is 200 MB).
+    max_file_bytes: int = 200 * 1024 * 1024
+    max_lines: int = 50_000  # lines in one batch input file (OpenAI's limit)
+    # Of a model's slots (its engine's `parallel`), at most this share runs batch lines, and
+    # only while live requests leave a slot free: live traffic always comes first.
+    max_share: float = 0.75
+    # Batch lines this process runs at once, over all models (0: no batch worker here).
+    concurrency: int = 8
+    # How often the supervisor looks for batches to finish, expire or recover.
+    poll_s: float = 1.0
+    completion_windows: list[str] = field(default_factory=lambda: ["24h"])
+
+
+@dataclass
 class ServingConfig:
     """`split`: models whose engine is in `runner_engines` run in the runner service (its own
     process, `runner_gpus` GPUs), reached from the API service through `bentoml.depends`."""
@@ -274,6 +292,9 @@ class TelemetryConfig:
 class HttpRoute:
     method: str = "GET"
     path: str = MISSING
+    # A larger body limit than server.max_body_bytes for this path (0: the server's), for
+    # uploads (POST /v1/files: batch.max_file_bytes).
+    max_body_bytes: int = 0
 
 
 @dataclass
@@ -341,6 +362,7 @@ class TiffinConfig:
     env: str = "dev"  # the conf/env option composed (dev, test, staging, prod)
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)

@@ -205,6 +205,24 @@ class Event:
 
 
 @dataclass
+class UploadedFile:
+    """A file part of a multipart/form-data body (the Files API's upload), which the HTTP
+    transport puts in `Event.body` under its field name beside the form's text fields."""
+
+    filename: str
+    content: bytes
+    content_type: str = "application/octet-stream"
+
+
+@dataclass
+class FileBody:
+    """A handler result that is a file's bytes, not JSON (GET /v1/files/{id}/content)."""
+
+    content: bytes
+    media_type: str = "application/octet-stream"
+
+
+@dataclass
 class Reply:
     """A handler result with an explicit status (e.g. 503 from a health check)."""
 

@@ -28,12 +28,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def test_plan_prints_the_resolved_graph_for_a_comma_selection() -> None:
-    result = run_cli("plan", *TEST_OVERRIDES, "integrations=dashboards,queue")
+    result = run_cli("plan", *TEST_OVERRIDES, "integrations=dashboards,jobs")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["env"] == "test"
     by_name = {i["name"]: i for i in plan["integrations"]}
-    assert set(by_name) == {"dashboards", "queue", "metrics"}
+    assert set(by_name) == {"dashboards", "jobs", "metrics"}
     assert by_name["metrics"]["because"] == "dependency of dashboards"
     assert by_name["dashboards"] == {
         "name": "dashboards",
@@ -44,7 +44,7 @@ def test_plan_prints_the_resolved_graph_for_a_comma_selection() -> None:
         "dependencies": ["metrics"],
         "target": "scripted",
     }
-    assert plan["start_order"] == ["metrics", "dashboards", "queue"]
+    assert plan["start_order"] == ["metrics", "dashboards", "jobs"]
     assert plan["endpoints"]["http"] == "127.0.0.1:3000"
     assert plan["endpoints"]["grpc"] == "127.0.0.1:50051"
     assert plan["models"] == []
@@ -138,7 +138,7 @@ def test_check_fails_when_a_required_integration_fails() -> None:
     result = run_cli(
         "check",
         *TEST_OVERRIDES,
-        "integrations=[db,queue]",
+        "integrations=[db,jobs]",
         "integrations.db.required=true",
         "+integrations.db.settings.fail_initialize=-1",
         "integrations.db.retry_config.max_retries=0",
@@ -154,12 +154,12 @@ def test_check_passes_when_only_an_optional_integration_fails() -> None:
     result = run_cli(
         "check",
         *TEST_OVERRIDES,
-        "integrations=queue",
-        "+integrations.queue.settings.fail_initialize=-1",
-        "integrations.queue.retry_config.max_retries=0",
+        "integrations=jobs",
+        "+integrations.jobs.settings.fail_initialize=-1",
+        "integrations.jobs.retry_config.max_retries=0",
     )
     assert result.returncode == 0, result.stderr
-    assert "queue" in result.stdout and "error" in result.stdout
+    assert "jobs" in result.stdout and "error" in result.stdout
 
 
 def test_info_lists_hooks_handlers_and_plugins() -> None:
@@ -189,9 +189,9 @@ def test_the_verb_may_come_after_the_overrides_as_people_type_it() -> None:
 
 
 def test_main_takes_the_verb_anywhere(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([*TEST_OVERRIDES, "integrations=queue", "plan", "server.http_port=9001"]) == 0
+    assert main([*TEST_OVERRIDES, "integrations=jobs", "plan", "server.http_port=9001"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["start_order"] == ["queue"]
+    assert plan["start_order"] == ["jobs"]
     assert plan["endpoints"]["http"] == "127.0.0.1:9001"
 
 

@@ -79,17 +79,17 @@ def test_any_key_can_be_overridden(hydra_conf: None) -> None:
 @pytest.mark.parametrize(
     "selection",
     [
-        ["integrations=db,queue"],
-        ["integrations=[db,queue]"],
-        ["integrations=db", "+integrations=queue"],
-        ["+integrations=[db,queue]"],
-        ["integrations=[db,queue,metrics]", "~integrations=metrics"],
+        ["integrations=db,jobs"],
+        ["integrations=[db,jobs]"],
+        ["integrations=db", "+integrations=jobs"],
+        ["+integrations=[db,jobs]"],
+        ["integrations=[db,jobs,metrics]", "~integrations=metrics"],
     ],
 )
 def test_every_form_of_the_integration_selection(
     compose_test: Compose, selection: list[str]
 ) -> None:
-    assert set(compose_test(*selection).integrations) == {"db", "queue"}
+    assert set(compose_test(*selection).integrations) == {"db", "jobs"}
 
 
 def test_a_pulled_in_dependency_says_why_and_takes_its_overrides(compose_test: Compose) -> None:

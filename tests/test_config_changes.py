@@ -13,7 +13,7 @@ from runtime.config_changes import changed_keys, plan_changes
 from runtime.reconfigure import resolved
 
 Compose = Callable[..., DictConfig]
-SCRIPTED = ["integrations=[db,cache,queue]"]
+SCRIPTED = ["integrations=[db,cache,jobs]"]
 GEMMA = "integrations.custom_models.settings.models.0"
 
 
@@ -48,17 +48,17 @@ def test_a_restarted_integration_takes_its_dependents_in_start_order(
 def test_integrations_removed_dependents_first_and_added_in_start_order(
     compose_test: Compose,
 ) -> None:
-    assert plan(compose_test, SCRIPTED, ["integrations=[queue]"]) == [
+    assert plan(compose_test, SCRIPTED, ["integrations=[jobs]"]) == [
         {"kind": "integration", "name": "cache", "action": "remove"},
         {"kind": "integration", "name": "db", "action": "remove"},
     ]
-    assert plan(compose_test, ["integrations=[queue]"], SCRIPTED) == [
+    assert plan(compose_test, ["integrations=[jobs]"], SCRIPTED) == [
         {"kind": "integration", "name": "db", "action": "add"},
         {"kind": "integration", "name": "cache", "action": "add"},
     ]
-    disabled = [*SCRIPTED, "integrations.queue.enabled=false"]
+    disabled = [*SCRIPTED, "integrations.jobs.enabled=false"]
     assert plan(compose_test, SCRIPTED, disabled) == [
-        {"kind": "integration", "name": "queue", "action": "remove"}
+        {"kind": "integration", "name": "jobs", "action": "remove"}
     ]
 
 

@@ -48,9 +48,9 @@ def test_selecting_an_integration_enables_its_dependencies(make_runtime: MakeRun
 
 
 def test_start_order_is_topological_with_priority_breaking_ties(make_runtime: MakeRuntime) -> None:
-    runtime = make_runtime("integrations=[queue,cache,dashboards,db,metrics]")
+    runtime = make_runtime("integrations=[jobs,cache,dashboards,db,metrics]")
     # metrics (5) is ready first; that makes dashboards (1) ready, which beats db (10).
-    assert runtime.integrations.order == ["metrics", "dashboards", "db", "cache", "queue"]
+    assert runtime.integrations.order == ["metrics", "dashboards", "db", "cache", "jobs"]
 
 
 def test_a_dependency_cycle_is_a_config_error(compose_test: Callable[..., object]) -> None:
@@ -114,7 +114,7 @@ async def test_an_optional_failure_degrades_dependents_and_serving_continues(
     make_runtime: MakeRuntime,
 ) -> None:
     runtime = make_runtime(
-        "integrations=[dashboards,queue]", "+integrations.metrics.settings.fail_initialize=-1"
+        "integrations=[dashboards,jobs]", "+integrations.metrics.settings.fail_initialize=-1"
     )
     events = recorder(runtime)
     await runtime.start()
@@ -123,13 +123,13 @@ async def test_an_optional_failure_degrades_dependents_and_serving_continues(
     assert status == {
         "metrics": IntegrationStatus.error,
         "dashboards": IntegrationStatus.degraded,
-        "queue": IntegrationStatus.active,
+        "jobs": IntegrationStatus.active,
     }
     dashboards = scripted(runtime, "dashboards")
     assert dashboards.initialize_calls == 0
     assert dashboards.last_error == "waiting for metrics"
     assert names(events, "integration.failed") == ["metrics"]
-    assert names(events, "integration.started") == ["queue"]
+    assert names(events, "integration.started") == ["jobs"]
 
 
 async def test_a_failed_optional_integration_recovers_in_the_background(
@@ -192,7 +192,7 @@ async def test_a_required_integration_failing_its_health_check_makes_the_runtime
 
 
 async def test_stop_shuts_down_in_reverse_start_order(make_runtime: MakeRuntime) -> None:
-    runtime = make_runtime("integrations=[queue,cache,dashboards]")
+    runtime = make_runtime("integrations=[jobs,cache,dashboards]")
     events = recorder(runtime)
     await runtime.start()
     started = names(events, "integration.started")

@@ -20,6 +20,7 @@ from runtime.auth.stored import StoredKeys, unavailable
 from runtime.types import HandlerError
 
 CHALLENGE = {"www-authenticate": "Bearer"}
+BATCH_TRANSPORT = "batch"  # runtime/batches/batch_worker.py's events
 
 
 class AuthPlugin:
@@ -45,6 +46,12 @@ class AuthPlugin:
 
     @hookimpl(trylast=True)
     async def authenticate(self, event: Any, ctx: Any) -> None:
+        if event.transport == BATCH_TRANSPORT and event.principal is not None:
+            # A batch line runs as the key that made the batch, checked then; batch work has
+            # its own pace (batch.max_share), not the key's per-minute limits.
+            ctx.principal = event.principal
+            ctx.log = ctx.log.bind(principal=event.principal.name)
+            return
         issued: bool | None = True
         if not self.enforced:
             issued = await self.stored.any_issued() if self.stored else False

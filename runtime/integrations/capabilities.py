@@ -14,6 +14,7 @@ a runtime_checkable Protocol only looks for them by name).
   themselves are auth's `RateStore` (runtime/auth/rate_limits.py), the one definition of them.
 - `ResponseStoreProvider`: keeps the Responses API's stored answers (the database's).
 - `ObjectStoreProvider`: where files live (object_storage: the local filesystem or S3).
+- `LineQueueProvider`: the queue batch lines travel on (queue: RabbitMQ, Redis Streams, memory).
 - `ModelProvider`: offers models to the ModelRouter (custom_models, ollama, openai_compatible,
   huggingface_hub), and those `python -m runtime plan` lists before anything starts.
 """
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from runtime.auth.rate_limits import RateStore
     from runtime.engines.engine import ModelSpec
     from runtime.integrations.object_storage.object_stores import ObjectStore
+    from runtime.integrations.queue.line_queue import LineQueue
     from runtime.persistence.api_keys import ApiKeyStore
     from runtime.response_store import ResponseStore
     from runtime.telemetry.live_stats import GenerationRequestRecord
@@ -82,4 +84,13 @@ class ObjectStoreProvider(Protocol):
 
     def object_store(self) -> ObjectStore | None:
         """The store; None while it cannot be used (the integration is not running)."""
+        ...
+
+
+@runtime_checkable
+class LineQueueProvider(Protocol):
+    """Carries batch lines to the workers of every process."""
+
+    def line_queue(self) -> LineQueue | None:
+        """The queue; None while it cannot be used (the integration is not running)."""
         ...

@@ -27,6 +27,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from runtime.telemetry.batch_metrics import BatchMetrics
 from runtime.telemetry.engine_metrics import EngineMetrics
 
 # Seconds: LLM requests run from milliseconds (cached, errors) to minutes (long generations).
@@ -251,6 +252,8 @@ class Metrics:
         )
         # The batching engines' slots, KV cells, prompt cache and decode steps (`llm_engine_*`).
         self.engines = EngineMetrics(r)
+        # The Batch API's lines and batches (`llm_batch_*`).
+        self.batches = BatchMetrics(r)
 
     # --- series known from the start -----------------------------------------------------------
 

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,7 +32,16 @@ from runtime.transports.cors import install_cors
 from runtime.transports.http_tracing import TracingMiddleware
 from runtime.transports.openapi import install_openapi, route_openapi
 from runtime.transports.ws import mount_websockets
-from runtime.types import Event, EventStream, HandlerError, NdjsonStream, Reply, close
+from runtime.types import (
+    Event,
+    EventStream,
+    FileBody,
+    HandlerError,
+    NdjsonStream,
+    Reply,
+    UploadedFile,
+    close,
+)
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -64,11 +74,15 @@ def error_response(
 
 class RequestContextMiddleware:
     """Gives each request an id (honouring a sane `x-request-id`), binds it to the logs, echoes
-    it in the response, and refuses bodies over `max_body_bytes` with 413 before reading them."""
+    it in the response, and refuses bodies over `max_body_bytes` with 413 before reading them
+    (over `upload_limits[path]` on the paths that take uploads)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, upload_limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.upload_limits = dict(upload_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,9 +93,10 @@ class RequestContextMiddleware:
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         bind_request(request_id)
+        limit = self.upload_limits.get(scope.get("path", ""), self.max_body_bytes)
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            await self._too_large(scope, receive, send, request_id)
+        if length is not None and length.isdigit() and int(length) > limit:
+            await self._too_large(scope, receive, send, request_id, limit)
             return
         received = 0
 
@@ -90,7 +105,7 @@ class RequestContextMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     raise _BodyTooLarge
             return message
 
@@ -105,12 +120,14 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, limited_receive, send_with_id)
         except _BodyTooLarge:
-            await self._too_large(scope, receive, send, request_id)
+            await self._too_large(scope, receive, send, request_id, limit)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+    async def _too_large(
+        self, scope: Scope, receive: Receive, send: Send, request_id: str, limit: int
+    ) -> None:
         response = error_response(
             413,
-            f"request body is larger than the limit of {self.max_body_bytes} bytes",
+            f"request body is larger than the limit of {limit} bytes",
             code="request_too_large",
             headers={"x-request-id": request_id},
         )
@@ -158,7 +175,13 @@ def create_app(runtime: Runtime) -> FastAPI:
     install_openapi(app, schemas)
     install_cors(app, runtime.settings.server.cors)
     app.add_middleware(
-        RequestContextMiddleware, max_body_bytes=runtime.settings.server.max_body_bytes
+        RequestContextMiddleware,
+        max_body_bytes=runtime.settings.server.max_body_bytes,
+        upload_limits={
+            route.http.path: route.http.max_body_bytes
+            for route in runtime.settings.handlers.routes.values()
+            if route.http is not None and route.http.max_body_bytes > 0
+        },
     )
     # Outermost: the server span covers everything, 413s too. Always there, as an apply may
     # turn tracing on; with tracing off it only passes requests on.
@@ -271,16 +294,46 @@ async def _disconnected(request: Request) -> None:
 async def _read_body(request: Request) -> Any:
     if request.method in ("GET", "HEAD", "OPTIONS"):
         return None  # (a DELETE may carry one: Ollama's /api/delete does)
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await _read_form(request)
     raw = await request.body()
     if not raw:
         return None
     return parse_json(raw, "request body")
 
 
+async def _read_form(request: Request) -> dict[str, Any]:
+    """A multipart body as a dict: text fields as strings, file parts as UploadedFile."""
+    try:
+        form = await request.form(max_files=4, max_fields=32)
+    except (StarletteHTTPException, MultiPartException) as exc:
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", "")
+        raise HandlerError(
+            400, f"request body is not valid multipart/form-data: {detail}", code="invalid_form"
+        ) from None
+    body: dict[str, Any] = {}
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                body[name] = value
+            else:
+                content = await value.read()
+                body[name] = UploadedFile(
+                    value.filename or "upload",
+                    content,
+                    value.content_type or "application/octet-stream",
+                )
+    finally:
+        await form.close()
+    return body
+
+
 def encode(result: Any) -> Response:
     """Turn a handler's result into an HTTP response."""
     if isinstance(result, Response):
         return result
+    if isinstance(result, FileBody):
+        return Response(result.content, media_type=result.media_type)
     if isinstance(result, Reply):
         return FastJSONResponse(
             result.body, status_code=result.status, headers=dict(result.headers)

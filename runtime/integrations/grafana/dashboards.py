@@ -142,11 +142,41 @@ def overview() -> Json:
             " (python -m runtime apply, SIGHUP, a changed config file).",
         ),
     ]
+    batch = [
+        timeseries(
+            "Batch lines",
+            [target(increase("llm_batch_lines_total", by=("state",)), "{{state}}")],
+            bars=True,
+            width=8,
+            description="Batch lines queued, and answered (succeeded: 2xx, failed: any other).",
+        ),
+        timeseries(
+            "Batch lines running and waiting",
+            [
+                target("sum(llm_batch_lines_running)", "running"),
+                target("max(llm_batch_lines_waiting)", "waiting on the queue"),
+            ],
+            width=8,
+            description="Lines running on a model now, and lines no worker has taken yet.",
+        ),
+        timeseries(
+            "Batches finished",
+            [target(increase("llm_batches_total", by=("status",)), "{{status}}")],
+            bars=True,
+            width=8,
+            description="Batches by final status: completed, failed, expired, cancelled.",
+        ),
+    ]
     return dashboard(
         UIDS[0],
         "LLM Platform Overview",
-        "Traffic, errors, latency and integration health of Tiffin.",
-        [("Traffic", traffic), ("Latency", latency), ("Integrations", integrations)],
+        "Traffic, errors, latency, integration health and batch work of Tiffin.",
+        [
+            ("Traffic", traffic),
+            ("Latency", latency),
+            ("Integrations", integrations),
+            ("Batch", batch),
+        ],
         tags=["llm", "overview"],
     )
 

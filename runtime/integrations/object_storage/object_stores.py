@@ -112,12 +112,16 @@ class LocalObjectStore:
         return True
 
     async def keys(self, prefix: str = "") -> list[str]:
+        # Only the folder the prefix names is walked: `batch-results/b1/` lists one folder.
+        folder = prefix.rpartition("/")[0]
+        start = self._path(folder) if folder else self.root
+
         def walk() -> list[str]:
-            if not self.root.is_dir():
+            if not start.is_dir():
                 return []
             found = (
                 p.relative_to(self.root).as_posix()
-                for p in self.root.rglob("*")
+                for p in start.rglob("*")
                 if p.is_file() and not p.name.startswith(".incoming-")
             )
             return sorted(k for k in found if k.startswith(prefix))

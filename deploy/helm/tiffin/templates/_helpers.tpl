@@ -131,7 +131,7 @@ Whole sections where only some keys need a restart (server, handlers), to be saf
 */}}
 {{- define "tiffin.restartConfig" -}}
 {{- $c := fromYaml .Values.config -}}
-{{- $restart := pick $c "server" "serving" "transports" "graphql" "plugins" "load_entrypoint_plugins" "handlers" -}}
+{{- $restart := pick $c "server" "serving" "transports" "graphql" "plugins" "load_entrypoint_plugins" "handlers" "batch" -}}
 {{- $_ := set $restart "telemetry" (pick (default (dict) $c.telemetry) "metrics" "sample_interval_s") -}}
 {{- $_ := set $restart "logging" (pick (default (dict) $c.logging) "access_log") -}}
 {{- toYaml $restart -}}

