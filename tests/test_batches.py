@@ -302,3 +302,20 @@ async def test_cancel_and_expiry_keep_partial_results(serve: Callable[..., Any])
         ("r0", "batch_expired"),
         ("r2", "batch_expired"),
     ]
+
+
+@pytest.mark.slow
+async def test_a_restart_queues_again_what_an_in_process_queue_lost(
+    serve: Callable[..., Any],
+) -> None:
+    first = await serve("batch.concurrency=0")  # takes the batch, runs nothing, then stops
+    client = first.client()
+    lines = [chat_line(f"r{i}", "Hi") for i in range(3)]
+    uploaded = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    await first.runtime.stop()  # its in-process queue, with the three lines, is gone
+    second = await serve()
+    done = await finished(second.client(), batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 3

@@ -93,6 +93,8 @@ class BatchWorker:
         if skip or await store.has_result(line.batch_id, line.index):
             await queue.ack(delivery)  # gone, over, or answered already (a redelivery)
             return
+        if delivery.redelivered:
+            log.info("batch line delivered again", batch=line.batch_id, line=line.index)
         assert record is not None
         self.by_batch[record.id] = self.by_batch.get(record.id, 0) + 1
         metrics = self.service.runtime.metrics

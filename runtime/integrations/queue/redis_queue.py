@@ -1,10 +1,14 @@
 """Batch lines on a Redis Stream read through a consumer group: every worker and replica is a
 consumer of the same group, so each line goes to one of them. A message stays pending until
 its consumer acks it (XACK, then XDEL); one left pending longer than `redeliver_after_s` (its
-consumer died) is claimed by another consumer (XAUTOCLAIM) and run again."""
+consumer died) is claimed by another consumer (XAUTOCLAIM) and run again. A live consumer
+touches the messages it holds (XCLAIM to itself, which resets their idle time) every third of
+that time, so a slow line is never taken from a worker that is still running it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -43,6 +47,8 @@ class RedisStreamQueue:
         )
         self._ready = False
         self._next_claim = 0.0
+        self._held: set[Any] = set()  # entry ids taken and not acked yet
+        self._heartbeat: asyncio.Task[None] | None = None
 
     async def _group(self) -> None:
         if self._ready:
@@ -63,6 +69,8 @@ class RedisStreamQueue:
 
     async def take(self, block_s: float) -> Delivery | None:
         await self._group()
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.create_task(self._touch_held(), name="batch-queue-touch")
         now = time.monotonic()
         if now >= self._next_claim:
             claimed = await self.client.xautoclaim(
@@ -84,13 +92,27 @@ class RedisStreamQueue:
     def _delivery(self, entry: Any, *, redelivered: bool) -> Delivery:
         entry_id, fields = entry
         raw = fields.get(b"m") or fields.get("m") or b"{}"
+        self._held.add(entry_id)
         return Delivery(json.loads(raw), tag=entry_id, redelivered=redelivered)
+
+    async def _touch_held(self) -> None:
+        """Keep what this consumer holds its own while it runs (see the module's docstring)."""
+        while True:
+            await asyncio.sleep(self.redeliver_after_ms / 3000)
+            held = list(self._held)
+            if not held:
+                continue
+            with contextlib.suppress(Exception):  # Redis down: the health check says so
+                await self.client.xclaim(
+                    self.stream, self.group, self.consumer, 0, held, justid=True
+                )
 
     async def ack(self, delivery: Delivery) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.xack(self.stream, self.group, delivery.tag)
             pipe.xdel(self.stream, delivery.tag)
             await pipe.execute()
+        self._held.discard(delivery.tag)
 
     async def depth(self) -> int:
         await self._group()
@@ -108,4 +130,9 @@ class RedisStreamQueue:
         return f"Redis stream {self.stream}, group {self.group}"
 
     async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
         await self.client.aclose()
