@@ -52,6 +52,7 @@ class BuiltinHandlers:
         register("batches.list", batches_api.list_batches)
         register("batches.get", batches_api.get)
         register("batches.cancel", batches_api.cancel)
+        register("batches.watch", batches_api.watch)
         register("anthropic.messages", anthropic_api.messages)
         register("anthropic.count_tokens", anthropic_api.count_tokens)
         register("admin.load_model", admin.load_model)

@@ -5,6 +5,9 @@ error files are Files (files_api.py). A key sees and cancels only its own batche
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +26,7 @@ from runtime.batches.batch_records import (
 )
 from runtime.batches.batch_store import BatchStore
 from runtime.dispatch import Context, request_body
+from runtime.events import BusEvent
 from runtime.types import Event, HandlerError
 
 
@@ -168,3 +172,51 @@ async def cancel(event: Event, ctx: Context) -> dict[str, Any]:
         await store.put_batch(record)
         await ctx.runtime.batches.announce(record)
     return await _shown(ctx, store, record)
+
+
+async def watch(event: Event, ctx: Context) -> AsyncIterator[dict[str, Any]]:
+    """A batch now, then each time its status or request counts change, until it is final:
+    woken by `batch.updated` events, and every `interval` seconds (default 1) for counts."""
+    batch_id = event.query.get("batch_id", "")
+    interval_text = event.query.get("interval", "1")
+    try:
+        interval = float(interval_text)
+    except ValueError:
+        interval = 0.0
+    if not 0.05 <= interval <= 60:
+        raise HandlerError(400, "interval must be from 0.05 to 60 seconds", param="interval")
+    store, record = await _own(Event(path_params={"batch_id": batch_id}), ctx)
+    changed = asyncio.Event()
+
+    def on_update(bus_event: BusEvent) -> None:
+        if bus_event.data.get("batch", {}).get("id") == batch_id:
+            changed.set()
+
+    unsubscribe = ctx.events.subscribe("batch.updated", on_update)
+    ctx.closers.append(_async(unsubscribe))
+    return _updates(ctx, store, record, changed, interval)
+
+
+def _async(call: Any) -> Any:
+    async def run() -> None:
+        call()
+
+    return run
+
+
+async def _updates(
+    ctx: Context, store: BatchStore, record: BatchRecord, changed: asyncio.Event, interval: float
+) -> AsyncIterator[dict[str, Any]]:
+    last: Any = None
+    while True:
+        shown = await _shown(ctx, store, record)
+        key = (shown["status"], tuple(shown["request_counts"].values()))
+        if key != last:
+            last = key
+            yield shown
+        if record.status in FINAL or ctx.draining.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), interval)
+        changed.clear()
+        record = await store.batch(record.id) or record

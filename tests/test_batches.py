@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import uvicorn
 from omegaconf import DictConfig
 from openai import AsyncOpenAI
 
@@ -22,6 +23,8 @@ import handlers
 from runtime.app import Runtime
 from runtime.batches.batch_records import BatchStatus
 from runtime.transports.http import create_app
+from tests.conftest import eventually, free_port
+from tests.test_graphql import subscribe
 
 Compose = Callable[..., DictConfig]
 MODELS = "integrations.custom_models.settings.models"
@@ -319,3 +322,47 @@ async def test_a_restart_queues_again_what_an_in_process_queue_lost(
     second = await serve()
     done = await finished(second.client(), batch.id)
     assert done.status == "completed" and done.request_counts.completed == 3
+
+
+async def test_graphql_batch_query_and_status_subscription(serve: Callable[..., Any]) -> None:
+    served = await serve("batch.concurrency=0")  # nothing runs: the test moves the batch on
+    client = served.client()
+    uploaded = await client.files.create(
+        file=("in.jsonl", jsonl([chat_line("a", "Hi"), chat_line("b", "Yo")])), purpose="batch"
+    )
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    query = "query($id: String!) { batch(id: $id) { id status requestCounts { total } } }"
+    async with served.http() as http:
+        answer = await http.post("/graphql", json={"query": query, "variables": {"id": batch.id}})
+        assert answer.json()["data"]["batch"] == {
+            "id": batch.id,
+            "status": "in_progress",
+            "requestCounts": {"total": 2},
+        }
+        missing = await http.post("/graphql", json={"query": query, "variables": {"id": "x"}})
+        assert missing.json()["errors"][0]["extensions"]["status"] == 404
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(served.runtime), host="127.0.0.1", port=port, log_level="error")
+    )
+    task = asyncio.ensure_future(server.serve())
+    await eventually(lambda: server.started, within=10)
+    try:
+        document = (
+            f'subscription {{ batchStatus(id: "{batch.id}", interval: 0.1) '
+            "{ status requestCounts { completed failed } errorFileId } }"
+        )
+        async with subscribe(f"127.0.0.1:{port}", document) as updates:
+            first = (await updates.next())["data"]["batchStatus"]
+            assert first["status"] == "in_progress"
+            await client.batches.cancel(batch.id)
+            seen = [first["status"]]
+            while seen[-1] != "cancelled":
+                seen.append((await updates.next())["data"]["batchStatus"]["status"])
+            assert seen == ["in_progress", "cancelling", "cancelled"]
+            assert (await updates.receive())["type"] == "complete"  # final: the stream ends
+    finally:
+        server.should_exit = True
+        await task

@@ -59,8 +59,11 @@ class Lifespan:
 def served_spec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     data_dir = tmp_path_factory.mktemp("data")
     overrides = [
-        "integrations=[db,database]",  # the request log (SQLite) serves /admin/usage
+        # The request log (SQLite) serves /admin/usage; queue (and object_storage) the Files
+        # and Batch APIs.
+        "integrations=[db,database,queue]",
         f"integrations.database.settings.data_dir={data_dir}",
+        f"integrations.object_storage.settings.root={data_dir}/objects",
         "server.max_body_bytes=65536",
     ]
     with initialize_config_module("conf", version_base=None):

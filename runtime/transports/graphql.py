@@ -28,7 +28,8 @@ from strawberry.types import ExecutionContext
 
 from runtime.config_schema import GraphqlKind, RouteConfig
 from runtime.dispatch import parse_json
-from runtime.transports.graphql_fields import field
+from runtime.transports.graphql_batches import BATCH_FIELDS
+from runtime.transports.graphql_fields import TYPED, field
 from runtime.types import HandlerError
 
 if TYPE_CHECKING:
@@ -87,7 +88,12 @@ class _Schema(strawberry.Schema):
 def _field(route_name: str, route: RouteConfig) -> Any:
     assert route.graphql is not None
     return field(
-        route_name, route.handler, route.graphql.field, route.graphql.kind, route.description
+        route_name,
+        route.handler,
+        route.graphql.field,
+        route.graphql.kind,
+        route.description,
+        TYPED | BATCH_FIELDS,
     )
 
 

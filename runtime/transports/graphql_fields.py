@@ -304,9 +304,16 @@ def _params(params: Any) -> dict[str, str]:
     return {str(key): str(value) for key, value in params.items()}
 
 
-def field(route: str, handler: str, name: str, kind: GraphqlKind, description: str) -> Any:
-    """The strawberry field of one route-table row."""
-    factory = TYPED.get(handler)
+def field(
+    route: str,
+    handler: str,
+    name: str,
+    kind: GraphqlKind,
+    description: str,
+    typed: Mapping[str, FieldFactory] = TYPED,
+) -> Any:
+    """The strawberry field of one route-table row (typed by `typed[handler]` when there)."""
+    factory = typed.get(handler)
     resolver = factory(route) if factory is not None else _untyped(route, kind)
     if factory is not None:  # the route's text speaks of HTTP; the resolver's of this field
         description = inspect.cleandoc(resolver.__doc__ or description)

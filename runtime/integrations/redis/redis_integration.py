@@ -40,6 +40,7 @@ BRIDGED_EVENTS = [
     "alert.*",
     "config.*",  # applies and refusals, each with the config hash of the worker that made it
     "reconfigure.*",  # the config an apply made, for every other worker to apply too
+    "batch.*",  # batch status changes, for GraphQL's batchStatus on every worker
 ]
 
 
