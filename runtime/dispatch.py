@@ -124,6 +124,8 @@ class Context:
     provider: str = ""
     # Who made the request (runtime/auth's Principal), once `before_request` has checked it.
     principal: Any = None
+    # A Batch API line: its generations run behind live ones (GenerationRequest.background).
+    background: bool = False
     # Called when the request is over, however it ended: streams the handler opened are
     # closed here even if no transport ever read them.
     closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)

@@ -142,6 +142,8 @@ async def start_generation(
     replaced = await resolve(ctx.hooks.before_generate(request=request, ctx=ctx))
     if isinstance(replaced, GenerationRequest):
         request = replaced
+    if ctx.background:
+        request.background = True
     scan = await _tool_calls(ctx, request)
     stream = trace_generation(
         ctx.tracer, request, ctx.models.generate(request), _provider(ctx, request.model)

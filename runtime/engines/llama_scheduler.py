@@ -270,11 +270,12 @@ class BatchScheduler:
 
     def _admit(self) -> None:
         while self._waiting:
-            job = self._waiting[0]
+            # First come, first served, live requests before batch work (`background`).
+            job = next((j for j in self._waiting if not j.request.background), self._waiting[0])
             free = [slot for slot in self._slots if slot.sequence is None]
             if len(free) < job.request.n:
-                return  # first come, first served: the head waits for its slots
-            self._waiting.popleft()
+                return  # the head waits for its slots
+            self._waiting.remove(job)
             self._start(job, free)
 
     def _start(self, job: Job, free: list[Slot]) -> None:
@@ -401,9 +402,8 @@ class BatchScheduler:
         outputs: list[tuple[int, Sequence]] = []  # (batch row, sequence sampled from it)
         fed: list[tuple[Slot, list[int]]] = []
         count = 0
-        decoding = [
-            s.sequence for s in self._slots if s.sequence and s.sequence.next_token is not None
-        ]
+        running = self._this_step()
+        decoding = [s for s in running if s.next_token is not None]
         for sequence in decoding:
             assert sequence.next_token is not None
             _put(
@@ -419,8 +419,7 @@ class BatchScheduler:
             sequence.next_token = None
             count += 1
         prefilling = sorted(
-            (s.sequence for s in self._slots if s.sequence and s.sequence.prompt_left),
-            key=lambda sequence: len(sequence.prompt_left),
+            (s for s in running if s.prompt_left), key=lambda sequence: len(sequence.prompt_left)
         )
         budget = self._prefill_budget(decoding=count)
         for sequence in prefilling:
@@ -459,6 +458,17 @@ class BatchScheduler:
                 self._sample(sequence, row)
         finally:
             self._outbox.flush()
+
+    def _this_step(self) -> list[Sequence]:
+        """The sequences this step may advance: while any live sequence has work, only live
+        ones (batch work waits, its cells kept, so it never slows a live stream); else all."""
+        running = [slot.sequence for slot in self._slots if slot.sequence is not None]
+        live = [
+            s
+            for s in running
+            if not s.job.request.background and (s.next_token is not None or s.prompt_left)
+        ]
+        return live or running
 
     def _prefill_budget(self, decoding: int) -> int:
         """Tokens this step may hold. While sequences decode, prompt chunks are cut so that the
