@@ -233,6 +233,9 @@ class Runtime:
         keyless = self.auth.keyless_warning()
         if keyless:
             found.append({"code": "auth_without_keys", "message": keyless})
+        lonely = self.batches.lonely_queue_warning()
+        if lonely:
+            found.append({"code": "batch_queue_per_worker", "message": lonely})
         return found
 
     def plan(self) -> dict[str, Any]:

@@ -166,9 +166,11 @@ class BatchConfig:
     # An upload larger than this gets 413 (OpenAI's batch input limit is 200 MB).
     max_file_bytes: int = 200 * 1024 * 1024
     max_lines: int = 50_000  # lines in one batch input file (OpenAI's limit)
-    # Of a model's slots (its engine's `parallel`), at most this share runs batch lines, and
-    # only while live requests leave a slot free: live traffic always comes first.
+    # Of a model's slots (its engine's `parallel`), at most this share runs batch lines while
+    # live requests use the model, and only while they leave a slot free: live traffic first.
     max_share: float = 0.75
+    # A model with no live request for this long lends batch lines every slot (0: never).
+    idle_s: float = 5.0
     # Batch lines this process runs at once, over all models (0: no batch worker here).
     concurrency: int = 8
     # How often the supervisor looks for batches to finish, expire or recover.

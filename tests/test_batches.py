@@ -380,6 +380,7 @@ async def test_batch_lines_take_only_the_slots_live_traffic_leaves(
         f"integrations.object_storage.settings.root={tmp_path}/objects",
         "batch.poll_s=0.1",
         "batch.max_share=0.5",
+        "batch.idle_s=60",
     )
     runtime = Runtime(cfg, builtins=[*handlers.builtin_plugins(), engines])
     await runtime.start()
@@ -388,15 +389,35 @@ async def test_batch_lines_take_only_the_slots_live_traffic_leaves(
         await runtime.models.load("m1")
         engine = engines.built["m1"]
         engine.extra_stats = {"parallel": 4}  # four slots
-        engine.gate = asyncio.Event()  # every generation holds until the test opens it
         served = Served(runtime)
         client = served.client()
+        # An idle model lends a batch every slot: four lines at once.
+        engine.gate = asyncio.Event()  # every generation holds until the test opens it
+        idle = [chat_line(f"i{i}", "Hi", model="m1") for i in range(5)]
+        uploaded = await client.files.create(file=("idle.jsonl", jsonl(idle)), purpose="batch")
+        first = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        await eventually(lambda: len(engine.requests) == 4)
+        await asyncio.sleep(0.3)
+        assert len(engine.requests) == 4
+        # A live request arrives: it takes the first slot a line gives back, and from then on
+        # the batch keeps to max_share.
+        async with served.http() as http:
+            body = {"model": "m1", "messages": [{"role": "user", "content": "Hi"}]}
+            live_one = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+            await eventually(lambda: runtime.models.get("m1").in_flight == 5)
+            engine.gate.set()
+            assert (await live_one).status_code == 200
+        assert (await finished(client, first.id, within=10)).status == "completed"
+        engine.requests.clear()
+        engine.gate = asyncio.Event()
         lines = [chat_line(f"r{i}", "Hi", model="m1") for i in range(6)]
         uploaded = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
         batch = await client.batches.create(
             input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
         )
-        # No live traffic: the batch takes max_share of the slots, no more.
+        # Live traffic seen within idle_s: the batch takes max_share of the slots, no more.
         await eventually(lambda: len(engine.requests) == 2)
         await asyncio.sleep(0.3)
         assert len(engine.requests) == 2 and runtime.batches.worker.running == {"m1": 2}
@@ -415,5 +436,41 @@ async def test_batch_lines_take_only_the_slots_live_traffic_leaves(
         done = await finished(client, batch.id, within=10)
         assert done.status == "completed" and done.request_counts.completed == 6
         assert len(engine.requests) == 9  # 6 lines, 3 live
+        assert runtime.batches.worker.live_seen["m1"] > 0
     finally:
         await runtime.stop()
+
+
+def test_several_workers_on_the_in_process_queue_are_warned_of(compose_test: Compose) -> None:
+    def codes(*overrides: str) -> list[str]:
+        cfg = compose_test("integrations=[queue]", *overrides)
+        runtime = Runtime(cfg, builtins=handlers.builtin_plugins())
+        return [w["code"] for w in runtime.warnings()]
+
+    assert "batch_queue_per_worker" in codes("server.workers=2")
+    assert "batch_queue_per_worker" not in codes("server.workers=1")
+    shared = "integrations.queue.settings.amqp_url=amqp://guest:guest@127.0.0.1:5672/"
+    assert "batch_queue_per_worker" not in codes("server.workers=2", shared)
+
+
+@pytest.mark.slow
+async def test_completions_and_responses_lines(serve: Callable[..., Any]) -> None:
+    served = await serve()
+    client = served.client()
+    bodies = {
+        "/v1/completions": {"model": "gemma", "prompt": "Once upon", "max_tokens": 4},
+        "/v1/responses": {"model": "gemma", "input": "Hi", "max_output_tokens": 4},
+    }
+    objects = {"/v1/completions": "text_completion", "/v1/responses": "response"}
+    for endpoint, body in bodies.items():
+        line = {"custom_id": "x", "method": "POST", "url": endpoint, "body": body}
+        uploaded = await client.files.create(file=("in.jsonl", jsonl([line])), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint=endpoint,  # type: ignore[arg-type]
+            completion_window="24h",
+        )
+        done = await finished(client, batch.id)
+        assert done.status == "completed", done
+        [answer] = await lines_of(client, done.output_file_id)
+        assert answer["response"]["body"]["object"] == objects[endpoint]

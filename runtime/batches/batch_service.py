@@ -134,5 +134,18 @@ class BatchService:
             raise RuntimeError("the object_storage and queue integrations are not running")
         return store, queue
 
+    def lonely_queue_warning(self) -> str | None:
+        """Several workers on the in-process queue: each runs only the batches it took."""
+        if self.runtime.settings.server.workers <= 1:
+            return None
+        queues = self.runtime.integrations.providing(LineQueueProvider)
+        if not any(getattr(queue, "backend", "") == "memory" for _, queue in queues):
+            return None
+        return (
+            "server.workers > 1 with the in-process batch queue: each worker runs only the"
+            " batches made through it, and a restart re-queues every unfinished batch on every"
+            " worker; select integrations=redis or set AMQP_URL for one shared queue"
+        )
+
     def describe(self) -> dict[str, Any]:
         return {"running": self.worker.running_total()}

@@ -4,7 +4,9 @@ endpoint, as the batch's owner, stores its result, then acks it.
 
 Live traffic first: a line starts on a model only while the model has a slot no live request
 waits for (`in_flight < slots`) and batch lines hold fewer than `batch.max_share` of its slots,
-so a live request arriving finds a free slot, or waits for at most the lines already running."""
+so a live request arriving finds a free slot. A model that has seen no live request for
+`batch.idle_s` lends batch lines every slot; the first live request back takes the first slot a
+line gives back, and from then on the share holds again."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from runtime.types import Event, HandlerError, Reply, close
 
 if TYPE_CHECKING:
     from runtime.batches.batch_service import BatchService
+    from runtime.models import ServedModel
 
 TRANSPORT = "batch"  # Event.transport of a batch line: metrics and logs tell them apart
 _GATE_POLL_S = 0.02
@@ -34,9 +37,11 @@ class BatchWorker:
         self.service = service
         self.settings = service.settings
         self.running: dict[str, int] = {}  # model id -> batch lines running on it here
+        self.live_seen: dict[str, float] = {}  # model id -> when a live request last held it
         self.by_batch: dict[str, int] = {}  # batch id -> lines running here
         self._records: dict[str, tuple[float, BatchRecord | None]] = {}
         self._lines: set[asyncio.Task[None]] = set()
+        self._freed = asyncio.Condition()  # notified when a line here gives its slot back
 
     def running_total(self) -> int:
         return sum(self.by_batch.values())
@@ -107,6 +112,8 @@ class BatchWorker:
                 metrics.batches.line_running(-1)
                 if model_id:
                     self.running[model_id] -= 1
+                    async with self._freed:
+                        self._freed.notify_all()
             ok = 200 <= status < 300
             answer = result_line(line.custom_id, request_id, status, body)
             await store.put_result(line.batch_id, line.index, ok, answer)
@@ -129,11 +136,24 @@ class BatchWorker:
         key = model.id
         while True:
             model = models.models.get(key, model)
-            cap = max(1, math.floor(model.slots * self.settings.max_share))
-            if self.running.get(key, 0) < cap and model.in_flight < model.slots:
+            if self.running.get(key, 0) < self._cap(key, model) and model.in_flight < model.slots:
                 self.running[key] = self.running.get(key, 0) + 1
                 return key
-            await asyncio.sleep(_GATE_POLL_S)
+            # Woken when a line here ends; a live request ending is seen at the next look.
+            async with self._freed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._freed.wait(), _GATE_POLL_S)
+
+    def _cap(self, key: str, model: ServedModel) -> int:
+        """How many lines may run on `model` now: max_share of its slots while live requests
+        use it (seen holding it within idle_s), every slot once it has been idle that long."""
+        now = time.monotonic()
+        if model.in_flight > self.running.get(key, 0):  # admitted requests that are not ours
+            self.live_seen[key] = now
+        idle_s = self.settings.idle_s
+        lent = idle_s > 0 and now - self.live_seen.get(key, now - idle_s) >= idle_s
+        share = 1.0 if lent else self.settings.max_share
+        return max(1, math.floor(model.slots * share))
 
     async def _run(self, record: BatchRecord, line: BatchLine) -> tuple[int, Any, str]:
         """The line as a request to its endpoint's route: (status, body, request id)."""
