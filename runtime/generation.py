@@ -230,7 +230,7 @@ async def embed_texts(ctx: Context, model: ServedModel, texts: list[str]) -> Emb
     failure becomes a HandlerError."""
     with embedding_span(ctx.tracer, model.id, model.spec.provider) as span:
         try:
-            result = await ctx.models.embed(model.id, texts)
+            result = await ctx.models.embed(model.id, texts, background=ctx.background)
         except Exception as exc:
             raise error_for(exc) from None
         record_embeddings(span, model.id, result)

@@ -9,6 +9,7 @@ offer `ModelSpec`s through a `models()` method, and the router registers them at
 from __future__ import annotations
 
 import asyncio
+import math
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -67,6 +68,8 @@ class ServedModel:
         self.state = ModelState.unloaded
         self.error: str | None = None
         self.in_flight = 0  # admitted requests: running or waiting for the engine
+        self.background = 0  # of those, batch work (GenerationRequest.background)
+        self.live_at = -math.inf  # when a live request was last admitted or released
         self.last_used = time.monotonic()
         self.loads = 0
         self.created = int(time.time())
@@ -135,17 +138,25 @@ class ServedModel:
         parallel = stats.get("parallel") or (stats.get("runner") or {}).get("parallel") or 1
         return max(1, int(parallel))
 
-    def admit(self) -> None:
+    def admit(self, *, background: bool = False) -> None:
         limit = self.spec.config.max_queue
         if self.in_flight >= limit + self.slots:  # `slots` running plus `max_queue` waiting
             raise QueueFull(
                 self.id, limit, retry_after=max(1, int(self.spec.config.timeout_s // 60))
             )
         self.in_flight += 1
+        self._count(background, 1)
 
-    def release(self) -> None:
+    def release(self, *, background: bool = False) -> None:
         self.in_flight -= 1
         self.last_used = time.monotonic()
+        self._count(background, -1)
+
+    def _count(self, background: bool, change: int) -> None:
+        if background:
+            self.background += change
+        else:
+            self.live_at = time.monotonic()
 
     def describe(self) -> dict[str, Any]:
         cfg = self.spec.config
@@ -350,7 +361,7 @@ class ModelRouter:
 
     async def _generate_on(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         model = self.get(request.model)
-        model.admit()
+        model.admit(background=request.background)
         try:
             engine = await model.ensure_loaded()
             deadline = asyncio.get_running_loop().time() + model.spec.config.timeout_s
@@ -371,11 +382,13 @@ class ModelRouter:
             finally:
                 await close(stream)
         finally:
-            model.release()
+            model.release(background=request.background)
 
-    async def embed(self, model_id: str, texts: Sequence[str]) -> Embeddings:
+    async def embed(
+        self, model_id: str, texts: Sequence[str], *, background: bool = False
+    ) -> Embeddings:
         model = self.get(model_id)
-        model.admit()
+        model.admit(background=background)
         try:
             engine = await model.ensure_loaded()
             try:
@@ -387,7 +400,7 @@ class ModelRouter:
                     f"embedding on {model.id} took longer than {limit}s"
                 ) from None
         finally:
-            model.release()
+            model.release(background=background)
 
     def tokenize(self, model_id: str, text: str) -> list[int]:
         engine = self.get(model_id).engine

@@ -12,18 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from moto.server import ThreadedMotoServer
 from omegaconf import DictConfig
 
-import handlers
-from runtime.app import Runtime
 from runtime.integrations.queue import LineQueue, MemoryQueue
 from runtime.integrations.queue.amqp_queue import AmqpQueue
 from runtime.integrations.queue.redis_queue import RedisStreamQueue
 from tests.conftest import free_port
 from tests.real_rabbitmq import RabbitServer, running_rabbitmq
 from tests.real_redis import RedisServer, running_redis
-from tests.test_batches import GEMMA, MODELS, Served, chat_line, finished, jsonl, lines_of
+from tests.real_s3 import running_s3
+from tests.test_batches import Served, Servers, chat_line, finished, jsonl, lines_of
 
 Compose = Callable[..., DictConfig]
 
@@ -42,11 +40,8 @@ def rabbit() -> Iterator[RabbitServer]:
 
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[str]:
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with running_s3() as endpoint:
+        yield endpoint
 
 
 QueueFactory = Callable[[str], LineQueue]
@@ -127,24 +122,10 @@ async def batch_through(served: Served, count: int = 5) -> None:
 
 
 @pytest.fixture
-async def serve(compose_test: Compose, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    runtimes: list[Runtime] = []
-
-    async def start(*overrides: str) -> Served:
-        cfg = compose_test(
-            f"{MODELS}=[{GEMMA}]",
-            f"integrations.object_storage.settings.root={tmp_path}/objects",
-            "batch.poll_s=0.1",
-            *overrides,
-        )
-        runtime = Runtime(cfg, builtins=handlers.builtin_plugins())
-        runtimes.append(runtime)
-        await runtime.start()
-        return Served(runtime)
-
-    yield start
-    for runtime in runtimes:
-        await runtime.stop()
+async def serve(compose_test: Compose, tmp_path: Path) -> AsyncIterator[Servers]:
+    servers = Servers(compose_test, tmp_path)
+    yield servers
+    await servers.stop()
 
 
 @pytest.mark.slow

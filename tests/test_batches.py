@@ -76,26 +76,40 @@ class Served:
         )
 
 
-@pytest.fixture
-async def serve(compose_test: Compose, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    runtimes: list[Runtime] = []
+class Servers:
+    """Runtimes serving the batch APIs on the packaged Gemma (local object store under
+    `tmp_path`), each stopped at the end; `integrations=...` in overrides replaces the
+    default selection (the in-process queue)."""
 
-    async def start(*overrides: str) -> Served:
-        cfg = compose_test(
-            "integrations=[queue,custom_models]",
+    def __init__(self, compose: Compose, tmp_path: Path) -> None:
+        self.compose = compose
+        self.tmp_path = tmp_path
+        self.runtimes: list[Runtime] = []
+
+    async def __call__(self, *overrides: str) -> Served:
+        chosen = any(o.startswith("integrations=") for o in overrides)
+        cfg = self.compose(
+            *([] if chosen else ["integrations=[queue,custom_models]"]),
             f"{MODELS}=[{GEMMA}]",
-            f"integrations.object_storage.settings.root={tmp_path}/objects",
+            f"integrations.object_storage.settings.root={self.tmp_path}/objects",
             "batch.poll_s=0.1",
             *overrides,
         )
         runtime = Runtime(cfg, builtins=handlers.builtin_plugins())
-        runtimes.append(runtime)
+        self.runtimes.append(runtime)
         await runtime.start()
         return Served(runtime)
 
-    yield start
-    for runtime in runtimes:
-        await runtime.stop()
+    async def stop(self) -> None:
+        for runtime in self.runtimes:
+            await runtime.stop()
+
+
+@pytest.fixture
+async def serve(compose_test: Compose, tmp_path: Path) -> AsyncIterator[Servers]:
+    servers = Servers(compose_test, tmp_path)
+    yield servers
+    await servers.stop()
 
 
 async def finished(client: AsyncOpenAI, batch_id: str, within: float = 120.0) -> Any:
@@ -436,7 +450,7 @@ async def test_batch_lines_take_only_the_slots_live_traffic_leaves(
         done = await finished(client, batch.id, within=10)
         assert done.status == "completed" and done.request_counts.completed == 6
         assert len(engine.requests) == 9  # 6 lines, 3 live
-        assert runtime.batches.worker.live_seen["m1"] > 0
+        assert runtime.models.get("m1").background == 0
     finally:
         await runtime.stop()
 

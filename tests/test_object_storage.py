@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from moto.server import ThreadedMotoServer
 from omegaconf import DictConfig
 
 import handlers
@@ -23,6 +22,7 @@ from runtime.integrations.object_storage import (
     ObjectStore,
 )
 from tests.conftest import free_port
+from tests.real_s3 import running_s3
 
 Compose = Callable[..., DictConfig]
 SECRET = "moto-secret-value"
@@ -32,11 +32,8 @@ S3 = "integrations.object_storage.settings"
 
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[str]:
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with running_s3() as endpoint:
+        yield endpoint
 
 
 def s3_overrides(endpoint: str, bucket: str, *extra: str) -> list[str]:

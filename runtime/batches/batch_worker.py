@@ -37,7 +37,6 @@ class BatchWorker:
         self.service = service
         self.settings = service.settings
         self.running: dict[str, int] = {}  # model id -> batch lines running on it here
-        self.live_seen: dict[str, float] = {}  # model id -> when a live request last held it
         self.by_batch: dict[str, int] = {}  # batch id -> lines running here
         self._records: dict[str, tuple[float, BatchRecord | None]] = {}
         self._lines: set[asyncio.Task[None]] = set()
@@ -136,7 +135,7 @@ class BatchWorker:
         key = model.id
         while True:
             model = models.models.get(key, model)
-            if self.running.get(key, 0) < self._cap(key, model) and model.in_flight < model.slots:
+            if self.running.get(key, 0) < self._cap(model) and model.in_flight < model.slots:
                 self.running[key] = self.running.get(key, 0) + 1
                 return key
             # Woken when a line here ends; a live request ending is seen at the next look.
@@ -144,14 +143,12 @@ class BatchWorker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._freed.wait(), _GATE_POLL_S)
 
-    def _cap(self, key: str, model: ServedModel) -> int:
+    def _cap(self, model: ServedModel) -> int:
         """How many lines may run on `model` now: max_share of its slots while live requests
-        use it (seen holding it within idle_s), every slot once it has been idle that long."""
-        now = time.monotonic()
-        if model.in_flight > self.running.get(key, 0):  # admitted requests that are not ours
-            self.live_seen[key] = now
+        use it (one held it within idle_s), every slot once it has been idle that long."""
         idle_s = self.settings.idle_s
-        lent = idle_s > 0 and now - self.live_seen.get(key, now - idle_s) >= idle_s
+        live = model.in_flight > model.background
+        lent = idle_s > 0 and not live and time.monotonic() - model.live_at >= idle_s
         share = 1.0 if lent else self.settings.max_share
         return max(1, math.floor(model.slots * share))
 
