@@ -9,8 +9,8 @@ offer `ModelSpec`s through a `models()` method, and the router registers them at
 from __future__ import annotations
 
 import asyncio
-import math
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
