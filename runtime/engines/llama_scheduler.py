@@ -37,6 +37,9 @@ from runtime.types import Chunk, EngineError, GenerationRequest, TokenLogprob, U
 
 # While sequences decode, a step with prompt chunks aims to last this long (see _prefill_budget).
 STEP_TARGET_S = 0.15
+# A step of batch work alone aims to last this long, decoding or not: a live request that
+# arrives during it waits for it to end before its own steps, which batch work then sits out.
+BACKGROUND_STEP_S = 0.05
 MIN_PREFILL_CHUNK = 16  # a long prompt still moves when the step target is tight
 PREFILL_SAMPLE_TOKENS = MIN_PREFILL_CHUNK  # steps with this many prompt tokens measure their cost
 Piece = Callable[[int], bytes]
@@ -421,7 +424,8 @@ class BatchScheduler:
         prefilling = sorted(
             (s for s in running if s.prompt_left), key=lambda sequence: len(sequence.prompt_left)
         )
-        budget = self._prefill_budget(decoding=count)
+        background = all(sequence.job.request.background for sequence in running)
+        budget = self._prefill_budget(decoding=count, background=background)
         for sequence in prefilling:
             room = budget - count
             if room <= 0:
@@ -470,14 +474,16 @@ class BatchScheduler:
         ]
         return live or running
 
-    def _prefill_budget(self, decoding: int) -> int:
+    def _prefill_budget(self, decoding: int, *, background: bool = False) -> int:
         """Tokens this step may hold. While sequences decode, prompt chunks are cut so that the
         step lasts about STEP_TARGET_S at the prompt-token cost measured so far: a long new
         prompt then pauses the running streams for that long per step, not for its whole
-        prefill. Alone, a prompt takes whole `batch_tokens` chunks."""
-        if not decoding or self._seconds_per_token is None:
+        prefill. Alone, a prompt takes whole `batch_tokens` chunks. A step of batch work alone
+        is cut to BACKGROUND_STEP_S either way."""
+        if self._seconds_per_token is None or not (decoding or background):
             return self.batch_tokens
-        fits = int(STEP_TARGET_S / self._seconds_per_token)
+        target = BACKGROUND_STEP_S if background else STEP_TARGET_S
+        fits = int(target / self._seconds_per_token)
         return min(self.batch_tokens, max(fits, decoding + MIN_PREFILL_CHUNK))
 
     def _share_prompt(self, first: Sequence, row: int) -> None:
