@@ -21,6 +21,7 @@ its slot and its cells at the next step; the others carry on.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import threading
 import time
@@ -37,9 +38,12 @@ from runtime.types import Chunk, EngineError, GenerationRequest, TokenLogprob, U
 
 # While sequences decode, a step with prompt chunks aims to last this long (see _prefill_budget).
 STEP_TARGET_S = 0.15
-# A step of batch work alone aims to last this long, decoding or not: a live request that
-# arrives during it waits for it to end before its own steps, which batch work then sits out.
+# A step of batch work alone aims to last this long, decoding or not, while live requests come
+# (one was here within LIVE_RECENT_S): a live request that arrives during it waits for it to end
+# before its own steps, which batch work then sits out. With no live traffic, batch steps are cut
+# as any others, for throughput.
 BACKGROUND_STEP_S = 0.05
+LIVE_RECENT_S = 5.0
 MIN_PREFILL_CHUNK = 16  # a long prompt still moves when the step target is tight
 PREFILL_SAMPLE_TOKENS = MIN_PREFILL_CHUNK  # steps with this many prompt tokens measure their cost
 Piece = Callable[[int], bytes]
@@ -165,6 +169,7 @@ class BatchScheduler:
             else None
         )
         self._seconds_per_token: float | None = None  # a prompt token's cost, measured
+        self._live_at = -math.inf  # when a live job last arrived or ended (monotonic)
         # Counters read by stats() from the event loop; plain ints, written by this thread only.
         self.steps = 0
         self.sequences_per_step: Counter[int] = Counter()
@@ -180,6 +185,8 @@ class BatchScheduler:
         with self._wake:
             if self._closing:
                 raise EngineError(f"{self.name} is unloading")
+            if not job.request.background:
+                self._live_at = time.monotonic()
             self._waiting.append(job)
             self._wake.notify()
         try:
@@ -424,7 +431,9 @@ class BatchScheduler:
         prefilling = sorted(
             (s for s in running if s.prompt_left), key=lambda sequence: len(sequence.prompt_left)
         )
-        background = all(sequence.job.request.background for sequence in running)
+        background = all(sequence.job.request.background for sequence in running) and (
+            time.monotonic() - self._live_at < LIVE_RECENT_S
+        )
         budget = self._prefill_budget(decoding=count, background=background)
         for sequence in prefilling:
             room = budget - count
@@ -479,7 +488,7 @@ class BatchScheduler:
         step lasts about STEP_TARGET_S at the prompt-token cost measured so far: a long new
         prompt then pauses the running streams for that long per step, not for its whole
         prefill. Alone, a prompt takes whole `batch_tokens` chunks. A step of batch work alone
-        is cut to BACKGROUND_STEP_S either way."""
+        while live requests come is cut to BACKGROUND_STEP_S either way."""
         if self._seconds_per_token is None or not (decoding or background):
             return self.batch_tokens
         target = BACKGROUND_STEP_S if background else STEP_TARGET_S
@@ -545,6 +554,8 @@ class BatchScheduler:
             stop_sequence=sequence.text.matched,
             usage=Usage(len(job.prompt), job.completion_tokens) if last else None,
         )
+        if not job.request.background:
+            self._live_at = time.monotonic()
         # Free before the caller hears the end, so stats read after a stream are settled.
         self._free(sequence, keep_cells=True)
         self._outbox.post(job, chunk)
