@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from openai import AsyncOpenAI
 
 import handlers
@@ -87,11 +87,13 @@ class Servers:
         self.runtimes: list[Runtime] = []
 
     async def __call__(self, *overrides: str) -> Served:
-        chosen = any(o.startswith("integrations=") for o in overrides)
+        chosen = next((o for o in overrides if o.startswith("integrations=")), None)
+        stores = chosen is None or "queue" in chosen or "object_storage" in chosen
+        root = f"integrations.object_storage.settings.root={self.tmp_path}/objects"
         cfg = self.compose(
             *([] if chosen else ["integrations=[queue,custom_models]"]),
             f"{MODELS}=[{GEMMA}]",
-            f"integrations.object_storage.settings.root={self.tmp_path}/objects",
+            *([root] if stores else []),
             "batch.poll_s=0.1",
             *overrides,
         )
@@ -488,3 +490,28 @@ async def test_completions_and_responses_lines(serve: Callable[..., Any]) -> Non
         assert done.status == "completed", done
         [answer] = await lines_of(client, done.output_file_id)
         assert answer["response"]["body"]["object"] == objects[endpoint]
+
+
+@pytest.mark.slow
+async def test_a_live_apply_can_add_the_queue(serve: Servers) -> None:
+    served = await serve("integrations=[custom_models]")
+    client = served.client()
+    async with served.http() as http:
+        refused = await http.post("/v1/files", files={"file": ("a.jsonl", b"{}")})
+        assert refused.status_code in (400, 503)
+        cfg = serve.compose(
+            "integrations=[queue,custom_models]",
+            f"{MODELS}=[{GEMMA}]",
+            f"integrations.object_storage.settings.root={serve.tmp_path}/objects",
+            "batch.poll_s=0.1",
+        )
+        config = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+        applied = await http.post("/admin/config", json={"config": config})
+        assert applied.status_code == 200, applied.text
+    uploaded = await client.files.create(
+        file=("in.jsonl", jsonl([chat_line("a", "Hi")])), purpose="batch"
+    )
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert (await finished(client, batch.id)).status == "completed"

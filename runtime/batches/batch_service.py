@@ -59,8 +59,8 @@ class BatchService:
         return None
 
     async def start(self) -> None:
-        if not self.runtime.integrations.providing(LineQueueProvider):
-            return  # no queue integration selected: batches cannot be made here
+        """Both loops run even without a queue integration, waiting for one: a live apply may
+        add it (they look for the store and the queue on every turn)."""
         if self.settings.concurrency > 0:
             self._tasks.append(asyncio.create_task(self.worker.run(), name="batch-worker"))
         self._tasks.append(asyncio.create_task(self.supervisor.run(), name="batch-supervisor"))
