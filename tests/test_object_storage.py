@@ -143,10 +143,13 @@ async def test_an_unreachable_store_is_unhealthy(started: Callable[..., Runtime]
     runtime = await started(
         *s3_overrides(f"http://127.0.0.1:{free_port()}", "gone", f"{S3}.timeout_s=0.5"),
         "integrations.object_storage.retry_config.max_retries=0",
+        # Background recovery would retry (and, failing, close the client) under this check.
+        "integrations.object_storage.retry_config.initial_delay=60",
     )
     integration = runtime.integrations.get_integration("object_storage")
     assert integration.status.value == "error"
     health = await integration.health_check()
+    await integration.shutdown()  # the check opened a client; the manager stops only started ones
     assert not health.healthy and "Connect" in health.detail
 
 
