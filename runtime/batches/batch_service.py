@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from runtime.batches.batch_input import InputLine
-from runtime.batches.batch_records import BatchLine, BatchRecord, BatchStatus
+from runtime.batches.batch_records import FINAL, BatchLine, BatchRecord, BatchStatus
 from runtime.batches.batch_store import BatchStore
 from runtime.batches.batch_supervisor import BatchSupervisor
 from runtime.batches.batch_worker import BatchWorker
@@ -111,19 +111,8 @@ class BatchService:
 
     async def counts(self, store: BatchStore, record: BatchRecord) -> tuple[int, int]:
         """Lines answered so far (2xx, other), read from the results while it runs."""
-        if record.status in (BatchStatus.validating, BatchStatus.failed):
-            return 0, 0
-        if (
-            record.output_file_id
-            or record.error_file_id
-            or record.status.value
-            in (
-                "completed",
-                "expired",
-                "cancelled",
-            )
-        ):
-            return record.completed, record.failed
+        if record.status in FINAL or record.status is BatchStatus.validating:
+            return record.completed, record.failed  # kept on the record when it ended
         results = await store.result_keys(record.id)
         ok = sum(results.values())
         return ok, len(results) - ok
@@ -146,6 +135,3 @@ class BatchService:
             " batches made through it, and a restart re-queues every unfinished batch on every"
             " worker; select integrations=redis or set AMQP_URL for one shared queue"
         )
-
-    def describe(self) -> dict[str, Any]:
-        return {"running": self.worker.running_total()}

@@ -77,7 +77,10 @@ class BatchStore:
 
     async def has_result(self, batch_id: str, index: int) -> bool:
         prefix = f"batch-results/{batch_id}/{index:07d}"
-        return any([await self.store.stat(prefix + ".ok"), await self.store.stat(prefix + ".err")])
+        for suffix in (".ok", ".err"):
+            if await self.store.stat(prefix + suffix) is not None:
+                return True
+        return False
 
     async def put_result(self, batch_id: str, index: int, ok: bool, line: dict[str, Any]) -> None:
         suffix = "ok" if ok else "err"

@@ -18,7 +18,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from runtime.batches.batch_input import BadLine, read_lines
+from runtime.batches.batch_input import BadLine, InputLine, read_lines
 from runtime.batches.batch_records import FINAL, BatchRecord, BatchStatus, FileRecord, result_line
 from runtime.batches.batch_store import BatchStore
 from runtime.integrations.object_storage.object_stores import ObjectNotFound
@@ -85,7 +85,7 @@ class BatchSupervisor:
 
     async def _requeue(self, store: BatchStore, record: BatchRecord, done: dict[int, bool]) -> None:
         try:
-            lines = read_lines(await store.file_content(record.input_file_id), 10**9)
+            lines = await _input_lines(store, record)
         except (ObjectNotFound, BadLine) as exc:
             record.errors = [{"code": "missing_input", "message": str(exc), "line": None}]
             record.mark(BatchStatus.failed)
@@ -138,7 +138,7 @@ class BatchSupervisor:
     ) -> None:
         code, message = unanswered
         try:
-            lines = read_lines(await store.file_content(record.input_file_id), 10**9)
+            lines = await _input_lines(store, record)
         except (ObjectNotFound, BadLine):
             return
         for index, line in enumerate(lines):
@@ -161,6 +161,11 @@ class BatchSupervisor:
         )
         await store.put_file(file, b"".join(lines))
         return file.id
+
+
+async def _input_lines(store: BatchStore, record: BatchRecord) -> list[InputLine]:
+    """The batch's requests, read again from its input file (checked when it was made)."""
+    return read_lines(await store.file_content(record.input_file_id), 10**9)
 
 
 def _jsonl(line: dict[str, Any]) -> bytes:

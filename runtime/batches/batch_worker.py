@@ -42,9 +42,6 @@ class BatchWorker:
         self._lines: set[asyncio.Task[None]] = set()
         self._freed = asyncio.Condition()  # notified when a line here gives its slot back
 
-    def running_total(self) -> int:
-        return sum(self.by_batch.values())
-
     async def run(self) -> None:
         slots = asyncio.Semaphore(self.settings.concurrency)
         dispatcher = self.service.runtime.dispatcher
